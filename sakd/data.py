@@ -1,0 +1,303 @@
+"""Text sources, text-span windows, dual tokenisation with byte alignment, collation.
+
+Every training example is ONE span of text, tokenized by both tokenizers with
+byte offsets, so the teacher and the student see exactly the same characters.
+Tokenisation, byte alignment and chunk bookkeeping happen here, once per span
+(in a pre-processing pass or in DataLoader workers), never in the training step.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sakd.align.tokens import align, encode_with_bytes
+from sakd.errors import UserError
+from sakd.evaluate import start_token_id
+
+TEXT_COLUMNS = ("text", "content", "document", "body")
+
+
+# ----------------------------------------------------------------------------- sources
+
+@dataclass
+class TextSource:
+    texts: list[str]
+    name: str
+    replaced_bytes: int = 0  # invalid UTF-8 bytes replaced by U+FFFD (counted, not fatal)
+    notes: list[str] = field(default_factory=list)
+
+
+def _decode(raw: bytes) -> tuple[str, int]:
+    """Decode UTF-8, replacing invalid bytes; return the text and how many bytes were replaced."""
+    count = 0
+
+    def handler(err: UnicodeDecodeError):
+        nonlocal count
+        count += err.end - err.start
+        return "\ufffd", err.end
+
+    import codecs
+
+    codecs.register_error("sakd_count", handler)
+    return raw.decode("utf-8", errors="sakd_count"), count
+
+
+def _pick_column(columns: list[str], wanted: str | None, where: str) -> str:
+    if wanted is not None:
+        if wanted not in columns:
+            raise UserError(f"{where}: no column {wanted!r} (columns: {', '.join(columns)}); set data.text_column")
+        return wanted
+    for c in TEXT_COLUMNS:
+        if c in columns:
+            return c
+    if len(columns) == 1:
+        return columns[0]
+    raise UserError(f"{where}: cannot tell which column holds the text ({', '.join(columns)}); set data.text_column")
+
+
+def _from_dataset(ds, column: str | None, where: str) -> list[str]:
+    names = list(ds.column_names) if getattr(ds, "column_names", None) else list(next(iter(ds)).keys())
+    col = _pick_column(names, column, where)
+    return [t for t in (row[col] for row in ds) if isinstance(t, str)]
+
+
+def read_source(source: str, *, text_column: str | None = None, config_name: str | None = None,
+                split: str = "train", streaming: bool = False, max_texts: int | None = None) -> TextSource:
+    """Read texts from a local file/folder or a hub dataset. Raises UserError on anything unreadable."""
+    if not source:
+        raise UserError("data.source is empty: point it at a .txt/.jsonl/.parquet file, a folder, or a hub dataset")
+    p = Path(source)
+    replaced = 0
+    if p.suffix in (".txt", ".jsonl", ".json", ".parquet") or p.exists() or source.startswith((".", "/", "~")):
+        p = p.expanduser()
+        if not p.exists():
+            raise UserError(f"data file {str(p)!r} does not exist: check data.source / the path")
+        if p.is_dir():
+            try:
+                import datasets
+
+                ds = datasets.load_from_disk(str(p))
+            except Exception as e:  # noqa: BLE001 - any failure here means "not a dataset folder"
+                raise UserError(f"{str(p)!r} is not a datasets save_to_disk folder ({type(e).__name__})") from None
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise UserError(f"{str(p)!r} has no split {split!r} (splits: {', '.join(ds)}); set data.split")
+                ds = ds[split]
+            texts = _from_dataset(ds, text_column, str(p))
+        elif p.suffix == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+
+                table = pq.read_table(p)
+            except Exception as e:  # noqa: BLE001
+                raise UserError(f"{str(p)!r} is not a readable parquet file ({type(e).__name__})") from None
+            col = _pick_column(table.column_names, text_column, str(p))
+            texts = [t for t in table.column(col).to_pylist() if isinstance(t, str)]
+        else:
+            raw = p.read_bytes()
+            if b"\x00" in raw[:65536]:
+                raise UserError(f"data file {str(p)!r} looks binary (NUL bytes): give a UTF-8 text file")
+            text, replaced = _decode(raw)
+            if p.suffix in (".jsonl", ".json"):
+                texts = []
+                for n, line in enumerate(text.splitlines(), 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise UserError(f"{str(p)!r} line {n} is not JSON: fix or remove that line") from None
+                    if not isinstance(row, dict):
+                        raise UserError(f"{str(p)!r} line {n} is not a JSON object")
+                    col = _pick_column(list(row), text_column, f"{str(p)!r} line {n}")
+                    if isinstance(row[col], str):
+                        texts.append(row[col])
+            else:
+                texts = [text]
+        name = str(p)
+    else:
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(source, config_name, split=split, streaming=streaming)
+        except Exception as e:  # noqa: BLE001 - offline, missing, private: all mean "cannot read"
+            raise UserError(f"cannot load dataset {source!r} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+                            "check the name, or use a local file") from None
+        if streaming and max_texts:
+            ds = ds.take(max_texts)
+        texts = _from_dataset(ds, text_column, source)
+        name = source
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise UserError(f"data source {name!r} holds no text (empty or only whitespace)")
+    return TextSource(texts=texts, name=name, replaced_bytes=replaced)
+
+
+def read_with_fallback(sources: list[str], log=print, **kw) -> TextSource:
+    """Try each source in order; a fallback that is used is announced, never silent."""
+    errors = []
+    for i, s in enumerate(sources):
+        try:
+            src = read_source(s, **kw)
+        except UserError as e:
+            errors.append(str(e))
+            if i + 1 < len(sources):
+                log(f"data: {e} -- trying fallback {sources[i + 1]!r}")
+            continue
+        if i > 0:
+            src.notes.append(f"using fallback source {s!r} because: {errors[0]}")
+        return src
+    raise UserError(errors[0] if len(errors) == 1 else " / ".join(errors))
+
+
+# ----------------------------------------------------------------------------- spans
+
+def cut_spans(texts: list[str], span_chars: int) -> list[str]:
+    """Cut each text into consecutive spans of about ``span_chars`` characters, at whitespace.
+
+    Spans never cross texts; together they cover each text exactly (concatenation = text)."""
+    spans = []
+    for text in texts:
+        i = 0
+        while i < len(text):
+            j = min(len(text), i + span_chars)
+            if j < len(text):
+                k = text.rfind(" ", i + span_chars // 2, j)
+                k2 = text.rfind("\n", i + span_chars // 2, j)
+                k = max(k, k2)
+                if k > i:
+                    j = k  # the next span starts with the whitespace (" word" stays one token)
+            spans.append(text[i:j])
+            i = j
+    return [s for s in spans if s.strip()]
+
+
+def bytes_per_token(tokenizer, texts: list[str], sample_chars: int = 50_000) -> float:
+    sample = "".join(texts)[:sample_chars]
+    n = len(tokenizer(sample, add_special_tokens=False)["input_ids"])
+    return len(sample.encode("utf-8")) / max(n, 1)
+
+
+class SpanDataset(torch.utils.data.Dataset):
+    """Each item: one text span encoded by both tokenizers with its byte-aligned chunks."""
+
+    def __init__(self, spans: list[str], student_tok, teacher_tok, seq_len: int, teacher_seq_len: int,
+                 chunk_mode: str = "boundary"):
+        self.spans = spans
+        self.student_tok, self.teacher_tok = student_tok, teacher_tok
+        self.seq_len, self.teacher_seq_len = seq_len, teacher_seq_len
+        self.chunk_mode = chunk_mode
+        self.s_start = start_token_id(student_tok)
+        self.t_start = start_token_id(teacher_tok)
+
+    def __len__(self) -> int:
+        return len(self.spans)
+
+    def __getitem__(self, i: int) -> dict:
+        return encode_pair(self.spans[i], self.student_tok, self.teacher_tok, self.s_start, self.t_start,
+                           self.seq_len, self.teacher_seq_len, self.chunk_mode)
+
+
+def encode_pair(text: str, student_tok, teacher_tok, s_start: int, t_start: int, seq_len: int,
+                teacher_seq_len: int, chunk_mode: str = "boundary") -> dict:
+    s = encode_with_bytes(student_tok, text, start_token=s_start)
+    t = encode_with_bytes(teacher_tok, text, start_token=t_start)
+    chunks = align(s, t, mode=chunk_mode)
+    # Keep whole chunks while both sides fit: the two sides then still cover exactly the
+    # same bytes of text (a common boundary), never a token more on one side.
+    keep = [c for c in chunks if c[1] <= seq_len and c[3] <= teacher_seq_len]
+    if not keep:
+        keep = []
+    n_s = keep[-1][1] if keep else 1
+    n_t = keep[-1][3] if keep else 1
+    return {"s_ids": s.ids[:n_s], "t_ids": t.ids[:n_t], "chunks": keep,
+            "n_bytes": (s.byte_ends[n_s - 1] if n_s > 1 else 0)}
+
+
+def collate(items: list[dict], s_pad: int, t_pad: int) -> dict:
+    """Pad a list of encoded pairs into the batch tensors the losses consume (see losses/*)."""
+    B = len(items)
+    Ls = max(len(x["s_ids"]) for x in items)
+    Lt = max(len(x["t_ids"]) for x in items)
+    C = max(1, max(len(x["chunks"]) for x in items))
+    out = {
+        "s_ids": torch.full((B, Ls), s_pad, dtype=torch.long), "s_mask": torch.zeros(B, Ls, dtype=torch.bool),
+        "t_ids": torch.full((B, Lt), t_pad, dtype=torch.long), "t_mask": torch.zeros(B, Lt, dtype=torch.bool),
+        "s_chunk": torch.full((B, Ls), -1, dtype=torch.long), "t_chunk": torch.full((B, Lt), -1, dtype=torch.long),
+        "chunk_mask": torch.zeros(B, C, dtype=torch.bool),
+        "n_bytes": torch.tensor([x["n_bytes"] for x in items], dtype=torch.long),
+    }
+    for k in ("chunk_s_start", "chunk_s_end", "chunk_t_start", "chunk_t_end"):
+        out[k] = torch.ones(B, C, dtype=torch.long)
+    for b, x in enumerate(items):
+        ns, nt = len(x["s_ids"]), len(x["t_ids"])
+        out["s_ids"][b, :ns] = torch.tensor(x["s_ids"])
+        out["t_ids"][b, :nt] = torch.tensor(x["t_ids"])
+        out["s_mask"][b, :ns] = True
+        out["t_mask"][b, :nt] = True
+        for c, (ss, se, ts, te) in enumerate(x["chunks"]):
+            out["chunk_s_start"][b, c], out["chunk_s_end"][b, c] = ss, se
+            out["chunk_t_start"][b, c], out["chunk_t_end"][b, c] = ts, te
+            out["chunk_mask"][b, c] = True
+            out["s_chunk"][b, ss:se] = c
+            out["t_chunk"][b, ts:te] = c
+    return out
+
+
+def pad_id(tokenizer) -> int:
+    for tid in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id):
+        if tid is not None:
+            return tid
+    return 0  # masked out anyway
+
+
+class Collator:
+    """Picklable collate_fn (DataLoader workers)."""
+
+    def __init__(self, s_pad: int, t_pad: int):
+        self.s_pad, self.t_pad = s_pad, t_pad
+
+    def __call__(self, items):
+        return collate(items, self.s_pad, self.t_pad)
+
+
+def heldout_texts(texts: list[str], max_bytes: int) -> list[str]:
+    """The first ``max_bytes`` of the held-out texts (cut at whitespace)."""
+    out, total = [], 0
+    for t in texts:
+        b = len(t.encode("utf-8"))
+        if total + b <= max_bytes:
+            out.append(t)
+            total += b
+            continue
+        room = max_bytes - total
+        cut = t.encode("utf-8")[:room].decode("utf-8", errors="ignore")
+        m = re.search(r"\s\S*$", cut)
+        cut = cut[: m.start()] if m else cut
+        if cut.strip():
+            out.append(cut)
+        break
+    return out
+
+
+def split_heldout(texts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Hold out whole texts when there are several, else the tail of the single text."""
+    if fraction <= 0:
+        return texts, []
+    if len(texts) >= 10:
+        idx = list(range(len(texts)))
+        random.Random(seed).shuffle(idx)
+        n = max(1, int(len(texts) * fraction))
+        held = set(idx[:n])
+        return [t for i, t in enumerate(texts) if i not in held], [texts[i] for i in sorted(held)]
+    text = "\n".join(texts)
+    cut = int(len(text) * (1 - fraction))
+    ws = text.rfind("\n", 0, cut)
+    cut = ws if ws > 0 else cut
+    return [text[:cut]], [text[cut:]]

@@ -1,0 +1,98 @@
+"""Load, freeze and place the teacher and the student (``from_pretrained``: hub id or folder)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from sakd.errors import UserError
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 2)[-1] or Path(name).exists()
+
+
+def load_tokenizer(name: str, role: str):
+    """A fast tokenizer (byte offsets are required for the alignment)."""
+    if name.endswith(".gguf"):
+        p = Path(name)
+        if not p.is_file():
+            raise UserError(f"{role} tokenizer {name!r} does not exist")
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    else:
+        if _looks_local(name) and not Path(name).expanduser().exists():
+            raise UserError(f"{role} tokenizer path {name!r} does not exist")
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load the {role} tokenizer {name!r} ({str(e).splitlines()[0][:150]}); "
+                            "check the hub id or folder") from None
+    if not getattr(tok, "is_fast", False):
+        raise UserError(f"{role} tokenizer {name!r} is not a fast tokenizer: byte offsets are needed for alignment")
+    return tok
+
+
+def teacher_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, name)
+    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("model.teacher_dtype=bfloat16 but this GPU has no bf16: use float16")
+    return dtype
+
+
+def load_causal_lm(name: str, role: str, *, dtype: torch.dtype = torch.float32, attn: str | None = None,
+                   experts_implementation: str | None = None):
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise UserError(f"{role} path {name!r} does not exist: give a hub id or an existing folder")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the {role} {name!r} ({str(e).splitlines()[0][:150]})") from None
+    kw = {"dtype": dtype}
+    if attn:
+        kw["attn_implementation"] = attn
+    if experts_implementation:
+        kw["experts_implementation"] = experts_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kw)
+    except ValueError as e:
+        raise UserError(f"{role} {name!r} is not a causal language model ({type(config).__name__}): "
+                        f"{str(e).splitlines()[0][:120]}") from None
+    except OSError as e:
+        raise UserError(f"cannot load the {role} {name!r} ({str(e).splitlines()[0][:150]})") from None
+    return model
+
+
+def load_teacher(name: str, device: torch.device, dtype_name: str = "auto", *, attn: str | None = None,
+                 experts_implementation: str | None = None):
+    """Frozen, eval mode, fp16 on CUDA (bf16 if asked), fp32 on CPU."""
+    model = load_causal_lm(name, "teacher", dtype=teacher_dtype(dtype_name, device), attn=attn,
+                           experts_implementation=experts_implementation)
+    model.requires_grad_(False)
+    model.eval()
+    return model.to(device)
+
+
+def load_student(name: str, device: torch.device, *, attn: str | None = None):
+    """fp32 master weights (autocast does the low precision)."""
+    model = load_causal_lm(name, "student", dtype=torch.float32, attn=attn)
+    model.train()
+    return model.to(device)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def experts_per_token(model) -> tuple[int, int] | None:
+    """(active, total) experts per token of an MoE model, None for a dense one."""
+    cfg = model.config
+    total = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    active = getattr(cfg, "num_experts_per_tok", None)
+    if total and active:
+        return int(active), int(total)
+    return None
