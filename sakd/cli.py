@@ -1,0 +1,197 @@
+"""Command line: verbs map to functions.
+
+    sakd distill --config configs/demo.yaml train.lr=3e-4 loss.temperature=2
+    sakd demo --out runs/demo --compare
+    sakd align --teacher-tokenizer T --student-tokenizer S --text FILE [--json]
+    sakd evaluate --student DIR [--teacher DIR] --data FILE [--json]
+    sakd pretrain --model-config DIR --tokenizer DIR --train FILE --heldout FILE --out DIR
+
+Bad input ends with exit code 2 and one line naming the problem; ``--debug`` writes the
+traceback to ``sakd-debug.log`` (in the run folder when there is one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from sakd.errors import UserError
+
+EXIT_USER, EXIT_BUG = 2, 1
+
+
+def _config_epilog() -> str:
+    from sakd.config import field_help
+
+    lines = ["configuration keys (override with key=value):"]
+    for key, help_, default in field_help():
+        lines.append(f"  {key} = {default!r}\n      {help_}")
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sakd", description="Student-aware knowledge distillation from an MoE "
+                                "teacher into a dense student with a different tokenizer.")
+    p.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
+    sub = p.add_subparsers(dest="verb", required=True)
+
+    d = sub.add_parser("distill", help="distil a teacher into a student (the main loop)",
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_config_epilog())
+    d.add_argument("--config", help="YAML configuration file (configs/*.yaml)")
+    d.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint in "
+                   "train.output_dir (mid-epoch, exact)")
+    d.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    d.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
+    d.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 loss.temperature=2")
+
+    m = sub.add_parser("demo", help="the offline demo: Shakespeare, a pre-trained 3-expert MoE teacher, "
+                       "a small Llama student with another tokenizer")
+    m.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    m.add_argument("--steps", type=int, default=None, help="distillation steps (default: configs/demo.yaml)")
+    m.add_argument("--compare", action="store_true", help="also train the same student with cross-entropy "
+                   "alone on the same data and report student_bpb_ce_only")
+    m.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
+    m.add_argument("overrides", nargs="*", help="dotted config overrides applied to the demo config")
+
+    a = sub.add_parser("align", help="byte-align two tokenisations of a text and print the chunk statistics")
+    a.add_argument("--teacher-tokenizer", required=True, help="hub id, folder, .gguf file, or qwen-real")
+    a.add_argument("--student-tokenizer", required=True, help="hub id, folder, .gguf file, or smollm2-real")
+    a.add_argument("--text", required=True, help="UTF-8 text file")
+    a.add_argument("--teacher-model", help="also report the teacher's probability mass on the shared "
+                   "vocabulary at 1:1 chunks")
+    a.add_argument("--chunk-mode", default="boundary", choices=("boundary", "word"))
+    a.add_argument("--json", action="store_true", help="write one JSON object to stdout")
+    a.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
+
+    e = sub.add_parser("evaluate", help="held-out bits per byte (and retention) of a student and a teacher")
+    e.add_argument("--student", required=True, help="student folder or hub id")
+    e.add_argument("--teacher", help="teacher folder or hub id")
+    e.add_argument("--data", required=True, help="held-out text: file, folder, hub dataset or sakd:shakespeare-heldout")
+    e.add_argument("--max-bytes", type=int, default=200_000, help="UTF-8 bytes scored (default 200,000)")
+    e.add_argument("--seq-len", type=int, default=512, help="tokens per window")
+    e.add_argument("--json", action="store_true", help="write one JSON object to stdout")
+    e.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
+
+    t = sub.add_parser("pretrain", help="pre-train a causal LM from a config on a text file (demo teachers)")
+    t.add_argument("--model-config", required=True, help="folder or config.json of the architecture")
+    t.add_argument("--tokenizer", required=True, help="tokenizer folder")
+    t.add_argument("--train", required=True, help="training text file")
+    t.add_argument("--heldout", required=True, help="held-out text file")
+    t.add_argument("--out", required=True, help="output folder (model + tokenizer + pretrain.json)")
+    t.add_argument("--steps", type=int, default=2000)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--seq-len", type=int, default=256)
+    t.add_argument("--lr", type=float, default=2e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
+    return p
+
+
+def cmd_distill(args) -> int:
+    from sakd.config import load_config
+    from sakd.distill import distill
+
+    cfg = load_config(args.config, args.overrides)
+    args._log_dir = cfg.train.output_dir
+    result = distill(cfg, resume=args.resume, progress=not args.no_progress)
+    return 0 if result else 0
+
+
+def cmd_demo(args) -> int:
+    from sakd.demo import run_demo
+
+    args._log_dir = args.out
+    run_demo(args.out, steps=args.steps, compare=args.compare, overrides=args.overrides)
+    return 0
+
+
+def cmd_align(args) -> int:
+    from sakd.align.report import align_report
+
+    path = Path(args.text)
+    if not path.is_file():
+        raise UserError(f"text file {args.text!r} does not exist")
+    report = align_report(args.teacher_tokenizer, args.student_tokenizer, path, teacher_model=args.teacher_model,
+                          chunk_mode=args.chunk_mode)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        for k, v in report.items():
+            print(f"{k:>40}: {v:,.4f}" if isinstance(v, float) else f"{k:>40}: {v:,}" if isinstance(v, int)
+                  else f"{k:>40}: {v}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from sakd.report import evaluate_command
+
+    result = evaluate_command(args.student, args.teacher, args.data, max_bytes=args.max_bytes, seq_len=args.seq_len)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        from sakd.report import format_evaluation
+        print(format_evaluation(result))
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from sakd.pretrain import pretrain
+
+    for name in ("model_config", "tokenizer", "train", "heldout"):
+        if not Path(getattr(args, name)).exists():
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)!r} does not exist")
+    args._log_dir = args.out
+    m = pretrain(args.model_config, args.tokenizer, args.train, args.heldout, args.out, steps=args.steps,
+                 batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed)
+    print(f"held-out {m['heldout_bpb']:.4f} bits/byte (best step {m['best_step']}), saved to {args.out}")
+    return 0
+
+
+VERBS = {"distill": cmd_distill, "demo": cmd_demo, "align": cmd_align, "evaluate": cmd_evaluate,
+         "pretrain": cmd_pretrain}
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = _parser().parse_args(argv)
+    args._log_dir = None
+    try:
+        return VERBS[args.verb](args)
+    except UserError as e:
+        _debug_log(args)
+        print(f"sakd {args.verb}: error: {e}", file=sys.stderr)
+        return EXIT_USER
+    except KeyboardInterrupt:
+        print(f"sakd {args.verb}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        _debug_log(args)
+        print(f"sakd {args.verb}: error: out of memory: use a smaller train.batch_size or data.seq_len "
+              "(see `sakd plan`)", file=sys.stderr)
+        return EXIT_USER
+    except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in the log
+        path = _debug_log(args, force=True)
+        print(f"sakd {args.verb}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              f"(traceback in {path})", file=sys.stderr)
+        return EXIT_BUG
+
+
+def _debug_log(args, force: bool = False) -> str | None:
+    if not (args.debug or force):
+        return None
+    folder = Path(args._log_dir) if args._log_dir and Path(args._log_dir).is_dir() else Path(".")
+    path = folder / "sakd-debug.log"
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(traceback.format_exc())
+    except OSError:
+        return "stderr (log not writable)"
+    return str(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

