@@ -98,6 +98,10 @@ class LossConfig:
     gap_weighting: bool = F(False, "Weight each position's logit loss by its current teacher-student gap "
                             "(normalised to mean 1, detached, clipped).")
     gap_clip: float = F(5.0, "Upper clip of the knowledge-gap weights.", gt=0.0)
+    on_policy_prob: float = F(0.0, "GKD lambda: probability per step that the student generates the batch's "
+                              "continuations (both models then score that text); 0 = off-policy.", min=0.0, max=1.0)
+    on_policy_temperature: float = F(1.0, "Sampling temperature of on-policy generation.", gt=0.0)
+    on_policy_tokens: int = F(64, "Tokens the student generates per on-policy example.", min=1)
     hidden: HiddenLossConfig = field(default_factory=HiddenLossConfig, metadata={"help": "Hidden-state term."})
     attention: AttentionLossConfig = field(default_factory=AttentionLossConfig, metadata={"help": "Attention term."})
     contrastive: ContrastiveLossConfig = field(default_factory=ContrastiveLossConfig,
@@ -143,7 +147,7 @@ class MoEConfig:
                            min=0.0, max=1.0)
     sample_prob_end: Optional[float] = F(None, "KA: sample_prob at the last step (linear schedule; None = constant).",
                                          min=0.0, max=1.0)
-    experts_start: Optional[int] = F(None, "Experts per token at step 0 for ka (None = the model's own k).", min=1)
+    experts_start: Optional[int] = F(None, "KA: experts per token at step 0 (None = E - 1, as in the paper).", min=1)
     experts_end: Optional[int] = F(None, "Experts per token at the last step (None = experts_start).", min=1)
     router_temperature_start: float = F(1.0, "Router softmax temperature at step 0 (ka sampling).", gt=0.0)
     router_temperature_end: float = F(1.0, "Router softmax temperature at the last step.", gt=0.0)

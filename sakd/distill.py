@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import signal
 import time
 from contextlib import nullcontext
@@ -33,6 +34,7 @@ from sakd.data import (Collator, SpanDataset, bytes_per_token, cut_spans, heldou
 from sakd.errors import UserError
 from sakd.evaluate import nll_bits
 from sakd import objective
+from sakd.onpolicy import generate_items
 from sakd.models import count_parameters, experts_per_token, load_student, load_teacher, load_tokenizer
 
 
@@ -335,7 +337,8 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
         bar = tqdm(total=tc.max_steps, initial=step, desc="distill", unit="step", dynamic_ncols=True)
 
     ept = experts_per_token(run.teacher)
-    k_start = cfg.moe.experts_start or (ept[0] if ept else 1)
+    # KA default as in Kim et al. (2025) and their scripts (--num-selects 15 of 16): E - 1 experts per token.
+    k_start = cfg.moe.experts_start or (max(ept[0], ept[1] - 1) if ept else 1)
     with StopFlag() as stop:
         while step < tc.max_steps:
             t_step = time.time()
@@ -347,7 +350,14 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                                          prob_end=cfg.moe.sample_prob
                                          if cfg.moe.sample_prob_end is None else cfg.moe.sample_prob_end
                                          ) if cfg.moe.mode == "ka" else {}
-            micro = [collate([run.train[i] for i in order.next(tc.batch_size)]) for _ in range(tc.grad_accum)]
+            idx = [order.next(tc.batch_size) for _ in range(tc.grad_accum)]
+            on_policy = cfg.loss.on_policy_prob > 0 and random.random() < cfg.loss.on_policy_prob
+            if on_policy:  # GKD: the student writes the continuations, both models score that text
+                micro = [collate(generate_items(acc.unwrap_model(student), run.train, ids,
+                                                new_tokens=cfg.loss.on_policy_tokens,
+                                                temperature=cfg.loss.on_policy_temperature)) for ids in idx]
+            else:
+                micro = [collate([run.train[i] for i in ids]) for ids in idx]
             micro = [{k: v.to(acc.device) for k, v in b.items()} for b in micro]
             counts = objective.count_targets(micro, cfg)
             counts = {k: max(1.0, float(acc.reduce(torch.tensor(v, device=acc.device, dtype=torch.float64),
@@ -359,13 +369,15 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                 logs.update(objective.sar_router_step(sar, run.teacher, student, micro[0], shared_s, shared_t,
                                                       cfg, acc, len(run.teacher_tok)))
             terms_total: dict[str, float] = {}
+            routing_stats = None
             for i, batch in enumerate(micro):
                 sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(student)
                 with sync:
                     loss, terms, flags = objective.micro_step_loss(
                         run.teacher, student, aux, batch, shared_s, shared_t, cfg, weights, counts,
-                        acc, sched, ka_gen, len(run.teacher_tok))
+                        acc, sched, ka_gen, len(run.teacher_tok), sar.initial if sar is not None else None)
                     counters["nonfinite_teacher"] += flags.get("nonfinite_teacher", 0)
+                    routing_stats = flags.get("routing") or routing_stats
                     # DDP averages gradients over processes; the counts are global sums, so scale back up.
                     acc.backward(loss * acc.num_processes)
                 for k, v in terms.items():
@@ -385,13 +397,22 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
             step += 1
             tokens_seen += int(sum(b["s_mask"].sum() for b in micro)) * acc.num_processes
             dt = time.time() - t_step
-            rec = {"step": step, "lr": scheduler.get_last_lr()[0], "seconds": dt,
+            rec = {"step": step, "lr": scheduler.get_last_lr()[0], "seconds": dt, "on_policy": on_policy,
                    "tokens_per_s": tokens_seen / max(time.time() - t0, 1e-9), **terms_total, **logs,
                    **{f"w_{k}": v for k, v in weights.items()}}
             if grad_norm is not None:
                 rec["grad_norm"] = grad_norm
             if sched:
                 rec.update({f"moe_{k}": v for k, v in sched.items()})
+            if routing_stats and (step % tc.log_every == 0 or step == 1):
+                # telemetry per MoE layer: expert usage, router entropy (nats), router mass on the
+                # experts used, and under SAR the KL between the original and the current router
+                layers = list(routing_stats.values())
+                rec["moe_usage"] = {k: v["usage"] for k, v in routing_stats.items()}
+                rec["moe_entropy"] = sum(v["entropy"] for v in layers) / len(layers)
+                rec["moe_selected_mass"] = sum(v["selected_mass"] for v in layers) / len(layers)
+                if "router_kl" in layers[0]:
+                    rec["moe_router_kl"] = {k: v["router_kl"] for k, v in routing_stats.items()}
             history.append(rec)
             if writer is not None and (step % tc.log_every == 0 or step == 1):
                 for k, v in rec.items():

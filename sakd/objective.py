@@ -12,16 +12,19 @@ Terms (each optional, weights from ``cfg.loss``):
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sakd import moe
 from sakd.config import Config
+from sakd.errors import UserError
 from sakd.losses.attention import attention_transfer_loss
 from sakd.losses.contrastive import info_nce, mean_pool
-from sakd.losses.crosstok import (chunk_likelihood_loss, gold_hybrid_loss, shared_vocab_kd, truncation_kd,
-                                  uld_loss)
+from sakd.losses.crosstok import (chunk_likelihood_loss, gold_hybrid_loss, one_to_one_positions, shared_vocab_kd,
+                                  truncation_kd, uld_loss)
 from sakd.losses.hidden import HiddenProjector, hidden_state_loss, layer_map
 
 
@@ -37,8 +40,8 @@ def hidden_pairs(cfg: Config, s_layers: int, t_layers: int) -> list[tuple[int, i
 
 
 def attention_pairs(cfg: Config, s_layers: int, t_layers: int) -> list[tuple[int, int]]:
-    # attentions tuples are indexed 0..layers-1; default: the last layer of each model
-    return [tuple(p) for p in cfg.loss.attention.pairs] or [(s_layers - 1, t_layers - 1)]
+    # hidden_states numbering (layer i reads attentions[i - 1]); default: the last layer of each model
+    return [tuple(p) for p in cfg.loss.attention.pairs] or [(s_layers, t_layers)]
 
 
 def build_aux_modules(cfg: Config, s_config, t_config) -> nn.ModuleDict:
@@ -93,6 +96,9 @@ def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc,
     """Summed logit loss of one micro-batch: the default shared-vocabulary KD at 1:1 chunks, or a
     baseline kept for comparison (ULD, GOLD hybrid, truncation)."""
     div = divergence or lc.divergence
+    if name == "shared_kl" and lc.gap_weighting and not teacher_grad:
+        return gap_weighted_kd(s_logits, t_logits.detach(), batch, shared_s, shared_t, div, lc.temperature,
+                               lc.gap_clip)
     if name == "shared_kl":
         out = shared_vocab_kd(s_logits, t_logits if teacher_grad else t_logits.detach(), batch, shared_s, shared_t,
                               divergence=div, temperature=lc.temperature, beta=lc.beta)
@@ -108,13 +114,35 @@ def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc,
     return out[0]
 
 
+def gap_weighted_kd(s_logits, t_logits, batch, shared_s, shared_t, divergence: str, temperature: float,
+                    clip: float) -> torch.Tensor:
+    """Knowledge-gap weighting: each 1:1 position's divergence weighted by its own current value
+    (detached, normalised to mean 1 over the micro-batch, clipped at ``clip``), so positions where the
+    student is furthest from the teacher count more. Sum over positions of w_i * D_i.
+
+    Materialises the [N, S] shared-vocabulary rows (off by default; not for 150k vocabularies)."""
+    b, sp, tp = one_to_one_positions(batch)
+    dtype = torch.promote_types(s_logits.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
+    logq = F.log_softmax(s_logits[b, sp][:, shared_s].to(dtype) / temperature, dim=-1)  # [N, S]
+    logp = F.log_softmax(t_logits[b, tp][:, shared_t].to(dtype) / temperature, dim=-1)
+    if divergence == "forward_kl":
+        per = (logp.exp() * (logp - logq)).sum(-1)
+    elif divergence == "reverse_kl":
+        per = (logq.exp() * (logq - logp)).sum(-1)
+    else:
+        raise UserError(f"loss.gap_weighting supports loss.divergence forward_kl or reverse_kl, not {divergence}")
+    w = per.detach()
+    w = (w / w.mean().clamp_min(1e-12)).clamp(max=clip)
+    return (w * per).sum()
+
+
 def _teacher_mode(mode: str) -> str:
     # The student step sees the SAR teacher with all experts (router already updated), no gradient.
     return "all" if mode == "sar" else mode
 
 
 def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Config, weights: dict,
-                    counts: dict, acc, sched: dict, ka_gen, t_vocab: int):
+                    counts: dict, acc, sched: dict, ka_gen, t_vocab: int, reference_router=None):
     """Loss of one micro-batch (already divided by the step's global counts), per-term values for the
     log, and flags (non-finite teacher outputs)."""
     lc = cfg.loss
@@ -128,7 +156,7 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
     passes = cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1
     total = s_logits.new_zeros((), dtype=torch.float32)
     terms: dict[str, float] = {}
-    flags = {"nonfinite_teacher": 0}
+    flags: dict = {"nonfinite_teacher": 0}
 
     def add(name: str, value_sum: torch.Tensor, scale: float = 1.0):
         nonlocal total
@@ -138,11 +166,18 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
 
     t_out = None
     for m in range(passes):
-        with torch.no_grad(), moe.routing(teacher, mode, experts=sched.get("experts"),
-                                          sample_prob=sched.get("sample_prob", 0.0), generator=ka_gen,
-                                          temperature=sched.get("temperature", 1.0)):
+        routed = moe.is_moe(teacher)
+        with torch.no_grad(), (moe.routing(teacher, mode, experts=sched.get("experts"),
+                                           sample_prob=sched.get("sample_prob", 0.0), generator=ka_gen,
+                                           temperature=sched.get("temperature", 1.0),
+                                           reference_weights=reference_router)
+                               if routed else nullcontext()) as r:
+            if r is not None:
+                r.set_token_mask(batch["t_mask"])
             t_out = teacher(input_ids=batch["t_ids"], attention_mask=batch["t_mask"].long(),
                             output_hidden_states=need_hidden, output_attentions=need_attn)
+        if r is not None and m == 0:
+            flags["routing"] = r.stats()  # per layer: expert usage, router entropy, selected mass
         t_logits = t_out.logits[..., :t_vocab]  # padded head columns name no token
         if not torch.isfinite(t_logits).all():
             # fp16 overflow in the teacher: skip this micro-batch's teacher terms (counted, logged).

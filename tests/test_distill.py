@@ -98,3 +98,46 @@ def test_epoch_order_is_resumable_and_sharded():
     assert b.next(9) == rest and sorted(first + rest[:3]) == list(range(10))
     shards = [EpochOrder(10, seed=3, rank=r, world=2).next(5) for r in range(2)]
     assert sorted(shards[0] + shards[1]) == list(range(10))
+
+
+def test_gap_weighting_against_float64_reference():
+    """w_i = D_i / mean(D) (detached, clipped), loss = sum_i w_i D_i; uniform gaps give plain KD."""
+    from sakd.objective import gap_weighted_kd
+
+    torch.manual_seed(0)
+    B, L, V = 1, 4, 5
+    batch = {"chunk_mask": torch.tensor([[True, True, True]]),
+             "chunk_s_start": torch.tensor([[1, 2, 3]]), "chunk_s_end": torch.tensor([[2, 3, 4]]),
+             "chunk_t_start": torch.tensor([[1, 2, 3]]), "chunk_t_end": torch.tensor([[2, 3, 4]])}
+    s = torch.randn(B, L, V, dtype=torch.float64)
+    t = torch.randn(B, L, V, dtype=torch.float64)
+    shared = torch.arange(V)
+    got = gap_weighted_kd(s, t, batch, shared, shared, "forward_kl", 1.0, clip=100.0)
+    d = []
+    for pos in range(3):
+        p = torch.softmax(t[0, pos], -1)
+        q = torch.softmax(s[0, pos], -1)
+        d.append(float((p * (p.log() - q.log())).sum()))
+    mean = sum(d) / 3
+    want = sum((x / mean) * x for x in d)
+    assert abs(float(got) - want) < 1e-9
+    clipped = gap_weighted_kd(s, t, batch, shared, shared, "forward_kl", 1.0, clip=1.0)
+    want_c = sum(min(x / mean, 1.0) * x for x in d)
+    assert abs(float(clipped) - want_c) < 1e-9
+
+
+def test_on_policy_items_encode_the_generated_text_on_both_sides(tiny_assets, tmp_path):
+    from sakd.onpolicy import generate_items, prompt_of
+
+    assert prompt_of("To be or not to be", 0.5) == "To be or"
+    cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path))
+    run = setup(cfg, log=lambda *_: None)
+    torch.manual_seed(0)
+    items = generate_items(run.student, run.train, [0, 1], new_tokens=8, temperature=1.0)
+    for i, it in zip([0, 1], items):
+        s_text = run.student_tok.decode(it["s_ids"][1:])
+        t_text = run.teacher_tok.decode(it["t_ids"][1:])
+        assert s_text.strip() == t_text.strip()  # the same characters on both sides
+        assert s_text.strip() != run.train.spans[i].strip()  # and not the original span
+        last = it["chunks"][-1]
+        assert last[1] == len(it["s_ids"]) and last[3] == len(it["t_ids"])  # chunks cover both sides

@@ -87,6 +87,8 @@ class TokenizerInfo:
             self.metaspace = "▁"
         else:
             self.metaspace = None
+        # A text starting with a literal "▁" gets no prepended one (Metaspace checks the replaced text).
+        self.literal_space = self.metaspace.encode("utf-8") if self.metaspace else b" "
         self.byte_fallback = bool(getattr(backend.model, "byte_fallback", False))
         # A ``Prepend`` normalizer (legacy Llama) adds a space even before a text
         # that already starts with one; Metaspace/ByteLevel add one only if missing.
@@ -212,16 +214,23 @@ def encode_with_bytes(tokenizer, text: str, start_token: int | None = None) -> E
                 raise AlignmentError(
                     f"tokenizer {info.name}: token {k} {tok!r} starts at byte {c2b[s]} but the previous token "
                     f"ended at byte {pos}; its tokens do not cover the text contiguously")
-            starts.append(pos), ends.append(c2b[e]), synthetic.append(False)
+            starts.append(pos)
+            ends.append(c2b[e])
+            synthetic.append(False)
             pos, section_start = c2b[e], True
             continue
         # A space the tokenizer prepended (SentencePiece ``▁``, ByteLevel add_prefix_space)
-        # exists only at the start of a section (text start or after an added token).
-        lead = section_start and own[:1] == b" " and (info.prepend_always or data[pos:pos + 1] != b" ")
-        if lead:
-            own = own[1:]
+        # exists only at the start of a section (text start or after an added token), and
+        # only where the section does not already start with a space (or a literal ``▁``).
+        lead = section_start and own[:1] == b" " and (
+            info.prepend_always or not (data.startswith(b" ", pos) or data.startswith(info.literal_space, pos)))
         section_start = False
-        if data[pos:pos + len(own)] != own:
+        n = _match(info, tok, own, data, pos, lead)
+        if n < 0 and lead:  # a literal "▁" opening the text, not a prepended space
+            lead = False
+            n = _match(info, tok, own, data, pos, lead)
+        if n < 0:
+            own = own[1:] if lead else own
             if c2b[s] > pos and data[c2b[s]:c2b[s] + len(own)] == own:
                 raise AlignmentError(
                     f"tokenizer {info.name} drops bytes {pos}..{c2b[s]} of the text ({data[pos:c2b[s]]!r}): no "
@@ -234,10 +243,11 @@ def encode_with_bytes(tokenizer, text: str, start_token: int | None = None) -> E
             raise AlignmentError(
                 f"tokenizer {info.name}: token {k} {tok!r} stands for bytes {own!r} but the text has "
                 f"{data[pos:pos + len(own)]!r} at byte {pos}{hint}")
-        a, b = pos, pos + len(own)
-        _check_offsets(info.name, k, tok, a, b, s, e, text, b2c)
-        starts.append(a), ends.append(b), synthetic.append(lead)
-        pos = b
+        _check_offsets(info.name, k, tok, pos, pos + n, s, e, text, b2c)
+        starts.append(pos)
+        ends.append(pos + n)
+        synthetic.append(lead)
+        pos += n
     if pos != len(data):
         raise AlignmentError(f"tokenizer {info.name}: tokens cover bytes 0..{pos} of a {len(data)}-byte text")
 
@@ -248,6 +258,27 @@ def encode_with_bytes(tokenizer, text: str, start_token: int | None = None) -> E
     if start_token is not None:
         return Encoded([start_token] + ids, [0] + starts, [0] + ends, [True] + word, has_start_token=True)
     return Encoded(ids, starts, ends, word)
+
+
+def _match(info: TokenizerInfo, token: str, own: bytes, data: bytes, pos: int, lead: bool) -> int:
+    """How many text bytes from ``pos`` the token spells (-1: it does not). ``lead``:
+    its first byte is a prepended space that is not in the text. SentencePiece
+    writes a space as ``▁``, so a ``▁`` may also stand for a literal "▁" in the text."""
+    body = own[1:] if lead else own
+    if data.startswith(body, pos):
+        return len(body)
+    rep = info.metaspace
+    if not rep or rep not in token or info.is_byte_fallback(token):
+        return -1
+    p = pos
+    for c in token[1:] if lead else token:
+        if c == rep and data.startswith(b" ", p):
+            p += 1
+        elif data.startswith(c.encode("utf-8"), p):
+            p += len(c.encode("utf-8"))
+        else:
+            return -1
+    return p - pos
 
 
 def _check_offsets(name, k, tok, a, b, s, e, text, b2c) -> None:

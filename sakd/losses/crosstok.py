@@ -10,8 +10,8 @@ Return convention (every loss here): ``(loss_sum, n)`` — the sum of a per-item
 and the number of items as an int64 0-dim tensor (items are positions, or for
 ``chunk_likelihood_loss`` the weight total), so that the loop can add sums over
 micro-batches and divide once per optimizer step; ``mean_loss(loss_sum, n)`` is the
-convenience mean. Everything is computed in float32 (float64 inputs stay float64
-except inside ``kd_loss``, which is float32).
+convenience mean (``shared_vocab_kd`` adds a third, logging-only value). Everything is
+computed in float32 (float64 inputs stay float64, except inside ``kd_loss``).
 
 Default losses: ``shared_vocab_kd`` on 1:1 chunks, ``chunk_likelihood_loss`` (ALM)
 on the other chunks. Baselines, kept for the benchmark only: ``uld_loss``,
@@ -346,7 +346,8 @@ def truncation_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, s_mask: torch.
       * vocabulary: dropping teacher ids ≥ V_s and renormalising discards real teacher mass
         and inflates the rest;
       * positions: after the first multi-token chunk, position k covers different bytes on
-        the two sides, so the two distributions predict different text.
+        the two sides, so the two distributions predict different text (and where the
+        teacher's text is shorter, student positions meet teacher padding).
     Teacher detached. Returns (loss_sum, n positions)."""
     vs = s_logits.shape[-1]
     if t_logits.shape[-1] < vs:
