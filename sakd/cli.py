@@ -87,6 +87,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--lr", type=float, default=2e-3)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    t.add_argument("--eval-every", type=int, default=250, help="held-out evaluation (and best-model save) interval")
+    t.add_argument("--init-from", help="continue from this saved model (a second stage with its own schedule)")
+    t.add_argument("--stop-after", type=int, help="run only this many steps of the --steps long schedule")
     t.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
     return p
 
@@ -146,7 +150,9 @@ def cmd_pretrain(args) -> int:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)!r} does not exist")
     args._log_dir = args.out
     m = pretrain(args.model_config, args.tokenizer, args.train, args.heldout, args.out, steps=args.steps,
-                 batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed)
+                 batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed,
+                 warmup=args.warmup, eval_every=args.eval_every, init_from=args.init_from,
+                 stop_after=args.stop_after)
     print(f"held-out {m['heldout_bpb']:.4f} bits/byte (best step {m['best_step']}), saved to {args.out}")
     return 0
 

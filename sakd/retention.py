@@ -110,7 +110,7 @@ def multi_chunk_logprobs(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, 
 def chunk_bytes(item: dict, byte_ends: list[int]) -> list[int]:
     """UTF-8 bytes of each chunk of an ``encode_pair`` item: the student token spans it covers
     (token k ends at byte_ends[k]; the start token ends at byte 0)."""
-    return [byte_ends[se - 1] - byte_ends[ss - 1] for ss, se, _, _ in item["chunks"]]
+    return [byte_ends[se - 1] - byte_ends[ss] for ss, se, _, _ in item["chunks"]]
 
 
 def encode_spans(texts: list[str], s_tok, t_tok, seq_len: int, teacher_seq_len: int) -> list[dict]:

@@ -7,9 +7,9 @@ wherever a student token and a teacher token END AT THE SAME BYTE, the text
 before that byte has been consumed by both. Those common ends cut both token
 sequences into chunks: chunk c holds student tokens ``[s_start, s_end)`` and
 teacher tokens ``[t_start, t_end)``, and both cover exactly the same bytes.
-(The same construction as the "approximate likelihood matching" /
-byte-level alignment of cross-tokenizer distillation: Minixhofer et al. 2025,
-"Universal Cross-Tokenizer Distillation via Approximate Likelihood Matching".)
+(The chunking of cross-tokenizer distillation by approximate likelihood
+matching: Minixhofer, Vulić & Ponti 2025, "Universal Cross-Tokenizer
+Distillation via Approximate Likelihood Matching", arXiv:2503.20083.)
 
 Byte spans come from each token's OWN bytes as a running sum, not from the
 tokenizer's character offsets: a byte-level BPE may split one multi-byte
@@ -88,13 +88,14 @@ class TokenizerInfo:
         else:
             self.metaspace = None
         # A text starting with a literal "▁" gets no prepended one (Metaspace checks the replaced text).
-        self.literal_space = self.metaspace.encode("utf-8") if self.metaspace else b" "
+        self.metaspace_bytes = self.metaspace.encode("utf-8") if self.metaspace else b" "
         self.byte_fallback = bool(getattr(backend.model, "byte_fallback", False))
         # A ``Prepend`` normalizer (legacy Llama) adds a space even before a text
         # that already starts with one; Metaspace/ByteLevel add one only if missing.
         self.prepend_always = '"Prepend"' in norm
         self.normalizer = backend.normalizer
         self.added_ids = frozenset(int(i) for i in tokenizer.added_tokens_decoder)
+        self.size = len(tokenizer)
         self._cache: dict[int, bytes | None] = {}
 
     def canonical(self, token: str) -> bytes | None:
@@ -128,14 +129,15 @@ _INFO: "weakref.WeakKeyDictionary[object, TokenizerInfo]" = weakref.WeakKeyDicti
 
 
 def tokenizer_info(tokenizer) -> TokenizerInfo:
-    """Cached per tokenizer object (building it reads the added-token table)."""
+    """Cached per tokenizer object (building it reads the added-token table); rebuilt if
+    tokens were added since."""
     if not getattr(tokenizer, "is_fast", False) or not hasattr(tokenizer, "backend_tokenizer"):
         raise AlignmentError(
             f"tokenizer {tokenizer_name(tokenizer)} is not a fast tokenizer; offsets needed: "
             "load it with AutoTokenizer.from_pretrained(..., use_fast=True) from a directory with tokenizer.json"
         )
     info = _INFO.get(tokenizer)
-    if info is None:
+    if info is None or info.size != len(tokenizer):
         info = _INFO[tokenizer] = TokenizerInfo(tokenizer)
     return info
 
@@ -165,8 +167,10 @@ class Encoded:
         return 1 if self.has_start_token else 0
 
     @property
-    def n_bytes(self) -> int:
-        return self.byte_ends[-1] if len(self.ids) > self.first_text_token else 0
+    def byte_range(self) -> tuple[int, int]:
+        """(first byte, end byte) covered by the text tokens; (0, 0) for an empty text."""
+        k = self.first_text_token
+        return (self.byte_starts[k], self.byte_ends[-1]) if len(self.ids) > k else (0, 0)
 
 
 def _char_byte_maps(text: str, name: str) -> tuple[bytes, list[int], list[int]]:
@@ -223,7 +227,7 @@ def encode_with_bytes(tokenizer, text: str, start_token: int | None = None) -> E
         # exists only at the start of a section (text start or after an added token), and
         # only where the section does not already start with a space (or a literal ``▁``).
         lead = section_start and own[:1] == b" " and (
-            info.prepend_always or not (data.startswith(b" ", pos) or data.startswith(info.literal_space, pos)))
+            info.prepend_always or not (data.startswith(b" ", pos) or data.startswith(info.metaspace_bytes, pos)))
         section_start = False
         n = _match(info, tok, own, data, pos, lead)
         if n < 0 and lead:  # a literal "▁" opening the text, not a prepended space
@@ -315,14 +319,14 @@ def align(student: Encoded, teacher: Encoded, mode: str = "boundary") -> list[tu
     for enc in (student, teacher):
         if not (len(enc.ids) == len(enc.byte_starts) == len(enc.byte_ends) == len(enc.word_start)):
             raise AlignmentError("an Encoded has lists of different lengths; build it with encode_with_bytes")
-    if student.n_bytes != teacher.n_bytes:
-        raise AlignmentError(f"student tokens cover {student.n_bytes} bytes and teacher tokens "
-                             f"{teacher.n_bytes}: they encode different texts")
-    total, s0, t0 = student.n_bytes, student.first_text_token, teacher.first_text_token
-    if total == 0:
+    if student.byte_range != teacher.byte_range:
+        raise AlignmentError(f"student tokens cover bytes {student.byte_range} and teacher tokens "
+                             f"{teacher.byte_range}: they encode different texts")
+    (first, total), s0, t0 = student.byte_range, student.first_text_token, teacher.first_text_token
+    if total == first:
         return []
     common = set(student.byte_ends[s0:]) & set(teacher.byte_ends[t0:])
-    bounds = sorted(x for x in common if x > 0)
+    bounds = sorted(x for x in common if x > first)
     if mode == "word":
         bounds = [x for x in bounds if x == total
                   or (_next_starts_word(student, s0, x) and _next_starts_word(teacher, t0, x))]

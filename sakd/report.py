@@ -1,0 +1,603 @@
+"""Evaluation (``sakd evaluate``), run reports with plots, the exported student's model card.
+
+Units are always named: bits per UTF-8 byte for held-out quality (comparable across
+tokenizers), perplexity per token of a model's OWN tokenizer (not comparable across
+tokenizers), parameters as counts, weights in bytes at the stored dtype, throughput in
+tokens of the model's own tokenizer per second and in UTF-8 bytes of text per second.
+Plots are drawn with matplotlib's Agg canvas (no display, no pyplot global state).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import struct
+import time
+from pathlib import Path
+
+import torch
+
+from sakd.errors import UserError
+
+EVAL_UNITS = {
+    "bits_per_byte": "held-out NLL in bits / UTF-8 bytes of the text (lower is better; comparable across tokenizers)",
+    "ppl_per_own_token": "exp(mean NLL in nats per token of this model's own tokenizer); NOT comparable across "
+                         "tokenizers",
+    "parameters": "count (tied embeddings counted once)",
+    "active_parameters_per_token": "count: total minus (E - k)/E of the routed-expert parameters (MoE); "
+                                   "= parameters for a dense model",
+    "weights_bytes": "bytes of *.safetensors files on disk, at the stored dtype",
+    "tokens_per_s": "tokens of this model's own tokenizer scored per second (forward passes over windows, "
+                    "after a warm-up pass, including tokenization)",
+    "bytes_per_s": "UTF-8 bytes of text scored per second (same passes)",
+    "seconds": "wall-clock seconds of the timed scoring pass",
+}
+# Units of the per-step loss terms logged by the loop (sakd/objective.py normalisation).
+TERM_UNITS = {"kd": "nats / 1:1 position", "ce": "nats / student token", "chunk": "nats (binary KL) / student token",
+              "hidden": "distance / chunk", "attention": "distance / chunk", "contrastive": "nats / example"}
+
+
+# ----------------------------------------------------------------------------- model facts
+
+def active_parameters(model) -> int:
+    """Parameters used per token: all of them for a dense model; for an MoE model the total
+    minus (E - k)/E of every routed block's expert parameters (shared experts always count)."""
+    from sakd import moe
+    from sakd.models import count_parameters
+
+    total = count_parameters(model)
+    inactive = 0.0
+    for _, block in moe.find_moe_blocks(model):
+        E = block.gate.weight.shape[0]
+        k = int(getattr(block.gate, "top_k", E))
+        inactive += (E - k) / E * sum(p.numel() for p in block.experts.parameters())
+    return int(round(total - inactive))
+
+
+def _local_folder(name: str) -> Path | None:
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return p
+    try:  # a hub id already in the local cache; never downloads
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]))
+    except Exception:  # noqa: BLE001 - not cached / not a repo id: the size is simply unknown
+        return None
+
+
+def weights_on_disk(name: str) -> tuple[int | None, list[str]]:
+    """(bytes of the *.safetensors files, sorted stored dtypes read from their headers), or (None, [])."""
+    folder = _local_folder(name)
+    files = sorted(folder.glob("*.safetensors")) if folder else []
+    if not files:
+        return None, []
+    dtypes = set()
+    for f in files:
+        with open(f, "rb") as fh:  # safetensors: u64 little-endian header length, then a JSON header
+            n = struct.unpack("<Q", fh.read(8))[0]
+            header = json.loads(fh.read(n))
+        dtypes |= {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+    return sum(f.stat().st_size for f in files), sorted(dtypes)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def model_metrics(model, tokenizer, name: str, texts: list[str], *, seq_len: int, batch_size: int = 8,
+                  device="cpu") -> dict:
+    """Held-out bits per byte, per-own-token perplexity, sizes and scoring throughput of one model."""
+    from sakd.evaluate import nll_bits
+    from sakd.models import count_parameters
+
+    model.eval()
+    warm = texts[0][:4 * seq_len]  # warm-up: kernels, allocator, lazy initialisation
+    nll_bits(model, tokenizer, [warm], seq_len, batch_size, device)
+    _sync(device)
+    t0 = time.perf_counter()
+    bits, n_bytes, n_tokens = nll_bits(model, tokenizer, texts, seq_len, batch_size, device)
+    _sync(device)
+    dt = max(time.perf_counter() - t0, 1e-9)
+    size, dtypes = weights_on_disk(name)
+    return {
+        "name": name,
+        "bits_per_byte": bits / max(n_bytes, 1),
+        "ppl_per_own_token": math.exp(bits * math.log(2) / max(n_tokens, 1)),
+        "nll_bits": bits, "bytes": n_bytes, "own_tokens": n_tokens,
+        "parameters": count_parameters(model),
+        "active_parameters_per_token": active_parameters(model),
+        "weights_bytes": size, "stored_dtypes": dtypes, "run_dtype": str(next(model.parameters()).dtype),
+        "tokens_per_s": n_tokens / dt, "bytes_per_s": n_bytes / dt, "seconds": dt,
+    }
+
+
+# ----------------------------------------------------------------------------- sakd evaluate
+
+def evaluate_command(student: str, teacher: str | None, data: str, *, max_bytes: int = 200_000, seq_len: int = 512,
+                     batch_size: int = 8, device: str | None = None) -> dict:
+    """``sakd evaluate``: metrics of the student (and the teacher), retention when a teacher is given.
+
+    Returns {"data", "heldout_bytes", "seq_len_tokens", "batch_size", "device", "student": {...},
+    "teacher": {...} (optional), "retention": {...} (optional), "units": {...}}."""
+    from sakd.data import heldout_texts, read_source
+    from sakd.models import load_student, load_teacher, load_tokenizer
+
+    if max_bytes <= 0 or seq_len < 2:
+        raise UserError(f"--max-bytes={max_bytes} must be > 0 and --seq-len={seq_len} at least 2")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    src = read_source(data)
+    texts = heldout_texts(src.texts, max_bytes)
+    if not texts:
+        raise UserError(f"--data {data!r}: the first {max_bytes} bytes hold no complete word; raise --max-bytes")
+    out = {"data": src.name, "heldout_bytes": sum(len(t.encode("utf-8")) for t in texts),
+           "seq_len_tokens": seq_len, "batch_size": batch_size, "device": str(dev)}
+    s_tok = load_tokenizer(student, "student")
+    s_model = load_student(student, dev).eval()
+    out["student"] = model_metrics(s_model, s_tok, student, texts, seq_len=seq_len, batch_size=batch_size, device=dev)
+    if teacher:
+        from sakd.retention import retention
+
+        t_tok = load_tokenizer(teacher, "teacher")
+        t_model = load_teacher(teacher, dev)
+        out["teacher"] = model_metrics(t_model, t_tok, teacher, texts, seq_len=seq_len, batch_size=batch_size,
+                                       device=dev)
+        out["retention"] = retention(t_model, t_tok, s_model, s_tok, texts, seq_len=seq_len, batch_size=batch_size)
+    out["units"] = dict(EVAL_UNITS)
+    return out
+
+
+def _fmt(v, spec: str = ",.4f") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def format_evaluation(result: dict) -> str:
+    """A plain-text table of ``evaluate_command``'s result, every row with its unit."""
+    sides = [s for s in ("student", "teacher") if s in result]
+    rows = [("held-out bits per byte", "bits/byte", "bits_per_byte", ",.4f"),
+            ("perplexity per token *", "per own token", "ppl_per_own_token", ",.2f"),
+            ("parameters", "count", "parameters", ","),
+            ("active parameters per token", "count", "active_parameters_per_token", ","),
+            ("weights on disk", "MB (stored dtype)", "weights_mb", ",.2f"),
+            ("scoring throughput", "own tokens/s", "tokens_per_s", ",.0f"),
+            ("scoring throughput", "bytes/s", "bytes_per_s", ",.0f")]
+    lines = [f"held-out text: {result['data']} ({result['heldout_bytes']:,} UTF-8 bytes), windows of "
+             f"{result['seq_len_tokens']} tokens, batch {result['batch_size']}, device {result['device']}", ""]
+    head = f"{'metric':<30} {'unit':<18}" + "".join(f" {s:>14}" for s in sides)
+    lines += [head, "-" * len(head)]
+    for label, unit, key, spec in rows:
+        vals = []
+        for s in sides:
+            m = result[s]
+            v = m["weights_bytes"] / 1e6 if key == "weights_mb" and m.get("weights_bytes") else m.get(key)
+            vals.append(_fmt(v, spec) if not isinstance(v, int) else f"{v:,}")
+        lines.append(f"{label:<30} {unit:<18}" + "".join(f" {v:>14}" for v in vals))
+    dts = "   ".join(f"{s}: {','.join(result[s]['stored_dtypes']) or 'n/a'}" for s in sides)
+    lines += [f"stored dtypes: {dts}",
+              "* per token of that model's own tokenizer: not comparable across tokenizers (compare bits per byte)."]
+    r = result.get("retention")
+    if r:
+        lines += ["", "retention (teacher -> student, byte-aligned positions only):"]
+        for label, key, unit in [
+                ("KL(teacher || student), shared vocab", "kl_nats_per_position", "nats / 1:1 position"),
+                ("top-1 agreement", "top1_agreement", "fraction of 1:1 positions"),
+                ("top-5 agreement", "top5_agreement", "fraction of 1:1 positions"),
+                ("teacher mass outside shared vocab", "teacher_mass_outside_shared", "fraction"),
+                ("chunk log-likelihood gap", "chunk_gap_nats_per_chunk", "nats / multi-token chunk"),
+                ("chunk log-likelihood gap", "chunk_gap_bits_per_byte", "bits / byte of those chunks"),
+                ("student tokens in 1:1 chunks", "frac_student_tokens_one_to_one", "fraction"),
+                ("1:1 positions / multi-token chunks", None, "count")]:
+            v = f"{r['one_to_one_positions']:,} / {r['multi_token_chunks']:,}" if key is None else _fmt(r[key])
+            lines.append(f"  {label:<40} {v:>14}  {unit}")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _figure(path: Path, draw, size=(7.0, 4.2)) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    draw(fig)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_loss_terms(history: list[dict], path: Path) -> Path | None:
+    terms = sorted({k[2:] for rec in history for k in rec if k.startswith("w_") and k[2:] in rec})
+    if not terms:
+        return None
+
+    def draw(fig):
+        ax = fig.subplots()
+        positive = True
+        for t in terms:
+            pts = [(r["step"], r[t]) for r in history if isinstance(r.get(t), (int, float)) and math.isfinite(r[t])]
+            positive &= all(v > 0 for _, v in pts)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{t} ({TERM_UNITS.get(t, 'per target')})")
+        if positive:
+            ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("loss term value (unweighted; unit per term)")
+        ax.set_title("Distillation loss terms")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _figure(path, draw)
+
+
+def plot_heldout_bpb(evals: list[dict], teacher_bpb: float | None, path: Path,
+                     extra: dict | None = None) -> Path | None:
+    if not evals:
+        return None
+
+    def draw(fig):
+        ax = fig.subplots()
+        ax.plot([e["step"] for e in evals], [e["student_bpb"] for e in evals], "o-", label="student (distilled)")
+        if teacher_bpb is not None:
+            ax.axhline(teacher_bpb, color="tab:red", ls="--", label=f"teacher ({teacher_bpb:.3f})")
+        if extra and extra.get("student_bpb_ce_only") is not None:
+            ax.plot([evals[-1]["step"]], [extra["student_bpb_ce_only"]], "s", color="tab:green",
+                    label=f"student, cross-entropy only ({extra['student_bpb_ce_only']:.3f})")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("held-out bits per UTF-8 byte (lower is better)")
+        ax.set_title("Held-out bits per byte")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _figure(path, draw)
+
+
+def plot_expert_usage(panels: list[tuple[str, dict[str, list[float]]]], what: str, path: Path) -> Path | None:
+    """panels: (title, {layer name: [E] fractions}); one heatmap (layers x experts) each."""
+    panels = [(t, u) for t, u in panels if u]
+    if not panels:
+        return None
+
+    def draw(fig):
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        im = None
+        for ax, (title, usage) in zip(axes, panels):
+            names = list(usage)
+            grid = [usage[n] for n in names]
+            im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+            E = len(grid[0])
+            ax.set_xticks(range(E), [str(e) for e in range(E)])
+            ax.set_yticks(range(len(names)), [_short(n) for n in names], fontsize=7)
+            ax.set_xlabel("expert")
+            ax.set_ylabel("MoE layer")
+            ax.set_title(title, fontsize=9)
+            if len(names) * E <= 64:
+                for i, row in enumerate(grid):
+                    for j, v in enumerate(row):
+                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
+                                color="white" if v < 0.5 else "black")
+        fig.colorbar(im, ax=list(axes), label="fraction")
+        fig.suptitle(f"Teacher expert usage per layer: {what}", fontsize=10)
+    return _figure(path, draw, size=(4.0 + 3.0 * len(panels), 1.6 + 0.35 * max(len(u) for _, u in panels)))
+
+
+def _short(name: str) -> str:
+    parts = [p for p in name.split(".") if p.isdigit()]
+    return f"layer {parts[-1]}" if parts else name
+
+
+def plot_router_shift(history: list[dict], path: Path) -> Path | None:
+    """Under SAR: KL(original router || current router) per layer over steps (``moe_router_kl``),
+    and the mean over layers logged by the router step (``sar_router_kl``)."""
+    per = [(r["step"], r["moe_router_kl"]) for r in history if isinstance(r.get("moe_router_kl"), dict)]
+    mean = [(r["step"], r["sar_router_kl"]) for r in history if isinstance(r.get("sar_router_kl"), (int, float))]
+    if not per and not mean:
+        return None
+
+    def draw(fig):
+        ax = fig.subplots()
+        layers = list(per[0][1]) if per else []
+        for name in layers:
+            pts = [(s, d[name]) for s, d in per if name in d]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=_short(name))
+        if mean:
+            ax.plot([p[0] for p in mean], [p[1] for p in mean], "k--", lw=1, label="mean over layers (router step)")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("KL(original router || current router), nats per token")
+        ax.set_title("Router shift under student-aware routing (SAR)")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    return _figure(path, draw)
+
+
+# ----------------------------------------------------------------------------- expert usage
+
+def usage_from_history(history: list[dict], mode: str) -> tuple[list[tuple[str, dict]], str]:
+    """Heatmap panels from the loop's per-step ``moe_usage`` (``moe_top1`` under all/sar when
+    logged: with every expert used, slot shares are uniform and say nothing)."""
+    key, what = "moe_usage", "share of expert slots (as routed in distillation)"
+    if mode in ("all", "sar") and any(isinstance(r.get("moe_top1"), dict) for r in history):
+        key, what = "moe_top1", "share of tokens whose router's first choice is the expert"
+    logged = [(r["step"], r[key]) for r in history if isinstance(r.get(key), dict)]
+    if not logged:
+        return [], what
+    panels = [(f"step {logged[0][0]}", logged[0][1])]
+    if len(logged) > 1:
+        panels.append((f"step {logged[-1][0]}", logged[-1][1]))
+    return panels, what
+
+
+@torch.no_grad()
+def measure_expert_usage(teacher, tokenizer, texts: list[str], cfg, *, router_state: dict | None = None,
+                         max_batches: int = 4) -> tuple[dict[str, list[float]], str]:
+    """Run the teacher over a few held-out batches inside ``moe.routing`` (the run's mode; SAR's
+    student step uses "all") and return ({layer: [E] fractions}, what they are). Under all/sar
+    the router's first-choice share is returned (every expert is used, slot shares are uniform).
+    ``router_state`` (e.g. router.safetensors of a SAR run) is loaded for the measurement only."""
+    from sakd import moe
+    from sakd.evaluate import start_token_id
+
+    mode = "all" if cfg.moe.mode == "sar" else cfg.moe.mode
+    kw = {}
+    if mode == "ka":
+        kw = {"experts": cfg.moe.experts_start, "sample_prob": cfg.moe.sample_prob,
+              "generator": torch.Generator().manual_seed(cfg.train.seed)}
+    dev = next(teacher.parameters()).device
+    start, L, B = start_token_id(tokenizer), cfg.eval.seq_len, cfg.eval.batch_size
+    windows = []
+    for t in texts:
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+        windows += [[start] + ids[i:i + L - 1] for i in range(0, len(ids), L - 1)]
+    windows = windows[:B * max_batches]
+    saved = moe.router_state(teacher) if router_state else None
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        if router_state:
+            moe.load_router_state(teacher, router_state)
+        with moe.routing(teacher, mode, **kw) as r:
+            for a in range(0, len(windows), B):
+                part = windows[a:a + B]
+                width = max(len(w) for w in part)
+                ids = torch.zeros(len(part), width, dtype=torch.long)
+                mask = torch.zeros(len(part), width, dtype=torch.bool)
+                for i, w in enumerate(part):
+                    ids[i, :len(w)], mask[i, :len(w)] = torch.tensor(w), True
+                r.set_token_mask(mask.to(dev))
+                teacher(input_ids=ids.to(dev), attention_mask=mask.long().to(dev))
+            stats = r.stats()
+    finally:
+        if saved is not None:
+            moe.load_router_state(teacher, saved)
+        teacher.train(was_training)
+    key = "top1" if mode == "all" else "usage"
+    what = ("share of tokens whose router's first choice is the expert" if key == "top1"
+            else f"share of expert slots (routing: {mode})")
+    return {name: d[key] for name, d in stats.items()}, what
+
+
+def _report_texts(cfg, max_bytes: int = 16_000) -> list[str]:
+    from sakd.data import heldout_texts, read_source, split_heldout
+
+    d = cfg.data
+    if d.eval_source:
+        held = read_source(d.eval_source, text_column=d.text_column, config_name=d.config_name, split=d.split).texts
+    else:
+        src = read_source(d.source, text_column=d.text_column, config_name=d.config_name, split=d.split)
+        held = split_heldout(src.texts, d.eval_fraction, cfg.train.seed)[1] or src.texts
+    return heldout_texts(held, max_bytes)
+
+
+def _usage_at_report_time(out: Path, cfg, teacher, teacher_tokenizer, texts, max_auto_bytes: int):
+    """(panels, what, note): measured with the given teacher, or one loaded from a small local folder."""
+    from sakd import moe
+    from sakd.models import load_teacher, load_tokenizer
+
+    if teacher is None:
+        size, _ = weights_on_disk(cfg.model.teacher) if Path(cfg.model.teacher).expanduser().is_dir() else (None, [])
+        if not size or size > max_auto_bytes:
+            return [], "", ("expert usage: not logged by the loop and no teacher given to the report "
+                            "(pass teacher= to write_run_report)")
+        teacher = load_teacher(cfg.model.teacher, torch.device("cpu"), "float32")
+    if not moe.is_moe(teacher):
+        return [], "", "expert usage: the teacher is dense (no MoE blocks)"
+    tok = teacher_tokenizer or load_tokenizer(cfg.model.teacher_tokenizer or cfg.model.teacher, "teacher")
+    texts = texts if texts is not None else _report_texts(cfg)
+    router_file = out / "router.safetensors"
+    state = None
+    if cfg.moe.mode == "sar" and router_file.is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(router_file))
+    usage, what = measure_expert_usage(teacher, tok, texts, cfg, router_state=state)
+    title = "end of run (SAR routers)" if state else "measured at report time"
+    return [(title, usage)], what, None
+
+
+# ----------------------------------------------------------------------------- run report
+
+def _mean_terms(records: list[dict], terms: list[str]) -> dict:
+    out = {}
+    for t in terms + ["lr", "tokens_per_s", "grad_norm"]:
+        vals = [r[t] for r in records if isinstance(r.get(t), (int, float)) and math.isfinite(r[t])]
+        if vals:
+            out[t] = sum(vals) / len(vals)
+    return out
+
+
+def write_run_report(out_dir, cfg, result: dict, extra: dict | None = None, *, teacher=None, teacher_tokenizer=None,
+                     texts: list[str] | None = None, auto_teacher_max_bytes: int = 512 * 2 ** 20) -> dict:
+    """``report.json`` and ``report.md`` (with PNG plots) in ``out_dir`` from its ``history.json``.
+
+    Plots: loss_terms.png, heldout_bpb.png, expert_usage.png (from the loop's ``moe_usage``, else
+    measured now with ``teacher`` — or the config's teacher when it is a local folder of at most
+    ``auto_teacher_max_bytes`` — on ``texts``, default the run's held-out text), router_shift.png
+    (SAR runs). A plot that cannot be made is named in the report's notes, never fatal."""
+    from sakd.config import to_dict
+
+    out = Path(out_dir)
+    hist_file = out / "history.json"
+    if not hist_file.is_file():
+        raise UserError(f"{str(hist_file)!r} does not exist: the run did not finish (resume it with --resume)")
+    data = json.loads(hist_file.read_text())
+    history, evals = data.get("history", []), data.get("evals") or result.get("evals") or []
+    terms = sorted({k[2:] for rec in history for k in rec if k.startswith("w_") and k[2:] in rec})
+    n = max(1, min(10, len(history) // 5))
+    notes, plots = [], {}
+
+    def attempt(name, draw):
+        try:
+            p = draw()
+            if p is not None:
+                plots[name] = p.name
+        except (UserError, OSError, ValueError, RuntimeError) as e:
+            notes.append(f"{name}: not drawn ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+
+    def usage_plot():
+        panels, what = usage_from_history(history, cfg.moe.mode)
+        # all/sar use every expert: logged slot shares are uniform, the router's first choice says more
+        if not panels or (cfg.moe.mode in ("all", "sar") and "first choice" not in what):
+            try:
+                measured, m_what, note = _usage_at_report_time(out, cfg, teacher, teacher_tokenizer, texts,
+                                                               auto_teacher_max_bytes)
+            except (UserError, OSError, ValueError, RuntimeError) as e:
+                if not panels:
+                    raise
+                measured, note = [], None
+                notes.append(f"expert usage: router first choices not measured ({str(e).splitlines()[0][:120]}); "
+                             "showing the logged slot shares")
+            if measured:
+                panels, what = measured, m_what
+            elif not panels:
+                notes.append(note)
+        return plot_expert_usage(panels, what, out / "expert_usage.png")
+
+    attempt("loss_terms", lambda: plot_loss_terms(history, out / "loss_terms.png"))
+    attempt("heldout_bpb", lambda: plot_heldout_bpb(evals, result.get("teacher_bpb"), out / "heldout_bpb.png", extra))
+    attempt("expert_usage", usage_plot)
+    if any(k.startswith("sar_") for r in history for k in r):
+        attempt("router_shift", lambda: plot_router_shift(history, out / "router_shift.png"))
+    report = {
+        "config": to_dict(cfg),
+        "steps": result.get("steps", len(history)),
+        "seconds": result.get("seconds"),
+        "teacher_bpb": result.get("teacher_bpb"),
+        "student_bpb_initial": evals[0]["student_bpb"] if evals else None,
+        "student_bpb_final": evals[-1]["student_bpb"] if evals else None,
+        "metrics": {"start": _mean_terms(history[:n], terms), "end": _mean_terms(history[-n:], terms),
+                    "steps_averaged": n},
+        "units": {"teacher_bpb": "held-out bits per UTF-8 byte", "student_bpb_*": "held-out bits per UTF-8 byte",
+                  "lr": "learning rate", "tokens_per_s": "student tokens per second (cumulative)",
+                  "grad_norm": "global L2 norm before clipping", "seconds": "wall-clock seconds",
+                  **{t: TERM_UNITS.get(t, "per target") for t in terms}},
+        "plots": plots, "notes": notes, "extra": extra or {},
+        "result": {k: v for k, v in result.items() if k != "evals"},
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    (out / "report.md").write_text(_report_markdown(out, cfg, report, terms), encoding="utf-8")
+    return report
+
+
+def _report_markdown(out: Path, cfg, rep: dict, terms: list[str]) -> str:
+    m, n = rep["metrics"], rep["metrics"]["steps_averaged"]
+    lines = [f"# sakd run report: {out.name}", "",
+             f"Teacher `{cfg.model.teacher}` → student `{cfg.model.student}`; routing `{cfg.moe.mode}`, "
+             f"logit loss `{cfg.loss.logit}`; {rep['steps']} steps"
+             + (f" in {rep['seconds']:.0f} s." if isinstance(rep["seconds"], (int, float)) else "."), "",
+             "## Held-out quality", "", "| model | held-out bits per UTF-8 byte |", "|---|---|"]
+    for label, v in [("teacher", rep["teacher_bpb"]), ("student before", rep["student_bpb_initial"]),
+                     ("student after", rep["student_bpb_final"]),
+                     ("student, cross-entropy only", rep["extra"].get("student_bpb_ce_only"))]:
+        if v is not None:
+            lines.append(f"| {label} | {v:.4f} |")
+    lines += ["", f"## Training metrics (mean of the first / last {n} steps)", "",
+              "| metric | unit | start | end |", "|---|---|---|---|"]
+    for k in terms + ["lr", "tokens_per_s", "grad_norm"]:
+        if k in m["start"] or k in m["end"]:
+            unit = rep["units"].get(k, "")
+            lines.append(f"| {k} | {unit} | {_fmt(m['start'].get(k), '.4g')} | {_fmt(m['end'].get(k), '.4g')} |")
+    titles = {"loss_terms": "Loss terms", "heldout_bpb": "Held-out bits per byte",
+              "expert_usage": "Teacher expert usage per layer", "router_shift": "Router shift (SAR)"}
+    if rep["plots"]:
+        lines += ["", "## Plots"]
+        for name, file in rep["plots"].items():
+            lines += ["", f"### {titles.get(name, name)}", "", f"![{titles.get(name, name)}]({file})"]
+    if rep["notes"]:
+        lines += ["", "## Notes", ""] + [f"- {x}" for x in rep["notes"]]
+    if rep["extra"]:
+        lines += ["", "## Extra", "", "| key | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v, '.4f')} |" for k, v in rep["extra"].items()]
+    lines += ["", "Full configuration and raw numbers: [report.json](report.json).", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- export
+
+def _unit_for(key: str) -> str:
+    k = key.lower()
+    for pat, unit in (("bits_per_byte", "bits/byte"), ("bpb", "bits/byte"), ("ppl", "per own token"),
+                      ("tokens_per_s", "tokens/s"), ("bytes_per_s", "bytes/s"), ("parameters", "count"),
+                      ("agreement", "fraction"), ("frac", "fraction"), ("nats", "nats"), ("seconds", "s"),
+                      ("bytes", "bytes"), ("steps", "count")):
+        if pat in k:
+            return unit
+    return "(see name)"
+
+
+def write_model_card(student_dir, *, teacher: str, data: str, method: str, metrics: dict, command: str) -> Path:
+    """README.md (model card) in the exported student folder; adds generation_config.json if missing.
+
+    metrics: {name: value} (unit inferred from the name, e.g. ``heldout_bpb`` -> bits/byte),
+    {name: (value, unit)} or {name: {"value": v, "unit": u}}."""
+    from transformers import AutoConfig, GenerationConfig
+
+    d = Path(student_dir)
+    if not (d / "config.json").is_file():
+        raise UserError(f"{str(d)!r} holds no config.json: export the student with save_pretrained first")
+    if not (d / "generation_config.json").is_file():
+        GenerationConfig.from_model_config(AutoConfig.from_pretrained(d)).save_pretrained(d)
+    rows = []
+    for name, v in metrics.items():
+        if isinstance(v, dict):
+            value, unit = v.get("value"), v.get("unit", "")
+        elif isinstance(v, (tuple, list)) and len(v) == 2:
+            value, unit = v
+        else:
+            value, unit = v, _unit_for(name)
+        rows.append(f"| {name} | {_fmt(value, '.4f')} | {unit} |")
+    card = "\n".join([
+        "---", "library_name: transformers", "pipeline_tag: text-generation",
+        "tags:", "- knowledge-distillation", "- sakd", "---", "",
+        f"# {d.name}", "",
+        f"A dense causal language model distilled with `sakd` from the teacher `{teacher}` on `{data}`. "
+        "It keeps its own tokenizer (saved in this folder); teacher and student met through byte-aligned "
+        "chunks and the shared token strings of their vocabularies.", "",
+        "## Method", "", method.strip(), "",
+        "## Metrics", "", "Bits per byte are comparable across tokenizers; per-token perplexity is not.", "",
+        "| metric | value | unit |", "|---|---|---|", *rows, "",
+        "## Reproduce", "", "```bash", command.strip(), "```", "",
+        "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "tok = AutoTokenizer.from_pretrained(PATH)", "model = AutoModelForCausalLM.from_pretrained(PATH)", "```", ""])
+    path = d / "README.md"
+    path.write_text(card, encoding="utf-8")
+    return path
+
+
+def lm_eval_tasks(student_dir, tasks, *, batch_size: int = 8, device: str | None = None,
+                  limit: int | None = None) -> dict:
+    """Optional downstream evaluation with EleutherAI's lm-evaluation-harness: {task: metrics}."""
+    if importlib.util.find_spec("lm_eval") is None:
+        raise UserError("lm-eval is not installed: pip install lm-eval")
+    import lm_eval
+
+    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    if not names or not all(names):
+        raise UserError(f"lm-eval tasks {tasks!r}: name at least one task, e.g. hellaswag,arc_easy")
+    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={student_dir}", tasks=names,
+                                  batch_size=batch_size, device=device or ("cuda" if torch.cuda.is_available()
+                                                                           else "cpu"), limit=limit)
+    return res["results"]
