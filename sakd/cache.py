@@ -39,7 +39,6 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,8 +48,7 @@ from safetensors.torch import save_file
 from sakd import __version__, moe
 from sakd.align.vocab import VocabMap, build_vocab_map
 from sakd.config import Config
-from sakd.data import (Collator, SpanDataset, bytes_per_token, cut_spans, heldout_texts, pad_id, read_source,
-                       read_with_fallback, split_heldout)
+from sakd.data import Collator, SpanData, pad_id, span_data, teacher_seq_len
 from sakd.errors import UserError
 from sakd.evaluate import nll_bits, start_token_id
 from sakd.models import load_teacher, load_tokenizer
@@ -62,48 +60,6 @@ ARRAYS = ("topk_ids", "topk_logprobs", "rest_logprob", "shared_rest_logprob", "t
 
 # ----------------------------------------------------------------------------- the loop's data, without models
 
-@dataclass
-class SpanData:
-    train: SpanDataset
-    heldout: list
-    student_tok: object
-    teacher_tok: object
-
-
-def span_data(cfg: Config, log=print, *, student_tok=None, teacher_tok=None) -> SpanData:
-    """The tokenizers, the training ``SpanDataset`` and the held-out texts exactly as
-    ``distill.setup`` builds them (same calls, same order), without loading either model.
-    (``distill.setup`` should call this instead of repeating it; a test holds the two equal.)"""
-    m, d = cfg.model, cfg.data
-    student_tok = student_tok or load_tokenizer(m.student_tokenizer or m.student, "student")
-    teacher_tok = teacher_tok or load_tokenizer(m.teacher_tokenizer or m.teacher, "teacher")
-    src = read_with_fallback([d.source] + list(d.fallback), log=log, text_column=d.text_column,
-                             config_name=d.config_name, split=d.split, streaming=d.streaming,
-                             max_texts=d.max_examples)
-    for note in src.notes:
-        log(f"data: {note}")
-    if src.replaced_bytes:
-        log(f"data: {src.replaced_bytes} invalid UTF-8 bytes in {src.name} were replaced by U+FFFD")
-    if d.eval_source:
-        held = read_source(d.eval_source, text_column=d.text_column, config_name=d.config_name,
-                           split=d.split).texts
-        train_texts = src.texts
-    else:
-        train_texts, held = split_heldout(src.texts, d.eval_fraction, cfg.train.seed)
-    t_seq = teacher_seq_len(cfg)
-    bpt = min(bytes_per_token(student_tok, train_texts) * (d.seq_len - 1),
-              bytes_per_token(teacher_tok, train_texts) * (t_seq - 1))
-    spans = cut_spans(train_texts, max(16, int(0.9 * bpt)))
-    if d.max_examples:
-        spans = spans[: d.max_examples]
-    if not spans:
-        raise UserError(f"data source {src.name!r} gives no training spans")
-    train = SpanDataset(spans, student_tok, teacher_tok, d.seq_len, t_seq, d.chunk_mode)
-    return SpanData(train, heldout_texts(held, cfg.eval.max_bytes), student_tok, teacher_tok)
-
-
-def teacher_seq_len(cfg: Config) -> int:
-    return cfg.data.teacher_seq_len or 2 * cfg.data.seq_len
 
 
 # ----------------------------------------------------------------------------- fingerprints and the manifest
@@ -286,6 +242,90 @@ def _teacher_logits(teacher, t_ids, t_mask, mode: str):
         return teacher(input_ids=t_ids, attention_mask=t_mask.long()).logits
 
 
+def _span_rows(teacher, batch, cfg: Config, shared_mask, *, k: int, vt: int, chunk_rows: int, device) -> dict:
+    """Teacher forward over one collated batch; the cached quantities of all its real positions,
+    row-major (each span's positions contiguous), on the CPU. None if the logits are not finite."""
+    t_ids, t_mask = batch["t_ids"].to(device), batch["t_mask"].to(device)
+    logits = _teacher_logits(teacher, t_ids, t_mask, cfg.moe.mode)
+    bi, j = t_mask.nonzero(as_tuple=True)
+    nxt = t_ids[bi, (j + 1).clamp(max=t_ids.shape[1] - 1)]  # the token each position predicts (last: unused)
+    rows: dict[str, list] = {}
+    for c in range(0, bi.numel(), chunk_rows):
+        sel = slice(c, c + chunk_rows)
+        r = sparse_rows(logits[bi[sel], j[sel], :vt], nxt[sel], shared_mask, k=k, temperature=cfg.loss.temperature)
+        if not (torch.isfinite(r["topk_logprobs"]).all() and torch.isfinite(r["next_logprob"]).all()):
+            return None
+        for key, v in r.items():
+            rows.setdefault(key, []).append(v.cpu())
+    return {key: torch.cat(v) for key, v in rows.items()}
+
+
+def _write_shards(tmp: Path, data: SpanData, teacher, cfg: Config, shared_mask, *, k, store, bs, shard_tokens,
+                  chunk_rows, device, vt, log, t0):
+    collate = Collator(pad_id(data.student_tok), pad_id(data.teacher_tok))
+    n_spans = len(data.train)
+    index = {"shards": [], "shard": [], "offset": [], "length": []}
+    parts: dict[str, list] = {a: [] for a in ARRAYS}
+    lengths: list[int] = []
+    fill, total_tokens, total_bytes, refp32 = 0, 0, 0, 0
+
+    def flush():
+        nonlocal total_bytes, fill
+        if not lengths:
+            return
+        name = f"shard-{len(index['shards']):05d}.safetensors"
+        arrays = {a: torch.cat(parts[a]).contiguous() for a in ARRAYS}
+        arrays["offsets"] = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
+        save_file(arrays, str(tmp / name), metadata={"format": "sakd-teacher-cache"})
+        _fsync(tmp / name)
+        total_bytes += (tmp / name).stat().st_size
+        index["shards"].append(name)
+        for a in ARRAYS:
+            parts[a].clear()
+        lengths.clear()
+        fill = 0
+
+    for a in range(0, n_spans, bs):
+        items = [data.train[i] for i in range(a, min(a + bs, n_spans))]
+        batch = collate(items)
+        kw = dict(k=k, vt=vt, chunk_rows=chunk_rows, device=device)
+        rows = _span_rows(teacher, batch, cfg, shared_mask, **kw)
+        if rows is None:  # fp16 overflow: this batch again with the teacher in fp32 (the cast back is exact)
+            refp32 += 1
+            dt = next(teacher.parameters()).dtype
+            rows = _span_rows(teacher.float(), batch, cfg, shared_mask, **kw)
+            teacher.to(dt)
+            if rows is None:
+                raise UserError(f"teacher {cfg.model.teacher!r} gives non-finite logits on spans {a}.."
+                                f"{a + len(items) - 1} even in float32: check the teacher weights")
+        start = 0
+        for item in items:
+            n = len(item["t_ids"])
+            sl = slice(start, start + n)
+            tok = torch.zeros(n, dtype=torch.float32)
+            tok[1:] = rows["next_logprob"][start:start + n - 1]  # position j's next token is token j + 1
+            parts["topk_ids"].append(rows["topk_ids"][sl].to(torch.int32))
+            parts["topk_logprobs"].append(rows["topk_logprobs"][sl].to(store))
+            parts["rest_logprob"].append(rows["rest_logprob"][sl].to(torch.float32))
+            parts["shared_rest_logprob"].append(rows["shared_rest_logprob"][sl].to(store))
+            parts["token_logprob"].append(tok.to(store))
+            parts["t_ids"].append(torch.tensor(item["t_ids"], dtype=torch.int32))
+            index["shard"].append(len(index["shards"]))
+            index["offset"].append(fill)
+            index["length"].append(n)
+            lengths.append(n)
+            fill += n
+            start += n
+            total_tokens += n
+        if fill >= shard_tokens:
+            flush()
+        if (a // bs) % 50 == 0 or a + bs >= n_spans:
+            log(f"cache: {min(a + bs, n_spans):,}/{n_spans:,} spans, {total_tokens:,} teacher tokens, "
+                f"{total_tokens / max(time.time() - t0, 1e-9):,.0f} tokens/s")
+    flush()
+    return index, total_tokens, total_bytes, refp32
+
+
 @torch.no_grad()
 def build_cache(cfg: Config, out_dir, *, k: int = 64, dtype: str = "float16", batch_size: int | None = None,
                 shard_tokens: int = 1 << 19, chunk_rows: int = 256, device=None, overwrite: bool = False,
@@ -314,104 +354,37 @@ def build_cache(cfg: Config, out_dir, *, k: int = 64, dtype: str = "float16", ba
     manifest = expected_manifest(cfg, data.train.spans, student_tok=data.student_tok, teacher_tok=data.teacher_tok,
                                  vocab=vocab, k=k, dtype=dtype)
     shared_mask = torch.zeros(vt, dtype=torch.bool, device=device)
-    shared_mask[vocab.shared_t.to(device)] = True
-    store = DTYPES[dtype]
+    shared_mask[vocab.shared_t[vocab.shared_t < vt].to(device)] = True
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    collate = Collator(pad_id(data.student_tok), pad_id(data.teacher_tok))
-    bs = batch_size or cfg.eval.batch_size
-    n_spans = len(data.train)
-    index = {"shards": [], "shard": [], "offset": [], "length": []}
-    parts: dict[str, list] = {a: [] for a in ARRAYS}
-    lengths: list[int] = []
-    total_tokens, total_bytes, refp32 = 0, 0, 0
+    try:
+        index, total_tokens, total_bytes, refp32 = _write_shards(
+            tmp, data, teacher, cfg, shared_mask, k=k, store=DTYPES[dtype], bs=batch_size or cfg.eval.batch_size,
+            shard_tokens=shard_tokens, chunk_rows=chunk_rows, device=device, vt=vt, log=log, t0=t0)
 
-    def flush():
-        nonlocal total_bytes
-        if not lengths:
-            return
-        name = f"shard-{len(index['shards']):05d}.safetensors"
-        arrays = {a: torch.cat(parts[a]).contiguous() for a in ARRAYS}
-        arrays["offsets"] = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
-        save_file(arrays, str(tmp / name), metadata={"format": "sakd-teacher-cache"})
-        _fsync(tmp / name)
-        total_bytes += (tmp / name).stat().st_size
-        index["shards"].append(name)
-        for a in ARRAYS:
-            parts[a].clear()
-        lengths.clear()
-
-    for a in range(0, n_spans, bs):
-        items = [data.train[i] for i in range(a, min(a + bs, n_spans))]
-        batch = collate(items)
-        t_ids, t_mask = batch["t_ids"].to(device), batch["t_mask"].to(device)
-        logits = _teacher_logits(teacher, t_ids, t_mask, cfg.moe.mode)[..., :vt]
-        if not torch.isfinite(logits.masked_fill(~t_mask[..., None], 0)).all():
-            # fp16 overflow: this batch again with the teacher in fp32 (the cast back is exact)
-            refp32 += 1
-            dt = next(teacher.parameters()).dtype
-            logits = _teacher_logits(teacher.float(), t_ids, t_mask, cfg.moe.mode)[..., :vt]
-            teacher.to(dt)
-            if not torch.isfinite(logits.masked_fill(~t_mask[..., None], 0)).all():
-                raise UserError(f"teacher {m.teacher!r} gives non-finite logits on spans {a}..{a + len(items) - 1} "
-                                "even in float32: check the teacher weights")
-        bi, j = t_mask.nonzero(as_tuple=True)  # row-major: each span's positions are contiguous
-        nxt = t_ids[bi, (j + 1).clamp(max=t_ids.shape[1] - 1)]
-        rows = {}
-        for c in range(0, bi.numel(), chunk_rows):
-            r = sparse_rows(logits[bi[c:c + chunk_rows], j[c:c + chunk_rows]], nxt[c:c + chunk_rows], shared_mask,
-                            k=k, temperature=cfg.loss.temperature)
-            for key, v in r.items():
-                rows.setdefault(key, []).append(v)
-        rows = {key: torch.cat(v).cpu() for key, v in rows.items()}
-        start = 0
-        for b, item in enumerate(items):
-            n = len(item["t_ids"])
-            sl = slice(start, start + n)
-            tok = torch.zeros(n, dtype=torch.float32)
-            tok[1:] = rows["next_logprob"][start:start + n - 1]  # position j's next token is token j + 1
-            parts["topk_ids"].append(rows["topk_ids"][sl].to(torch.int32))
-            parts["topk_logprobs"].append(rows["topk_logprobs"][sl].to(store))
-            parts["rest_logprob"].append(rows["rest_logprob"][sl].to(torch.float32))
-            parts["shared_rest_logprob"].append(rows["shared_rest_logprob"][sl].to(store))
-            parts["token_logprob"].append(tok.to(store))
-            parts["t_ids"].append(torch.tensor(item["t_ids"], dtype=torch.int32))
-            index["shard"].append(len(index["shards"]))
-            index["offset"].append(sum(lengths))
-            index["length"].append(n)
-            lengths.append(n)
-            start += n
-            total_tokens += n
-        if sum(lengths) >= shard_tokens:
-            flush()
-        if (a // bs) % 50 == 0 or a + bs >= n_spans:
-            log(f"cache: {min(a + bs, n_spans):,}/{n_spans:,} spans, {total_tokens:,} teacher tokens, "
-                f"{total_tokens / max(time.time() - t0, 1e-9):,.0f} tokens/s")
-    flush()
-
-    with moe.routing(teacher, cfg.moe.mode) if moe.is_moe(teacher) else nullcontext():
-        bits, n_bytes, _ = nll_bits(teacher, data.teacher_tok, data.heldout, cfg.eval.seq_len,
-                                    cfg.eval.batch_size, device) if data.heldout else (0.0, 0, 0)
-    manifest.update({
-        "format": "sakd-teacher-cache", "sakd_version": __version__,
-        "teacher_dtype": str(next(teacher.parameters()).dtype).replace("torch.", ""),
-        "teacher_vocab": vt, "shared_vocab": len(vocab),
-        "data": {key: getattr(cfg.data, key) for key in DATA_INFO},
-        "n_tokens": total_tokens, "shards": len(index["shards"]), "shard_bytes": total_bytes,
-        "bytes_per_token": total_bytes / max(total_tokens, 1), "refp32_batches": refp32,
-        "teacher_heldout_bpb": bits / n_bytes if n_bytes else None,
-        "eval": {"max_bytes": cfg.eval.max_bytes, "seq_len": cfg.eval.seq_len},
-        "arrays": {"topk_ids": "int32 [N, k]", "topk_logprobs": f"{dtype} [N, k] log p at loss.temperature",
-                   "rest_logprob": "float32 [N]", "shared_rest_logprob": f"{dtype} [N]",
-                   "token_logprob": f"{dtype} [N] log p(t_j | t_<j) at temperature 1, 0 at j = 0",
-                   "t_ids": "int32 [N]", "offsets": "int64 [spans + 1] per shard"},
-        "build_seconds": time.time() - t0,
-    })
-    for name, obj in (("index.json", index), ("manifest.json", manifest)):
-        (tmp / name).write_text(json.dumps(obj, indent=None if name == "index.json" else 1))
-        _fsync(tmp / name)
+        with moe.routing(teacher, cfg.moe.mode) if moe.is_moe(teacher) else nullcontext():
+            bits, n_bytes, _ = nll_bits(teacher, data.teacher_tok, data.heldout, cfg.eval.seq_len,
+                                        cfg.eval.batch_size, device) if data.heldout else (0.0, 0, 0)
+        manifest.update({
+            "format": "sakd-teacher-cache", "sakd_version": __version__,
+            "teacher_dtype": str(next(teacher.parameters()).dtype).replace("torch.", ""),
+            "teacher_vocab": vt, "shared_vocab": len(vocab),
+            "data": {key: getattr(cfg.data, key) for key in DATA_INFO},
+            "n_tokens": total_tokens, "shards": len(index["shards"]), "shard_bytes": total_bytes,
+            "bytes_per_token": total_bytes / max(total_tokens, 1), "refp32_batches": refp32,
+            "teacher_heldout_bpb": bits / n_bytes if n_bytes else None,
+            "heldout_sha256": spans_sha256(data.heldout),  # the bpb above is valid for this held-out text only
+            "eval": {"max_bytes": cfg.eval.max_bytes, "seq_len": cfg.eval.seq_len},
+            "build_seconds": time.time() - t0,
+        })
+        for name, obj in (("index.json", index), ("manifest.json", manifest)):
+            (tmp / name).write_text(json.dumps(obj, indent=None if name == "index.json" else 1))
+            _fsync(tmp / name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written cache behind
+        raise
     old = None
     if out.exists():
         old = out.parent / f".{out.name}.old-{os.getpid()}"

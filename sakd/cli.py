@@ -76,6 +76,24 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="write one JSON object to stdout")
     e.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
 
+    c = sub.add_parser("cache-teacher", help="run the teacher once over the training data and store its top-k "
+                       "log-probabilities (train later with model.teacher_cache=DIR, without the teacher)")
+    c.add_argument("--config", required=True, help="the YAML configuration of the run that will use the cache")
+    c.add_argument("--out", required=True, help="cache folder to create")
+    c.add_argument("--k", type=int, default=64, help="teacher tokens kept per position (default 64)")
+    c.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored log-prob dtype")
+    c.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
+    c.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
+    c.add_argument("overrides", nargs="*", help="dotted config overrides")
+
+    pl = sub.add_parser("plan", help="estimate the peak GPU memory of a configuration and the largest micro-batch "
+                        "that fits a card")
+    pl.add_argument("--config", required=True, help="YAML configuration")
+    pl.add_argument("--card-gb", type=float, default=16.0, help="GPU memory in GiB (default 16, a P100)")
+    pl.add_argument("--json", action="store_true", help="write one JSON object to stdout")
+    pl.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
+    pl.add_argument("overrides", nargs="*", help="dotted config overrides")
+
     t = sub.add_parser("pretrain", help="pre-train a causal LM from a config on a text file (demo teachers)")
     t.add_argument("--model-config", required=True, help="folder or config.json of the architecture")
     t.add_argument("--tokenizer", required=True, help="tokenizer folder")
@@ -142,6 +160,29 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_cache_teacher(args) -> int:
+    from sakd.cache import build_cache
+    from sakd.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.k < 1:
+        raise UserError(f"--k={args.k}: must be >= 1")
+    manifest = build_cache(cfg, args.out, k=args.k, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"teacher cache: {manifest['bytes_per_token']:.1f} bytes per teacher token (k={args.k}, {args.dtype}) "
+          f"-> {args.out}; train with model.teacher_cache={args.out}")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from sakd.config import load_config
+    from sakd.plan import format_plan, plan
+
+    cfg = load_config(args.config, args.overrides)
+    p = plan(cfg, card_gb=args.card_gb)
+    print(json.dumps(p, default=str) if args.json else format_plan(p))
+    return 0
+
+
 def cmd_pretrain(args) -> int:
     from sakd.pretrain import pretrain
 
@@ -158,7 +199,7 @@ def cmd_pretrain(args) -> int:
 
 
 VERBS = {"distill": cmd_distill, "demo": cmd_demo, "align": cmd_align, "evaluate": cmd_evaluate,
-         "pretrain": cmd_pretrain}
+         "pretrain": cmd_pretrain, "cache-teacher": cmd_cache_teacher, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

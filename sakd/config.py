@@ -35,6 +35,8 @@ class ModelConfig:
     student: str = F("HuggingFaceTB/SmolLM-135M", "Student: hub id or local folder (from_pretrained).")
     teacher_tokenizer: Optional[str] = F(None, "Teacher tokenizer (default: the teacher's own).")
     student_tokenizer: Optional[str] = F(None, "Student tokenizer (default: the student's own).")
+    teacher_cache: Optional[str] = F(None, "Train from a teacher cache folder (sakd cache-teacher) instead of "
+                                     "running the teacher; the teacher is not loaded.")
     teacher_dtype: str = F("auto", "Teacher weights: auto (fp16 on CUDA, fp32 on CPU), float16, bfloat16, float32.",
                            choices=("auto", "float16", "bfloat16", "float32"))
     experts_implementation: Optional[str] = F(None, "Teacher MoE experts backend (eager, grouped_mm); None = library default.")

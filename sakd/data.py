@@ -310,3 +310,50 @@ def split_heldout(texts: list[str], fraction: float, seed: int) -> tuple[list[st
     ws = text.rfind("\n", 0, cut)
     cut = ws if ws > 0 else cut
     return [text[:cut]], [text[cut:]]
+
+
+# ----------------------------------------------------------------------------- a run's data
+
+def teacher_seq_len(cfg) -> int:
+    return cfg.data.teacher_seq_len or 2 * cfg.data.seq_len
+
+
+@dataclass
+class SpanData:
+    train: SpanDataset
+    heldout: list
+    student_tok: object
+    teacher_tok: object
+
+
+def span_data(cfg, log=print, *, student_tok=None, teacher_tok=None) -> SpanData:
+    """The tokenizers, the training ``SpanDataset`` and the held-out texts of a run, without loading
+    either model (the loop and the teacher cache both build their data here)."""
+    from sakd.models import load_tokenizer
+
+    m, d = cfg.model, cfg.data
+    student_tok = student_tok or load_tokenizer(m.student_tokenizer or m.student, "student")
+    teacher_tok = teacher_tok or load_tokenizer(m.teacher_tokenizer or m.teacher, "teacher")
+    src = read_with_fallback([d.source] + list(d.fallback), log=log, text_column=d.text_column,
+                             config_name=d.config_name, split=d.split, streaming=d.streaming,
+                             max_texts=d.max_examples)
+    for note in src.notes:
+        log(f"data: {note}")
+    if src.replaced_bytes:
+        log(f"data: {src.replaced_bytes} invalid UTF-8 bytes in {src.name} were replaced by U+FFFD")
+    if d.eval_source:
+        held = read_source(d.eval_source, text_column=d.text_column, config_name=d.config_name,
+                           split=d.split).texts
+        train_texts = src.texts
+    else:
+        train_texts, held = split_heldout(src.texts, d.eval_fraction, cfg.train.seed)
+    t_seq = teacher_seq_len(cfg)
+    bpt = min(bytes_per_token(student_tok, train_texts) * (d.seq_len - 1),
+              bytes_per_token(teacher_tok, train_texts) * (t_seq - 1))
+    spans = cut_spans(train_texts, max(16, int(0.9 * bpt)))
+    if d.max_examples:
+        spans = spans[: d.max_examples]
+    if not spans:
+        raise UserError(f"data source {src.name!r} gives no training spans")
+    train = SpanDataset(spans, student_tok, teacher_tok, d.seq_len, t_seq, d.chunk_mode)
+    return SpanData(train, heldout_texts(held, cfg.eval.max_bytes), student_tok, teacher_tok)

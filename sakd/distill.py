@@ -16,6 +16,7 @@ import json
 import math
 import random
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,18 +25,18 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from transformers import AutoConfig
 
 from sakd import moe
 from sakd.align.vocab import build_vocab_map
 from sakd.checkpoint import list_checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
 from sakd.config import Config, parse_duration, to_dict
-from sakd.data import (Collator, SpanDataset, bytes_per_token, cut_spans, heldout_texts, pad_id,
-                       read_source, read_with_fallback, split_heldout)
+from sakd.data import Collator, SpanDataset, pad_id, span_data
 from sakd.errors import UserError
 from sakd.evaluate import nll_bits
 from sakd import objective
 from sakd.onpolicy import generate_items
-from sakd.models import count_parameters, experts_per_token, load_student, load_teacher, load_tokenizer
+from sakd.models import count_parameters, experts_per_token, load_student, load_teacher
 
 
 # ----------------------------------------------------------------------------- data order
@@ -101,6 +102,7 @@ class Run:
     train: SpanDataset
     heldout: list
     aux: torch.nn.ModuleDict
+    teacher_cache: object = None  # sakd.cache.TeacherCache when training from a cache (teacher is None)
 
 
 class StopFlag:
@@ -150,53 +152,37 @@ def setup(cfg: Config, log=print) -> Run:
         torch.use_deterministic_algorithms(True, warn_only=True)
     device = accelerator.device
     m = cfg.model
-    student_tok = load_tokenizer(m.student_tokenizer or m.student, "student")
-    teacher_tok = load_tokenizer(m.teacher_tokenizer or m.teacher, "teacher")
+    data = span_data(cfg, log)  # tokenizers, text spans, held-out text (no model loaded yet)
+    vocab = build_vocab_map(data.student_tok, data.teacher_tok)
     attn = "eager" if needs_attention_maps(cfg) else None  # sdpa returns no attention maps
-    teacher = load_teacher(m.teacher, device, m.teacher_dtype, attn=attn,
-                           experts_implementation=m.experts_implementation)
-    if cfg.moe.mode != "topk" and not moe.is_moe(teacher):
-        raise UserError(f"moe.mode={cfg.moe.mode} needs an MoE teacher, but {m.teacher!r} has no MoE blocks: "
-                        "use moe.mode=topk")
+    teacher, cache = None, None
+    if m.teacher_cache:
+        from sakd import cache as tcache
+
+        tcache.check_cached_config(cfg)
+        cache = tcache.TeacherCache(m.teacher_cache, tcache.expected_manifest(
+            cfg, data.train.spans, student_tok=data.student_tok, teacher_tok=data.teacher_tok, vocab=vocab))
+    else:
+        teacher = load_teacher(m.teacher, device, m.teacher_dtype, attn=attn,
+                               experts_implementation=m.experts_implementation)
+        if cfg.moe.mode != "topk" and not moe.is_moe(teacher):
+            raise UserError(f"moe.mode={cfg.moe.mode} needs an MoE teacher, but {m.teacher!r} has no MoE blocks: "
+                            "use moe.mode=topk")
     student = load_student(m.student, device, attn=attn)
     if m.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    vocab = build_vocab_map(student_tok, teacher_tok)
-
-    d = cfg.data
-    sources = [d.source] + list(d.fallback)
-    src = read_with_fallback(sources, log=log, text_column=d.text_column, config_name=d.config_name,
-                             split=d.split, streaming=d.streaming, max_texts=d.max_examples)
-    for note in src.notes:
-        log(f"data: {note}")
-    if src.replaced_bytes:
-        log(f"data: {src.replaced_bytes} invalid UTF-8 bytes in {src.name} were replaced by U+FFFD")
-    if d.eval_source:
-        held = read_source(d.eval_source, text_column=d.text_column, config_name=d.config_name,
-                           split=d.split).texts
-        train_texts = src.texts
-    else:
-        train_texts, held = split_heldout(src.texts, d.eval_fraction, cfg.train.seed)
-    t_seq = d.teacher_seq_len or 2 * d.seq_len
-    bpt = min(bytes_per_token(student_tok, train_texts) * (d.seq_len - 1),
-              bytes_per_token(teacher_tok, train_texts) * (t_seq - 1))
-    spans = cut_spans(train_texts, max(16, int(0.9 * bpt)))
-    if d.max_examples:
-        spans = spans[: d.max_examples]
-    if not spans:
-        raise UserError(f"data source {src.name!r} gives no training spans")
-    train = SpanDataset(spans, student_tok, teacher_tok, d.seq_len, t_seq, d.chunk_mode)
-    aux = objective.build_aux_modules(cfg, student.config, teacher.config).to(device)
-    return Run(accelerator, teacher, student, student_tok, teacher_tok, vocab, train,
-               heldout_texts(held, cfg.eval.max_bytes), aux)
+    t_config = teacher.config if teacher is not None else AutoConfig.from_pretrained(m.teacher)
+    aux = objective.build_aux_modules(cfg, student.config, t_config).to(device)
+    return Run(accelerator, teacher, student, data.student_tok, data.teacher_tok, vocab, data.train, data.heldout,
+               aux, cache)
 
 
 def describe(run: Run, cfg: Config, log=print) -> dict:
     """Print what was derived (parameters, experts per token, tokens per step, vocabulary overlap)."""
     world = run.accelerator.num_processes
-    ept = experts_per_token(run.teacher)
+    ept = experts_per_token(run.teacher) if run.teacher is not None else None
     info = {
-        "teacher_parameters": count_parameters(run.teacher),
+        "teacher_parameters": count_parameters(run.teacher) if run.teacher is not None else None,
         "student_parameters": count_parameters(run.student),
         "teacher_experts_per_token": f"{ept[0]} of {ept[1]}" if ept else "dense",
         "tokens_per_step": cfg.train.batch_size * cfg.train.grad_accum * world * cfg.data.seq_len,
@@ -209,8 +195,11 @@ def describe(run: Run, cfg: Config, log=print) -> dict:
         "device": str(run.accelerator.device),
         "mixed_precision": run.accelerator.mixed_precision,
     }
-    log(f"teacher: {info['teacher_parameters'] / 1e6:.2f}M parameters, experts per token: "
-        f"{info['teacher_experts_per_token']}, routing: {cfg.moe.mode}")
+    if run.teacher is None:
+        log(f"teacher: read from the cache {cfg.model.teacher_cache} (top-{run.teacher_cache.k}, not loaded)")
+    else:
+        log(f"teacher: {info['teacher_parameters'] / 1e6:.2f}M parameters, experts per token: "
+            f"{info['teacher_experts_per_token']}, routing: {cfg.moe.mode}")
     log(f"student: {info['student_parameters'] / 1e6:.2f}M parameters")
     log(f"vocabulary overlap: {info['shared_vocab']:,} token strings shared "
         f"({100 * info['shared_vocab'] / info['student_vocab']:.1f}% of the student's {info['student_vocab']:,}, "
@@ -313,8 +302,15 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
         save_checkpoint(ckpt_dir, step, tensors, state, tc.keep_checkpoints)
 
     if teacher_bpb is None and acc.is_main_process:
-        with moe.routing(run.teacher, "all" if cfg.moe.mode == "sar" else "topk"):
-            teacher_bpb = heldout_bpb(run.teacher, run.teacher_tok, run.heldout, cfg, acc.device)
+        if run.teacher is None:
+            from sakd.cache import spans_sha256
+            m = run.teacher_cache.manifest
+            same = m.get("heldout_sha256") == spans_sha256(run.heldout)
+            teacher_bpb = m.get("teacher_heldout_bpb") if same else float("nan")
+        else:
+            with moe.routing(run.teacher, "all" if cfg.moe.mode == "sar" else "topk") \
+                    if moe.is_moe(run.teacher) else nullcontext():
+                teacher_bpb = heldout_bpb(run.teacher, run.teacher_tok, run.heldout, cfg, acc.device)
         student_bpb0 = heldout_bpb(acc.unwrap_model(student), run.student_tok, run.heldout, cfg, acc.device)
         evals.append({"step": 0, "student_bpb": student_bpb0})
         log(f"held-out bits/byte at start: teacher {teacher_bpb:.4f}, student {student_bpb0:.4f}")
@@ -336,7 +332,7 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
         from tqdm.auto import tqdm
         bar = tqdm(total=tc.max_steps, initial=step, desc="distill", unit="step", dynamic_ncols=True)
 
-    ept = experts_per_token(run.teacher)
+    ept = experts_per_token(run.teacher) if run.teacher is not None else None
     # KA default as in Kim et al. (2025) and their scripts (--num-selects 15 of 16): E - 1 experts per token.
     k_start = cfg.moe.experts_start or (max(ept[0], ept[1] - 1) if ept else 1)
     with StopFlag() as stop:
@@ -373,9 +369,14 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
             for i, batch in enumerate(micro):
                 sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(student)
                 with sync:
-                    loss, terms, flags = objective.micro_step_loss(
-                        run.teacher, student, aux, batch, shared_s, shared_t, cfg, weights, counts,
-                        acc, sched, ka_gen, len(run.teacher_tok), sar.initial if sar is not None else None)
+                    if run.teacher_cache is not None:
+                        cb = run.teacher_cache.batch(idx[i], batch["t_ids"].shape[1], device=acc.device, check=batch)
+                        loss, terms, flags = objective.cached_step_loss(student, cb, batch, shared_s, shared_t, cfg,
+                                                                        weights, counts, acc)
+                    else:
+                        loss, terms, flags = objective.micro_step_loss(
+                            run.teacher, student, aux, batch, shared_s, shared_t, cfg, weights, counts,
+                            acc, sched, ka_gen, len(run.teacher_tok), sar.initial if sar is not None else None)
                     counters["nonfinite_teacher"] += flags.get("nonfinite_teacher", 0)
                     routing_stats = flags.get("routing") or routing_stats
                     # DDP averages gradients over processes; the counts are global sums, so scale back up.
@@ -409,6 +410,7 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                 # experts used, and under SAR the KL between the original and the current router
                 layers = list(routing_stats.values())
                 rec["moe_usage"] = {k: v["usage"] for k, v in routing_stats.items()}
+                rec["moe_top1"] = {k: v["top1"] for k, v in routing_stats.items()}
                 rec["moe_entropy"] = sum(v["entropy"] for v in layers) / len(layers)
                 rec["moe_selected_mass"] = sum(v["selected_mass"] for v in layers) / len(layers)
                 if "router_kl" in layers[0]:
@@ -454,6 +456,14 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
             export_dir = out / "student"
             final_student.save_pretrained(export_dir, safe_serialization=True)
             run.student_tok.save_pretrained(export_dir)
+            from sakd.report import write_model_card
+            write_model_card(export_dir, teacher=cfg.model.teacher, data=cfg.data.source,
+                             method=f"routing {cfg.moe.mode}, logit loss {cfg.loss.logit} ({cfg.loss.divergence}), "
+                                    f"weights kd={cfg.loss.kd_weight} ce={cfg.loss.ce_weight} "
+                                    f"chunk={cfg.loss.chunk_weight}",
+                             metrics={"teacher_bpb": teacher_bpb, "student_bpb_initial": evals[0]["student_bpb"],
+                                      "student_bpb_final": bpb, "steps": step},
+                             command="sakd " + " ".join(sys.argv[1:]))
             if sar is not None:
                 from safetensors.torch import save_file
                 save_file({k: v.contiguous() for k, v in moe.router_state(run.teacher).items()},
@@ -463,6 +473,10 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                        "evals": evals})
         (out / "history.json").write_text(json.dumps({"history": history, "evals": evals}, default=float))
         (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
+        if not stop_reason:
+            from sakd.report import write_run_report
+            write_run_report(out, cfg, result, teacher=run.teacher, teacher_tokenizer=run.teacher_tok,
+                             texts=run.heldout)
     acc.wait_for_everyone()
     acc.end_training()
     return result

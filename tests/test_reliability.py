@@ -37,7 +37,7 @@ CONFIGS = {
     "ka+contrastive": {"moe.mode": "ka", "moe.sample_prob": 0.5, "loss.contrastive.weight": 0.5,
                        "loss.chunk_weight": 0.5},
 }
-STEPS = 8
+STEPS = 12
 EXACT = {"train.max_steps": STEPS, "train.save_every": 1, "train.deterministic": "true"}
 # per-step log entries that measure the wall clock, not the computation
 CLOCK_KEYS = {"seconds", "tokens_per_s"}
@@ -48,7 +48,9 @@ class StderrNotOneLine(AssertionError):
 
 
 def _env(**extra) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    # One thread: these models are tiny, and on a busy machine two threads per process are ~30x slower.
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1")
     env.update(extra)
     return env
 
@@ -170,8 +172,8 @@ def test_sigterm_finishes_the_step_saves_exits_0_and_resume_is_exact(tiny_assets
     out = tmp_path / "run"
     # eval_every=1 prints "step N: held-out ..." after each step (evaluation does not change training);
     # save_every=0: the checkpoint seen afterwards can only come from the SIGTERM handling.
-    overrides = tiny_overrides(tiny_assets, out, **CONFIGS["sar+hidden"], **EXACT,
-                               **{"train.save_every": 0, "train.eval_every": 1})
+    overrides = tiny_overrides(tiny_assets, out, **{**CONFIGS["sar+hidden"], **EXACT, "train.save_every": 0,
+                                                    "train.eval_every": 1})
     with open(tmp_path / "stderr.log", "w") as err:
         proc = subprocess.Popen(_cmd(overrides), stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT, env=_env())
         try:
@@ -226,7 +228,7 @@ from safetensors import SafetensorError
 
 KIND, AT = os.environ["SAKD_FAULT"], int(os.environ["SAKD_FAULT_AT"])
 _calls = {"n": 0}
-_torch_save, _save_file = torch.save, safetensors.torch.save_file
+_torch_save, _real_save_file = torch.save, safetensors.torch.save_file
 
 def _save(obj, f, *a, **kw):
     if not str(f).endswith("state.pt"):
@@ -245,7 +247,7 @@ def _save(obj, f, *a, **kw):
 def _save_file(tensors, filename, *a, **kw):
     if KIND == "enospc-safetensors" and _calls["n"] + 1 >= AT:
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
-    return _save_file(tensors, filename, *a, **kw)
+    return _real_save_file(tensors, filename, *a, **kw)
 
 torch.save, safetensors.torch.save_file = _save, _save_file
 '''
@@ -368,26 +370,31 @@ def test_load_latest_skips_a_damaged_newest_checkpoint_with_a_warning(tmp_path, 
 def test_resume_falls_back_past_a_corrupt_newest_checkpoint_and_stays_exact(tiny_assets, tmp_path, baselines):
     base = baselines("sar+hidden")
     out = tmp_path / "run"
-    shutil.copytree(base / "checkpoints", out / "checkpoints")  # step-000007 and step-000008
-    state = out / "checkpoints" / "step-000008" / "state.pt"
+    shutil.copytree(base / "checkpoints", out / "checkpoints")  # the last two: STEPS - 1 and STEPS
+    state = out / "checkpoints" / f"step-{STEPS:06d}" / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     r = run_cli(tiny_overrides(tiny_assets, out, **CONFIGS["sar+hidden"], **EXACT), "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert re.search(r"warning: checkpoint \S+step-000008 is unreadable .*falling back", r.stdout), r.stdout
-    assert "resume: continuing from step-000007 (step 7)" in r.stdout
+    assert re.search(rf"warning: checkpoint \S+step-{STEPS:06d} is unreadable .*falling back", r.stdout), r.stdout
+    assert f"resume: continuing from step-{STEPS - 1:06d} (step {STEPS - 1})" in r.stdout
     assert_same_run(base, out)
 
 
 # ----------------------------------------------------------------------------- bad numbers, bad folders
 
 def _poisoned_teacher(tiny_assets, folder: Path, token: str = "Ġnot") -> Path:
-    """A copy of the tiny teacher whose embedding of ``token`` is +inf: every span containing that token
-    gives non-finite teacher logits (10 of the 64 training spans contain it)."""
+    """A copy of the tiny teacher whose INPUT embedding of ``token`` is +inf: every example containing
+    that token gives non-finite teacher logits (10 of the 64 training spans contain it), the others do
+    not. The output head is untied first (a copy), else the inf would be in every logit row."""
     from transformers import AutoTokenizer
 
     shutil.copytree(tiny_assets["teacher"], folder)
     tid = AutoTokenizer.from_pretrained(folder).convert_tokens_to_ids(token)
+    config = json.loads((folder / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (folder / "config.json").write_text(json.dumps(config))
     w = load_file(str(folder / "model.safetensors"))
+    w["lm_head.weight"] = w["model.embed_tokens.weight"].clone()
     w["model.embed_tokens.weight"][tid] = float("inf")
     save_file(w, str(folder / "model.safetensors"), metadata={"format": "pt"})
     return folder

@@ -74,7 +74,14 @@ class VocabMap:
 
 
 def build_vocab_map(student_tok, teacher_tok) -> VocabMap:
-    """Pairs of ids naming identical canonical bytes, one-to-one."""
+    """Pairs of ids naming identical canonical bytes, one-to-one.
+
+    Identical vocabularies (the same token -> id table) map every id to itself, specials and
+    byte-fallback duplicates included, so that same-tokenizer distillation is exactly ordinary
+    full-vocabulary KD."""
+    if student_tok.get_vocab() == teacher_tok.get_vocab():
+        ids = torch.arange(len(student_tok), dtype=torch.long)
+        return VocabMap(ids, ids.clone(), len(student_tok), len(teacher_tok))
     s_index = _index(*_strings(student_tok))
     t_index = _index(*_strings(teacher_tok))
     pairs = sorted((s_index[b], t_index[b]) for b in s_index.keys() & t_index.keys())

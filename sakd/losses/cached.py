@@ -18,7 +18,8 @@ import math
 
 import torch
 
-from sakd.losses.crosstok import _field, log1mexp, one_to_one_positions
+from sakd.errors import UserError
+from sakd.losses.crosstok import _field, chunk_logprobs, log1mexp, one_to_one_positions
 from sakd.losses.divergences import sparse_forward_kl
 
 
@@ -121,9 +122,6 @@ def cached_chunk_likelihood(s_logits: torch.Tensor, cache_batch: dict, batch, *,
     read from the cache (``cached_chunk_logprobs``) instead of computed from teacher logits.
     Same arguments (``temperature`` is the ALM binarisation temperature, loss.chunk_temperature),
     same formula, same return value (loss_sum, weight_sum)."""
-    from sakd.losses.crosstok import chunk_logprobs
-    from sakd.errors import UserError
-
     if weight not in ("student_tokens", "teacher_tokens", "chunks"):
         raise UserError(f"ALM weight {weight!r} is unknown: use 'student_tokens', 'teacher_tokens' or 'chunks'")
     if not temperature > 0:

@@ -1,0 +1,459 @@
+"""Peak memory of one distillation configuration, from the two model CONFIGS alone (``sakd plan``).
+
+    p = plan(load_config("configs/huihui-moe-1b-to-smollm-135m.yaml"), card_gb=16)
+    print(format_plan(p))
+
+Nothing is downloaded or allocated: parameter counts come from instantiating each model on the
+``meta`` device, every other term from the shapes below. For the real pair the two configs are
+built in (``BUILTIN_CONFIGS``), so the plan works offline.
+
+Notation: B micro-batch, Ls / Lt student / teacher tokens (data.seq_len / teacher_seq_len), h hidden,
+hq = heads x head_dim, kvd = kv_heads x head_dim, I MLP width, a heads, k experts run per token,
+V vocabulary, S = min(Vs, Vt) the shared vocabulary (upper bound), N = B x Ls rows of the logit loss
+(upper bound: every student position in a 1:1 chunk), P parameters.
+
+Activations saved for backward, per token and per decoder layer, in ELEMENTS (fp32 run). Derived by
+walking the transformers 5.x Llama / Qwen3-MoE layer op by op (the method of Korthikanti et al. 2022,
+"Reducing Activation Recomputation in Large Transformer Models", eq. 1: s·b·h·(34 + 5·a·s/h) bytes
+for a GPT layer in fp16), then checked against autograd's saved tensors (saved_tensors_hooks): exact to the element for
+Llama, within 0.1 % for Qwen3-MoE (a few per-expert scalars):
+
+    residual stream (after attention, after MLP)        2h
+    two RMSNorms (normalised input, weighted output)    4h  (+2 for the 1/rms scalars)
+    q, k, v (after RoPE, k/v repeated to all heads), attention output   4hq
+    Qwen3 q_norm / k_norm                               2hq + 2kvd (+ a + kv_heads)
+    dense SwiGLU MLP: gate, silu(gate), up, product     4I
+    MoE MLP, per expert run: gathered input, gate_up (2I), silu, product, weighted output
+                                                        k (2h + 4I + 10)  (+ E router probabilities + 1;
+                                                        the 10 and 1: routing indices (int64) and weights)
+    attention: sdpa  saves its float mask row            Lmask (+ a log-sum-exps)
+               eager saves the softmax row               a·L
+
+Under 16-bit autocast (CUDA) the residual stream and the RMSNorms stay fp32, every linear layer
+keeps its own 16-bit copy of its input, and the rest is 16-bit (``_layer_bytes``). Outside the
+layers: final norm + lm_head input (3h fp32) and the boolean causal mask (L bytes) per token.
+Gradient checkpointing keeps each layer's input (h, fp32) and recomputes one layer at a time.
+
+Peak = persistent (weights, AdamW states) + the largest of these MOMENTS (what is alive at once,
+following the order in which ``objective.micro_step_loss`` builds and autograd frees each buffer)
++ on CUDA the context and an allocator margin:
+  teacher_pass     a teacher forward ends (KA: the previous pass's logits still referenced)
+  loss_forward     activations, both logits, KD rows of every pass, one loss term's temporaries
+  loss_backward    backward runs the terms newest first (CE, ALM, KD); earlier logits gradients wait
+  layers_backward  the logits gradient meets lm_head; checkpointing recomputes one layer
+  optimizer        every gradient (+ one parameter-sized foreach temporary on CUDA)
+  router           SAR: the teacher WITH gradient (checkpointed) through all its layers
+  teacher_eval / student_eval   held-out bits per byte (full-vocabulary log-probs, no grad)
+On CPU (fp32) each moment was checked against the measured RSS growth of a real step
+(tests/test_plan.py, and 1-5 % on ten configurations while writing this file).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from sakd.config import Config
+from sakd.errors import UserError
+
+GiB = 2**30
+
+# Offline copies of the real pair's config.json (transformers keys). Huihui-MoE-1B-A0.6B: GGUF metadata
+# of the published model (qwen3moe: 28 blocks, embedding 1024, 16 heads, 8 kv heads, key length 128,
+# 3 experts, 1 used, expert feed-forward 3072, vocab 151,936); its 1.28B parameters imply an untied head.
+BUILTIN_CONFIGS = {
+    "huihui-ai/Huihui-MoE-1B-A0.6B": dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=1024, num_hidden_layers=28,
+        num_attention_heads=16, num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+        moe_intermediate_size=3072, num_experts=3, num_experts_per_tok=1, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[], tie_word_embeddings=False, max_position_embeddings=40960,
+        rope_theta=1000000.0, rms_norm_eps=1e-6),
+    "HuggingFaceTB/SmolLM-135M": dict(
+        model_type="llama", vocab_size=49152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, intermediate_size=1536, tie_word_embeddings=True, max_position_embeddings=2048,
+        rope_theta=10000.0, rms_norm_eps=1e-5),
+}
+CUDA_CONTEXT_BYTES = int(0.5 * GiB)  # CUDA context + cuBLAS workspace (typ. 0.3-0.5 GiB), outside torch's count
+ALLOCATOR_MARGIN = 0.10             # caching-allocator fragmentation, as a fraction of the transient peak
+
+
+# ----------------------------------------------------------------------------- model shapes
+
+def load_model_config(name: str, role: str):
+    """(transformers config, where it came from): a local folder / cached hub id, else the built-in table."""
+    from transformers import AutoConfig, CONFIG_MAPPING
+
+    from sakd.models import _looks_local
+
+    if _looks_local(name) and not (Path(name).expanduser() / "config.json").is_file():
+        raise UserError(f"model.{role}={name!r}: no config.json there; give a model folder or a hub id")
+    try:
+        return AutoConfig.from_pretrained(name, local_files_only=True), "config.json"
+    except (OSError, ValueError):
+        pass
+    if name in BUILTIN_CONFIGS:
+        kw = dict(BUILTIN_CONFIGS[name])
+        return CONFIG_MAPPING[kw.pop("model_type")](**kw), "built-in table"
+    try:
+        return AutoConfig.from_pretrained(name), "hub"
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.{role}={name!r}: cannot read its config ({str(e).splitlines()[0][:120]}); "
+                        "give a local folder with config.json") from None
+
+
+def count_parameters(config) -> int:
+    """Unique parameters (tied embeddings once) of the model a config describes, built on ``meta``."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_shape(config, experts_run: int | None = None) -> dict:
+    """The dimensions the activation formulas need (``experts_run``: MoE experts computed per token)."""
+    c = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    experts = getattr(c, "num_experts", None) or getattr(c, "num_local_experts", None) or 0
+    active = getattr(c, "num_experts_per_tok", 0) or 0
+    return {
+        "vocab": c.vocab_size, "hidden": c.hidden_size, "layers": c.num_hidden_layers, "heads": heads,
+        "kv_heads": kv, "head_dim": head_dim, "hq": heads * head_dim, "kvd": kv * head_dim,
+        "intermediate": c.intermediate_size, "moe_intermediate": getattr(c, "moe_intermediate_size", None)
+        or c.intermediate_size, "experts": experts, "active": active,
+        "experts_run": (experts_run or active) if experts else 0,
+        "qk_norm": c.model_type.startswith("qwen3"), "tied": bool(getattr(c, "tie_word_embeddings", False)),
+        "model_type": c.model_type,
+    }
+
+
+# ----------------------------------------------------------------------------- activation formulas
+
+def _layer_bytes(s: dict, seq: int, *, half: bool, eager: bool, experts_run: int | None = None) -> float:
+    """Bytes saved for backward per token by one decoder layer (see the module docstring)."""
+    h, hq, kvd, a = s["hidden"], s["hq"], s["kvd"], s["heads"]
+    k = s["experts_run"] if experts_run is None else experts_run
+    if not half:  # fp32: counted in elements, x 4
+        e = 6 * h + 2 + 4 * hq
+        if s["qk_norm"]:
+            e += 2 * hq + 2 * kvd + a + s["kv_heads"]
+        e += k * (2 * h + 4 * s["moe_intermediate"] + 10) + s["experts"] + 1 if s["experts"] else 4 * s["intermediate"]
+        e += a * seq if eager else seq + a
+        return 4.0 * e
+    # 16-bit autocast: fp32 residual (2h) and norms (4h); 16-bit copies of each linear's input
+    # (q, k, v: 3h; gate, up or router + expert gathers); 16-bit q, k, v, output (4hq).
+    b = 4 * (6 * h) + 2 * (3 * h) + 2 * (4 * hq)
+    if s["qk_norm"]:
+        b += 10 * (hq + kvd)  # fp32 upcast + normalised (4 + 4) and the 16-bit result (2)
+    if s["experts"]:
+        b += 2 * h + 2 * k * (2 * h + 4 * s["moe_intermediate"]) + 4 * (10 * k + s["experts"] + 1)
+    else:
+        b += 2 * (2 * h) + 2 * (4 * s["intermediate"])
+    b += 6 * a * seq if eager else 2 * seq + 4 * a  # eager: fp32 softmax + its 16-bit copy
+    return float(b)
+
+
+def activation_bytes(s: dict, tokens: int, seq: int, *, half: bool, eager: bool, checkpointing: bool,
+                     experts_run: int | None = None) -> float:
+    """Activations saved by a forward with gradient: every layer, or (checkpointing) every layer's
+    input plus one layer being recomputed; plus the final norm / lm_head input and the causal mask."""
+    per_layer = _layer_bytes(s, seq, half=half, eager=eager, experts_run=experts_run)
+    outside = 4 * 3 * s["hidden"] + (2 * s["hidden"] if half else 0) + seq
+    if checkpointing:
+        return tokens * (s["layers"] * 4 * s["hidden"] + per_layer + outside)
+    return tokens * (s["layers"] * per_layer + outside)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def _experts_run(cfg: Config, shape: dict, for_student_step: bool = True) -> int:
+    if not shape["experts"]:
+        return 0
+    mode = cfg.moe.mode
+    if mode in ("all", "sar"):
+        return shape["experts"]
+    if mode == "ka":
+        return cfg.moe.experts_start or max(shape["active"], shape["experts"] - 1)
+    return shape["active"]
+
+
+KERNEL_TEMPORARIES = {"forward_kl": 3.25, "reverse_kl": 3.25, "jsd": 7.0, "tvd": 5.0}  # fp32 [chunk, S] each
+
+
+def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[dict, dict]:
+    """(components in bytes, moment totals) at micro-batch B. The moments follow the order in which
+    ``objective.micro_step_loss`` builds, and autograd frees, each buffer."""
+    lc, cuda = cfg.loss, device == "cuda"
+    half = cuda and cfg.train.precision != "fp32"          # autocast fp16/bf16 on CUDA, fp32 on CPU
+    ab = 2 if half else 4                                  # student activation / logits bytes
+    tb = {"float16": 2, "bfloat16": 2, "float32": 4}.get(cfg.model.teacher_dtype, 2 if cuda else 4)
+    Ls, Lt = cfg.data.seq_len, cfg.data.teacher_seq_len or 2 * cfg.data.seq_len
+    Vs, Vt, S = s["vocab"], t["vocab"], min(s["vocab"], t["vocab"])
+    N, chunk = B * Ls, min(cfg.loss.chunk_rows, B * Ls)
+    eager = lc.attention.weight > 0
+    ckpt = cfg.model.gradient_checkpointing
+    passes = cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1
+    kd, ce, alm = lc.kd_weight > 0 and lc.logit != "none", lc.ce_weight > 0, lc.chunk_weight > 0
+    kernel = KERNEL_TEMPORARIES.get(lc.divergence, 7.0)
+    cached = bool(cfg.model.teacher_cache)  # teacher read from a top-k cache: never loaded, never run
+    topk = _cache_k(cfg.model.teacher_cache) if cached else 0
+    c: dict[str, float] = {}
+
+    # --- persistent: weights, optimizer states
+    c["teacher_weights"] = 0 if cached else t["params"] * tb
+    c["student_weights"] = s["params"] * 4
+    c["optimizer_states"] = 2 * 4 * (s["params"] + s["aux_params"])      # AdamW exp_avg + exp_avg_sq, fp32
+    if cfg.moe.mode == "sar":  # fp32 master + initial copy + AdamW (2) per router weight
+        c["sar_router_state"] = 4 * 4 * t["layers"] * t["experts"] * t["hidden"]
+
+    # --- student step
+    c["student_gradients"] = 4 * (s["params"] + s["aux_params"])
+    act = activation_bytes(s, B * Ls, Ls, half=half, eager=eager, checkpointing=ckpt)
+    one_layer = B * Ls * _layer_bytes(s, Ls, half=half, eager=eager)
+    c["student_activations"] = act
+    c["student_activations_other"] = activation_bytes(s, B * Ls, Ls, half=half, eager=eager, checkpointing=not ckpt)
+    act_saved = act - one_layer if ckpt else act   # checkpointing: the recomputed layer exists only in backward
+    # use_cache=True (the config default) keeps a DynamicCache; only k/v before repeat_kv are extra
+    c["student_kv_cache"] = 0 if ckpt or s["kv_heads"] == s["heads"] else 2 * s["layers"] * B * Ls * s["kvd"] * ab
+    c["student_logits"] = B * Ls * Vs * ab
+    c["student_logits_grad"] = B * Ls * Vs * ab
+    c["teacher_logits"] = B * Lt * Vt * tb
+    c["teacher_kv_cache"] = 2 * t["layers"] * B * Lt * t["kvd"] * tb
+    c["teacher_forward"] = B * Lt * tb * (4 * t["hidden"] + 2 * t["hq"] + 2 * t["kvd"]
+                                          + 3 * (t["moe_intermediate"] if t["experts"] else t["intermediate"])) \
+        + B * Lt * Lt
+    if cached:  # the cache batch instead: top-k ids (int32) and log-probs (fp16) per teacher position
+        c["teacher_logits"] = B * Lt * (topk * 6 + 16)
+        c["teacher_kv_cache"] = c["teacher_forward"] = 0
+    need_hidden = lc.hidden.weight > 0 or lc.contrastive.weight > 0
+    c["teacher_hidden_states"] = (t["layers"] + 1) * B * Lt * t["hidden"] * tb if need_hidden else 0
+    c["teacher_attention_maps"] = t["layers"] * B * t["heads"] * Lt * Lt * tb if eager else 0
+    # shared_kl: [N, S] student and teacher rows gathered and saved (one pair per KA pass); backward
+    # writes an [N, S] gradient. Each chunk of rows holds `kernel` fp32 [chunk, S] temporaries; the
+    # teacher-mass-outside log (forward, no grad) holds ~[chunk, 2 Vt + S].
+    c["kd_rows"] = passes * N * S * (ab + tb) if kd else 0
+    c["kd_rows_grad"] = N * S * ab if kd else 0
+    c["kd_chunk_temporaries"] = chunk * 4 * max(kernel * S, 2 * Vt + S) if kd else 0
+    if kd and cached:  # student rows [N, S] padded by k -inf columns and saved; [N, k] teacher side
+        c["kd_rows"] = N * (S + topk) * ab + N * topk * 12
+        c["kd_rows_grad"] = N * (S + topk) * ab
+        c["kd_chunk_temporaries"] = chunk * 4 * kernel * (S + topk) + N * S * ab  # + the unpadded rows
+    if kd and lc.gap_weighting:
+        c["kd_chunk_temporaries"] += 4 * N * S * 4
+    # cross-entropy: forward, a contiguous fp32 copy of the shifted logits and the saved log-probs;
+    # backward, the saved log-probs and the nll_loss and log_softmax gradients (all [N, Vs] fp32).
+    c["ce_buffers_forward"] = 2 * N * Vs * 4 if ce else 0
+    c["ce_buffers_backward"] = 3 * N * Vs * 4 if ce else 0
+    c["alm_chunk_temporaries"] = 3 * chunk * max(Vs, Vt) * 4 if alm else 0
+
+    # with accumulation, the gradients of the earlier micro-batches are alive in every later one
+    held_grads = c["student_gradients"] if cfg.train.grad_accum > 1 else 0
+    base = (held_grads + act_saved + c["student_kv_cache"] + c["student_logits"] + c["teacher_kv_cache"]
+            + c["teacher_hidden_states"] + c["teacher_attention_maps"])
+    per_pass = c["kd_rows"] / passes
+    m = {}
+    # a teacher pass ends: under KA the previous pass's logits are still referenced
+    m["teacher_pass"] = base + min(2, passes) * c["teacher_logits"] + (passes - 1) * per_pass + c["teacher_forward"]
+    # the loss terms: the KD rows of every pass saved, then one term's temporaries at a time
+    m["loss_forward"] = base + c["teacher_logits"] + c["kd_rows"] + max(
+        c["kd_chunk_temporaries"], c["ce_buffers_forward"], c["alm_chunk_temporaries"])
+    # backward runs the terms newest first (CE, ALM, KD); an earlier term's logits gradient is kept
+    # for accumulation; ALM saves the logits themselves until its own backward.
+    kd_b = c["kd_rows"] + c["kd_rows_grad"] + kernel * chunk * S * 4 + (c["student_logits_grad"] if ce or alm else 0)
+    alm_b = (c["student_logits"] + c["student_logits_grad"] + c["alm_chunk_temporaries"]
+             + (c["student_logits_grad"] if ce else 0)) if alm else 0
+    ce_b = c["ce_buffers_backward"] + (c["student_logits"] if alm else 0) + c["kd_rows"]
+    m["loss_backward"] = held_grads + act_saved + max(kd_b if kd else 0, alm_b, ce_b if ce else 0)
+    # the layers' backward: the logits gradient meets lm_head; checkpointing recomputes one layer
+    m["layers_backward"] = held_grads + act + c["student_logits_grad"] + 4 * Vs * s["hidden"]
+    # optimizer step: every gradient; foreach AdamW (CUDA) holds about one parameter-sized temporary
+    m["optimizer"] = c["student_gradients"] * (2 if cuda else 1)
+    router = 0.0
+    if cfg.moe.mode == "sar":  # student logits (no grad, fp32), teacher WITH grad, checkpointed by SARRouter
+        t_layer = B * Lt * _layer_bytes(t, Lt, half=tb == 2, eager=False, experts_run=t["experts"])
+        t_saved = activation_bytes(t, B * Lt, Lt, half=tb == 2, eager=False, checkpointing=True) - t_layer
+        rows = N * S * (4 + tb)
+        router = B * Ls * Vs * 4 + t_saved + max(
+            c["teacher_logits"] + c["teacher_kv_cache"] + rows + c["kd_chunk_temporaries"],  # forward + loss
+            rows + N * S * tb + kernel * chunk * S * 4,                                     # loss backward
+            c["teacher_logits"] + t_layer)                                                   # layers backward
+    c["sar_router_step"] = m["router"] = router
+    # held-out bits per byte (evaluate.nll_bits, no grad): logits, their fp32 copy when 16-bit, the
+    # contiguous copy log_softmax makes of the shifted slice, and the fp32 log-probs of
+    # eval.batch_size x eval.seq_len tokens, plus the KV cache. The teacher is scored
+    # once, before the optimizer states exist (hence their subtraction: this moment is added to them).
+    Be, Le = cfg.eval.batch_size, cfg.eval.seq_len
+    c["teacher_eval"] = 0 if cached else Be * Le * (Vt * (tb + (4 if tb != 4 else 0) + 8) + 2 * t["layers"] * t["kvd"] * tb)
+    c["student_eval"] = Be * Le * (Vs * 12 + 2 * s["layers"] * s["kvd"] * 4)
+    m["teacher_eval"] = max(0.0, c["teacher_eval"] - c["optimizer_states"])
+    m["student_eval"] = c["student_eval"]
+    return c, m
+
+
+def _cache_k(folder: str) -> int:
+    """k of a teacher cache (its manifest), 64 (the cache-teacher default) before it is built."""
+    import json
+
+    try:
+        return int(json.loads((Path(folder) / "manifest.json").read_text())["k"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 64
+
+
+PERSISTENT = ("teacher_weights", "student_weights", "optimizer_states", "sar_router_state")
+
+
+def _totals(cfg, t, s, B, device) -> dict:
+    c, moments = _components(cfg, t, s, B, device=device)
+    persistent = sum(c.get(k, 0) for k in PERSISTENT)
+    transient = max(moments.values())
+    overhead = (CUDA_CONTEXT_BYTES + ALLOCATOR_MARGIN * transient) if device == "cuda" else 0.0
+    return {"components": c, "moments": moments, "persistent": persistent, "transient": transient,
+            "overhead": overhead, "peak": persistent + transient + overhead}
+
+
+def plan(cfg: Config, *, card_gb: float = 16.0, micro_batch: int | None = None, device: str = "cuda") -> dict:
+    """Estimate the peak memory of ``sakd distill`` with ``cfg`` on one ``device`` ("cuda" or "cpu").
+
+    Returns a dict: ``components`` (bytes of every term at the micro-batch), ``phases`` (forward,
+    backward, router totals), ``persistent_bytes``, ``transient_bytes`` (the largest phase),
+    ``overhead_bytes`` (CUDA context + allocator margin), ``peak_bytes``, ``card_bytes``, ``fits``,
+    ``max_micro_batch`` (largest micro-batch whose peak fits ``card_gb`` GiB; 0 if none), the two
+    models' shapes and parameter counts, and the assumptions."""
+    if device not in ("cuda", "cpu"):
+        raise UserError(f"plan device {device!r}: use cuda or cpu")
+    if not card_gb > 0:
+        raise UserError(f"--card-gb {card_gb}: must be > 0 (GiB of the accelerator)")
+    B = int(micro_batch or cfg.train.batch_size)
+    if B < 1:
+        raise UserError(f"micro_batch {B}: must be >= 1")
+    t_cfg, t_src = load_model_config(cfg.model.teacher, "teacher")
+    s_cfg, s_src = load_model_config(cfg.model.student, "student")
+    t = model_shape(t_cfg)
+    t["experts_run"] = _experts_run(cfg, t)
+    s = model_shape(s_cfg)
+    t["params"], s["params"] = count_parameters(t_cfg), count_parameters(s_cfg)
+    t["source"], s["source"] = t_src, s_src
+    s["aux_params"] = _aux_parameters(cfg, s_cfg, t_cfg)
+    tot = _totals(cfg, t, s, B, device)
+    card = card_gb * GiB
+    max_b, lo = 0, 1
+    if _totals(cfg, t, s, 1, device)["peak"] <= card:  # peak grows with B: double, then bisect
+        hi = 2
+        while hi <= 65536 and _totals(cfg, t, s, hi, device)["peak"] <= card:
+            lo, hi = hi, hi * 2
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if _totals(cfg, t, s, mid, device)["peak"] <= card else (lo, mid)
+        max_b = lo
+    half = device == "cuda" and cfg.train.precision != "fp32"
+    return {
+        "device": device, "micro_batch": B, "grad_accum": cfg.train.grad_accum,
+        "seq_len": cfg.data.seq_len, "teacher_seq_len": cfg.data.teacher_seq_len or 2 * cfg.data.seq_len,
+        "activation_dtype": "16-bit autocast" if half else "float32",
+        "teacher_dtype": cfg.model.teacher_dtype, "gradient_checkpointing": cfg.model.gradient_checkpointing,
+        "moe_mode": cfg.moe.mode, "teacher_cache": cfg.model.teacher_cache, "teacher": t, "student": s,
+        "components": {k: int(v) for k, v in tot["components"].items()},
+        "moments": {k: int(v) for k, v in tot["moments"].items()},
+        "persistent_bytes": int(tot["persistent"]), "transient_bytes": int(tot["transient"]),
+        "overhead_bytes": int(tot["overhead"]), "peak_bytes": int(tot["peak"]),
+        "card_bytes": int(card), "fits": tot["peak"] <= card, "max_micro_batch": max_b,
+        "assumptions": [
+            "every student position is a 1:1 chunk and the shared vocabulary is min(Vs, Vt) (upper bounds)",
+            "gradients counted in full at the backward peak (upper bound)",
+            f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.1f} GiB and allocator margin {ALLOCATOR_MARGIN:.0%} "
+            "of the transient peak (cuda only)",
+            "activation formulas checked against autograd on CPU fp32; the 16-bit variant is derived, not measured",
+        ],
+    }
+
+
+def _aux_parameters(cfg: Config, s_cfg, t_cfg) -> int:
+    from sakd.objective import build_aux_modules
+
+    with torch.device("meta"):
+        aux = build_aux_modules(cfg, s_cfg.get_text_config(), t_cfg.get_text_config())
+    return sum(p.numel() for p in aux.parameters())
+
+
+# ----------------------------------------------------------------------------- the table
+
+MOMENTS = [("teacher_pass", "moment: a teacher pass ends"), ("loss_forward", "moment: loss forward"),
+           ("loss_backward", "moment: loss backward"), ("layers_backward", "moment: layers backward"),
+           ("optimizer", "moment: optimizer step"), ("router", "moment: SAR router step"),
+           ("teacher_eval", "moment: teacher held-out evaluation"), ("student_eval", "moment: student evaluation")]
+
+ROWS = [  # (component, phase it counts in, label)
+    ("teacher_weights", "persistent", "teacher weights"),
+    ("student_weights", "persistent", "student weights (fp32)"),
+    ("optimizer_states", "persistent", "AdamW states (2 x fp32)"),
+    ("sar_router_state", "persistent", "SAR router master + AdamW"),
+    ("student_gradients", "backward", "student gradients (fp32)"),
+    ("student_activations", "fwd+bwd", "student activations"),
+    ("student_activations_other", "-", "  (same with checkpointing {other})"),
+    ("student_kv_cache", "forward", "student KV cache (use_cache)"),
+    ("student_logits", "forward", "student logits [B, Ls, Vs]"),
+    ("student_logits_grad", "backward", "gradient of the student logits"),
+    ("teacher_logits", "forward", "teacher logits [B, Lt, Vt]"),
+    ("teacher_kv_cache", "forward", "teacher KV cache (use_cache)"),
+    ("teacher_forward", "forward", "teacher forward, one layer"),
+    ("teacher_hidden_states", "forward", "teacher hidden states"),
+    ("teacher_attention_maps", "forward", "teacher attention maps (eager)"),
+    ("kd_rows", "fwd+bwd", "KD rows [N, S] saved"),
+    ("kd_rows_grad", "backward", "KD rows gradient [N, S]"),
+    ("kd_chunk_temporaries", "fwd+bwd", "KD chunk temporaries"),
+    ("ce_buffers_forward", "forward", "cross-entropy buffers, forward"),
+    ("ce_buffers_backward", "backward", "cross-entropy buffers, backward"),
+    ("alm_chunk_temporaries", "fwd+bwd", "ALM chunk temporaries"),
+    ("sar_router_step", "router", "SAR router step (whole)"),
+    ("teacher_eval", "teacher eval", "teacher held-out scoring buffers"),
+    ("student_eval", "student eval", "student held-out scoring buffers"),
+]
+
+
+def gib(x: float) -> str:
+    return f"{x / GiB:8.3f}"
+
+
+def format_plan(p: dict) -> str:
+    """A readable table (GiB) of ``plan()``'s result."""
+    t, s, c = p["teacher"], p["student"], p["components"]
+    lines = [
+        f"teacher: {t['model_type']}, {t['params'] / 1e6:,.1f}M parameters ({t['source']}), {t['layers']} layers, "
+        f"hidden {t['hidden']}, vocab {t['vocab']:,}"
+        + (f", {t['experts']} experts ({t['experts_run']} run per token)" if t["experts"] else ""),
+        f"student: {s['model_type']}, {s['params'] / 1e6:,.1f}M parameters ({s['source']}), {s['layers']} layers, "
+        f"hidden {s['hidden']}, vocab {s['vocab']:,}",
+        f"device {p['device']}, activations {p['activation_dtype']}, teacher dtype {p['teacher_dtype']}, "
+        f"micro-batch {p['micro_batch']} x {p['seq_len']} student / {p['teacher_seq_len']} teacher tokens, "
+        f"gradient checkpointing {'on' if p['gradient_checkpointing'] else 'off'}, moe.mode {p['moe_mode']}",
+        "",
+        f"{'component':<40}{'GiB':>9}  alive in",
+    ]
+    other = "off" if p["gradient_checkpointing"] else "on"
+    for key, phase, label in ROWS:
+        if key == "teacher_logits" and p.get("teacher_cache"):
+            label = "teacher cache batch (top-k)"
+        if key in c and (c[key] or key in PERSISTENT[:3]):
+            lines.append(f"{label.format(other=other):<40}{gib(c[key])}  {phase}")
+    ph = p["moments"]
+    lines += [
+        "",
+        f"{'persistent (weights + optimizer)':<40}{gib(p['persistent_bytes'])}",
+    ]
+    for key, label in MOMENTS:
+        if ph.get(key):
+            lines.append(f"{label:<40}{gib(ph[key])}" + ("  <- peak" if ph[key] == max(ph.values()) else ""))
+    if p["overhead_bytes"]:
+        lines.append(f"{'CUDA context + allocator margin':<40}{gib(p['overhead_bytes'])}")
+    verdict = "fits" if p["fits"] else "does NOT fit"
+    lines += [
+        f"{'estimated peak':<40}{gib(p['peak_bytes'])}  {verdict} in {p['card_bytes'] / GiB:g} GiB",
+        f"largest micro-batch that fits: {p['max_micro_batch']}"
+        + (f" (then raise train.grad_accum to keep {p['micro_batch'] * p['grad_accum']} examples per step)"
+           if p["max_micro_batch"] and p["max_micro_batch"] < p["micro_batch"] else ""),
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""Data parallelism is invisible: 2 processes x batch 2 (gloo, CPU) train the same student as 1 process x
+batch 4, step by step.
+
+Why this holds exactly (up to float summation order): EpochOrder hands process r the items r, r + W, ...
+of the same seeded permutation, so the two processes together see the 4 examples the single process sees;
+loss terms are divided by GLOBAL target counts (all-reduced before the forward) and the loss is multiplied
+by the number of processes, so DDP's gradient mean equals the single process's gradient.
+
+Launch note (accelerate 1.15): `accelerate launch --cpu --num_processes 2` starts ONE process (its
+--cpu path is the single-process launcher unless an MPI hostfile is given). Several CPU processes are
+started with `--multi_gpu` on a machine without GPUs (torchrun underneath; sakd picks gloo on CPU).
+The test checks the log says "2 process(es)".
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, tiny_overrides
+
+STEPS = 5
+# the hidden-state projectors (trainable, outside the student) take part: their gradients must be
+# averaged across processes too
+COMMON = {"train.max_steps": STEPS, "train.deterministic": "true", "loss.ce_weight": 0.5, "loss.hidden.weight": 0.5}
+
+
+class LaunchFailed(AssertionError):
+    pass
+
+
+def _env() -> dict:
+    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accelerate_launch(n: int) -> list[str]:
+    exe = Path(sys.executable).with_name("accelerate")
+    head = [str(exe)] if exe.exists() else [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
+    return [*head, "launch", "--multi_gpu", "--num_processes", str(n), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
+
+
+@functools.lru_cache(maxsize=None)
+def _runs(assets_dir: str, out_dir: str) -> dict:
+    """Both runs, once per session (the tests below read different things from them)."""
+    assets = {k: Path(assets_dir) / v for k, v in {"train": "train.txt", "heldout": "heldout.txt",
+                                                    "teacher": "teacher", "student": "student"}.items()}
+    out = Path(out_dir)
+    one = subprocess.run([sys.executable, "-m", "sakd.cli", "distill", "--no-progress",
+                          *tiny_overrides(assets, out / "one", **COMMON, **{"train.batch_size": 4})],
+                         capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
+    two = subprocess.run([*accelerate_launch(2), "-m", "sakd.cli", "distill", "--no-progress",
+                          *tiny_overrides(assets, out / "two", **COMMON, **{"train.batch_size": 2})],
+                         capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
+    return {"one": (one, out / "one"), "two": (two, out / "two")}
+
+
+@pytest.fixture
+def runs(tiny_assets, tmp_path_factory):
+    base = tmp_path_factory.getbasetemp() / "two_process"
+    r = _runs(str(tiny_assets["dir"].resolve()), str(base))
+    one, two = r["one"][0], r["two"][0]
+    assert one.returncode == 0, one.stderr[-3000:]
+    if two.returncode != 0:
+        tail = [l for l in two.stderr.splitlines() if "error" in l.lower()][:3]
+        raise LaunchFailed(f"2-process launch exited {two.returncode}: {tail}")
+    assert "2 x 1 accumulation x 2 process(es)" in two.stdout, two.stdout[-2000:]  # really two processes
+    return r
+
+
+def _history(out: Path) -> list[dict]:
+    return json.loads((out / "history.json").read_text())["history"]
+
+
+_NEEDS_DDP_FIX = pytest.mark.xfail(
+    raises=LaunchFailed, strict=False,
+    reason="distill.py: acc.prepare(run.aux) wraps the projector ModuleDict in DDP, which refuses a module "
+           "without parameters and cannot sync one called piecewise (fix in report)")
+
+
+@pytest.mark.slow
+@_NEEDS_DDP_FIX
+def test_two_processes_train_the_same_student_as_one(runs):
+    one, two = runs["one"][1], runs["two"][1]
+    w1 = load_file(str(one / "student" / "model.safetensors"))
+    w2 = load_file(str(two / "student" / "model.safetensors"))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        # rtol 1e-5 as asked; atol 1e-6 for entries near zero (the updates themselves are ~1e-3, see below)
+        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=1e-6, msg=k)
+    # the gradient norm is computed after DDP's all-reduce: a global quantity, comparable step by step,
+    # and sensitive to the normalisation (AdamW would hide a constant factor on the gradient)
+    g1 = torch.tensor([h["grad_norm"] for h in _history(one)], dtype=torch.float64)
+    g2 = torch.tensor([h["grad_norm"] for h in _history(two)], dtype=torch.float64)
+    assert len(g1) == STEPS
+    torch.testing.assert_close(g2, g1, rtol=1e-5, atol=0)
+
+
+@pytest.mark.slow
+@_NEEDS_DDP_FIX
+def test_the_training_moved_far_more_than_the_tolerance(runs, tiny_assets):
+    init = load_file(str(tiny_assets["student"] / "model.safetensors"))
+    w1 = load_file(str(runs["one"][1] / "student" / "model.safetensors"))
+    moved = max(float((w1[k] - init[k]).abs().max()) for k in w1)
+    assert moved > 1e-3  # 1000 x atol: the comparison above is not between two untrained students
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=False, reason="distill.py logs each process's share of the loss terms (main "
+                   "process only), not the global value; and the 2-process launch needs the DDP fix (report)")
+def test_logged_loss_terms_are_global_values(runs):
+    h1, h2 = _history(runs["one"][1]), _history(runs["two"][1])
+    for term in ("kd", "ce", "hidden"):
+        a = torch.tensor([h[term] for h in h1], dtype=torch.float64)
+        b = torch.tensor([h[term] for h in h2], dtype=torch.float64)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=0, msg=term)
