@@ -77,12 +77,12 @@ def test_duplicate_strings_keep_the_ordinary_token(demo_pair):
 
 def test_identical_tokenizers_give_identity(demo_pair):
     student, teacher = demo_pair
-    vm = build_vocab_map(teacher, teacher)
+    # one vocabulary on both sides: every id maps to itself (specials and byte-fallback duplicates too),
+    # so that same-tokenizer distillation is ordinary full-vocabulary KD
+    for tok in (teacher, student):
+        vm = build_vocab_map(tok, tok)
+        assert vm.shared_s.tolist() == list(range(len(tok))) and vm.shared_t.tolist() == list(range(len(tok)))
     ordinary = [i for i in range(len(teacher)) if i not in teacher.added_tokens_decoder]
-    assert vm.shared_s.tolist() == ordinary and vm.shared_t.tolist() == ordinary
-    vm = build_vocab_map(student, student)
-    assert torch.equal(vm.shared_s, vm.shared_t)
-    assert len(vm) == len({b for b in token_strings(student) if b is not None})
     assert same_id_same_string(teacher, teacher) == len(ordinary)
 
 
