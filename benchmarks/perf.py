@@ -226,7 +226,7 @@ def make_same_tokenizer_pair(d: Path) -> dict:
         AutoModelForCausalLM.from_config(llama_config(len(tok), heads=4, **shape)).save_pretrained(d / name)
         tok.save_pretrained(d / name)
     plays = load_plays()
-    (d / "train.txt").write_text("\n\n".join(t for n, t in plays.items() if n not in HELD_OUT_PLAYS)[:2_000_000])
+    (d / "train.txt").write_text("\n\n".join(t for n, t in plays.items() if n not in HELD_OUT_PLAYS)[:300_000])
     (d / "heldout.txt").write_text(next(t for n, t in plays.items() if n in HELD_OUT_PLAYS)[:20_000])
     return {k: str(d / k) for k in ("teacher", "student")} | {"train": str(d / "train.txt"),
                                                                  "heldout": str(d / "heldout.txt")}
@@ -398,10 +398,10 @@ def main() -> None:
         else:
             sel = set(args.only or ["kd", "trl", "cache", "align"])
             for name, fn in (("kd", lambda: kd_loss_section(args.quick, 3)),
-                             ("trl", lambda: trl_section(args.quick, 2, 4 if args.quick else 11, args.threads,
+                             ("trl", lambda: trl_section(args.quick, 2, 2 if args.quick else 6, args.threads,
                                                          args.trl_python, work)),
-                             ("cache", lambda: cache_section(20 if args.quick else 100, args.threads, work)),
-                             ("align", lambda: alignment_section(4 if args.quick else 11, args.threads, work))):
+                             ("cache", lambda: cache_section(10 if args.quick else 60, args.threads, work)),
+                             ("align", lambda: alignment_section(3 if args.quick else 11, args.threads, work))):
                 if name in sel:
                     t0 = time.time()
                     print(f"[{name}] ...", flush=True)
