@@ -232,7 +232,7 @@ def make_same_tokenizer_pair(d: Path) -> dict:
                                                                  "heldout": str(d / "heldout.txt")}
 
 
-def trl_section(quick: bool, pairs: int, steps: int, threads: int, trl_python: str, work: Path) -> dict:
+def trl_section(pairs: int, steps: int, threads: int, trl_python: str, work: Path) -> dict:
     if not Path(trl_python).exists():
         return {"trl_throughput_ratio": None, "trl_memory_ratio": None,
                 "trl": {"skipped": f"{trl_python} not found: python -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip "
@@ -288,7 +288,8 @@ def alignment_section(steps: int, threads: int, work: Path) -> dict:
     s = r["steps"][1:]
     share = sum(x["data_s"] for x in s) / sum(x["seconds"] for x in s)
     return {"alignment_time_share": share,
-            "alignment": {"config": "configs/demo.yaml (batch 16 x 256, KA M=2, every loss term)", "timed_steps": len(s),
+            "alignment": {"config": "configs/demo.yaml (batch 16 x 256, KA M=2, every loss term)",
+                          "timed_steps": len(s),
                           "data_s_per_step": statistics.mean(x["data_s"] for x in s),
                           "step_s": statistics.mean(x["seconds"] for x in s)}}
 
@@ -315,7 +316,8 @@ def cache_section(steps: int, threads: int, work: Path) -> dict:
     return {"cache_bytes_per_token": manifest["bytes_per_token"],
             "cache_bpb_ratio": cached["student_bpb_final"] / online["student_bpb_final"],
             "cache": {"k": 64, "dtype": "float16", "build_s": build_s, "steps": steps,
-                      "student_bpb_online": online["student_bpb_final"], "student_bpb_cached": cached["student_bpb_final"],
+                      "student_bpb_online": online["student_bpb_final"],
+                      "student_bpb_cached": cached["student_bpb_final"],
                       "teacher_bpb": online["teacher_bpb"], "step_s_online": on_step, "step_s_cached": ca_step,
                       "step_memory_mib_online": online["memory"].get("peak_extra_mib"),
                       "step_memory_mib_cached": cached["memory"].get("peak_extra_mib")}}
@@ -341,7 +343,8 @@ def cuda_section(args, work: Path) -> dict:
     r = run_child(sys.executable, "distill", {"threads": args.threads, "config": cfg_path, "overrides": overrides},
                   args.threads)
     cfg = load_config(cfg_path, overrides)
-    s_cfg, t_cfg = load_model_config(cfg.model.student, "student")[0], load_model_config(cfg.model.teacher, "teacher")[0]
+    s_cfg = load_model_config(cfg.model.student, "student")[0]
+    t_cfg = load_model_config(cfg.model.teacher, "teacher")[0]
     p_s, p_t = count_parameters(s_cfg), count_parameters(t_cfg)
     rate, step_s = timed_rate(r["steps"])
     # FLOPs per student token: 6 P_s (forward + backward) + 2 P_t per teacher pass (forward), the
@@ -398,7 +401,7 @@ def main() -> None:
         else:
             sel = set(args.only or ["kd", "trl", "cache", "align"])
             for name, fn in (("kd", lambda: kd_loss_section(args.quick, 3)),
-                             ("trl", lambda: trl_section(args.quick, 2, 2 if args.quick else 6, args.threads,
+                             ("trl", lambda: trl_section(2 if args.quick else 3, 2 if args.quick else 6, args.threads,
                                                          args.trl_python, work)),
                              ("cache", lambda: cache_section(10 if args.quick else 60, args.threads, work)),
                              ("align", lambda: alignment_section(3 if args.quick else 11, args.threads, work))):

@@ -38,10 +38,13 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,10 +72,15 @@ METHODS: dict[str, list[str]] = {
     "sar": [*SHARED_KL, "moe.mode=sar"],
     "gap_weighted": [*SHARED_KL, "loss.gap_weighting=true"],
 }
-# --quick: 60 steps, one seed, every method. Measured on 2 cores (see docs/benchmarks.md): a step
-# costs ~0.25 s (ce) to ~2 s (ka: M=2 teacher passes with 2 of 3 experts; aux: eager attention),
-# each run adds ~15 s of fixed cost (loading, teacher and student held-out evaluation, report).
-QUICK_STEPS = 60
+# --quick: every method, one seed, QUICK_STEPS steps. CPU seconds per step measured with one thread
+# (docs/benchmarks.md): ce 1.2, truncation 1.4, uld 3.2, shared_kl 1.2, +chunk 1.3, +aux 1.4, ka 2.1,
+# all 1.4, sar 3.7, gap_weighted 1.1 -- 18 s for one step of every row; each run adds ~6-8 s
+# (loading, held-out evaluation of teacher and student, report) and SmolLM2 ~2-3 min. At 40 steps
+# that is ~920 single-thread seconds, ~460 s of wall time as two single-thread jobs on 2 idle cores.
+QUICK_STEPS = 40
+# Longest runs first, so that parallel jobs finish together (per-step costs above).
+COST = {"sar": 3.7, "uld": 3.2, "ka": 2.1, "shared_kl+chunk+aux": 1.4, "all": 1.4, "truncation": 1.4,
+        "shared_kl+chunk": 1.3, "ce": 1.2, "shared_kl": 1.2, "gap_weighted": 1.1}
 
 
 def demo_config(method: str, *, steps: int, seed: int, out_dir: Path, eval_bytes: int | None = None):
@@ -90,12 +98,26 @@ def demo_config(method: str, *, steps: int, seed: int, out_dir: Path, eval_bytes
     return load_config(DEMO_CONFIG, over)
 
 
-def run_one(method: str, seed: int, steps: int, work: Path, *, eval_bytes: int | None = None,
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _worker_init(threads: int) -> None:
+    """Each run in a fresh process with ``threads`` torch threads (set before torch is imported)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_one(method: str, seed: int, steps: int, work: str, eval_bytes: int | None = None,
             verbose: bool = False) -> dict:
     """One distillation run in its own folder; the numbers the table needs."""
     from sakd.distill import distill
 
-    out = work / f"{method.replace('+', '_')}-seed{seed}"
+    out = Path(work) / f"{method.replace('+', '_')}-seed{seed}"
     cfg = demo_config(method, steps=steps, seed=seed, out_dir=out, eval_bytes=eval_bytes)
     lines: list[str] = []
 
@@ -104,7 +126,7 @@ def run_one(method: str, seed: int, steps: int, work: Path, *, eval_bytes: int |
         if verbose:
             print(f"  [{method} seed {seed}] {msg}", flush=True)
 
-    t0 = time.time()
+    t0, c0 = time.time(), _cpu_seconds()
     res = distill(cfg, log=log, progress=False)
     (out / "distill.log").write_text("\n".join(lines) + "\n")
     hist = json.loads((out / "history.json").read_text())["history"]
@@ -113,7 +135,7 @@ def run_one(method: str, seed: int, steps: int, work: Path, *, eval_bytes: int |
             "bpb_initial": res["student_bpb_initial"], "teacher_bpb": res["teacher_bpb"],
             "steps": res["steps"], "tokens_per_step": res["tokens_per_step"],
             "seconds_per_step": statistics.median(secs), "seconds_per_step_mean": statistics.fmean(secs),
-            "run_seconds": time.time() - t0}
+            "run_seconds": time.time() - t0, "cpu_seconds": _cpu_seconds() - c0}
 
 
 def summarise(runs: list[dict], methods: list[str]) -> tuple[float, float, list[dict]]:
@@ -157,9 +179,14 @@ def smollm2_bpb(eval_bytes: int | None = None, log=print) -> dict:
     else:
         log(f"smollm2: dequantising {gguf.name} (once; cached under {cached})")
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        # the GGUF marks the config as quantized; the weights are plain float32 now
+        # transformers unpacks this file into plain float32 nn.Linear weights (no GGUF kernel on CPU)
+        # but still marks the model as GGUF-quantized, which save_pretrained refuses: drop the marks.
+        bad = [n for n, t in model.state_dict().items() if t.dtype != torch.float32]
+        if bad:
+            raise RuntimeError(f"{gguf.name}: weights still packed after loading ({bad[:3]}...)")
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
+        model.hf_quantizer = None
         model.save_pretrained(cached, safe_serialization=True)
     texts = heldout_texts(read_source(cfg.data.eval_source).texts, cfg.eval.max_bytes)
     t1 = time.time()
@@ -169,8 +196,8 @@ def smollm2_bpb(eval_bytes: int | None = None, log=print) -> dict:
             "eval_seconds": time.time() - t1}
 
 
-def machine() -> dict:
-    import torch
+def machine(jobs: int, threads: int) -> dict:
+    from importlib.metadata import version
 
     cpu = platform.processor()
     try:
@@ -180,8 +207,9 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+    return {"cpu": cpu, "cores": os.cpu_count(), "parallel_runs": jobs, "torch_threads_per_run": threads,
+            "torch": version("torch"), "transformers": version("transformers"),
+            "python": platform.python_version(), "platform": platform.platform(),
             "load_average_at_start": os.getloadavg()}
 
 
@@ -207,13 +235,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps, seed 0, all methods (< 10 min on "
                    "2 idle cores); writes quality_quick.json")
-    p.add_argument("--steps", type=int, help="optimizer steps per run (default 200, the demo's; quick: "
-                   f"{QUICK_STEPS})")
+    p.add_argument("--steps", type=int, help=f"optimizer steps per run (default 200, the demo's; quick: {QUICK_STEPS})")
     p.add_argument("--seeds", type=int, nargs="+", help="train.seed values (default 0 1 2; quick: 0)")
     p.add_argument("--methods", nargs="+", choices=list(METHODS), help="rows (default all; ce is always run: "
                    "the gap is measured from it)")
     p.add_argument("--eval-bytes", type=int, help="eval.max_bytes (default the demo's 60000)")
     p.add_argument("--no-smollm2", action="store_true", help="skip the SmolLM2-135M reference")
+    p.add_argument("--jobs", type=int, default=2, help="runs side by side, each in its own process (default 2)")
+    p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs, at least 1)")
     p.add_argument("--work-dir", help="keep every run's folder here (default: a temporary folder, deleted)")
     p.add_argument("--out", help="JSON output (default benchmarks/results/quality.json; quick: quality_quick.json)")
     p.add_argument("--verbose", action="store_true", help="print every run's log")
@@ -223,33 +252,45 @@ def main(argv=None) -> int:
     seeds = a.seeds if a.seeds is not None else ([0] if a.quick else [0, 1, 2])
     methods = a.methods or list(METHODS)
     methods = ["ce"] + [m for m in dict.fromkeys(methods) if m != "ce"]
+    jobs = max(1, a.jobs)
+    threads = a.threads or max(1, (os.cpu_count() or 1) // jobs)
     out = Path(a.out) if a.out else RESULTS / ("quality_quick.json" if a.quick else "quality.json")
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
-    info = machine()
+    info = machine(jobs, threads)
     t_all = time.time()
-    runs = []
-    with tempfile.TemporaryDirectory(prefix="sakd-quality-") as tmp:
+    runs, smol = [], None
+    # Every run (and the SmolLM2 evaluation) in a fresh process: no state leaks from one run into the
+    # next, and runs side by side use the cores better than one run with all threads (small matrices).
+    tasks = sorted(((m, s) for s in seeds for m in methods), key=lambda t: -COST.get(t[0], 2.0))
+    with tempfile.TemporaryDirectory(prefix="sakd-quality-") as tmp, \
+            ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
+                                initargs=(threads,), max_tasks_per_child=1) as pool:
         work = Path(a.work_dir) if a.work_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        for seed in seeds:
-            for m in methods:
-                r = run_one(m, seed, steps, work, eval_bytes=a.eval_bytes, verbose=a.verbose)
-                runs.append(r)
-                print(f"{m:<20} seed {seed}: {r['bpb']:.4f} bits/byte (start {r['bpb_initial']:.4f}), "
-                      f"{r['seconds_per_step']:.2f} s/step, {r['run_seconds']:.0f} s", flush=True)
+        # SmolLM2 first: it is the longest task (~2-3 min on one thread)
+        smol_future = None if a.no_smollm2 else pool.submit(smollm2_bpb, a.eval_bytes)
+        futures = {pool.submit(run_one, m, s, steps, str(work), a.eval_bytes, a.verbose): (m, s) for m, s in tasks}
+        for f in futures:  # in submission order; each finished run is printed as soon as it is collected
+            r = f.result()
+            runs.append(r)
+            print(f"{r['method']:<20} seed {r['seed']}: {r['bpb']:.4f} bits/byte (start {r['bpb_initial']:.4f}), "
+                  f"{r['seconds_per_step']:.2f} s/step, {r['run_seconds']:.0f} s ({r['cpu_seconds']:.0f} CPU s)",
+                  flush=True)
+        if smol_future is not None:
+            smol = smol_future.result()
+            print(f"SmolLM2-135M: {smol['bpb']:.4f} bits/byte on {smol['heldout_bytes']:,} bytes "
+                  f"(load {smol['load_seconds']:.0f} s, eval {smol['eval_seconds']:.0f} s)", flush=True)
+    runs.sort(key=lambda r: (methods.index(r["method"]), r["seed"]))
     teacher_bpb, ce_bpb, rows = summarise(runs, methods)
     res = {"teacher_bpb": teacher_bpb, "ce_bpb": ce_bpb, "steps": steps,
            "tokens_per_step": runs[0]["tokens_per_step"], "command": command, "machine": info,
-           "seeds": seeds, "student_init": "assets/demo/student-init (fixed for every seed)",
+           "seeds": seeds, "student_init": "assets/demo/student-init (fixed for every seed; the seed sets train.seed: "
+           "the data order and the KA sampling stream)",
            "bpb_unit": "held-out bits per UTF-8 byte (lower is better); held-out plays: macbeth, the-tempest",
-           "rows": rows, "runs": runs, "smollm2_135m_bpb": None}
-    if not a.no_smollm2:
-        s = smollm2_bpb(a.eval_bytes)
-        res["smollm2_135m_bpb"] = s["bpb"]
-        res["smollm2_135m"] = s
-        print(f"SmolLM2-135M: {s['bpb']:.4f} bits/byte on {s['heldout_bytes']:,} bytes "
-              f"(load {s['load_seconds']:.0f} s, eval {s['eval_seconds']:.0f} s)", flush=True)
+           "seconds_per_step_note": f"median wall seconds per optimizer step (history.json), {threads} torch "
+           f"thread(s) per run, {jobs} run(s) side by side",
+           "rows": rows, "smollm2_135m_bpb": smol["bpb"] if smol else None, "smollm2_135m": smol, "runs": runs}
     res["total_seconds"] = time.time() - t_all
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1, default=float) + "\n")

@@ -22,6 +22,8 @@ from pathlib import Path
 from sakd.errors import UserError
 
 EXIT_USER, EXIT_BUG = 2, 1
+# Sub-commands repeat --debug; SUPPRESS keeps their unset default from overwriting `sakd --debug VERB`.
+DEBUG_HELP = "write tracebacks to sakd-debug.log"
 
 
 def _config_epilog() -> str:
@@ -45,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", action="store_true", help="continue from the newest readable checkpoint in "
                    "train.output_dir (mid-epoch, exact)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    d.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
+    d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     d.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 loss.temperature=2")
 
     m = sub.add_parser("demo", help="the offline demo: Shakespeare, a pre-trained 3-expert MoE teacher, "
@@ -54,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--steps", type=int, default=None, help="distillation steps (default: configs/demo.yaml)")
     m.add_argument("--compare", action="store_true", help="also train the same student with cross-entropy "
                    "alone on the same data and report student_bpb_ce_only")
-    m.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
+    m.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     m.add_argument("overrides", nargs="*", help="dotted config overrides applied to the demo config")
 
     a = sub.add_parser("align", help="byte-align two tokenisations of a text and print the chunk statistics")
@@ -65,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
                    "vocabulary at 1:1 chunks")
     a.add_argument("--chunk-mode", default="boundary", choices=("boundary", "word"))
     a.add_argument("--json", action="store_true", help="write one JSON object to stdout")
-    a.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
+    a.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
 
     e = sub.add_parser("evaluate", help="held-out bits per byte (and retention) of a student and a teacher")
     e.add_argument("--student", required=True, help="student folder or hub id")
@@ -74,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--max-bytes", type=int, default=200_000, help="UTF-8 bytes scored (default 200,000)")
     e.add_argument("--seq-len", type=int, default=512, help="tokens per window")
     e.add_argument("--json", action="store_true", help="write one JSON object to stdout")
-    e.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
+    e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
 
     c = sub.add_parser("cache-teacher", help="run the teacher once over the training data and store its top-k "
                        "log-probabilities (train later with model.teacher_cache=DIR, without the teacher)")
@@ -83,7 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--k", type=int, default=64, help="teacher tokens kept per position (default 64)")
     c.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored log-prob dtype")
     c.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
-    c.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     c.add_argument("overrides", nargs="*", help="dotted config overrides")
 
     pl = sub.add_parser("plan", help="estimate the peak GPU memory of a configuration and the largest micro-batch "
@@ -91,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--config", required=True, help="YAML configuration")
     pl.add_argument("--card-gb", type=float, default=16.0, help="GPU memory in GiB (default 16, a P100)")
     pl.add_argument("--json", action="store_true", help="write one JSON object to stdout")
-    pl.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
+    pl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     pl.add_argument("overrides", nargs="*", help="dotted config overrides")
 
     t = sub.add_parser("pretrain", help="pre-train a causal LM from a config on a text file (demo teachers)")
@@ -109,16 +111,17 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-every", type=int, default=250, help="held-out evaluation (and best-model save) interval")
     t.add_argument("--init-from", help="continue from this saved model (a second stage with its own schedule)")
     t.add_argument("--stop-after", type=int, help="run only this many steps of the --steps long schedule")
-    t.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
+    t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     return p
 
 
 def cmd_distill(args) -> int:
     from sakd.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before importing torch: a typo fails in a fraction of a second
+    args._log_dir = cfg.train.output_dir
     from sakd.distill import distill
 
-    cfg = load_config(args.config, args.overrides)
-    args._log_dir = cfg.train.output_dir
     result = distill(cfg, resume=args.resume, progress=not args.no_progress)
     return 0 if result else 0
 
@@ -204,6 +207,9 @@ VERBS = {"distill": cmd_distill, "demo": cmd_demo, "align": cmd_align, "evaluate
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # stderr is for errors (one line each): no "Loading weights" / "Writing model shards" bars from
+    # transformers / huggingface_hub (read when they are first imported, i.e. after this line)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = _parser().parse_args(argv)
     args._log_dir = None
     try:

@@ -245,7 +245,11 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
         groups.append({"params": list(run.aux.parameters()), "weight_decay": 0.0, "lr": tc.aux_lr})
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
-    student, aux, optimizer = acc.prepare(run.student, run.aux, optimizer)
+    # The projectors are called piecewise (aux["hidden"], ...), never through a forward(), so DDP cannot
+    # wrap them (and refuses a module without parameters): their gradients are averaged by hand below.
+    student, optimizer = acc.prepare(run.student, optimizer)
+    aux = run.aux.to(acc.device)
+    aux_params = list(aux.parameters())
     sar = None
     if cfg.moe.mode == "sar":
         sar = moe.SARRouter(run.teacher, lr=cfg.moe.router_lr, weight_decay=cfg.moe.router_weight_decay,
@@ -264,7 +268,15 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
             log(f"resume: no checkpoint under {ckpt_dir}; starting from step 0")
         else:
             path, tensors, state = found
-            acc.unwrap_model(student).load_state_dict(tensors["student"], strict=False)
+            # strict except for the tied lm_head (stored once, as the embeddings): a checkpoint of another
+            # student architecture must not load half-way in silence
+            missing, unexpected = acc.unwrap_model(student).load_state_dict(tensors.get("student", {}), strict=False)
+            missing = [k for k in missing if k != "lm_head.weight"]
+            if missing or unexpected:
+                raise UserError(f"checkpoint {str(path)!r} does not fit model.student={cfg.model.student!r} "
+                                f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
+                                f"{(missing + unexpected)[0]!r}): resume with the same student, or choose another "
+                                "train.output_dir")
             if "aux" in tensors:
                 acc.unwrap_model(aux).load_state_dict(tensors["aux"])
             if sar is not None and "router" in tensors:
@@ -383,6 +395,16 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                     acc.backward(loss * acc.num_processes)
                 for k, v in terms.items():
                     terms_total[k] = terms_total.get(k, 0.0) + v
+            if acc.num_processes > 1:
+                for p in aux_params:  # as DDP does for the student: mean over processes
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
+                # the logged terms: global values, not this process's share
+                keys = sorted(weights)
+                vec = acc.reduce(torch.tensor([terms_total.get(k, 0.0) for k in keys], dtype=torch.float64,
+                                              device=acc.device), reduction="sum")
+                terms_total = {k: float(v) for k, v in zip(keys, vec.tolist()) if k in terms_total or v != 0.0}
             grad_norm = None
             if tc.grad_clip > 0:
                 params = [p for g in optimizer.param_groups for p in g["params"]]
@@ -435,6 +457,10 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                 stop_reason = f"train.max_time={tc.max_time} reached"
             if stop.raised:
                 stop_reason = f"{stop.raised} received"
+            if acc.num_processes > 1:  # every process stops at the same step, or the others hang in a collective
+                flag = acc.reduce(torch.tensor(float(bool(stop_reason)), device=acc.device), reduction="sum")
+                if float(flag) > 0 and not stop_reason:
+                    stop_reason = "another process is stopping"
             if stop_reason or (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
                 checkpoint()
             if stop_reason:

@@ -154,7 +154,10 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
     s_logits = s_out.logits
     mode = _teacher_mode(cfg.moe.mode)
     passes = cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1
-    total = s_logits.new_zeros((), dtype=torch.float32)
+    # Zero, but attached to the student's graph: when every term of this micro-batch is skipped (non-finite
+    # teacher), backward() still runs (a plain zero tensor has no grad_fn) and, under DDP, every process
+    # still joins the gradient all-reduce (a process that skipped backward would hang the others).
+    total = 0.0 * s_logits[..., 0].float().sum()
     terms: dict[str, float] = {}
     flags: dict = {"nonfinite_teacher": 0}
 

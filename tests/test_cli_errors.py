@@ -164,14 +164,7 @@ def outcomes(tiny_assets, bad, tmp_path_factory):
         return dict(pool.map(go, enumerate(CASES.items())))
 
 
-# Not strict: whether a case loads weights before its error depends on the order of set-up in distill.py.
-# Only the one-line check may fail here; exit code, message and "no traceback" are checked first.
-_ONE_LINE_FIX = pytest.mark.xfail(
-    raises=StderrNotOneLine, strict=False,
-    reason="cli.py: transformers' 'Loading weights' progress bars go to stderr before this error (fix in report)")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=_ONE_LINE_FIX) if CASES[n][2] else n for n in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_exits_2_with_one_line_naming_it(name, outcomes, tiny_assets, bad):
     _, fragments, _ = CASES[name]
     assert_user_error(outcomes[name], *(f(tiny_assets, bad) if callable(f) else str(f) for f in fragments))
@@ -219,8 +212,6 @@ def test_a_failing_run_does_not_touch_an_earlier_output(finished_run, tmp_path, 
     assert tree_hashes(out) == before
 
 
-@pytest.mark.xfail(strict=False, reason="distill.py loads the checkpoint's student with strict=False, so another "
-                   "architecture is caught only by accident, later, by the optimizer (exit 1, internal error) (fix in report)")
 def test_resume_with_another_student_is_refused(finished_run, bad, tmp_path):
     src, assets, first = finished_run
     assert first.returncode == 0, first.stderr[-3000:]
@@ -245,8 +236,6 @@ def test_debug_writes_the_traceback_to_sakd_debug_log_in_the_run_folder(tiny_ass
     assert "x.txt" in log and not (tmp_path / "sakd-debug.log").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="cli.py: the sub-command's own --debug (default False) overwrites "
-                                       "`sakd --debug distill` (argparse sub-parser defaults; fix in report)")
 def test_debug_before_the_verb_also_writes_the_log(tmp_path):
     r = run_cli(["--debug", "distill", "--config", tmp_path / "nope.yaml"], cwd=tmp_path)
     assert r.returncode == 2

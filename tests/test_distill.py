@@ -6,7 +6,7 @@ from safetensors.torch import load_file
 
 from sakd import objective
 from sakd.config import load_config
-from sakd.data import Collator, SpanDataset, pad_id
+from sakd.data import Collator, pad_id
 from sakd.distill import EpochOrder, distill, setup
 from sakd.losses import forward_kl
 from tests.conftest import tiny_overrides

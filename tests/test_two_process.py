@@ -87,14 +87,7 @@ def _history(out: Path) -> list[dict]:
     return json.loads((out / "history.json").read_text())["history"]
 
 
-_NEEDS_DDP_FIX = pytest.mark.xfail(
-    raises=LaunchFailed, strict=False,
-    reason="distill.py: acc.prepare(run.aux) wraps the projector ModuleDict in DDP, which refuses a module "
-           "without parameters and cannot sync one called piecewise (fix in report)")
-
-
 @pytest.mark.slow
-@_NEEDS_DDP_FIX
 def test_two_processes_train_the_same_student_as_one(runs):
     one, two = runs["one"][1], runs["two"][1]
     w1 = load_file(str(one / "student" / "model.safetensors"))
@@ -112,7 +105,6 @@ def test_two_processes_train_the_same_student_as_one(runs):
 
 
 @pytest.mark.slow
-@_NEEDS_DDP_FIX
 def test_the_training_moved_far_more_than_the_tolerance(runs, tiny_assets):
     init = load_file(str(tiny_assets["student"] / "model.safetensors"))
     w1 = load_file(str(runs["one"][1] / "student" / "model.safetensors"))
@@ -121,8 +113,6 @@ def test_the_training_moved_far_more_than_the_tolerance(runs, tiny_assets):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="distill.py logs each process's share of the loss terms (main "
-                   "process only), not the global value; and the 2-process launch needs the DDP fix (report)")
 def test_logged_loss_terms_are_global_values(runs):
     h1, h2 = _history(runs["one"][1]), _history(runs["two"][1])
     for term in ("kd", "ce", "hidden"):
