@@ -388,7 +388,10 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                     else:
                         loss, terms, flags = objective.micro_step_loss(
                             run.teacher, student, aux, batch, shared_s, shared_t, cfg, weights, counts,
-                            acc, sched, ka_gen, len(run.teacher_tok), sar.initial if sar is not None else None)
+                            acc, sched, ka_gen, len(run.teacher_tok), sar.initial if sar is not None else None,
+                            log_mass=(i == 0 and ((step + 1) % tc.log_every == 0 or step == 0)))
+                        if "teacher_mass_outside_shared" in flags:
+                            logs["teacher_mass_outside_shared"] = flags["teacher_mass_outside_shared"]
                     counters["nonfinite_teacher"] += flags.get("nonfinite_teacher", 0)
                     routing_stats = flags.get("routing") or routing_stats
                     # DDP averages gradients over processes; the counts are global sums, so scale back up.

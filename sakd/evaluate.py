@@ -50,12 +50,13 @@ def nll_bits(model, tokenizer, texts: list[str], max_len: int = 512, batch_size:
         ids, mask = ids.to(device), mask.to(device)
         # Columns past the tokenizer's vocabulary (Qwen3: 151,936 vs 151,669) name no
         # token; they are dropped before the softmax.
-        logits = model(input_ids=ids, attention_mask=mask).logits[..., :len(tokenizer)].float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        valid = mask[:, 1:].bool()
-        total_nats += nll[valid].double().sum().item()
-        n_tokens += int(valid.sum())
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., :len(tokenizer)]
+        for i in range(len(chunk)):  # one window at a time: a single [L, V] fp32 temporary (150k vocabularies)
+            row = logits[i, :-1].float()
+            nll = torch.logsumexp(row, dim=-1) - row.gather(-1, ids[i, 1:, None]).squeeze(-1)  # -log p(next)
+            valid = mask[i, 1:].bool()
+            total_nats += nll[valid].double().sum().item()
+            n_tokens += int(valid.sum())
     model.train(was_training)
     return total_nats / math.log(2), n_bytes, n_tokens
 

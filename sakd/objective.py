@@ -92,7 +92,8 @@ def count_targets(micro: list[dict], cfg: Config) -> dict[str, float]:
 
 
 def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc, *,
-                   divergence: str | None = None, teacher_grad: bool = False) -> torch.Tensor:
+                   divergence: str | None = None, teacher_grad: bool = False, mass_log: dict | None = None
+                   ) -> torch.Tensor:
     """Summed logit loss of one micro-batch: the default shared-vocabulary KD at 1:1 chunks, or a
     baseline kept for comparison (ULD, GOLD hybrid, truncation)."""
     div = divergence or lc.divergence
@@ -101,10 +102,14 @@ def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc,
                                lc.gap_clip)
     if name == "shared_kl":
         out = shared_vocab_kd(s_logits, t_logits if teacher_grad else t_logits.detach(), batch, shared_s, shared_t,
-                              divergence=div, temperature=lc.temperature, beta=lc.beta)
+                              divergence=div, temperature=lc.temperature, beta=lc.beta, chunk_rows=lc.chunk_rows,
+                              outside_mass=mass_log is not None)
+        if mass_log is not None and out[2] is not None:
+            # the teacher's probability on tokens outside the shared vocabulary at 1:1 positions
+            mass_log["teacher_mass_outside_shared"] = float(out[2])
     elif name == "gold":
         out = gold_hybrid_loss(s_logits, t_logits.detach(), batch, shared_s, shared_t,
-                               temperature=lc.temperature, beta=lc.beta)
+                               temperature=lc.temperature, beta=lc.beta, chunk_rows=min(lc.chunk_rows, 256))
     elif name == "uld":
         out = uld_loss(s_logits, t_logits.detach(), batch["s_mask"], batch["t_mask"], temperature=lc.temperature)
     elif name == "truncation":
@@ -142,7 +147,8 @@ def _teacher_mode(mode: str) -> str:
 
 
 def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Config, weights: dict,
-                    counts: dict, acc, sched: dict, ka_gen, t_vocab: int, reference_router=None):
+                    counts: dict, acc, sched: dict, ka_gen, t_vocab: int, reference_router=None,
+                    log_mass: bool = False):
     """Loss of one micro-batch (already divided by the step's global counts), per-term values for the
     log, and flags (non-finite teacher outputs)."""
     lc = cfg.loss
@@ -150,7 +156,7 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
     need_attn = "attention" in weights
     with acc.autocast():
         s_out = student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long(),
-                        output_hidden_states=need_hidden, output_attentions=need_attn)
+                        output_hidden_states=need_hidden, output_attentions=need_attn, use_cache=False)
     s_logits = s_out.logits
     mode = _teacher_mode(cfg.moe.mode)
     needs_teacher = any(k in weights for k in ("kd", "chunk", "hidden", "attention", "contrastive"))
@@ -179,7 +185,7 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
             if r is not None:
                 r.set_token_mask(batch["t_mask"])
             t_out = teacher(input_ids=batch["t_ids"], attention_mask=batch["t_mask"].long(),
-                            output_hidden_states=need_hidden, output_attentions=need_attn)
+                            output_hidden_states=need_hidden, output_attentions=need_attn, use_cache=False)
         if r is not None and m == 0:
             flags["routing"] = r.stats()  # per layer: expert usage, router entropy, selected mass
         t_logits = t_out.logits[..., :t_vocab]  # padded head columns name no token
@@ -190,10 +196,12 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
             break
         # KA: the M divergences are averaged (Kim et al. 2025, eq. for L_KA); one teacher buffer at a time.
         if "kd" in weights:
-            kd_sum = logit_term_sum(lc.logit, s_logits, t_logits, batch, shared_s, shared_t, lc)
+            kd_sum = logit_term_sum(lc.logit, s_logits, t_logits, batch, shared_s, shared_t, lc,
+                                    mass_log=flags if (m == 0 and log_mass) else None)
             add("kd", kd_sum / passes, lc.temperature ** 2)
         if "chunk" in weights:
-            ch_sum, _ = chunk_likelihood_loss(s_logits, t_logits, batch, temperature=lc.chunk_temperature)
+            ch_sum, _ = chunk_likelihood_loss(s_logits, t_logits, batch, temperature=lc.chunk_temperature,
+                                              chunk_rows=lc.chunk_rows)
             add("chunk", ch_sum / passes)
     if "ce" in weights:
         add("ce", _ce_sum(s_logits, batch))
@@ -222,7 +230,7 @@ def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Confi
 
     lc = cfg.loss
     with acc.autocast():
-        s_logits = student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long()).logits
+        s_logits = student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long(), use_cache=False).logits
     total = s_logits.new_zeros((), dtype=torch.float32)
     terms: dict[str, float] = {}
     for name, value_sum, scale in (
@@ -252,11 +260,11 @@ def sar_router_step(sar, teacher, student, batch, shared_s, shared_t, cfg: Confi
     teacher's router weights only, on the same batch, student logits without gradient."""
     lc = cfg.loss
     with torch.no_grad(), acc.autocast():
-        s_logits = student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long()).logits.float()
+        s_logits = student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long(), use_cache=False).logits.float()
     n = max(1, int(one_to_one(batch).sum()))
 
     def loss_fn(t):
-        t_logits = t(input_ids=batch["t_ids"], attention_mask=batch["t_mask"].long()).logits[..., :t_vocab]
+        t_logits = t(input_ids=batch["t_ids"], attention_mask=batch["t_mask"].long(), use_cache=False).logits[..., :t_vocab]
         kl_sum = logit_term_sum("shared_kl", s_logits, t_logits, batch, shared_s, shared_t, lc,
                                 divergence="forward_kl", teacher_grad=True)
         return kl_sum / n

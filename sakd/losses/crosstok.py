@@ -60,7 +60,8 @@ def one_to_one_positions(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 
 def shared_vocab_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, shared_s: torch.Tensor,
                     shared_t: torch.Tensor, *, divergence: str = "forward_kl", temperature: float = 1.0,
-                    beta: float = 0.5, t_vocab_size: int | None = None, chunk_rows: int = 1024):
+                    beta: float = 0.5, t_vocab_size: int | None = None, chunk_rows: int = 1024,
+                    outside_mass: bool = True):
     """Divergence between next-token distributions restricted to the shared vocabulary.
 
     At every 1:1 chunk, take student logits at chunk_s_start - 1 on columns shared_s
@@ -79,7 +80,8 @@ def shared_vocab_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, share
     Returns (loss_sum, n, teacher_mass_outside): sum over the N positions, n = N, and
     the mean over them (detached, for logging) of the teacher's probability (at
     temperature 1, full vocabulary) on tokens outside the shared vocabulary — the part
-    of its prediction this loss cannot transfer."""
+    of its prediction this loss cannot transfer (None when ``outside_mass`` is False: it costs a
+    full-vocabulary pass over the teacher rows and serves only the log)."""
     b, s_pos, t_pos = one_to_one_positions(batch)
     vt = t_logits.shape[-1] if t_vocab_size is None else int(t_vocab_size)
     if shared_t.numel() and int(shared_t.max()) >= vt:
@@ -91,7 +93,7 @@ def shared_vocab_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, share
     t_rows = t_logits[b[:, None], t_pos[:, None], shared_t[None, :]]
     loss_sum = kd_loss(divergence, s_rows, t_rows, None, temperature=temperature, beta=beta, reduction="sum",
                        chunk_rows=chunk_rows)
-    outside = _teacher_mass_outside(t_logits, b, t_pos, shared_t, vt, chunk_rows)
+    outside = _teacher_mass_outside(t_logits, b, t_pos, shared_t, vt, chunk_rows) if outside_mass else None
     return loss_sum, _count(b.numel(), s_logits), outside
 
 
