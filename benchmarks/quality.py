@@ -294,6 +294,8 @@ def main(argv=None) -> int:
             smol = smol_future.get()
             print(f"SmolLM2-135M: {smol['bpb']:.4f} bits/byte on {smol['heldout_bytes']:,} bytes "
                   f"(load {smol['load_seconds']:.0f} s, eval {smol['eval_seconds']:.0f} s)", flush=True)
+        pool.close()  # let the workers exit on their own (leaving the block would terminate them)
+        pool.join()
     runs.sort(key=lambda r: (methods.index(r["method"]), r["seed"]))
     teacher_bpb, ce_bpb, rows = summarise(runs, methods)
     res = {"teacher_bpb": teacher_bpb, "ce_bpb": ce_bpb, "steps": steps,

@@ -130,6 +130,9 @@ class TrainConfig:
     seed: int = F(0, "Seed for initialisation-free randomness: data order, sampling, dropout.")
     output_dir: str = F("runs/sakd", "Run folder: checkpoints, logs, report, the exported student.")
     max_time: Optional[str] = F(None, "Stop cleanly (checkpoint, exit) after this long, e.g. 8h45m, 90m, 3600s.")
+    nonfinite_teacher: str = F("recompute", "When the teacher's logits or hidden states are not finite (fp16 "
+                               "overflow): recompute that micro-batch with the teacher in fp32, or skip its "
+                               "teacher terms; counted either way.", choices=("recompute", "skip"))
     deterministic: bool = F(False, "Deterministic algorithms (bit-exact resume on CPU).")
 
 

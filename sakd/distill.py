@@ -393,6 +393,7 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                         if "teacher_mass_outside_shared" in flags:
                             logs["teacher_mass_outside_shared"] = flags["teacher_mass_outside_shared"]
                     counters["nonfinite_teacher"] += flags.get("nonfinite_teacher", 0)
+                    counters["recomputed_fp32"] = counters.get("recomputed_fp32", 0) + flags.get("recomputed_fp32", 0)
                     routing_stats = flags.get("routing") or routing_stats
                     # DDP averages gradients over processes; the counts are global sums, so scale back up.
                     acc.backward(loss * acc.num_processes)

@@ -12,7 +12,7 @@ Terms (each optional, weights from ``cfg.loss``):
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -141,6 +141,38 @@ def gap_weighted_kd(s_logits, t_logits, batch, shared_s, shared_t, divergence: s
     return (w * per).sum()
 
 
+def _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden, need_attn):
+    """One teacher forward without gradient under the step's routing; (outputs, RoutingStats or None)."""
+    routed = moe.is_moe(teacher)
+    with torch.no_grad(), (moe.routing(teacher, mode, experts=sched.get("experts"),
+                                       sample_prob=sched.get("sample_prob", 0.0), generator=ka_gen,
+                                       temperature=sched.get("temperature", 1.0), reference_weights=reference_router)
+                           if routed else nullcontext()) as r:
+        if r is not None:
+            r.set_token_mask(batch["t_mask"])
+        out = teacher(input_ids=batch["t_ids"], attention_mask=batch["t_mask"].long(),
+                      output_hidden_states=need_hidden, output_attentions=need_attn, use_cache=False)
+    return out, r
+
+
+def _finite(t_out, t_vocab: int, need_hidden: bool) -> bool:
+    ok = bool(torch.isfinite(t_out.logits[..., :t_vocab]).all())
+    if ok and need_hidden:
+        ok = all(bool(torch.isfinite(h).all()) for h in t_out.hidden_states)
+    return ok
+
+
+@contextmanager
+def _fp32(model):
+    """The model's weights in fp32 for one pass, then back (fp16 -> fp32 -> fp16 is exact)."""
+    dtype = next(model.parameters()).dtype
+    model.float()
+    try:
+        yield
+    finally:
+        model.to(dtype)
+
+
 def _teacher_mode(mode: str) -> str:
     # The student step sees the SAR teacher with all experts (router already updated), no gradient.
     return "all" if mode == "sar" else mode
@@ -176,24 +208,24 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
 
     t_out = None
     for m in range(passes):
-        routed = moe.is_moe(teacher)
-        with torch.no_grad(), (moe.routing(teacher, mode, experts=sched.get("experts"),
-                                           sample_prob=sched.get("sample_prob", 0.0), generator=ka_gen,
-                                           temperature=sched.get("temperature", 1.0),
-                                           reference_weights=reference_router)
-                               if routed else nullcontext()) as r:
-            if r is not None:
-                r.set_token_mask(batch["t_mask"])
-            t_out = teacher(input_ids=batch["t_ids"], attention_mask=batch["t_mask"].long(),
-                            output_hidden_states=need_hidden, output_attentions=need_attn, use_cache=False)
+        g_state = ka_gen.get_state()  # to replay the same expert sampling if the pass is recomputed
+        t_out, r = _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden, need_attn)
+        if not _finite(t_out, t_vocab, need_hidden):
+            # fp16 overflow in the teacher (Qwen-family models trained in bf16 can overflow): recompute this
+            # micro-batch with the teacher in fp32, or skip its teacher terms (train.nonfinite_teacher).
+            flags["nonfinite_teacher"] = 1
+            if cfg.train.nonfinite_teacher == "recompute" and next(teacher.parameters()).dtype != torch.float32:
+                ka_gen.set_state(g_state)
+                with _fp32(teacher):
+                    t_out, r = _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden,
+                                             need_attn)
+                flags["recomputed_fp32"] = 1
+            if not _finite(t_out, t_vocab, need_hidden):
+                t_out = None
+                break
         if r is not None and m == 0:
             flags["routing"] = r.stats()  # per layer: expert usage, router entropy, selected mass
         t_logits = t_out.logits[..., :t_vocab]  # padded head columns name no token
-        if not torch.isfinite(t_logits).all():
-            # fp16 overflow in the teacher: skip this micro-batch's teacher terms (counted, logged).
-            flags["nonfinite_teacher"] = 1
-            t_out = None
-            break
         # KA: the M divergences are averaged (Kim et al. 2025, eq. for L_KA); one teacher buffer at a time.
         if "kd" in weights:
             kd_sum = logit_term_sum(lc.logit, s_logits, t_logits, batch, shared_s, shared_t, lc,

@@ -139,3 +139,38 @@ def test_on_policy_items_encode_the_generated_text_on_both_sides(tiny_assets, tm
         assert s_text.strip() != run.train.spans[i].strip()  # and not the original span
         last = it["chunks"][-1]
         assert last[1] == len(it["s_ids"]) and last[3] == len(it["t_ids"])  # chunks cover both sides
+
+
+@pytest.mark.parametrize("policy", ["recompute", "skip"])
+def test_fp16_teacher_overflow_is_recomputed_in_fp32_or_skipped(tiny_assets, tmp_path, policy):
+    """A teacher whose fp16 forward overflows (final norm scaled up) but is finite in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    t = AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"])
+    with torch.no_grad():
+        t.model.norm.weight.fill_(6e4)  # representable in fp16; normalised states x 6e4 overflow there
+    t.save_pretrained(tmp_path / "hot")
+    cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path / "run", **{
+        "model.teacher": tmp_path / "hot", "model.teacher_tokenizer": tiny_assets["teacher"],
+        "model.teacher_dtype": "float16", "train.nonfinite_teacher": policy}))
+    run = setup(cfg, log=lambda *_: None)
+    batch = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))([run.train[i] for i in range(2)])
+    with torch.no_grad():
+        assert not torch.isfinite(run.teacher(input_ids=batch["t_ids"]).logits).all()  # fp16 overflows
+
+    class Acc:
+        autocast = staticmethod(lambda: torch.autocast("cpu", enabled=False))
+
+    loss, terms, flags = objective.micro_step_loss(
+        run.teacher, run.student, run.aux, batch, run.vocab.shared_s, run.vocab.shared_t, cfg,
+        objective.term_weights(cfg, 0), objective.count_targets([batch], cfg), Acc, {},
+        torch.Generator().manual_seed(0), len(run.teacher_tok))
+    loss.backward()
+    assert flags["nonfinite_teacher"] == 1
+    assert next(run.teacher.parameters()).dtype == torch.float16  # restored after the fp32 pass
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in run.student.parameters() if p.grad is not None)
+    if policy == "recompute":
+        assert flags.get("recomputed_fp32") == 1 and "kd" in terms and terms["kd"] > 0
+    else:
+        assert "recomputed_fp32" not in flags and "kd" not in terms
