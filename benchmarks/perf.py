@@ -47,10 +47,11 @@ RESULTS = ROOT / "benchmarks" / "results" / "perf.json"
 MIB = 2**20
 # (comparison, bound). Only alignment_time_share's bound is given by the issue brief; the others are
 # this benchmark's own bars: what the feature exists for.
+# The performance issue's targets.
 TARGETS = {
-    "kd_loss_memory_ratio": ("<=", 0.5), "kd_loss_time_ratio": ("<=", 1.25),
-    "trl_throughput_ratio": (">=", 1.0), "trl_memory_ratio": ("<=", 0.5),
-    "cache_bytes_per_token": ("<=", 400.0), "cache_bpb_ratio": ("<=", 1.02),
+    "kd_loss_memory_ratio": ("<=", 0.15), "kd_loss_time_ratio": ("<=", 1.0),
+    "trl_throughput_ratio": (">=", 1.3), "trl_memory_ratio": ("<=", 0.6),
+    "cache_bytes_per_token": ("<=", 400.0), "cache_bpb_ratio": ("<=", 1.01),
     "alignment_time_share": ("<=", 0.05),
 }
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40": 181, "A10": 125, "V100": 125, "L4": 121, "T4": 65,
