@@ -18,8 +18,8 @@ import math
 
 import torch
 
-from sakd.errors import UserError
-from sakd.losses.crosstok import _field, chunk_logprobs, log1mexp, one_to_one_positions
+from sakd.losses.crosstok import (_field, alm_from_chunk_logprobs, alm_selection, chunk_logprobs,
+                                  one_to_one_positions)
 from sakd.losses.divergences import sparse_forward_kl
 
 
@@ -122,23 +122,9 @@ def cached_chunk_likelihood(s_logits: torch.Tensor, cache_batch: dict, batch, *,
     read from the cache (``cached_chunk_logprobs``) instead of computed from teacher logits.
     Same arguments (``temperature`` is the ALM binarisation temperature, loss.chunk_temperature),
     same formula, same return value (loss_sum, weight_sum)."""
-    if weight not in ("student_tokens", "teacher_tokens", "chunks"):
-        raise UserError(f"ALM weight {weight!r} is unknown: use 'student_tokens', 'teacher_tokens' or 'chunks'")
-    if not temperature > 0:
-        raise UserError(f"ALM temperature {temperature!r} must be positive (tokenkit default: 100)")
-    mask = _field(batch, "chunk_mask")
-    n_s = _field(batch, "chunk_s_end") - _field(batch, "chunk_s_start")
-    n_t = _field(batch, "chunk_t_end") - _field(batch, "chunk_t_start")
-    sel = mask & ~((n_s == 1) & (n_t == 1)) if only_multi else mask.clone()
+    mask, n_s, n_t, sel = alm_selection(batch, weight, temperature, only_multi)
     lp_s = chunk_logprobs(s_logits, _field(batch, "s_ids"), _field(batch, "s_chunk"), mask.shape[1], select=sel,
                           chunk_rows=chunk_rows)
     lp_t = cached_chunk_logprobs(cache_batch, batch, sel).to(device=lp_s.device, dtype=lp_s.dtype)
-    # Below: the same lines as crosstok.chunk_likelihood_loss (a test holds the two equal).
-    x_s = lp_s.clamp(max=0.0) / temperature - epsilon
-    x_t = lp_t.clamp(max=0.0) / temperature - epsilon
-    p, one_minus_p = x_t.exp(), -torch.expm1(x_t)
-    loss = -(p * x_s + one_minus_p * log1mexp(x_s))
-    if subtract_entropy:
-        loss = loss + (p * x_t + one_minus_p * log1mexp(x_t))
-    w = {"student_tokens": n_s, "teacher_tokens": n_t, "chunks": torch.ones_like(n_s)}[weight] * sel
-    return (loss * w.to(loss.dtype)).sum(), w.sum()
+    return alm_from_chunk_logprobs(lp_s, lp_t, n_s, n_t, sel, temperature=temperature, weight=weight,
+                                   subtract_entropy=subtract_entropy, epsilon=epsilon)

@@ -206,6 +206,20 @@ def chunk_likelihood_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, batch,
     ``"chunk_count"``.
 
     Returns (loss_sum, n): Σ_c w_c loss_c over selected chunks, and Σ_c w_c (int64)."""
+    mask, n_s, n_t, sel = alm_selection(batch, weight, temperature, only_multi)
+    C = mask.shape[1]
+    lp_s = chunk_logprobs(s_logits, _field(batch, "s_ids"), _field(batch, "s_chunk"), C, select=sel,
+                          chunk_rows=chunk_rows)
+    with torch.no_grad():
+        lp_t = chunk_logprobs(t_logits, _field(batch, "t_ids"), _field(batch, "t_chunk"), C, select=sel,
+                              vocab_size=t_vocab_size, chunk_rows=chunk_rows).to(lp_s.dtype)
+    return alm_from_chunk_logprobs(lp_s, lp_t, n_s, n_t, sel, temperature=temperature, weight=weight,
+                                   subtract_entropy=subtract_entropy, epsilon=epsilon)
+
+
+def alm_selection(batch, weight: str, temperature: float, only_multi: bool):
+    """Checks and the chunk selection shared by the live and the cached ALM loss:
+    (chunk_mask, student tokens per chunk, teacher tokens per chunk, selected chunks)."""
     if weight not in ("student_tokens", "teacher_tokens", "chunks"):
         raise UserError(f"ALM weight {weight!r} is unknown: use 'student_tokens', 'teacher_tokens' or 'chunks'")
     if not temperature > 0:
@@ -214,12 +228,13 @@ def chunk_likelihood_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, batch,
     n_s = _field(batch, "chunk_s_end") - _field(batch, "chunk_s_start")
     n_t = _field(batch, "chunk_t_end") - _field(batch, "chunk_t_start")
     sel = mask & ~((n_s == 1) & (n_t == 1)) if only_multi else mask.clone()
-    C = mask.shape[1]
-    lp_s = chunk_logprobs(s_logits, _field(batch, "s_ids"), _field(batch, "s_chunk"), C, select=sel,
-                          chunk_rows=chunk_rows)
-    with torch.no_grad():
-        lp_t = chunk_logprobs(t_logits, _field(batch, "t_ids"), _field(batch, "t_chunk"), C, select=sel,
-                              vocab_size=t_vocab_size, chunk_rows=chunk_rows).to(lp_s.dtype)
+    return mask, n_s, n_t, sel
+
+
+def alm_from_chunk_logprobs(lp_s, lp_t, n_s, n_t, sel, *, temperature: float, weight: str,
+                            subtract_entropy: bool, epsilon: float):
+    """The binarised ALM loss from chunk log-probs [B, C] (student with grad, teacher detached):
+    Σ_c w_c · (BCE(p_c, q_c) − [subtract_entropy] H(p_c)), p = exp(ℓ_T/τ), q = exp(ℓ_S/τ); and Σ_c w_c."""
     # min(., 0): rounding can put a sum of log-probs a hair above 0 (tokenkit clips too).
     x_s = lp_s.clamp(max=0.0) / temperature - epsilon
     x_t = lp_t.clamp(max=0.0) / temperature - epsilon
