@@ -58,7 +58,8 @@ class DataConfig:
     max_examples: Optional[int] = F(None, "Use at most this many training spans (None: all).", min=1)
     chunk_mode: str = F("boundary", "Where chunks close: every common byte boundary, or only at word starts.",
                         choices=("boundary", "word"))
-    num_workers: int = F(0, "DataLoader worker processes for tokenisation and alignment.", min=0)
+    num_workers: int = F(1, "Background workers encoding and aligning the next step's spans while a step "
+                         "computes (0 = in the step itself).", min=0, max=1)
 
 
 @dataclass

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 import random
 import signal
 import sys
@@ -301,7 +302,7 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
             tensors["aux"] = acc.unwrap_model(aux).state_dict()
         state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                 "data": order.state(), "rng": rng_state(), "ka_rng": ka_gen.get_state(),
+                 "data": data_state["position"], "rng": rng_state(), "ka_rng": ka_gen.get_state(),
                  "history": history, "evals": evals, "counters": counters, "teacher_bpb": teacher_bpb,
                  "config": to_dict(cfg)}
         if sar is not None:
@@ -347,6 +348,19 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
     ept = experts_per_token(run.teacher) if run.teacher is not None else None
     # KA default as in Kim et al. (2025) and their scripts (--num-selects 15 of 16): E - 1 experts per token.
     k_start = cfg.moe.experts_start or (max(ept[0], ept[1] - 1) if ept else 1)
+    # Tokenisation + byte alignment of the next step's spans run in a background thread while this step
+    # computes (data.num_workers > 0). The saved data position is the one after THIS step's spans, so a
+    # resume draws the prefetched spans again: exact either way.
+    prefetcher = ThreadPoolExecutor(max_workers=1) if cfg.data.num_workers > 0 else None
+    upcoming = None
+    data_state = {"position": order.state()}
+
+    def draw() -> list[list[int]]:
+        return [order.next(tc.batch_size) for _ in range(tc.grad_accum)]
+
+    def encode(idx: list[list[int]]) -> list[dict]:
+        return [collate([run.train[i] for i in ids]) for ids in idx]
+
     with StopFlag() as stop:
         while step < tc.max_steps:
             t_step = time.time()
@@ -358,14 +372,18 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                                          prob_end=cfg.moe.sample_prob
                                          if cfg.moe.sample_prob_end is None else cfg.moe.sample_prob_end
                                          ) if cfg.moe.mode == "ka" else {}
-            idx = [order.next(tc.batch_size) for _ in range(tc.grad_accum)]
+            idx, ready = upcoming if upcoming is not None else (draw(), None)
+            data_state["position"] = order.state()
+            if prefetcher is not None and step + 1 < tc.max_steps:
+                nxt = draw()
+                upcoming = (nxt, prefetcher.submit(encode, nxt))
             on_policy = cfg.loss.on_policy_prob > 0 and random.random() < cfg.loss.on_policy_prob
             if on_policy:  # GKD: the student writes the continuations, both models score that text
                 micro = [collate(generate_items(acc.unwrap_model(student), run.train, ids,
                                                 new_tokens=cfg.loss.on_policy_tokens,
                                                 temperature=cfg.loss.on_policy_temperature)) for ids in idx]
             else:
-                micro = [collate([run.train[i] for i in ids]) for ids in idx]
+                micro = ready.result() if ready is not None else encode(idx)
             micro = [{k: v.to(acc.device) for k, v in b.items()} for b in micro]
             counts = objective.count_targets(micro, cfg)
             counts = {k: max(1.0, float(acc.reduce(torch.tensor(v, device=acc.device, dtype=torch.float64),
@@ -470,6 +488,8 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
             if stop_reason:
                 log(f"stopping at step {step}: {stop_reason}; checkpoint saved, continue with --resume")
                 break
+    if prefetcher is not None:
+        prefetcher.shutdown(wait=True, cancel_futures=True)
     if bar is not None:
         bar.close()
     if writer is not None:

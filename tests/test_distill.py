@@ -174,3 +174,15 @@ def test_fp16_teacher_overflow_is_recomputed_in_fp32_or_skipped(tiny_assets, tmp
         assert flags.get("recomputed_fp32") == 1 and "kd" in terms and terms["kd"] > 0
     else:
         assert "recomputed_fp32" not in flags and "kd" not in terms
+
+
+def test_background_encoding_gives_the_same_run(tiny_assets, tmp_path):
+    """data.num_workers=1 (next step's spans encoded while a step computes) == encoding inside the step."""
+    runs = {}
+    for workers in (0, 1):
+        cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path / str(workers), **{
+            "data.num_workers": workers, "train.max_steps": 3, "loss.chunk_weight": 0.5}))
+        distill(cfg, progress=False, log=lambda *_: None)
+        runs[workers] = _weights(tmp_path / str(workers))
+    for k in runs[0]:
+        assert torch.equal(runs[0][k], runs[1][k]), k
