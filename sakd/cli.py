@@ -122,8 +122,8 @@ def cmd_distill(args) -> int:
     args._log_dir = cfg.train.output_dir
     from sakd.distill import distill
 
-    result = distill(cfg, resume=args.resume, progress=not args.no_progress)
-    return 0 if result else 0
+    distill(cfg, resume=args.resume, progress=not args.no_progress)
+    return 0
 
 
 def cmd_demo(args) -> int:

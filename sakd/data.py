@@ -221,8 +221,6 @@ def encode_pair(text: str, student_tok, teacher_tok, s_start: int, t_start: int,
     # Keep whole chunks while both sides fit: the two sides then still cover exactly the
     # same bytes of text (a common boundary), never a token more on one side.
     keep = [c for c in chunks if c[1] <= seq_len and c[3] <= teacher_seq_len]
-    if not keep:
-        keep = []
     n_s = keep[-1][1] if keep else 1
     n_t = keep[-1][3] if keep else 1
     return {"s_ids": s.ids[:n_s], "t_ids": t.ids[:n_t], "chunks": keep,

@@ -131,14 +131,20 @@ class StopFlag:
 
 # ----------------------------------------------------------------------------- set-up
 
+def native_bf16() -> bool:
+    """bf16 in hardware (Ampere, sm_80, and newer). ``torch.cuda.is_bf16_supported()`` also says yes
+    where bf16 is only emulated (a P100), which is slow: there fp16 + GradScaler is the right choice."""
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
 def mixed_precision(name: str) -> str:
+    """Accelerate's mixed_precision for train.precision: fp32 on CPU (bf16 on CPU is ~5x slower than fp32),
+    bf16 where the GPU has it natively, else fp16 with a GradScaler."""
     if name == "fp32" or not torch.cuda.is_available():
-        if name in ("fp16", "bf16") and not torch.cuda.is_available():
-            return "no"  # CPU: fp32 (bf16 on CPU is ~5x slower than fp32 here)
         return "no"
     if name == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return {"fp16": "fp16", "bf16": "bf16"}[name]
+        return "bf16" if native_bf16() else "fp16"
+    return name
 
 
 def needs_attention_maps(cfg: Config) -> bool:

@@ -44,8 +44,8 @@ def teacher_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     dtype = getattr(torch, name)
-    if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("model.teacher_dtype=bfloat16 but this GPU has no bf16: use float16")
+    if dtype == torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        raise UserError("model.teacher_dtype=bfloat16 but this GPU has no native bf16 (needs sm_80+): use float16")
     return dtype
 
 
