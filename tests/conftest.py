@@ -2,6 +2,7 @@
 loaded back with from_pretrained (the same loading code as the real pair), on Shakespeare text."""
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,19 @@ def tiny_overrides(assets, out, **extra) -> list[str]:
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+class StderrNotOneLine(AssertionError):
+    """The run failed as it should, but stderr holds more than the one error line."""
+
+
+def assert_user_error(r: subprocess.CompletedProcess, *fragments: str) -> None:
+    """Exit 2, no traceback, the last stderr line names the problem; then: it is the ONLY line."""
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = [l for l in r.stderr.splitlines() if l.strip()]
+    assert lines and lines[-1].startswith("sakd distill: error: "), r.stderr[-3000:]
+    for f in fragments:
+        assert f in lines[-1], (f, lines[-1])
+    if len(lines) != 1:
+        raise StderrNotOneLine(f"{len(lines)} lines on stderr:\n" + "\n".join(lines[:12]))

@@ -19,11 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, tiny_overrides
-
-
-class StderrNotOneLine(AssertionError):
-    """The run failed as it should, but stderr holds more than the one error line."""
+from tests.conftest import ROOT, assert_user_error, tiny_overrides
 
 
 def _env() -> dict:
@@ -34,18 +30,6 @@ def _env() -> dict:
 def run_cli(args, cwd=ROOT, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sakd.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=_env(), timeout=timeout)
-
-
-def assert_user_error(r: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Exit 2, no traceback, the last stderr line names the problem; then: it is the ONLY line."""
-    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert lines and lines[-1].startswith("sakd distill: error: "), r.stderr[-3000:]
-    for f in fragments:
-        assert f in lines[-1], (f, lines[-1])
-    if len(lines) != 1:
-        raise StderrNotOneLine(f"{len(lines)} lines on stderr:\n" + "\n".join(lines[:12]))
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:

@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from sakd.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from sakd.errors import UserError
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import ROOT, assert_user_error, tiny_overrides
 
 # Both configurations train every kind of state that must come back on resume: student + AdamW +
 # schedule + data position + torch RNG, and either the SAR router (own AdamW) with hidden-state
@@ -41,10 +41,6 @@ STEPS = 12
 EXACT = {"train.max_steps": STEPS, "train.save_every": 1, "train.deterministic": "true"}
 # per-step log entries that measure the wall clock, not the computation
 CLOCK_KEYS = {"seconds", "tokens_per_s"}
-
-
-class StderrNotOneLine(AssertionError):
-    """The run failed as it should, but stderr holds more than the one error line."""
 
 
 def _env(**extra) -> dict:
@@ -62,18 +58,6 @@ def _cmd(overrides, *flags) -> list[str]:
 def run_cli(overrides, *flags, env=None, timeout=600) -> subprocess.CompletedProcess:
     return subprocess.run(_cmd(overrides, *flags), capture_output=True, text=True, cwd=ROOT, timeout=timeout,
                           env=env or _env())
-
-
-def assert_user_error(r: subprocess.CompletedProcess, *fragments: str) -> None:
-    """Exit 2, no traceback, the last stderr line names the problem; then: it is the ONLY line."""
-    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
-    assert "Traceback" not in r.stderr, r.stderr[-3000:]
-    lines = [l for l in r.stderr.splitlines() if l.strip()]
-    assert lines and lines[-1].startswith("sakd distill: error: "), r.stderr[-3000:]
-    for f in fragments:
-        assert f in lines[-1], (f, lines[-1])
-    if len(lines) != 1:
-        raise StderrNotOneLine(f"{len(lines)} lines on stderr:\n" + "\n".join(lines[:12]))
 
 
 def wait_for(cond, timeout=300.0, every=0.02):
