@@ -51,3 +51,29 @@ def test_align_missing_text_is_exit_2(tmp_path):
     r = _run("align", "--teacher-tokenizer", "x", "--student-tokenizer", "y", "--text", str(tmp_path / "no.txt"))
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_align_teacher_mass_on_the_shared_vocabulary(tiny_assets):
+    """--teacher-model: mean teacher probability on the shared vocabulary at the positions that predict
+    1:1 chunks, against a direct computation."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sakd.align.report import align_report
+    from sakd.align.tokens import align, encode_with_bytes
+    from sakd.align.vocab import build_vocab_map
+
+    rep = align_report(str(tiny_assets["teacher"]), str(tiny_assets["student"]), tiny_assets["heldout"],
+                       teacher_model=str(tiny_assets["teacher"]), max_len=4096)
+    text = tiny_assets["heldout"].read_text(encoding="utf-8")
+    s_tok = AutoTokenizer.from_pretrained(tiny_assets["student"])
+    t_tok = AutoTokenizer.from_pretrained(tiny_assets["teacher"])
+    s, t = encode_with_bytes(s_tok, text), encode_with_bytes(t_tok, text)
+    shared_t = build_vocab_map(s_tok, t_tok).shared_t
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"]).eval()
+    with torch.no_grad():
+        probs = torch.softmax(model(input_ids=torch.tensor([t.ids])).logits[0].double(), -1)
+    pos = [c[2] - 1 for c in align(s, t) if c[1] - c[0] == 1 and c[3] - c[2] == 1 and c[2] >= 1]
+    want = float(probs[pos][:, shared_t].sum(-1).mean())
+    assert 0 < want < 1
+    assert abs(rep["teacher_mass_on_shared_at_one_to_one"] - want) < 1e-5
