@@ -19,6 +19,27 @@ def start_token_id(tokenizer) -> int:
     return tid
 
 
+def scoring_windows(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:
+    """Each text tokenized once (no special tokens), cut into windows of ``max_len - 1`` tokens, each
+    prefixed with the start token: every token of the text is in exactly one window."""
+    start = start_token_id(tokenizer)
+    windows: list[list[int]] = []
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        windows += [[start] + ids[i:i + max_len - 1] for i in range(0, len(ids), max_len - 1)]
+    return windows
+
+
+def pad_windows(windows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, W] (pad 0, masked) and a bool attention mask [B, W]."""
+    width = max(len(w) for w in windows)
+    ids = torch.zeros(len(windows), width, dtype=torch.long)
+    mask = torch.zeros(len(windows), width, dtype=torch.bool)
+    for i, w in enumerate(windows):
+        ids[i, :len(w)], mask[i, :len(w)] = torch.tensor(w), True
+    return ids, mask
+
+
 @torch.no_grad()
 def nll_bits(model, tokenizer, texts: list[str], max_len: int = 512, batch_size: int = 8,
              device: str | torch.device = "cpu") -> tuple[float, int, int]:
@@ -30,24 +51,13 @@ def nll_bits(model, tokenizer, texts: list[str], max_len: int = 512, batch_size:
     """
     was_training = model.training
     model.eval()
-    start = start_token_id(tokenizer)
-    windows: list[list[int]] = []
-    n_bytes = 0
-    for text in texts:
-        n_bytes += len(text.encode("utf-8"))
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        step = max_len - 1
-        windows += [[start] + ids[i:i + step] for i in range(0, len(ids), step)]
+    windows = scoring_windows(tokenizer, texts, max_len)
+    n_bytes = sum(len(text.encode("utf-8")) for text in texts)
     total_nats, n_tokens = 0.0, 0
     for b in range(0, len(windows), batch_size):
         chunk = windows[b:b + batch_size]
-        width = max(len(w) for w in chunk)
-        ids = torch.zeros(len(chunk), width, dtype=torch.long)
-        mask = torch.zeros(len(chunk), width, dtype=torch.long)
-        for i, w in enumerate(chunk):
-            ids[i, :len(w)] = torch.tensor(w)
-            mask[i, :len(w)] = 1
-        ids, mask = ids.to(device), mask.to(device)
+        ids, mask = pad_windows(chunk)
+        ids, mask = ids.to(device), mask.long().to(device)
         # Columns past the tokenizer's vocabulary (Qwen3: 151,936 vs 151,669) name no
         # token; they are dropped before the softmax.
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[..., :len(tokenizer)]

@@ -339,7 +339,7 @@ def measure_expert_usage(teacher, tokenizer, texts: list[str], cfg, *, router_st
     the router's first-choice share is returned (every expert is used, slot shares are uniform).
     ``router_state`` (e.g. router.safetensors of a SAR run) is loaded for the measurement only."""
     from sakd import moe
-    from sakd.evaluate import start_token_id
+    from sakd.evaluate import pad_windows, scoring_windows
 
     mode = "all" if cfg.moe.mode == "sar" else cfg.moe.mode
     kw = {}
@@ -347,12 +347,8 @@ def measure_expert_usage(teacher, tokenizer, texts: list[str], cfg, *, router_st
         kw = {"experts": cfg.moe.experts_start, "sample_prob": cfg.moe.sample_prob,
               "generator": torch.Generator().manual_seed(cfg.train.seed)}
     dev = next(teacher.parameters()).device
-    start, L, B = start_token_id(tokenizer), cfg.eval.seq_len, cfg.eval.batch_size
-    windows = []
-    for t in texts:
-        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
-        windows += [[start] + ids[i:i + L - 1] for i in range(0, len(ids), L - 1)]
-    windows = windows[:B * max_batches]
+    L, B = cfg.eval.seq_len, cfg.eval.batch_size
+    windows = scoring_windows(tokenizer, texts, L)[:B * max_batches]
     saved = moe.router_state(teacher) if router_state else None
     was_training = teacher.training
     teacher.eval()
@@ -361,12 +357,7 @@ def measure_expert_usage(teacher, tokenizer, texts: list[str], cfg, *, router_st
             moe.load_router_state(teacher, router_state)
         with moe.routing(teacher, mode, **kw) as r:
             for a in range(0, len(windows), B):
-                part = windows[a:a + B]
-                width = max(len(w) for w in part)
-                ids = torch.zeros(len(part), width, dtype=torch.long)
-                mask = torch.zeros(len(part), width, dtype=torch.bool)
-                for i, w in enumerate(part):
-                    ids[i, :len(w)], mask[i, :len(w)] = torch.tensor(w), True
+                ids, mask = pad_windows(windows[a:a + B])
                 r.set_token_mask(mask.to(dev))
                 teacher(input_ids=ids.to(dev), attention_mask=mask.long().to(dev))
             stats = r.stats()
