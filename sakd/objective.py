@@ -23,6 +23,7 @@ from sakd.config import Config
 from sakd.errors import UserError
 from sakd.losses.attention import attention_transfer_loss
 from sakd.losses.contrastive import info_nce, mean_pool
+from sakd.losses.divergences import linear_cross_entropy_sum
 from sakd.losses.crosstok import (chunk_likelihood_loss, gold_hybrid_loss, one_to_one_positions, shared_vocab_kd,
                                   truncation_kd, uld_loss)
 from sakd.losses.hidden import HiddenProjector, hidden_state_loss, layer_map
@@ -92,18 +93,21 @@ def count_targets(micro: list[dict], cfg: Config) -> dict[str, float]:
 
 
 def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc, *,
-                   divergence: str | None = None, teacher_grad: bool = False, mass_log: dict | None = None
-                   ) -> torch.Tensor:
+                   divergence: str | None = None, teacher_grad: bool = False, mass_log: dict | None = None,
+                   head_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Summed logit loss of one micro-batch: the default shared-vocabulary KD at 1:1 chunks, or a
-    baseline kept for comparison (ULD, GOLD hybrid, truncation)."""
+    baseline kept for comparison (ULD, GOLD hybrid, truncation). With ``head_weight`` (shared_kl only),
+    ``s_logits`` is the student's final hidden state and its output layer is fused into the loss."""
     div = divergence or lc.divergence
+    if head_weight is not None and (name != "shared_kl" or lc.gap_weighting):
+        raise ValueError(f"the fused output layer serves shared_kl without gap weighting, not {name}")
     if name == "shared_kl" and lc.gap_weighting and not teacher_grad:
         return gap_weighted_kd(s_logits, t_logits.detach(), batch, shared_s, shared_t, div, lc.temperature,
                                lc.gap_clip)
     if name == "shared_kl":
         out = shared_vocab_kd(s_logits, t_logits if teacher_grad else t_logits.detach(), batch, shared_s, shared_t,
                               divergence=div, temperature=lc.temperature, beta=lc.beta, chunk_rows=lc.chunk_rows,
-                              outside_mass=mass_log is not None)
+                              outside_mass=mass_log is not None, head_weight=head_weight)
         if mass_log is not None and out[2] is not None:
             # the teacher's probability on tokens outside the shared vocabulary at 1:1 positions
             mass_log["teacher_mass_outside_shared"] = float(out[2])
@@ -186,10 +190,14 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
     lc = cfg.loss
     need_hidden = "hidden" in weights or "contrastive" in weights
     need_attn = "attention" in weights
+    head = fused_head_weight(student, cfg, weights, acc)
     with acc.autocast():
+        # Fused head: the model computes logits for one position only (logits_to_keep=1); the losses take
+        # the final hidden state and the head weight instead of the [B, L, V] logits.
         s_out = student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long(),
-                        output_hidden_states=need_hidden, output_attentions=need_attn, use_cache=False)
-    s_logits = s_out.logits
+                        output_hidden_states=need_hidden or head is not None, output_attentions=need_attn,
+                        use_cache=False, **({"logits_to_keep": 1} if head is not None else {}))
+    s_logits = s_out.logits if head is None else s_out.hidden_states[-1]  # [B, L, V] or [B, L, H]
     mode = _teacher_mode(cfg.moe.mode)
     needs_teacher = any(k in weights for k in ("kd", "chunk", "hidden", "attention", "contrastive"))
     passes = (cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1) if needs_teacher else 0
@@ -229,14 +237,14 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
         # KA: the M divergences are averaged (Kim et al. 2025, eq. for L_KA); one teacher buffer at a time.
         if "kd" in weights:
             kd_sum = logit_term_sum(lc.logit, s_logits, t_logits, batch, shared_s, shared_t, lc,
-                                    mass_log=flags if (m == 0 and log_mass) else None)
+                                    mass_log=flags if (m == 0 and log_mass) else None, head_weight=head)
             add("kd", kd_sum / passes, lc.temperature ** 2)
         if "chunk" in weights:
             ch_sum, _ = chunk_likelihood_loss(s_logits, t_logits, batch, temperature=lc.chunk_temperature,
                                               chunk_rows=lc.chunk_rows)
             add("chunk", ch_sum / passes)
     if "ce" in weights:
-        add("ce", _ce_sum(s_logits, batch))
+        add("ce", _ce_sum(s_logits, batch, head))
     if t_out is not None and "hidden" in weights:
         proj = aux["hidden"]
         pairs = [tuple(map(int, k[1:].split("_t"))) for k in proj.proj.keys()]
@@ -279,8 +287,29 @@ def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Confi
     return total, terms, {"nonfinite_teacher": 0}
 
 
-def _ce_sum(s_logits, batch) -> torch.Tensor:
-    """Cross-entropy of the student's own next tokens, summed over target tokens."""
+def fused_head_weight(student, cfg: Config, weights: dict, acc) -> torch.Tensor | None:
+    """The student's output-layer weight [V, H] when ``loss.fused_head`` applies to this step's terms: the
+    logit terms are shared-vocabulary KD (no gap weighting) and/or cross-entropy, and the model's logits
+    are a plain bias-free ``hidden @ weight.T`` (no logit scale or soft-capping). Else None."""
+    lc = cfg.loss
+    if not lc.fused_head or "chunk" in weights or ("kd" in weights and (lc.logit != "shared_kl" or lc.gap_weighting)):
+        return None
+    model = getattr(acc, "unwrap_model", lambda m: m)(student)  # under DDP: the wrapped model's head
+    head, mc = model.get_output_embeddings(), model.config
+    if not isinstance(head, nn.Linear) or head.bias is not None or any(
+            getattr(mc, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    return head.weight
+
+
+def _ce_sum(s_logits, batch, head_weight=None) -> torch.Tensor:
+    """Cross-entropy of the student's own next tokens, summed over target tokens. With ``head_weight``,
+    ``s_logits`` is the final hidden state [B, L, H] and the output layer is fused into the loss."""
+    if head_weight is not None:
+        keep = batch["s_mask"][:, 1:]
+        b, pos = keep.nonzero(as_tuple=True)
+        rows = b * s_logits.shape[1] + pos  # position pos predicts token pos + 1
+        return linear_cross_entropy_sum(s_logits.flatten(0, 1), head_weight, batch["s_ids"][b, pos + 1], rows)
     logits = s_logits[:, :-1].float()
     targets = batch["s_ids"][:, 1:].masked_fill(~batch["s_mask"][:, 1:], -100)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,

@@ -66,6 +66,37 @@ def test_every_trainable_parameter_gets_a_finite_nonzero_gradient(tiny_assets, t
             assert p.grad is None or torch.isfinite(p.grad).all()
 
 
+@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
+def test_fused_head_gives_the_logits_path_loss_and_gradients(tiny_assets, tmp_path, divergence):
+    """loss.fused_head (hidden state + head weight into the loss) == the same step through [B, L, V] logits."""
+    results = []
+    for fused in (True, False):
+        cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path / str(fused), **{
+            "loss.ce_weight": 0.5, "loss.chunk_weight": 0, "loss.divergence": divergence, "loss.temperature": 1.5,
+            "loss.chunk_rows": 7, "loss.fused_head": fused}))
+        run = setup(cfg, log=lambda *_: None)
+        batch = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))([run.train[i] for i in range(4)])
+        counts = objective.count_targets([batch], cfg)
+        weights = objective.term_weights(cfg, 10)
+        assert set(weights) == {"kd", "ce"}
+
+        class Acc:
+            autocast = staticmethod(lambda: torch.autocast("cpu", enabled=False))
+            unwrap_model = staticmethod(lambda m: m)
+
+        assert (objective.fused_head_weight(run.student, cfg, weights, Acc) is not None) == fused
+        loss, terms, _ = objective.micro_step_loss(
+            run.teacher, run.student, run.aux, batch, run.vocab.shared_s, run.vocab.shared_t, cfg, weights, counts,
+            Acc, {}, torch.Generator().manual_seed(0), len(run.teacher_tok))
+        loss.backward()
+        results.append((loss.detach(), terms, {n: p.grad.clone() for n, p in run.student.named_parameters()}))
+    (la, ta, ga), (lb, tb, gb) = results
+    torch.testing.assert_close(la, lb, rtol=1e-5, atol=0)
+    assert ta.keys() == tb.keys() and all(abs(ta[k] - tb[k]) <= 1e-5 * abs(tb[k]) for k in ta)
+    for name in gb:
+        torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-5 * gb[name].abs().max().item())
+
+
 def test_same_tokenizer_reduces_to_plain_kd(tiny_assets, tmp_path):
     """Both sides with the student's tokenizer: the shared-vocabulary loss at 1:1 chunks == full-vocabulary KD."""
     cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path, **{

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import torch
 
 from sakd.errors import UserError
-from sakd.losses.divergences import kd_loss
+from sakd.losses.divergences import divergence_sum, kd_loss
 
 
 def _field(batch, name: str) -> torch.Tensor:
@@ -61,21 +61,25 @@ def one_to_one_positions(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
 def shared_vocab_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, shared_s: torch.Tensor,
                     shared_t: torch.Tensor, *, divergence: str = "forward_kl", temperature: float = 1.0,
                     beta: float = 0.5, t_vocab_size: int | None = None, chunk_rows: int = 1024,
-                    outside_mass: bool = True):
+                    outside_mass: bool = True, head_weight: torch.Tensor | None = None):
     """Divergence between next-token distributions restricted to the shared vocabulary.
 
     At every 1:1 chunk, take student logits at chunk_s_start - 1 on columns shared_s
     and teacher logits at chunk_t_start - 1 on columns shared_t ([N, S] each); both
-    softmaxes over these S columns renormalise, and ``kd_loss(divergence, ...)`` compares
-    them (forward_kl = KL(p_T|S ‖ q_S|S)). Source: strict 1:1 shared-vocabulary KL
-    ("Rethinking cross-tokenizer on-policy distillation", 2026; RESEARCH.md §2).
-    With one tokenizer on both sides (shared = arange(V), all chunks 1:1) this is
-    exactly plain full-vocabulary KD over all positions.
+    softmaxes over these S columns renormalise, and the divergence ``divergence`` (as in
+    ``kd_loss``) compares them (forward_kl = KL(p_T|S ‖ q_S|S)). Source: strict 1:1
+    shared-vocabulary KL ("Rethinking cross-tokenizer on-policy distillation", 2026;
+    RESEARCH.md §2). With one tokenizer on both sides (shared = arange(V), all chunks 1:1)
+    this is exactly plain full-vocabulary KD over all positions, and no column is gathered.
 
     s_logits [B, Ls, Vs], t_logits [B, Lt, Vt_model]: t_vocab_size (the teacher
-    tokenizer's length) drops the model's padding columns (Qwen3: 151,936 vs 151,669)
-    before any softmax; they name no token. Gradients reach both logits (the SAR router
-    step trains the teacher through this loss): detach the side that is frozen.
+    tokenizer's length) bounds the shared ids: the model's padding columns (Qwen3: 151,936
+    vs 151,669) name no token. With ``head_weight`` [Vs, H] (the student's output layer),
+    s_logits is instead the student's last hidden state [B, Ls, H] and the head is fused
+    into the loss: the student's logits never exist. The [N, S] selections are never
+    gathered whole either: ``divergence_sum`` walks the rows in chunks of ``chunk_rows``.
+    Gradients reach both sides (the SAR router step trains the teacher through this loss):
+    detach the side that is frozen.
 
     Returns (loss_sum, n, teacher_mass_outside): sum over the N positions, n = N, and
     the mean over them (detached, for logging) of the teacher's probability (at
@@ -88,11 +92,12 @@ def shared_vocab_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, share
         raise UserError(f"shared teacher ids reach {int(shared_t.max())} but the teacher vocabulary has {vt} "
                         "tokens: rebuild the vocabulary map for this teacher tokenizer")
     shared_s, shared_t = shared_s.to(s_logits.device), shared_t.to(t_logits.device)
-    # One advanced index gathers [N, S] directly (no [N, V] copy in between).
-    s_rows = s_logits[b[:, None], s_pos[:, None], shared_s[None, :]]
-    t_rows = t_logits[b[:, None], t_pos[:, None], shared_t[None, :]]
-    loss_sum = kd_loss(divergence, s_rows, t_rows, None, temperature=temperature, beta=beta, reduction="sum",
-                       chunk_rows=chunk_rows)
+    ls, lt = s_logits.shape[1], t_logits.shape[1]
+    # Rows of the flattened [B * L, V] views (views, not copies, even for a column-sliced teacher).
+    s_rows, t_rows = b * ls + s_pos, b.to(t_logits.device) * lt + t_pos.to(t_logits.device)
+    loss_sum = divergence_sum(divergence, s_logits.flatten(0, 1), t_logits.flatten(0, 1), s_rows=s_rows,
+                              t_rows=t_rows, s_cols=shared_s, t_cols=shared_t, head_weight=head_weight,
+                              temperature=temperature, beta=beta, chunk_rows=chunk_rows)
     outside = _teacher_mass_outside(t_logits, b, t_pos, shared_t, vt, chunk_rows) if outside_mass else None
     return loss_sum, _count(b.numel(), s_logits), outside
 

@@ -146,62 +146,143 @@ def _sparse_forward_kl_kernel(parts, temperature, need):
     return loss, (g_s,)
 
 
+def _cross_entropy_kernel(parts, temperature, need):
+    """-log softmax(s / T)[target] per row; d/dz = softmax(z) - onehot(target). Targets are ids."""
+    s, target = parts
+    z = _log_softmax32(s, temperature)
+    loss = -z.gather(1, target[:, None]).squeeze(1)
+    g = None
+    if need[0]:
+        g = z.exp_()
+        g.scatter_add_(1, target[:, None], torch.full_like(loss[:, None], -1.0))
+    return loss, (g, None)
+
+
 # ---------------------------------------------------------------------------------------------
-# The chunked autograd Function shared by all losses.
+# The chunked autograd Functions shared by all losses.
 # ---------------------------------------------------------------------------------------------
 
-def _row_chunks(rows: torch.Tensor | None, n_rows: int, chunk_rows: int):
-    """Yield a slice (all rows) or an index tensor (selected rows) per chunk."""
-    if rows is None:
-        for a in range(0, n_rows, chunk_rows):
-            yield slice(a, min(a + chunk_rows, n_rows))
+def _chunks(n_rows: int, chunk_rows: int):
+    for a in range(0, n_rows, chunk_rows):
+        yield slice(a, min(a + chunk_rows, n_rows))
+
+
+def _take(x: torch.Tensor, sel, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``sel`` (a slice of the selection) of the 2-D/1-D ``x``: through the row index ``rows`` if
+    given, restricted to the columns ``cols`` if given. Gathers one chunk, never the whole selection."""
+    x = x[sel] if rows is None else x.index_select(0, rows[sel])
+    return x if cols is None else x.index_select(1, cols)
+
+
+def _put(full: torch.Tensor, sel, rows, cols, g: torch.Tensor) -> None:
+    """The inverse of ``_take`` for a gradient buffer (selected positions are distinct: a copy)."""
+    g = g.to(full.dtype)
+    r = torch.arange(sel.start, sel.stop, device=full.device) if rows is None else rows[sel]
+    if cols is None:
+        full.index_copy_(0, r, g)
     else:
-        for a in range(0, rows.numel(), chunk_rows):
-            yield rows[a:a + chunk_rows]
+        full.index_put_((r[:, None], cols[None, :]), g)
 
 
-def _take(x: torch.Tensor, chunk) -> torch.Tensor:
-    return x[chunk] if isinstance(chunk, slice) else x.index_select(0, chunk)
+def _grad_buffer(x: torch.Tensor, index) -> torch.Tensor:
+    """Where the gradient of ``x`` is written: exact zeros where a row or column is not selected."""
+    rows, cols = index
+    return torch.empty_like(x) if rows is None and cols is None else torch.zeros_like(x)
 
 
 class _ChunkedRowLoss(torch.autograd.Function):
-    """Sum over the selected rows of a per-row loss, computed chunk by chunk.
+    """Sum over N selected rows of a per-row loss, computed chunk by chunk.
 
-    Inputs after the settings are 2-D/1-D tensors whose first dim is the row; the first
-    ``n_diff`` of them may receive gradients. Saves only its inputs (and the row index)."""
+    ``tensors`` are 2-D/1-D with the row first; ``index[i] = (rows, cols)`` selects from tensor i its N
+    rows (an index tensor, or None for its first N rows) and its columns (an index tensor, or None
+    for all), so that differently laid out inputs (student positions / teacher positions, shared
+    columns) meet without gathering the whole selection. The first ``n_diff`` tensors may receive
+    gradients.
+
+    The analytic gradient of each chunk is computed in the same pass as its loss and written into a
+    gradient buffer of the input's shape and dtype (the buffer autograd would allocate anyway); the
+    graph keeps only these buffers, not the inputs, and backward scales them by the incoming gradient.
+    So the kernel runs once per chunk and at most one chunk of [chunk_rows, V] float32 temporaries
+    exists at a time. Backward can run once (the buffers are scaled in place)."""
 
     @staticmethod
-    def forward(ctx, kernel: Kernel, n_diff: int, rows, chunk_rows: int, temperature: float, *tensors):
-        ctx.kernel, ctx.n_diff, ctx.chunk_rows, ctx.temperature = kernel, n_diff, chunk_rows, temperature
-        ctx.save_for_backward(rows, *tensors)
+    def forward(ctx, kernel: Kernel, n_diff: int, index, n_rows: int, chunk_rows: int, temperature: float,
+                *tensors):
+        need = tuple(ctx.needs_input_grad[6:6 + n_diff])
+        grads = [_grad_buffer(x, ix) if n else None for x, ix, n in zip(tensors, index, need)]
         total = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
-        no_grads = (False,) * n_diff
-        for chunk in _row_chunks(rows, tensors[0].shape[0], chunk_rows):
-            loss, _ = kernel([_take(x, chunk) for x in tensors], temperature, no_grads)
+        for sel in _chunks(n_rows, chunk_rows):
+            loss, chunk_grads = kernel([_take(x, sel, *ix) for x, ix in zip(tensors, index)], temperature, need)
             total += loss.sum()
+            for full, ix, g in zip(grads, index, chunk_grads):
+                if full is not None:
+                    _put(full, sel, *ix, g)
+        ctx.n_inputs, ctx.temperature = len(tensors), temperature
+        ctx.save_for_backward(*[g for g in grads if g is not None])
+        ctx.grad_slots = [g is not None for g in grads]
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        rows, *tensors = ctx.saved_tensors
-        need = tuple(ctx.needs_input_grad[5:5 + ctx.n_diff])
-        # Rows outside the selection get exact zeros; with every row selected all are overwritten.
-        alloc = torch.zeros_like if rows is not None else torch.empty_like
-        grads = [alloc(x) if n else None for x, n in zip(tensors, need)]
-        if any(need):
-            scale = grad_out.float() / ctx.temperature  # chain rule through z = logits / T
-            for chunk in _row_chunks(rows, tensors[0].shape[0], ctx.chunk_rows):
-                _, chunk_grads = ctx.kernel([_take(x, chunk) for x in tensors], ctx.temperature, need)
-                for full, g in zip(grads, chunk_grads):
-                    if full is None:
-                        continue
-                    g = g.mul_(scale).to(full.dtype)
-                    if isinstance(chunk, slice):
-                        full[chunk] = g
-                    else:
-                        full.index_copy_(0, chunk, g)
-        no_grad_tail = [None] * (len(tensors) - ctx.n_diff)
-        return (None, None, None, None, None, *grads, *no_grad_tail)
+        saved = iter(ctx.saved_tensors)
+        scale = grad_out / ctx.temperature  # chain rule through z = logits / T
+        grads = [next(saved).mul_(scale.to(torch.float32)) if has else None for has in ctx.grad_slots]
+        grads += [None] * (ctx.n_inputs - len(grads))
+        return (None, None, None, None, None, None, *grads)
+
+
+class _LinearChunkedRowLoss(torch.autograd.Function):
+    """``_ChunkedRowLoss`` with the student's output layer fused in: tensor 0 is the student's last
+    hidden state [rows, H] and ``weight`` [V', H] its head restricted to the columns in play; each
+    chunk's logits ``h @ weight.T`` exist only inside the chunk, and the gradients flow to the hidden
+    state ([rows, H]) and the weight ([V', H]) directly. The student's [rows, V] logits (and their
+    gradient) never exist. The matmuls run in the hidden state's dtype (fp16 under a P100's autocast,
+    as the model's own head would), the kernels in float32."""
+
+    @staticmethod
+    def forward(ctx, kernel: Kernel, n_diff: int, index, n_rows: int, chunk_rows: int, temperature: float,
+                weight, hidden, *tensors):
+        need_w, need_h = ctx.needs_input_grad[6], ctx.needs_input_grad[7]
+        need = (need_w or need_h, *ctx.needs_input_grad[8:8 + n_diff - 1])
+        dtype = hidden.dtype if hidden.dtype in (torch.float16, torch.bfloat16) else torch.float32
+        w = weight.to(dtype)
+        g_hidden = _grad_buffer(hidden, index[0]) if need_h else None
+        g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        others = [_grad_buffer(x, ix) if n else None for x, ix, n in zip(tensors, index[1:], need[1:])]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for sel in _chunks(n_rows, chunk_rows):
+            h = _take(hidden, sel, *index[0]).to(dtype)
+            logits = h @ w.T
+            loss, chunk_grads = kernel([logits, *[_take(x, sel, *ix) for x, ix in zip(tensors, index[1:])]],
+                                       temperature, need)
+            total += loss.sum()
+            del logits
+            g = chunk_grads[0]
+            if g is not None:
+                g = g.to(dtype)
+                if need_h:
+                    _put(g_hidden, sel, index[0][0], None, g @ w)
+                if need_w:
+                    g_weight += (g.T @ h).float()
+            for full, ix, gc in zip(others, index[1:], chunk_grads[1:]):
+                if full is not None:
+                    _put(full, sel, *ix, gc)
+        ctx.temperature, ctx.n_inputs = temperature, len(tensors)
+        grads = [g_weight, g_hidden, *others]
+        ctx.grad_slots = [g is not None for g in grads]
+        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(*[g for g in grads if g is not None])
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        scale = (grad_out / ctx.temperature).to(torch.float32)
+        grads = [next(saved).mul_(scale) if has else None for has in ctx.grad_slots]
+        if grads[0] is not None:
+            grads[0] = grads[0].to(ctx.weight_dtype)
+        grads += [None] * (ctx.n_inputs + 2 - len(grads))
+        return (None, None, None, None, None, None, *grads)
 
 
 def _check_settings(temperature: float, reduction: str, chunk_rows: int) -> None:
@@ -237,7 +318,7 @@ def _dense(kernel: Kernel, student_logits, teacher_logits, mask, temperature, re
                          f"{tuple(teacher_logits.shape)} must have the same shape [..., V]")
     vocab = student_logits.shape[-1]
     rows, n = _select_rows(student_logits.shape[:-1], mask, student_logits.device)
-    total = _ChunkedRowLoss.apply(kernel, 2, rows, chunk_rows, float(temperature),
+    total = _ChunkedRowLoss.apply(kernel, 2, ((rows, None), (rows, None)), n, chunk_rows, float(temperature),
                                   student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab))
     return _reduce(total, n, reduction)
 
@@ -327,7 +408,7 @@ def sparse_forward_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk
     if k > vocab:
         raise ValueError(f"top-k of {k} ids exceeds the student vocabulary of {vocab}")
     rows, n = _select_rows(lead, mask, student_logits.device)
-    total = _ChunkedRowLoss.apply(_sparse_forward_kl_kernel, 1, rows, chunk_rows, float(temperature),
+    total = _ChunkedRowLoss.apply(_sparse_forward_kl_kernel, 1, ((rows, None),) * 4, n, chunk_rows, float(temperature),
                                   student_logits.reshape(-1, vocab), topk_ids.reshape(-1, k).long(),
                                   topk_logprobs.detach().reshape(-1, k), rest_logprob.detach().reshape(-1))
     return _reduce(total, n, reduction)
@@ -352,3 +433,61 @@ def kd_loss(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tenso
     except KeyError:
         raise UserError(f"KD loss {name!r} is unknown: use one of {', '.join(_KD_LOSSES)}") from None
     return fn(student_logits, teacher_logits, mask, temperature, beta, reduction, chunk_rows)
+
+
+def _kernel(name: str, beta: float) -> Kernel:
+    """The per-chunk kernel of the divergence ``name`` (as in ``kd_loss``)."""
+    if name == "jsd":
+        if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
+            raise UserError(f"JSD beta {beta!r} is outside [0, 1]: 0 = forward KL, 1 = reverse KL, 0.5 = symmetric")
+        if beta in (0, 1):
+            return _forward_kl_kernel if beta == 0 else _reverse_kl_kernel
+        return lambda parts, temperature, need: _jsd_kernel(parts, temperature, need, beta=float(beta))
+    kernels = {"forward_kl": _forward_kl_kernel, "reverse_kl": _reverse_kl_kernel, "tvd": _tvd_kernel}
+    try:
+        return kernels[name]
+    except KeyError:
+        raise UserError(f"KD loss {name!r} is unknown: use one of {', '.join(_KD_LOSSES)}") from None
+
+
+def _is_arange(cols: torch.Tensor | None, size: int) -> bool:
+    return cols is None or (cols.numel() == size and bool((cols == torch.arange(size, device=cols.device)).all()))
+
+
+def divergence_sum(name: str, student: torch.Tensor, teacher: torch.Tensor, *, s_rows=None, t_rows=None,
+                   s_cols=None, t_cols=None, head_weight: torch.Tensor | None = None, temperature: float = 1.0,
+                   beta: float = 0.5, chunk_rows: int = 1024) -> torch.Tensor:
+    """Sum over N row pairs of the divergence ``name`` between student row ``s_rows[i]`` on columns
+    ``s_cols`` and teacher row ``t_rows[i]`` on columns ``t_cols`` (both softmaxes over the selected
+    columns only), without gathering the [N, S] selections: each chunk of rows is gathered, compared
+    and its gradient scattered back in one pass.
+
+    student: logits [R_s, V_s], or with ``head_weight`` [V_s, H] the student's last hidden state
+    [R_s, H] (the output layer is then fused in: ``_LinearChunkedRowLoss``); teacher: logits [R_t, V_t].
+    Row indices: long [N] of distinct rows, or None for rows 0..N-1; column indices: long [S] (the
+    same S on both sides, matched in order), or None for all columns. Gradients reach the student
+    (logits, or hidden state and weight) and the teacher's logits when they require them."""
+    _check_settings(temperature, "sum", chunk_rows)
+    kernel = _kernel(name, beta)
+    n = (s_rows.numel() if s_rows is not None else t_rows.numel() if t_rows is not None
+         else min(student.shape[0], teacher.shape[0]))
+    width_s = head_weight.shape[0] if head_weight is not None else student.shape[-1]
+    s_cols = None if _is_arange(s_cols, width_s) else s_cols
+    t_cols = None if _is_arange(t_cols, teacher.shape[-1]) else t_cols
+    if head_weight is None:
+        return _ChunkedRowLoss.apply(kernel, 2, ((s_rows, s_cols), (t_rows, t_cols)), n, chunk_rows,
+                                     float(temperature), student, teacher)
+    weight = head_weight if s_cols is None else head_weight.index_select(0, s_cols)
+    return _LinearChunkedRowLoss.apply(kernel, 2, ((s_rows, None), (t_rows, t_cols)), n, chunk_rows,
+                                       float(temperature), weight, student, teacher)
+
+
+def linear_cross_entropy_sum(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
+                             rows: torch.Tensor | None = None, *, chunk_rows: int = 1024) -> torch.Tensor:
+    """Sum over rows of -log softmax(hidden[r] @ head_weight.T)[targets[i]] with the output layer fused
+    in (the [rows, V] logits never exist at once). hidden [R, H], head_weight [V, H], targets long [N],
+    rows long [N] or None (rows 0..N-1)."""
+    _check_settings(1.0, "sum", chunk_rows)
+    n = targets.numel()
+    return _LinearChunkedRowLoss.apply(_cross_entropy_kernel, 1, ((rows, None), (None, None)), n, chunk_rows, 1.0,
+                                       head_weight, hidden, targets)
