@@ -1,7 +1,16 @@
 """Peak extra memory and time of forward KL + backward: plain autograd vs sakd's chunked Function.
 
-Setting: Qwen3's vocabulary (V = 151,936), float32 logits on CPU, rows = 4 x 512 (``--quick``:
-1 x 512), T = 2. Each variant runs in a fresh subprocess so that peaks do not mix; in it, the
+Setting: Qwen3's vocabulary (V = 151,936), float32 on CPU, rows = 4 x 512 (``--quick``: 1 x 512),
+T = 2. Two comparisons:
+
+  logits  the student's logits [rows, V] are the input: plain ``F.kl_div`` over log-softmaxes vs
+          ``sakd.losses.forward_kl`` (chunks of --chunk-rows rows, gradient computed in the same pass).
+  head    the student's final hidden state [rows, H] (H = --hidden, 576 as SmolLM) and a head weight
+          [V, H] are the input, as in training: plain = ``h @ W.T`` then the plain loss; ours = the
+          fused ``divergence_sum(..., head_weight=W)`` (``loss.fused_head``): the [rows, V] student
+          logits and their gradient never exist; gradients flow to h and W.
+
+The teacher's logits [rows, V] are an input in both. Each variant runs in a fresh subprocess so that peaks do not mix; in it, the
 logits are allocated first, then the resident set size (RSS) is the baseline, and the peak is
 taken both from a background thread sampling RSS every 1 ms and from getrusage's ru_maxrss
 (a true high-water mark, valid here because nothing before the baseline used more memory).
@@ -73,10 +82,24 @@ def child(args) -> dict:
     def ours(s, t):
         return forward_kl(s, t, temperature=T, chunk_rows=args.chunk)
 
-    fn = plain if args.child == "plain" else ours
+    from sakd.losses.divergences import divergence_sum
+
+    def plain_head(h, t):
+        return plain(h @ w.T, t)
+
+    def ours_head(h, t):
+        return divergence_sum("forward_kl", h, t, head_weight=w, temperature=T, chunk_rows=args.chunk) / h.shape[0]
+
+    fn = {"plain": plain, "ours": ours, "plain_head": plain_head, "ours_head": ours_head}[args.child]
     g = torch.Generator().manual_seed(0)
-    s = torch.randn(args.rows, args.vocab, generator=g).mul_(3).requires_grad_()  # in place: no 2x peak
+    head = args.child.endswith("_head")
+    if head:
+        s = torch.randn(args.rows, args.hidden, generator=g).requires_grad_()
+        w = torch.randn(args.vocab, args.hidden, generator=g).mul_(3 / args.hidden ** 0.5).requires_grad_()
+    else:
+        s = torch.randn(args.rows, args.vocab, generator=g).mul_(3).requires_grad_()  # in place: no 2x peak
     t = torch.randn(args.rows, args.vocab, generator=g).mul_(3)
+    inputs = [s, t] + ([w] if head else [])
     baseline = _rss_bytes()
     maxrss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
     sampler = _PeakSampler()
@@ -88,13 +111,15 @@ def child(args) -> dict:
         loss.backward()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
-        s.grad = None
+        for x in inputs:
+            x.grad = None
     peak_sampled = sampler.stop()
     maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return {
-        "variant": args.child, "chunk_rows": args.chunk if args.child == "ours" else None,
-        "rows": args.rows, "vocab": args.vocab, "torch_threads": torch.get_num_threads(),
-        "input_mib": 2 * s.numel() * 4 / MIB, "baseline_rss_mib": baseline / MIB,
+        "variant": args.child, "chunk_rows": args.chunk if args.child.startswith("ours") else None,
+        "rows": args.rows, "vocab": args.vocab, "hidden": args.hidden if head else None,
+        "torch_threads": torch.get_num_threads(),
+        "input_mib": sum(x.numel() for x in inputs) * 4 / MIB, "baseline_rss_mib": baseline / MIB,
         "extra_peak_sampled_mib": (peak_sampled - baseline) / MIB,
         "extra_peak_rusage_mib": (maxrss_after - baseline) / MIB,
         "rusage_valid": maxrss_before <= baseline + 16 * MIB,
@@ -104,23 +129,69 @@ def child(args) -> dict:
 
 def run_variant(variant: str, chunk: int, args) -> dict:
     cmd = [sys.executable, __file__, "--child", variant, "--chunk", str(chunk), "--rows", str(args.rows),
-           "--vocab", str(args.vocab), "--repeats", str(args.repeats), "--temperature", str(args.temperature)]
+           "--vocab", str(args.vocab), "--repeats", str(args.repeats), "--temperature", str(args.temperature),
+           "--hidden", str(args.hidden)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"variant {variant} (chunk_rows={chunk}) failed:\n{proc.stderr}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+HEAD_CHUNK_ROWS = 256  # the fused comparison's headline chunk (what configs for 150k vocabularies set)
+
+
+def measure(rows: int, vocab: int, hidden: int, repeats: int, temperature: float, chunk_rows: list[int],
+            head_chunk_rows: list[int]) -> dict:
+    """Both comparisons, each variant in a fresh subprocess; headline ratios from the fused (head) one at
+    its first chunk size, the logits ratios next to them."""
+    args = argparse.Namespace(rows=rows, vocab=vocab, hidden=hidden, repeats=repeats, temperature=temperature)
+    logits = [run_variant("plain", 0, args)] + [run_variant("ours", c, args) for c in chunk_rows]
+    head = [run_variant("plain_head", 0, args)] + [run_variant("ours_head", c, args) for c in head_chunk_rows]
+
+    def ratios(plain, ours):
+        return (ours["extra_peak_rusage_mib"] / plain["extra_peak_rusage_mib"],
+                ours["time_s_median"] / plain["time_s_median"])
+
+    mem, tim = ratios(head[0], head[1])
+    mem_l, tim_l = ratios(logits[0], logits[1])
+    return {
+        "kd_loss_memory_ratio": mem, "kd_loss_time_ratio": tim,
+        "kd_loss_memory_ratio_logits": mem_l, "kd_loss_time_ratio_logits": tim_l,
+        "headline": f"fused output layer (loss.fused_head), chunk_rows={head_chunk_rows[0]}, hidden {hidden}; "
+                    f"the _logits ratios: logits as input, chunk_rows={chunk_rows[0]}",
+        "memory_measure": "extra peak RSS over the inputs, getrusage ru_maxrss in a fresh subprocess",
+        "time_measure": f"median of {repeats} forward + backward",
+        "rows": rows, "vocab": vocab, "hidden": hidden, "variants": logits + head,
+    }
+
+
+def print_table(res: dict) -> None:
+    print(f"forward KL + backward, rows={res['rows']}, V={res['vocab']}, fp32 CPU")
+    print(f"{'variant':<34}{'inputs':>10}{'extra peak (sampled)':>22}{'extra peak (rusage)':>21}{'time (median)':>15}"
+          f"{'loss':>11}")
+    names = {"plain": "plain autograd, logits in", "ours": "sakd, logits in",
+             "plain_head": "plain autograd, h @ W.T in", "ours_head": "sakd fused head"}
+    for r in res["variants"]:
+        name = names[r["variant"]] + (f" (chunk {r['chunk_rows']})" if r["chunk_rows"] else "")
+        print(f"{name:<34}{r['input_mib']:>6.0f} MiB{r['extra_peak_sampled_mib']:>18.0f} MiB"
+              f"{r['extra_peak_rusage_mib']:>17.0f} MiB{r['time_s_median']:>13.3f} s{r['loss']:>11.6f}")
+    print(f"ours/plain, fused head: memory {res['kd_loss_memory_ratio']:.3f}, time {res['kd_loss_time_ratio']:.3f}; "
+          f"logits in: memory {res['kd_loss_memory_ratio_logits']:.3f}, time {res['kd_loss_time_ratio_logits']:.3f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="1 x 512 rows instead of 4 x 512")
     ap.add_argument("--vocab", type=int, default=151_936)
+    ap.add_argument("--hidden", type=int, default=576, help="hidden size of the fused comparison (SmolLM: 576)")
     ap.add_argument("--rows", type=int, default=None, help="override the number of rows")
     ap.add_argument("--chunk-rows", type=int, nargs="+", default=[1024, 128],
-                    help="chunk_rows values for sakd's loss; the first gives the headline ratios")
+                    help="chunk_rows values with logits as input; the first gives the _logits ratios")
+    ap.add_argument("--head-chunk-rows", type=int, nargs="+", default=[HEAD_CHUNK_ROWS, 1024],
+                    help="chunk_rows values of the fused head; the first gives the headline ratios")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--temperature", type=float, default=2.0)
-    ap.add_argument("--child", choices=["plain", "ours"], help=argparse.SUPPRESS)
+    ap.add_argument("--child", choices=["plain", "ours", "plain_head", "ours_head"], help=argparse.SUPPRESS)
     ap.add_argument("--chunk", type=int, default=1024, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rows is None:
@@ -128,28 +199,12 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args)))
         return
-
-    results = [run_variant("plain", 0, args)] + [run_variant("ours", c, args) for c in args.chunk_rows]
-    plain = results[0]
-    print(f"forward KL + backward, rows={args.rows}, V={args.vocab}, fp32 CPU, "
-          f"inputs {plain['input_mib']:.0f} MiB, torch threads {plain['torch_threads']}")
-    print(f"{'variant':<22}{'extra peak (sampled)':>22}{'extra peak (rusage)':>21}{'time (median)':>15}{'loss':>12}")
-    for r in results:
-        name = "plain autograd" if r["variant"] == "plain" else f"sakd chunk_rows={r['chunk_rows']}"
-        print(f"{name:<22}{r['extra_peak_sampled_mib']:>18.0f} MiB{r['extra_peak_rusage_mib']:>17.0f} MiB"
-              f"{r['time_s_median']:>13.3f} s{r['loss']:>12.6f}")
-    head = results[1]
-    summary = {
-        "kd_loss_memory_ratio": head["extra_peak_rusage_mib"] / plain["extra_peak_rusage_mib"],
-        "kd_loss_time_ratio": head["time_s_median"] / plain["time_s_median"],
-        "headline_chunk_rows": head["chunk_rows"],
-        "memory_measure": "extra peak RSS over the inputs, getrusage ru_maxrss in a fresh subprocess",
-        "quick": args.quick, "rows": args.rows, "vocab": args.vocab, "variants": results,
-    }
-    print(f"ours/plain at chunk_rows={head['chunk_rows']}: memory {summary['kd_loss_memory_ratio']:.3f}, "
-          f"time {summary['kd_loss_time_ratio']:.3f}")
+    res = measure(args.rows, args.vocab, args.hidden, args.repeats, args.temperature, args.chunk_rows,
+                  args.head_chunk_rows)
+    res["quick"] = args.quick
+    print_table(res)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
+    RESULTS.write_text(json.dumps(res, indent=2) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 

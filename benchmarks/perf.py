@@ -204,11 +204,10 @@ def timed_rate(steps: list[dict], warmup: int = 1) -> tuple[float, float]:
 
 
 def kd_loss_section(quick: bool, repeats: int) -> dict:
-    args = argparse.Namespace(rows=512 if quick else 4 * 512, vocab=151_936, repeats=repeats, temperature=2.0)
-    plain, ours = kdm.run_variant("plain", 0, args), kdm.run_variant("ours", 1024, args)
-    return {"kd_loss_memory_ratio": ours["extra_peak_rusage_mib"] / plain["extra_peak_rusage_mib"],
-            "kd_loss_time_ratio": ours["time_s_median"] / plain["time_s_median"],
-            "kd_loss": {"rows": args.rows, "vocab": args.vocab, "chunk_rows": 1024, "plain": plain, "ours": ours}}
+    res = kdm.measure(512 if quick else 4 * 512, 151_936, 576, repeats, 2.0, [1024], [kdm.HEAD_CHUNK_ROWS])
+    kdm.print_table(res)
+    return {k: res.pop(k) for k in ("kd_loss_memory_ratio", "kd_loss_time_ratio", "kd_loss_memory_ratio_logits",
+                                    "kd_loss_time_ratio_logits")} | {"kd_loss": res}
 
 
 def make_same_tokenizer_pair(d: Path) -> dict:

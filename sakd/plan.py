@@ -217,82 +217,96 @@ def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[
     c["student_activations"] = act
     c["student_activations_other"] = activation_bytes(s, B * Ls, Ls, half=half, eager=eager, checkpointing=not ckpt)
     act_saved = act - one_layer if ckpt else act   # checkpointing: the recomputed layer exists only in backward
-    # use_cache=True (the config default) keeps a DynamicCache; only k/v before repeat_kv are extra
-    c["student_kv_cache"] = 0 if ckpt or s["kv_heads"] == s["heads"] else 2 * s["layers"] * B * Ls * s["kvd"] * ab
-    c["student_logits"] = B * Ls * Vs * ab
-    c["student_logits_grad"] = B * Ls * Vs * ab
+    # every forward runs with use_cache=False: no KV cache
+    H = s["hidden"]
+    fused = _fused_head(cfg, kd, alm)
+    # fused output layer (loss.fused_head): the model computes logits for one position only; the losses
+    # take the final hidden state and the head weight, and return gradients of those: [N, H] + [Vs, H].
+    c["student_logits"] = B * (1 if fused else Ls) * Vs * ab
+    c["student_logits_grad"] = 0 if fused else B * Ls * Vs * ab
     c["teacher_logits"] = B * Lt * Vt * tb
-    c["teacher_kv_cache"] = 2 * t["layers"] * B * Lt * t["kvd"] * tb
     c["teacher_forward"] = B * Lt * tb * (4 * t["hidden"] + 2 * t["hq"] + 2 * t["kvd"]
                                           + 3 * (t["moe_intermediate"] if t["experts"] else t["intermediate"])) \
         + B * Lt * Lt
     if cached:  # the cache batch instead: top-k ids (int32) and log-probs (fp16) per teacher position
         c["teacher_logits"] = B * Lt * (topk * 6 + 16)
-        c["teacher_kv_cache"] = c["teacher_forward"] = 0
+        c["teacher_forward"] = 0
     need_hidden = lc.hidden.weight > 0 or lc.contrastive.weight > 0
     c["teacher_hidden_states"] = (t["layers"] + 1) * B * Lt * t["hidden"] * tb if need_hidden else 0
     c["teacher_attention_maps"] = t["layers"] * B * t["heads"] * Lt * Lt * tb if eager else 0
-    # shared_kl: [N, S] student and teacher rows gathered and saved (one pair per KA pass); backward
-    # writes an [N, S] gradient. Each chunk of rows holds `kernel` fp32 [chunk, S] temporaries; the
-    # teacher-mass-outside log (forward, no grad) holds ~[chunk, 2 Vt + S].
-    c["kd_rows"] = passes * N * S * (ab + tb) if kd else 0
-    c["kd_rows_grad"] = N * S * ab if kd else 0
-    c["kd_chunk_temporaries"] = chunk * 4 * max(kernel * S, 2 * Vt + S) if kd else 0
-    if kd and cached:  # student rows [N, S] padded by k -inf columns and saved; [N, k] teacher side
-        c["kd_rows"] = N * (S + topk) * ab + N * topk * 12
-        c["kd_rows_grad"] = N * (S + topk) * ab
-        c["kd_chunk_temporaries"] = chunk * 4 * kernel * (S + topk) + N * S * ab  # + the unpadded rows
+    # KD (sakd.losses.divergences): the gradient is computed in the forward pass, chunk by chunk, and held
+    # until backward: one buffer of the student logits' shape per KA pass (fused: [N, H] + [S, H] fp32,
+    # and the [S, H] gathered head). Each chunk holds `kernel` fp32 [chunk, S] temporaries plus its
+    # gathered rows; the teacher-mass-outside log (forward, no grad) holds ~[chunk, 2 Vt + S].
+    head_grad = B * Ls * H * ab + 2 * S * H * 4
+    c["kd_grad_buffers"] = passes * (head_grad if fused else B * Ls * Vs * ab) if kd else 0
+    c["kd_chunk_temporaries"] = (chunk * 4 * max(kernel * S, 2 * Vt + S)
+                                 + chunk * (Vt * tb + (0 if fused else Vs * ab))) if kd else 0
+    if kd and cached:  # sparse teacher: the [N, Vs] student gradient, [chunk, Vs] kernel temporaries
+        c["kd_grad_buffers"] = B * Ls * Vs * ab
+        c["kd_chunk_temporaries"] = chunk * 4 * 4 * Vs + N * S * ab
     if kd and lc.gap_weighting:
         c["kd_chunk_temporaries"] += 4 * N * S * 4
-    # cross-entropy: forward, a contiguous fp32 copy of the shifted logits and the saved log-probs;
-    # backward, the saved log-probs and the nll_loss and log_softmax gradients (all [N, Vs] fp32).
-    c["ce_buffers_forward"] = 2 * N * Vs * 4 if ce else 0
-    c["ce_buffers_backward"] = 3 * N * Vs * 4 if ce else 0
+    # cross-entropy. Logits path: forward, a contiguous fp32 copy of the shifted logits and the saved
+    # log-probs; backward, the saved log-probs and the nll_loss and log_softmax gradients ([N, Vs] fp32).
+    # Fused: its gradient buffers ([N, H] + [Vs, H] fp32) and two fp32 [chunk, Vs] temporaries.
+    if fused:
+        c["ce_buffers_forward"] = B * Ls * H * ab + Vs * H * 4 + 2 * chunk * Vs * 4 if ce else 0
+        c["ce_buffers_backward"] = B * Ls * H * ab + Vs * H * 4 if ce else 0
+    else:
+        c["ce_buffers_forward"] = 2 * N * Vs * 4 if ce else 0
+        c["ce_buffers_backward"] = 3 * N * Vs * 4 if ce else 0
     c["alm_chunk_temporaries"] = 3 * chunk * max(Vs, Vt) * 4 if alm else 0
 
     # with accumulation, the gradients of the earlier micro-batches are alive in every later one
     held_grads = c["student_gradients"] if cfg.train.grad_accum > 1 else 0
-    base = (held_grads + act_saved + c["student_kv_cache"] + c["student_logits"] + c["teacher_kv_cache"]
-            + c["teacher_hidden_states"] + c["teacher_attention_maps"])
-    per_pass = c["kd_rows"] / passes
+    base = held_grads + act_saved + c["student_logits"] + c["teacher_hidden_states"] + c["teacher_attention_maps"]
+    per_pass = c["kd_grad_buffers"] / passes
     m = {}
-    # a teacher pass ends: under KA the previous pass's logits are still referenced
+    # a teacher pass ends: under KA the previous pass's logits and KD gradient are still referenced
     m["teacher_pass"] = base + min(2, passes) * c["teacher_logits"] + (passes - 1) * per_pass + c["teacher_forward"]
-    # the loss terms: the KD rows of every pass saved, then one term's temporaries at a time
-    m["loss_forward"] = base + c["teacher_logits"] + c["kd_rows"] + max(
-        c["kd_chunk_temporaries"], c["ce_buffers_forward"], c["alm_chunk_temporaries"])
-    # backward runs the terms newest first (CE, ALM, KD); an earlier term's logits gradient is kept
-    # for accumulation; ALM saves the logits themselves until its own backward.
-    kd_b = c["kd_rows"] + c["kd_rows_grad"] + kernel * chunk * S * 4 + (c["student_logits_grad"] if ce or alm else 0)
-    alm_b = (c["student_logits"] + c["student_logits_grad"] + c["alm_chunk_temporaries"]
-             + (c["student_logits_grad"] if ce else 0)) if alm else 0
-    ce_b = c["ce_buffers_backward"] + (c["student_logits"] if alm else 0) + c["kd_rows"]
-    m["loss_backward"] = held_grads + act_saved + max(kd_b if kd else 0, alm_b, ce_b if ce else 0)
-    # the layers' backward: the logits gradient meets lm_head; checkpointing recomputes one layer
-    m["layers_backward"] = held_grads + act + c["student_logits_grad"] + 4 * Vs * s["hidden"]
+    # the loss terms in order (KD of every pass, ALM, CE), each with its temporaries while it runs
+    m["loss_forward"] = base + c["teacher_logits"] + max(
+        c["kd_grad_buffers"] + c["kd_chunk_temporaries"] if kd else 0,
+        c["kd_grad_buffers"] + c["alm_chunk_temporaries"],
+        c["kd_grad_buffers"] + c["ce_buffers_forward"])
+    # backward: CE's own buffers (newest first), the KD gradients are scaled in place, and everything
+    # meets in the student logits' gradient (logits path); ALM saves the logits until its own backward
+    alm_b = (c["student_logits"] + c["student_logits_grad"] + c["alm_chunk_temporaries"]) if alm else 0
+    m["loss_backward"] = held_grads + act_saved + c["kd_grad_buffers"] + max(
+        c["ce_buffers_backward"] + (0 if fused else c["student_logits_grad"]) if ce else 0, alm_b,
+        c["student_logits_grad"])
+    # the layers' backward: the logits gradient (or, fused, the [N, H] one) meets lm_head
+    m["layers_backward"] = held_grads + act + (c["student_logits_grad"] if not fused else B * Ls * H * ab) \
+        + 4 * Vs * H
     # optimizer step: every gradient; foreach AdamW (CUDA) holds about one parameter-sized temporary
     m["optimizer"] = c["student_gradients"] * (2 if cuda else 1)
     router = 0.0
     if cfg.moe.mode == "sar":  # student logits (no grad, fp32), teacher WITH grad, checkpointed by SARRouter
         t_layer = B * Lt * _layer_bytes(t, Lt, half=tb == 2, eager=False, experts_run=t["experts"])
         t_saved = activation_bytes(t, B * Lt, Lt, half=tb == 2, eager=False, checkpointing=True) - t_layer
-        rows = N * S * (4 + tb)
-        router = B * Ls * Vs * 4 + t_saved + max(
-            c["teacher_logits"] + c["teacher_kv_cache"] + rows + c["kd_chunk_temporaries"],  # forward + loss
-            rows + N * S * tb + kernel * chunk * S * 4,                                     # loss backward
-            c["teacher_logits"] + t_layer)                                                   # layers backward
+        # the KD gradient w.r.t. the teacher logits is computed in the loss forward (a logits-sized buffer)
+        router = B * Ls * Vs * 4 + t_saved + max(2 * c["teacher_logits"] + c["kd_chunk_temporaries"],
+                                                  2 * c["teacher_logits"] + t_layer)
     c["sar_router_step"] = m["router"] = router
-    # held-out bits per byte (evaluate.nll_bits, no grad): logits, their fp32 copy when 16-bit, the
-    # contiguous copy log_softmax makes of the shifted slice, and the fp32 log-probs of
-    # eval.batch_size x eval.seq_len tokens, plus the KV cache. The teacher is scored
-    # once, before the optimizer states exist (hence their subtraction: this moment is added to them).
+    # held-out bits per byte (evaluate.nll_bits, no grad, no KV cache): the logits of eval.batch_size x
+    # eval.seq_len tokens in the model's dtype, then one window at a time its fp32 copy (16-bit models)
+    # and logsumexp's fp32 temporary. The teacher is scored once, before the optimizer states exist
+    # (hence their subtraction: this moment is added to them).
     Be, Le = cfg.eval.batch_size, cfg.eval.seq_len
-    t_eval = Be * Le * (Vt * (tb + (4 if tb != 4 else 0) + 8) + 2 * t["layers"] * t["kvd"] * tb)
+    t_eval = Be * Le * Vt * tb + Le * Vt * (4 + (4 if tb != 4 else 0))
     c["teacher_eval"] = 0 if cached else t_eval
-    c["student_eval"] = Be * Le * (Vs * 12 + 2 * s["layers"] * s["kvd"] * 4)
+    c["student_eval"] = Be * Le * Vs * 4 + Le * Vs * 4
     m["teacher_eval"] = max(0.0, c["teacher_eval"] - c["optimizer_states"])
     m["student_eval"] = c["student_eval"]
     return c, m
+
+
+def _fused_head(cfg: Config, kd: bool, alm: bool) -> bool:
+    """Whether the loop fuses the student's output layer into its losses (objective.fused_head_weight;
+    the model-side conditions -- a bias-free head without logit scaling -- hold for Llama and Qwen)."""
+    lc = cfg.loss
+    return bool(lc.fused_head and not alm and not (kd and (lc.logit != "shared_kl" or lc.gap_weighting)))
 
 
 def _cache_k(folder: str) -> int:
@@ -358,6 +372,7 @@ def plan(cfg: Config, *, card_gb: float = 16.0, micro_batch: int | None = None, 
         "activation_dtype": "16-bit autocast" if half else "float32",
         "teacher_dtype": cfg.model.teacher_dtype, "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "moe_mode": cfg.moe.mode, "teacher_cache": cfg.model.teacher_cache, "teacher": t, "student": s,
+        "fused_head": _fused_head(cfg, cfg.loss.kd_weight > 0 and cfg.loss.logit != "none", cfg.loss.chunk_weight > 0),
         "components": {k: int(v) for k, v in tot["components"].items()},
         "moments": {k: int(v) for k, v in tot["moments"].items()},
         "persistent_bytes": int(tot["persistent"]), "transient_bytes": int(tot["transient"]),
@@ -396,16 +411,13 @@ ROWS = [  # (component, phase it counts in, label)
     ("student_gradients", "backward", "student gradients (fp32)"),
     ("student_activations", "fwd+bwd", "student activations"),
     ("student_activations_other", "-", "  (same with checkpointing {other})"),
-    ("student_kv_cache", "forward", "student KV cache (use_cache)"),
     ("student_logits", "forward", "student logits [B, Ls, Vs]"),
     ("student_logits_grad", "backward", "gradient of the student logits"),
     ("teacher_logits", "forward", "teacher logits [B, Lt, Vt]"),
-    ("teacher_kv_cache", "forward", "teacher KV cache (use_cache)"),
     ("teacher_forward", "forward", "teacher forward, one layer"),
     ("teacher_hidden_states", "forward", "teacher hidden states"),
     ("teacher_attention_maps", "forward", "teacher attention maps (eager)"),
-    ("kd_rows", "fwd+bwd", "KD rows [N, S] saved"),
-    ("kd_rows_grad", "backward", "KD rows gradient [N, S]"),
+    ("kd_grad_buffers", "fwd+bwd", "KD gradients (from the forward pass)"),
     ("kd_chunk_temporaries", "fwd+bwd", "KD chunk temporaries"),
     ("ce_buffers_forward", "forward", "cross-entropy buffers, forward"),
     ("ce_buffers_backward", "backward", "cross-entropy buffers, backward"),
@@ -431,7 +443,8 @@ def format_plan(p: dict) -> str:
         f"hidden {s['hidden']}, vocab {s['vocab']:,}",
         f"device {p['device']}, activations {p['activation_dtype']}, teacher dtype {p['teacher_dtype']}, "
         f"micro-batch {p['micro_batch']} x {p['seq_len']} student / {p['teacher_seq_len']} teacher tokens, "
-        f"gradient checkpointing {'on' if p['gradient_checkpointing'] else 'off'}, moe.mode {p['moe_mode']}",
+        f"gradient checkpointing {'on' if p['gradient_checkpointing'] else 'off'}, moe.mode {p['moe_mode']}, "
+        f"fused output layer {'on' if p['fused_head'] else 'off'}",
         "",
         f"{'component':<40}{'GiB':>9}  alive in",
     ]
@@ -439,6 +452,8 @@ def format_plan(p: dict) -> str:
     for key, phase, label in ROWS:
         if key == "teacher_logits" and p.get("teacher_cache"):
             label = "teacher cache batch (top-k)"
+        if key == "student_logits" and p.get("fused_head"):
+            label = "student logits, last position (fused head)"
         if key in c and (c[key] or key in PERSISTENT[:3]):
             lines.append(f"{label.format(other=other):<40}{gib(c[key])}  {phase}")
     ph = p["moments"]

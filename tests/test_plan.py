@@ -65,7 +65,7 @@ def test_real_pair_offline_from_the_builtin_table():
     assert c["optimizer_states"] == 8 * 134_515_008                    # AdamW: 2 fp32 states
     assert c["student_logits"] == 4 * 512 * 49152 * 2                  # autocast fp16 logits
     assert c["teacher_logits"] == 4 * 640 * 151936 * 2
-    assert c["kd_rows"] == 2 * (4 * 512) * 49152 * (2 + 2)             # KA M=2 passes, [N, S] both sides
+    assert c["kd_grad_buffers"] == 2 * (4 * 512) * 49152 * 2           # KA M=2 passes, one fp16 logits gradient each
     assert p["fits"] and p["max_micro_batch"] >= 4
     text = format_plan(p)
     assert "GiB" in text and "fits in 16 GiB" in text and "AdamW states" in text
@@ -74,15 +74,21 @@ def test_real_pair_offline_from_the_builtin_table():
 def test_each_component_by_hand_on_cpu(tmp_path):
     models = _pair(tmp_path)
     B, L, V, h = 8, 256, 8192, 256
-    p = plan(_cfg(models, "loss.ce_weight=0.5", "loss.chunk_rows=512", B=B, L=L), device="cpu")
+    p = plan(_cfg(models, "loss.ce_weight=0.5", "loss.chunk_rows=512", "loss.fused_head=false", B=B, L=L),
+             device="cpu")
     P, c = p["student"]["params"], p["components"]
     assert c["student_weights"] == 4 * P and c["student_gradients"] == 4 * P and c["optimizer_states"] == 8 * P
     assert c["teacher_weights"] == 4 * p["teacher"]["params"]          # fp32 on CPU
     assert c["student_logits"] == B * L * V * 4 == c["teacher_logits"]
-    assert c["kd_rows"] == B * L * V * 8 and c["kd_rows_grad"] == B * L * V * 4
-    assert c["kd_chunk_temporaries"] == 512 * 4 * 3.25 * V             # max(3.25 S, 2 Vt + S) fp32 rows, S = Vt = V
+    assert c["kd_grad_buffers"] == B * L * V * 4                       # the logits gradient, made in the forward pass
+    # max(3.25 S, 2 Vt + S) fp32 kernel rows + the gathered student and teacher rows, S = Vt = Vs = V
+    assert c["kd_chunk_temporaries"] == 512 * 4 * 3.25 * V + 512 * (V * 4 + V * 4)
     assert c["ce_buffers_forward"] == 2 * B * L * V * 4 and c["ce_buffers_backward"] == 3 * B * L * V * 4
-    assert c["teacher_kv_cache"] == 2 * 4 * B * L * 128 * 4            # 2 kv heads x head_dim 64, 4 layers
+    fused = plan(_cfg(models, "loss.ce_weight=0.5", "loss.chunk_rows=512", B=B, L=L), device="cpu")
+    f = fused["components"]
+    assert fused["fused_head"] and f["student_logits"] == B * 1 * V * 4 and f["student_logits_grad"] == 0
+    assert f["kd_grad_buffers"] == B * L * h * 4 + 2 * V * h * 4      # d/d hidden, d/d head (+ the gathered head)
+    assert f["ce_buffers_backward"] == B * L * h * 4 + V * h * 4
     # activations: (6h + 2 + 4hq + 4I + L + a) fp32 elements per token and layer, + 3h fp32 + L bytes outside
     layer = 4 * (6 * h + 2 + 4 * h + 4 * 688 + L + 4)
     assert c["student_activations"] == B * L * (4 * layer + 4 * 3 * h + L)
@@ -240,7 +246,8 @@ def measure_step(overrides: list[str]) -> int:
 
 
 CASES = {
-    "kd+ce": ["loss.ce_weight=0.5"],                                                    # full activations
+    "kd+ce": ["loss.ce_weight=0.5"],                                                    # full activations, fused head
+    "kd+ce logits": ["loss.ce_weight=0.5", "loss.fused_head=false"],                    # the [B, L, V] logits path
     "checkpointing+ka": ["model.gradient_checkpointing=true", "moe.mode=ka", "moe.ka_samples=2"],  # 2 teacher passes
 }
 

@@ -41,8 +41,12 @@ Kernel = Callable[[Sequence[torch.Tensor], float, Sequence[bool]], tuple]
 
 def _log_softmax32(x: torch.Tensor, temperature: float) -> torch.Tensor:
     """log_softmax(x / T) in float32, in a fresh tensor (copy=True: for a float32 input, .float()
-    would return the caller's tensor itself and the in-place ops below would corrupt it)."""
-    z = x.to(torch.float32, copy=True).div_(temperature)
+    would return the caller's tensor itself and the in-place ops below would corrupt it) -- except for
+    a chunk of logits this module computed itself (marked ``_owned``), which is overwritten in place."""
+    if getattr(x, "_owned", False) and x.dtype == torch.float32:
+        z = x.div_(temperature)
+    else:
+        z = x.to(torch.float32, copy=True).div_(temperature)
     z -= torch.logsumexp(z, dim=-1, keepdim=True)
     return z
 
@@ -252,7 +256,8 @@ class _LinearChunkedRowLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for sel in _chunks(n_rows, chunk_rows):
             h = _take(hidden, sel, *index[0]).to(dtype)
-            logits = h @ w.T
+            logits = (h @ w.T).float()
+            logits._owned = True  # a fresh chunk: the kernel may take its log-softmax in place
             loss, chunk_grads = kernel([logits, *[_take(x, sel, *ix) for x, ix in zip(tensors, index[1:])]],
                                        temperature, need)
             total += loss.sum()
