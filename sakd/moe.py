@@ -401,6 +401,25 @@ def _router_step_mode(teacher: nn.Module, checkpointing: bool) -> Iterator[bool]
             m.training = flag
 
 
+def _average_across_processes(params: list[nn.Parameter]) -> None:
+    """Under data parallelism (torch.distributed initialised, several processes), replace every
+    gradient by its mean over the processes, in one all-reduce, so that every process takes the same
+    router step and the teachers stay identical. (The student's gradients are averaged by DDP; the
+    router's master weights live outside the wrapped model, so they are averaged here.) The KL part
+    is exact when ``loss_fn`` divides by the GLOBAL count times the world size (``sar_router_step``
+    does); the balance term is averaged per process, an approximation of the global batch's."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
 class SARRouter:
     """Student-Aware Router training (paper Sec. 4.2): only router weights learn.
 
@@ -453,6 +472,7 @@ class SARRouter:
             self.optimizer.zero_grad(set_to_none=True)
             self.scaler.scale(total).backward()  # inside the context: checkpoint recompute re-routes
             summary = r.summary()
+        _average_across_processes(params)
         self.scaler.unscale_(self.optimizer)
         clip = self.grad_clip if self.grad_clip and self.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)

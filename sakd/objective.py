@@ -322,7 +322,12 @@ def sar_router_step(sar, teacher, student, batch, shared_s, shared_t, cfg: Confi
     lc = cfg.loss
     with torch.no_grad(), acc.autocast():
         s_logits = student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long(), use_cache=False).logits.float()
-    n = max(1, int(one_to_one(batch).sum()))
+    # Normalised by the 1:1 count of the GLOBAL batch, times the number of processes: SARRouter averages
+    # the router gradients across processes, so that the step equals one process's on the whole batch.
+    n_local = one_to_one(batch).sum()
+    world = getattr(acc, "num_processes", 1)
+    n_global = acc.reduce(n_local.to(acc.device), "sum") if world > 1 else n_local
+    n = max(1, int(n_global)) / world
 
     def loss_fn(t):
         t_logits = t(input_ids=batch["t_ids"], attention_mask=batch["t_mask"].long(), use_cache=False).logits[..., :t_vocab]
