@@ -226,6 +226,36 @@ def heldout_bpb(model, tokenizer, texts, cfg: Config, device) -> float:
 
 # ----------------------------------------------------------------------------- the loop
 
+# Settings a resumed run may change: where and how often it reports and saves, how long it runs, and the
+# held-out evaluation (which never feeds back into training). Everything else must match the checkpoint.
+RESUME_MAY_CHANGE = ("train.max_steps", "train.max_time", "train.output_dir", "train.eval_every",
+                     "train.save_every", "train.keep_checkpoints", "train.log_every", "data.num_workers",
+                     "logging.", "eval.")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _check_resume_config(path: Path, saved: dict | None, current: dict) -> None:
+    """Refuse to resume a checkpoint written with a different training configuration."""
+    if not saved:
+        return  # a checkpoint from before configurations were stored
+    a, b = _flatten(saved), _flatten(current)
+    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            and not any(k == m or (m.endswith(".") and k.startswith(m)) for m in RESUME_MAY_CHANGE)]
+    if diff:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:3]) + (" ..." if len(diff) > 3 else "")
+        raise UserError(f"checkpoint {str(path)!r} was written with another configuration ({shown}): resume with "
+                        "the same settings, or choose another train.output_dir")
+
+
 def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = True) -> dict:
     out = Path(cfg.train.output_dir)
     try:
@@ -275,6 +305,7 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
             log(f"resume: no checkpoint under {ckpt_dir}; starting from step 0")
         else:
             path, tensors, state = found
+            _check_resume_config(path, state.get("config"), to_dict(cfg))
             # strict except for the tied lm_head (stored once, as the embeddings): a checkpoint of another
             # student architecture must not load half-way in silence
             missing, unexpected = acc.unwrap_model(student).load_state_dict(tensors.get("student", {}), strict=False)

@@ -362,6 +362,26 @@ def test_resume_falls_back_past_a_corrupt_newest_checkpoint_and_stays_exact(tiny
     assert_same_run(base, out)
 
 
+@pytest.mark.slow
+def test_resume_with_another_configuration_is_refused_and_keeps_the_checkpoints(tiny_assets, tmp_path, baselines):
+    base = baselines("sar+hidden")
+    out = tmp_path / "run"
+    shutil.copytree(base / "checkpoints", out / "checkpoints")
+    before = {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()}
+    changed = {**CONFIGS["sar+hidden"], **EXACT, "loss.kd_weight": 0.25}
+    r = run_cli(tiny_overrides(tiny_assets, out, **changed), "--resume")
+    assert_user_error(r, "was written with another configuration", "loss.kd_weight", "-> 0.25", "train.output_dir")
+    assert {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == before
+    # what a resumed run may change (how long it runs, how often it saves and evaluates) is accepted
+    from sakd.distill import _check_resume_config
+    from sakd.config import load_config, to_dict
+
+    saved = to_dict(load_config(None, tiny_overrides(tiny_assets, out, **CONFIGS["sar+hidden"], **EXACT)))
+    later = to_dict(load_config(None, tiny_overrides(tiny_assets, tmp_path / "elsewhere", **{
+        **CONFIGS["sar+hidden"], **EXACT, "train.max_steps": 50, "train.save_every": 7, "eval.max_bytes": 999})))
+    _check_resume_config(out, saved, later)
+
+
 # ----------------------------------------------------------------------------- bad numbers, bad folders
 
 def _poisoned_teacher(tiny_assets, folder: Path, token: str = "Ġnot") -> Path:
