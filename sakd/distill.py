@@ -305,7 +305,6 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
             log(f"resume: no checkpoint under {ckpt_dir}; starting from step 0")
         else:
             path, tensors, state = found
-            _check_resume_config(path, state.get("config"), to_dict(cfg))
             # strict except for the tied lm_head (stored once, as the embeddings): a checkpoint of another
             # student architecture must not load half-way in silence
             missing, unexpected = acc.unwrap_model(student).load_state_dict(tensors.get("student", {}), strict=False)
@@ -315,6 +314,7 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                                 f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
                                 f"{(missing + unexpected)[0]!r}): resume with the same student, or choose another "
                                 "train.output_dir")
+            _check_resume_config(path, state.get("config"), to_dict(cfg))
             if "aux" in tensors:
                 acc.unwrap_model(aux).load_state_dict(tensors["aux"])
             if sar is not None and "router" in tensors:
