@@ -97,6 +97,22 @@ def test_fused_head_gives_the_logits_path_loss_and_gradients(tiny_assets, tmp_pa
         torch.testing.assert_close(ga[name], gb[name], rtol=1e-4, atol=1e-5 * gb[name].abs().max().item())
 
 
+@pytest.mark.parametrize("over, fused", [
+    ({}, True), ({"loss.chunk_weight": 0.5}, False), ({"loss.gap_weighting": True}, False),
+    ({"loss.logit": "uld"}, False), ({"loss.fused_head": False}, False),
+    ({"loss.logit": "uld", "loss.kd_weight": 0}, True)])  # CE alone: fused whatever loss.logit says
+def test_fused_head_applies_only_where_every_logit_term_supports_it(tiny_assets, tmp_path, over, fused):
+    from transformers import AutoModelForCausalLM
+
+    cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path, **{"loss.ce_weight": 0.5, "loss.chunk_weight": 0,
+                                                                      **over}))
+    student = AutoModelForCausalLM.from_pretrained(tiny_assets["student"])
+    w = objective.fused_head_weight(student, cfg, objective.term_weights(cfg, 10), None)
+    assert (w is student.get_output_embeddings().weight) if fused else w is None
+    student.config.final_logit_softcapping = 30.0  # a model whose logits are not hidden @ W.T
+    assert objective.fused_head_weight(student, cfg, objective.term_weights(cfg, 10), None) is None
+
+
 def test_same_tokenizer_reduces_to_plain_kd(tiny_assets, tmp_path):
     """Both sides with the student's tokenizer: the shared-vocabulary loss at 1:1 chunks == full-vocabulary KD."""
     cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path, **{
