@@ -146,13 +146,25 @@ def summarise(runs: list[dict], methods: list[str]) -> tuple[float, float, list[
     ce_bpb = statistics.fmean(r["bpb"] for r in by["ce"])
     teacher_bpb = next(r["teacher_bpb"] for r in runs if r["method"] == "ce")
     rows = []
+    ce_by_seed = {r["seed"]: r["bpb"] for r in by["ce"]}
     for m in methods:
         rs = by[m]
         bpbs = [r["bpb"] for r in rs]
         mean = statistics.fmean(bpbs)
         gap = ce_bpb - teacher_bpb
+        # Paired with the ce run of the same seed (same data order): the seed-to-seed spread of the data
+        # order is shared by both and cancels, so this is the sharper comparison.
+        diffs = [r["bpb"] - ce_by_seed[r["seed"]] for r in rs if r["seed"] in ce_by_seed]
+        # and with shared_kl of the same seed: ka / all / sar / gap_weighted change one thing relative to it
+        base = {r["seed"]: r["bpb"] for r in by.get("shared_kl", [])}
+        vs_kl = [r["bpb"] - base[r["seed"]] for r in rs if r["seed"] in base]
         rows.append({"method": m, "bpb_mean": mean, "bpb_std": statistics.stdev(bpbs) if len(bpbs) > 1 else 0.0,
                      "seeds": [r["seed"] for r in rs], "bpb_per_seed": bpbs,
+                     "delta_vs_ce_mean": statistics.fmean(diffs) if diffs else None,
+                     "delta_vs_ce_std": statistics.stdev(diffs) if len(diffs) > 1 else 0.0,
+                     "delta_vs_ce_per_seed": diffs,
+                     "delta_vs_shared_kl_mean": statistics.fmean(vs_kl) if vs_kl else None,
+                     "delta_vs_shared_kl_std": statistics.stdev(vs_kl) if len(vs_kl) > 1 else 0.0,
                      "gap_closed_pct": 100.0 * (ce_bpb - mean) / gap if gap > 0 else None,
                      "seconds_per_step": statistics.median(r["seconds_per_step"] for r in rs),
                      "run_seconds_mean": statistics.fmean(r["run_seconds"] for r in rs),
@@ -221,19 +233,23 @@ def machine(jobs: int, threads: int) -> dict:
 
 
 def format_table(res: dict) -> str:
-    lines = ["| method | held-out bits/byte | gap closed (%) | s/step |", "|---|---|---|---|"]
+    lines = ["| method | held-out bits/byte | vs ce, same seed | gap closed (%) | s/step |", "|---|---|---|---|---|"]
     for r in res["rows"]:
         n = len(r["seeds"])
         bpb = f"{r['bpb_mean']:.4f} ± {r['bpb_std']:.4f}" if n > 1 else f"{r['bpb_mean']:.4f}"
+        d = r.get("delta_vs_ce_mean")
+        delta = "—" if d is None or r["method"] == "ce" else (
+            f"{d:+.4f} ± {r['delta_vs_ce_std']:.4f}" if n > 1 else f"{d:+.4f}")
         gap = "—" if r["gap_closed_pct"] is None else f"{r['gap_closed_pct']:+.1f}"
-        lines.append(f"| {r['method']} | {bpb} | {gap} | {r['seconds_per_step']:.2f} |")
-    lines.append(f"| teacher (3-expert MoE, top-1) | {res['teacher_bpb']:.4f} | 100 | — |")
+        lines.append(f"| {r['method']} | {bpb} | {delta} | {gap} | {r['seconds_per_step']:.2f} |")
+    lines.append(f"| teacher (3-expert MoE, top-1) | {res['teacher_bpb']:.4f} | | 100 | — |")
     if res.get("smollm2_135m_bpb") is not None:
-        lines.append(f"| SmolLM2-135M (reference) | {res['smollm2_135m_bpb']:.4f} | — | — |")
+        lines.append(f"| SmolLM2-135M (reference) | {res['smollm2_135m_bpb']:.4f} | | — | — |")
     seeds = res["rows"][0]["seeds"]
     lines.append("")
     lines.append(f"{res['steps']} steps x {res['tokens_per_step']:,} student tokens (at most) per step, "
-                 f"seed(s) {', '.join(map(str, seeds))}; gap closed = 100 (bpb_ce - bpb) / (bpb_ce - bpb_teacher), "
+                 f"seed(s) {', '.join(map(str, seeds))}; vs ce = bpb - bpb_ce of the same seed (mean ± std over seeds; "
+                 f"negative is better); gap closed = 100 (bpb_ce - bpb) / (bpb_ce - bpb_teacher), "
                  f"bpb_ce = {res['ce_bpb']:.4f}")
     return "\n".join(lines)
 
@@ -253,7 +269,20 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", help="keep every run's folder here (default: a temporary folder, deleted)")
     p.add_argument("--out", help="JSON output (default benchmarks/results/quality.json; quick: quality_quick.json)")
     p.add_argument("--verbose", action="store_true", help="print every run's log")
+    p.add_argument("--summarise", metavar="JSON", help="recompute the rows and the table from the runs stored in "
+                   "a result file (no training), e.g. after a change to the summary; writes it back")
     a = p.parse_args(argv)
+    if a.summarise:
+        path = Path(a.summarise)
+        try:
+            res = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            sys.exit(f"--summarise {path}: cannot read a result file ({e.__class__.__name__}); give a quality JSON")
+        methods = list(dict.fromkeys(r["method"] for r in res["runs"]))
+        res["teacher_bpb"], res["ce_bpb"], res["rows"] = summarise(res["runs"], methods)
+        path.write_text(json.dumps(res, indent=1, default=float) + "\n")
+        print(format_table(res))
+        return 0
 
     steps = a.steps or (QUICK_STEPS if a.quick else 200)
     seeds = a.seeds if a.seeds is not None else ([0] if a.quick else [0, 1, 2])
