@@ -420,7 +420,9 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                                                 new_tokens=cfg.loss.on_policy_tokens,
                                                 temperature=cfg.loss.on_policy_temperature)) for ids in idx]
             else:
+                t_wait = time.time()
                 micro = ready.result() if ready is not None else encode(idx)
+                data_wait = time.time() - t_wait  # what the step waits for its data (0 when prefetched in time)
             micro = [{k: v.to(acc.device) for k, v in b.items()} for b in micro]
             counts = objective.count_targets(micro, cfg)
             counts = {k: max(1.0, float(acc.reduce(torch.tensor(v, device=acc.device, dtype=torch.float64),
@@ -480,6 +482,7 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
             tokens_seen += int(sum(b["s_mask"].sum() for b in micro)) * acc.num_processes
             dt = time.time() - t_step
             rec = {"step": step, "lr": scheduler.get_last_lr()[0], "seconds": dt, "on_policy": on_policy,
+                   "data_wait_s": 0.0 if on_policy else data_wait,
                    "tokens_per_s": tokens_seen / max(time.time() - t0, 1e-9), **terms_total, **logs,
                    **{f"w_{k}": v for k, v in weights.items()}}
             if grad_norm is not None:

@@ -180,6 +180,9 @@ def _char_byte_maps(text: str, name: str) -> tuple[bytes, list[int], list[int]]:
     except UnicodeEncodeError as e:
         raise AlignmentError(f"text given to tokenizer {name} is not valid Unicode ({e.reason} at "
                              f"character {e.start}); clean the input text") from None
+    if len(data) == len(text):  # ASCII: one byte per character, both maps are the identity
+        ident = list(range(len(text) + 1))
+        return data, ident, ident
     char_to_byte = [0] * (len(text) + 1)
     byte_to_char = [0] * (len(data) + 1)
     pos = 0
