@@ -40,7 +40,7 @@ CONFIGS = {
 STEPS = 12
 EXACT = {"train.max_steps": STEPS, "train.save_every": 1, "train.deterministic": "true"}
 # per-step log entries that measure the wall clock, not the computation
-CLOCK_KEYS = {"seconds", "tokens_per_s"}
+CLOCK_KEYS = {"seconds", "tokens_per_s", "data_wait_s"}  # wall-clock measurements, not training state
 
 
 def _env(**extra) -> dict:
