@@ -83,8 +83,10 @@ COST = {"sar": 1.9, "uld": 1.5, "ka": 1.1, "shared_kl+chunk+aux": 0.75, "all": 0
         "truncation": 0.6, "shared_kl": 0.6, "gap_weighted": 0.55, "ce": 0.25}
 
 
-def demo_config(method: str, *, base: str, steps: int, seed: int, out_dir: Path, eval_bytes: int | None = None):
-    """The run's Config: ``base`` (the snapshot of configs/demo.yaml) + the method's overrides."""
+def demo_config(method: str, *, base: str, steps: int, seed: int, out_dir: Path, eval_bytes: int | None = None,
+                extra: tuple[str, ...] = ()):
+    """The run's Config: ``base`` (the snapshot of configs/demo.yaml) + the method's overrides + ``extra``
+    (``--set``, applied to every row, last)."""
     from sakd.config import load_config
     from sakd.demo import ASSETS
 
@@ -96,7 +98,7 @@ def demo_config(method: str, *, base: str, steps: int, seed: int, out_dir: Path,
             *METHODS[method]]
     if eval_bytes is not None:
         over.append(f"eval.max_bytes={eval_bytes}")
-    return load_config(base, over)
+    return load_config(base, [*over, *extra])
 
 
 def _cpu_seconds() -> float:
@@ -114,12 +116,12 @@ def _worker_init(threads: int) -> None:
 
 
 def run_one(method: str, seed: int, steps: int, work: str, base: str, eval_bytes: int | None = None,
-            verbose: bool = False) -> dict:
+            verbose: bool = False, extra: tuple[str, ...] = ()) -> dict:
     """One distillation run in its own folder; the numbers the table needs."""
     from sakd.distill import distill
 
     out = Path(work) / f"{method.replace('+', '_')}-seed{seed}"
-    cfg = demo_config(method, base=base, steps=steps, seed=seed, out_dir=out, eval_bytes=eval_bytes)
+    cfg = demo_config(method, base=base, steps=steps, seed=seed, out_dir=out, eval_bytes=eval_bytes, extra=extra)
     lines: list[str] = []
 
     def log(msg):
@@ -269,6 +271,8 @@ def main(argv=None) -> int:
     p.add_argument("--work-dir", help="keep every run's folder here (default: a temporary folder, deleted)")
     p.add_argument("--out", help="JSON output (default benchmarks/results/quality.json; quick: quality_quick.json)")
     p.add_argument("--verbose", action="store_true", help="print every run's log")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra config overrides for EVERY row, "
+                   "applied last (a variant of the table, e.g. loss.ce_weight=1); recorded in the JSON")
     p.add_argument("--summarise", metavar="JSON", help="recompute the rows and the table from the runs stored in "
                    "a result file (no training), e.g. after a change to the summary; writes it back")
     a = p.parse_args(argv)
@@ -312,7 +316,8 @@ def main(argv=None) -> int:
         base_config = _base_config(str(base))
         # SmolLM2 first: the longest task (~100 s on one thread)
         smol_future = None if a.no_smollm2 else pool.apply_async(smollm2_bpb, (str(base), a.eval_bytes))
-        futures = [pool.apply_async(run_one, (m, s, steps, str(work), str(base), a.eval_bytes, a.verbose)) for m, s in tasks]
+        futures = [pool.apply_async(run_one, (m, s, steps, str(work), str(base), a.eval_bytes, a.verbose,
+                                              tuple(a.set))) for m, s in tasks]
         for f in futures:  # in submission order; each finished run is printed as soon as it is collected
             r = f.get()
             runs.append(r)
@@ -334,7 +339,7 @@ def main(argv=None) -> int:
            "bpb_unit": "held-out bits per UTF-8 byte (lower is better); held-out plays: macbeth, the-tempest",
            "seconds_per_step_note": f"median wall seconds per optimizer step (history.json), {threads} torch "
            f"thread(s) per run, {jobs} run(s) side by side",
-           "base_config": base_config, "method_overrides": METHODS,
+           "base_config": base_config, "method_overrides": METHODS, "overrides_for_every_row": a.set,
            "rows": rows, "smollm2_135m_bpb": smol["bpb"] if smol else None, "smollm2_135m": smol, "runs": runs}
     res["total_seconds"] = time.time() - t_all
     out.parent.mkdir(parents=True, exist_ok=True)
