@@ -207,6 +207,12 @@ class _ChunkedRowLoss(torch.autograd.Function):
     columns) meet without gathering the whole selection. The first ``n_diff`` tensors may receive
     gradients.
 
+    With ``weight`` [V', H] (else None), the student's output layer is fused in: tensor 0 is the
+    student's last hidden state [rows, H], and each chunk's logits ``h @ weight.T`` exist only inside
+    the chunk; the gradients flow to the hidden state and the weight directly, so the student's
+    [rows, V] logits (and their gradient) never exist. The matmuls run in the hidden state's dtype
+    (fp16 under a P100's autocast, as the model's own head would), the kernels in float32.
+
     The analytic gradient of each chunk is computed in the same pass as its loss and written into a
     gradient buffer of the input's shape and dtype (the buffer autograd would allocate anyway); the
     graph keeps only these buffers, not the inputs, and backward scales them by the incoming gradient.
@@ -215,82 +221,48 @@ class _ChunkedRowLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, kernel: Kernel, n_diff: int, index, n_rows: int, chunk_rows: int, temperature: float,
-                *tensors):
-        need = tuple(ctx.needs_input_grad[6:6 + n_diff])
-        grads = [_grad_buffer(x, ix) if n else None for x, ix, n in zip(tensors, index, need)]
+                weight, *tensors):
+        need_w = weight is not None and ctx.needs_input_grad[6]
+        need_x = tuple(ctx.needs_input_grad[7:7 + n_diff])
+        grads = [_grad_buffer(x, ix) if n else None for x, ix, n in zip(tensors, index, need_x)]
+        g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        need = (need_x[0] or need_w, *need_x[1:])  # the kernel's gradient w.r.t. the (chunk's) student logits
+        if weight is not None:
+            dtype = tensors[0].dtype if tensors[0].dtype in (torch.float16, torch.bfloat16) else torch.float32
+            w = weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
         for sel in _chunks(n_rows, chunk_rows):
-            loss, chunk_grads = kernel([_take(x, sel, *ix) for x, ix in zip(tensors, index)], temperature, need)
+            parts = [_take(x, sel, *ix) for x, ix in zip(tensors, index)]
+            if weight is not None:
+                h = parts[0].to(dtype)
+                parts[0] = (h @ w.T).float()
+                parts[0]._owned = True  # a fresh chunk: the kernel may take its log-softmax in place
+            loss, chunk_grads = kernel(parts, temperature, need)
             total += loss.sum()
-            for full, ix, g in zip(grads, index, chunk_grads):
-                if full is not None:
+            for i, (full, ix, g) in enumerate(zip(grads, index, chunk_grads)):
+                if i == 0 and weight is not None and g is not None:
+                    g = g.to(dtype)  # d loss / d logits -> d loss / d hidden, d loss / d weight
+                    if need_w:
+                        g_weight += (g.T @ h).float()
+                    if full is not None:
+                        _put(full, sel, ix[0], None, g @ w)
+                elif full is not None:
                     _put(full, sel, *ix, g)
-        ctx.n_inputs, ctx.temperature = len(tensors), temperature
-        ctx.save_for_backward(*[g for g in grads if g is not None])
-        ctx.grad_slots = [g is not None for g in grads]
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        saved = iter(ctx.saved_tensors)
-        scale = grad_out / ctx.temperature  # chain rule through z = logits / T
-        grads = [next(saved).mul_(scale.to(torch.float32)) if has else None for has in ctx.grad_slots]
-        grads += [None] * (ctx.n_inputs - len(grads))
-        return (None, None, None, None, None, None, *grads)
-
-
-class _LinearChunkedRowLoss(torch.autograd.Function):
-    """``_ChunkedRowLoss`` with the student's output layer fused in: tensor 0 is the student's last
-    hidden state [rows, H] and ``weight`` [V', H] its head restricted to the columns in play; each
-    chunk's logits ``h @ weight.T`` exist only inside the chunk, and the gradients flow to the hidden
-    state ([rows, H]) and the weight ([V', H]) directly. The student's [rows, V] logits (and their
-    gradient) never exist. The matmuls run in the hidden state's dtype (fp16 under a P100's autocast,
-    as the model's own head would), the kernels in float32."""
-
-    @staticmethod
-    def forward(ctx, kernel: Kernel, n_diff: int, index, n_rows: int, chunk_rows: int, temperature: float,
-                weight, hidden, *tensors):
-        need_w, need_h = ctx.needs_input_grad[6], ctx.needs_input_grad[7]
-        need = (need_w or need_h, *ctx.needs_input_grad[8:8 + n_diff - 1])
-        dtype = hidden.dtype if hidden.dtype in (torch.float16, torch.bfloat16) else torch.float32
-        w = weight.to(dtype)
-        g_hidden = _grad_buffer(hidden, index[0]) if need_h else None
-        g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        others = [_grad_buffer(x, ix) if n else None for x, ix, n in zip(tensors, index[1:], need[1:])]
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for sel in _chunks(n_rows, chunk_rows):
-            h = _take(hidden, sel, *index[0]).to(dtype)
-            logits = (h @ w.T).float()
-            logits._owned = True  # a fresh chunk: the kernel may take its log-softmax in place
-            loss, chunk_grads = kernel([logits, *[_take(x, sel, *ix) for x, ix in zip(tensors, index[1:])]],
-                                       temperature, need)
-            total += loss.sum()
-            del logits
-            g = chunk_grads[0]
-            if g is not None:
-                g = g.to(dtype)
-                if need_h:
-                    _put(g_hidden, sel, index[0][0], None, g @ w)
-                if need_w:
-                    g_weight += (g.T @ h).float()
-            for full, ix, gc in zip(others, index[1:], chunk_grads[1:]):
-                if full is not None:
-                    _put(full, sel, *ix, gc)
         ctx.temperature, ctx.n_inputs = temperature, len(tensors)
-        grads = [g_weight, g_hidden, *others]
-        ctx.grad_slots = [g is not None for g in grads]
-        ctx.weight_dtype = weight.dtype
-        ctx.save_for_backward(*[g for g in grads if g is not None])
+        ctx.weight_dtype = weight.dtype if weight is not None else None
+        kept = [g_weight, *grads]
+        ctx.grad_slots = [g is not None for g in kept]
+        ctx.save_for_backward(*[g for g in kept if g is not None])
         return total
 
     @staticmethod
     def backward(ctx, grad_out):
         saved = iter(ctx.saved_tensors)
-        scale = (grad_out / ctx.temperature).to(torch.float32)
+        scale = (grad_out / ctx.temperature).to(torch.float32)  # chain rule through z = logits / T
         grads = [next(saved).mul_(scale) if has else None for has in ctx.grad_slots]
         if grads[0] is not None:
             grads[0] = grads[0].to(ctx.weight_dtype)
-        grads += [None] * (ctx.n_inputs + 2 - len(grads))
+        grads += [None] * (ctx.n_inputs + 1 - len(grads))
         return (None, None, None, None, None, None, *grads)
 
 
@@ -328,7 +300,7 @@ def _dense(kernel: Kernel, student_logits, teacher_logits, mask, temperature, re
     vocab = student_logits.shape[-1]
     rows, n = _select_rows(student_logits.shape[:-1], mask, student_logits.device)
     total = _ChunkedRowLoss.apply(kernel, 2, ((rows, None), (rows, None)), n, chunk_rows, float(temperature),
-                                  student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab))
+                                  None, student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab))
     return _reduce(total, n, reduction)
 
 
@@ -368,16 +340,7 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     reverse KL(q_S || p_T). (Taken literally the formula tends to 0 at both ends; the convention
     makes beta interpolate between the two KL directions, and ``beta`` is validated in [0, 1].)
     Shapes, reduction and gradients as in ``forward_kl``."""
-    if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
-        raise UserError(f"JSD beta {beta!r} is outside [0, 1]: 0 = forward KL, 1 = reverse KL, 0.5 = symmetric")
-    if beta == 0:
-        kernel = _forward_kl_kernel
-    elif beta == 1:
-        kernel = _reverse_kl_kernel
-    else:
-        def kernel(parts, temperature, need):
-            return _jsd_kernel(parts, temperature, need, beta=float(beta))
-    return _dense(kernel, student_logits, teacher_logits, mask, temperature, reduction, chunk_rows)
+    return _dense(_kernel("jsd", beta), student_logits, teacher_logits, mask, temperature, reduction, chunk_rows)
 
 
 def tvd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None, *,
@@ -418,45 +381,35 @@ def sparse_forward_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk
         raise ValueError(f"top-k of {k} ids exceeds the student vocabulary of {vocab}")
     rows, n = _select_rows(lead, mask, student_logits.device)
     total = _ChunkedRowLoss.apply(_sparse_forward_kl_kernel, 1, ((rows, None),) * 4, n, chunk_rows, float(temperature),
+                                  None,
                                   student_logits.reshape(-1, vocab), topk_ids.reshape(-1, k).long(),
                                   topk_logprobs.detach().reshape(-1, k), rest_logprob.detach().reshape(-1))
     return _reduce(total, n, reduction)
 
 
-# Dispatch by the config's loss name; ``beta`` only matters for "jsd".
-_KD_LOSSES: dict[str, Callable] = {
-    "forward_kl": lambda s, t, m, T, beta, red, cr: forward_kl(s, t, m, temperature=T, reduction=red, chunk_rows=cr),
-    "reverse_kl": lambda s, t, m, T, beta, red, cr: reverse_kl(s, t, m, temperature=T, reduction=red, chunk_rows=cr),
-    "jsd": lambda s, t, m, T, beta, red, cr: generalized_jsd(s, t, m, beta=beta, temperature=T, reduction=red,
-                                                            chunk_rows=cr),
-    "tvd": lambda s, t, m, T, beta, red, cr: tvd(s, t, m, temperature=T, reduction=red, chunk_rows=cr),
-}
+# The divergences by the config's loss name; ``beta`` only matters for "jsd".
+_KERNELS: dict[str, Kernel] = {"forward_kl": _forward_kl_kernel, "reverse_kl": _reverse_kl_kernel,
+                               "jsd": _jsd_kernel, "tvd": _tvd_kernel}
+
+
+def _kernel(name: str, beta: float) -> Kernel:
+    """The per-chunk kernel of the divergence ``name``; JSD's ends are the two KL directions."""
+    if name not in _KERNELS:
+        raise UserError(f"KD loss {name!r} is unknown: use one of {', '.join(_KERNELS)}")
+    if name != "jsd":
+        return _KERNELS[name]
+    if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
+        raise UserError(f"JSD beta {beta!r} is outside [0, 1]: 0 = forward KL, 1 = reverse KL, 0.5 = symmetric")
+    if beta in (0, 1):
+        return _forward_kl_kernel if beta == 0 else _reverse_kl_kernel
+    return lambda parts, temperature, need: _jsd_kernel(parts, temperature, need, beta=float(beta))
 
 
 def kd_loss(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             mask: torch.Tensor | None = None, *, temperature: float = 1.0, beta: float = 0.5,
             reduction: str = "mean", chunk_rows: int = 1024) -> torch.Tensor:
     """The divergence named ``name`` (one of forward_kl, reverse_kl, jsd, tvd); see those functions."""
-    try:
-        fn = _KD_LOSSES[name]
-    except KeyError:
-        raise UserError(f"KD loss {name!r} is unknown: use one of {', '.join(_KD_LOSSES)}") from None
-    return fn(student_logits, teacher_logits, mask, temperature, beta, reduction, chunk_rows)
-
-
-def _kernel(name: str, beta: float) -> Kernel:
-    """The per-chunk kernel of the divergence ``name`` (as in ``kd_loss``)."""
-    if name == "jsd":
-        if not (isinstance(beta, (int, float)) and 0.0 <= beta <= 1.0):
-            raise UserError(f"JSD beta {beta!r} is outside [0, 1]: 0 = forward KL, 1 = reverse KL, 0.5 = symmetric")
-        if beta in (0, 1):
-            return _forward_kl_kernel if beta == 0 else _reverse_kl_kernel
-        return lambda parts, temperature, need: _jsd_kernel(parts, temperature, need, beta=float(beta))
-    kernels = {"forward_kl": _forward_kl_kernel, "reverse_kl": _reverse_kl_kernel, "tvd": _tvd_kernel}
-    try:
-        return kernels[name]
-    except KeyError:
-        raise UserError(f"KD loss {name!r} is unknown: use one of {', '.join(_KD_LOSSES)}") from None
+    return _dense(_kernel(name, beta), student_logits, teacher_logits, mask, temperature, reduction, chunk_rows)
 
 
 def _is_arange(cols: torch.Tensor | None, size: int) -> bool:
@@ -472,7 +425,7 @@ def divergence_sum(name: str, student: torch.Tensor, teacher: torch.Tensor, *, s
     and its gradient scattered back in one pass.
 
     student: logits [R_s, V_s], or with ``head_weight`` [V_s, H] the student's last hidden state
-    [R_s, H] (the output layer is then fused in: ``_LinearChunkedRowLoss``); teacher: logits [R_t, V_t].
+    [R_s, H] (the output layer is then fused in, see ``_ChunkedRowLoss``); teacher: logits [R_t, V_t].
     Row indices: long [N] of distinct rows, or None for rows 0..N-1; column indices: long [S] (the
     same S on both sides, matched in order), or None for all columns. Gradients reach the student
     (logits, or hidden state and weight) and the teacher's logits when they require them."""
@@ -483,12 +436,10 @@ def divergence_sum(name: str, student: torch.Tensor, teacher: torch.Tensor, *, s
     width_s = head_weight.shape[0] if head_weight is not None else student.shape[-1]
     s_cols = None if _is_arange(s_cols, width_s) else s_cols
     t_cols = None if _is_arange(t_cols, teacher.shape[-1]) else t_cols
-    if head_weight is None:
-        return _ChunkedRowLoss.apply(kernel, 2, ((s_rows, s_cols), (t_rows, t_cols)), n, chunk_rows,
-                                     float(temperature), student, teacher)
-    weight = head_weight if s_cols is None else head_weight.index_select(0, s_cols)
-    return _LinearChunkedRowLoss.apply(kernel, 2, ((s_rows, None), (t_rows, t_cols)), n, chunk_rows,
-                                       float(temperature), weight, student, teacher)
+    if head_weight is not None and s_cols is not None:  # the head's rows ARE the student's columns
+        head_weight, s_cols = head_weight.index_select(0, s_cols), None
+    return _ChunkedRowLoss.apply(kernel, 2, ((s_rows, s_cols), (t_rows, t_cols)), n, chunk_rows, float(temperature),
+                                 head_weight, student, teacher)
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
@@ -498,5 +449,5 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, head_weight: torch.Tensor, ta
     rows long [N] or None (rows 0..N-1)."""
     _check_settings(1.0, "sum", chunk_rows)
     n = targets.numel()
-    return _LinearChunkedRowLoss.apply(_cross_entropy_kernel, 1, ((rows, None), (None, None)), n, chunk_rows, 1.0,
-                                       head_weight, hidden, targets)
+    return _ChunkedRowLoss.apply(_cross_entropy_kernel, 1, ((rows, None), (None, None)), n, chunk_rows, 1.0,
+                                 head_weight, hidden, targets)
