@@ -287,12 +287,17 @@ def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Confi
     return total, terms, {"nonfinite_teacher": 0}
 
 
+def fused_head_terms(lc, *, kd: bool, chunk: bool) -> bool:
+    """Whether ``loss.fused_head`` serves these logit terms (also read by ``sakd plan``): shared-vocabulary
+    KD without gap weighting and/or cross-entropy; the chunk likelihood and the baselines need logits."""
+    return bool(lc.fused_head and not chunk and not (kd and (lc.logit != "shared_kl" or lc.gap_weighting)))
+
+
 def fused_head_weight(student, cfg: Config, weights: dict, acc) -> torch.Tensor | None:
     """The student's output-layer weight [V, H] when ``loss.fused_head`` applies to this step's terms: the
     logit terms are shared-vocabulary KD (no gap weighting) and/or cross-entropy, and the model's logits
     are a plain bias-free ``hidden @ weight.T`` (no logit scale or soft-capping). Else None."""
-    lc = cfg.loss
-    if not lc.fused_head or "chunk" in weights or ("kd" in weights and (lc.logit != "shared_kl" or lc.gap_weighting)):
+    if not fused_head_terms(cfg.loss, kd="kd" in weights, chunk="chunk" in weights):
         return None
     model = getattr(acc, "unwrap_model", lambda m: m)(student)  # under DDP: the wrapped model's head
     head, mc = model.get_output_embeddings(), model.config

@@ -56,6 +56,7 @@ import torch
 
 from sakd.config import Config
 from sakd.errors import UserError
+from sakd.objective import fused_head_terms
 
 GiB = 2**30
 
@@ -219,7 +220,9 @@ def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[
     act_saved = act - one_layer if ckpt else act   # checkpointing: the recomputed layer exists only in backward
     # every forward runs with use_cache=False: no KV cache
     H = s["hidden"]
-    fused = _fused_head(cfg, kd, alm)
+    # the model-side conditions of objective.fused_head_weight (a bias-free head, no logit scaling) hold
+    # for Llama and Qwen
+    fused = fused_head_terms(lc, kd=kd, chunk=alm)
     # fused output layer (loss.fused_head): the model computes logits for one position only; the losses
     # take the final hidden state and the head weight, and return gradients of those: [N, H] + [Vs, H].
     c["student_logits"] = B * (1 if fused else Ls) * Vs * ab
@@ -302,13 +305,6 @@ def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[
     return c, m
 
 
-def _fused_head(cfg: Config, kd: bool, alm: bool) -> bool:
-    """Whether the loop fuses the student's output layer into its losses (objective.fused_head_weight;
-    the model-side conditions -- a bias-free head without logit scaling -- hold for Llama and Qwen)."""
-    lc = cfg.loss
-    return bool(lc.fused_head and not alm and not (kd and (lc.logit != "shared_kl" or lc.gap_weighting)))
-
-
 def _cache_k(folder: str) -> int:
     """k of a teacher cache (its manifest), 64 (the cache-teacher default) before it is built."""
     import json
@@ -372,7 +368,8 @@ def plan(cfg: Config, *, card_gb: float = 16.0, micro_batch: int | None = None, 
         "activation_dtype": "16-bit autocast" if half else "float32",
         "teacher_dtype": cfg.model.teacher_dtype, "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "moe_mode": cfg.moe.mode, "teacher_cache": cfg.model.teacher_cache, "teacher": t, "student": s,
-        "fused_head": _fused_head(cfg, cfg.loss.kd_weight > 0 and cfg.loss.logit != "none", cfg.loss.chunk_weight > 0),
+        "fused_head": fused_head_terms(cfg.loss, kd=cfg.loss.kd_weight > 0 and cfg.loss.logit != "none",
+                                       chunk=cfg.loss.chunk_weight > 0),
         "components": {k: int(v) for k, v in tot["components"].items()},
         "moments": {k: int(v) for k, v in tot["moments"].items()},
         "persistent_bytes": int(tot["persistent"]), "transient_bytes": int(tot["transient"]),
