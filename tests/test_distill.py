@@ -16,6 +16,22 @@ def _weights(out):
     return load_file(str(out / "student" / "model.safetensors"))
 
 
+class CpuAcc:
+    """The Accelerator methods the objective uses, on CPU fp32."""
+    autocast = staticmethod(lambda: torch.autocast("cpu", enabled=False))
+    unwrap_model = staticmethod(lambda m: m)
+
+
+def _micro_step(run, cfg, n_examples: int, step: int = 10):
+    """objective.micro_step_loss on the first ``n_examples`` training spans: (batch, weights, loss, terms, flags)."""
+    batch = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))([run.train[i] for i in range(n_examples)])
+    weights = objective.term_weights(cfg, step)
+    loss, terms, flags = objective.micro_step_loss(
+        run.teacher, run.student, run.aux, batch, run.vocab.shared_s, run.vocab.shared_t, cfg, weights,
+        objective.count_targets([batch], cfg), CpuAcc, {}, torch.Generator().manual_seed(0), len(run.teacher_tok))
+    return batch, weights, loss, terms, flags
+
+
 def test_accumulation_invariance(tiny_assets, tmp_path):
     """batch 8 x accumulation 1 == batch 2 x accumulation 4 (losses normalised once per optimizer step)."""
     common = {"train.max_steps": 2, "loss.ce_weight": 0.5, "loss.chunk_weight": 0.5}
@@ -39,17 +55,8 @@ def test_every_trainable_parameter_gets_a_finite_nonzero_gradient(tiny_assets, t
         "loss.ce_weight": 0.5, "loss.chunk_weight": 0.5, "loss.hidden.weight": 0.5, "loss.attention.weight": 0.5,
         "loss.contrastive.weight": 0.5, "moe.mode": mode}))
     run = setup(cfg, log=lambda *_: None)
-    batch = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))([run.train[i] for i in range(4)])
-    counts = objective.count_targets([batch], cfg)
-    weights = objective.term_weights(cfg, 10)
+    batch, weights, loss, terms, flags = _micro_step(run, cfg, 4)
     assert set(weights) == {"kd", "ce", "chunk", "hidden", "attention", "contrastive"}
-
-    class Acc:  # the two Accelerator methods the objective uses, on CPU fp32
-        autocast = staticmethod(lambda: torch.autocast("cpu", enabled=False))
-
-    loss, terms, flags = objective.micro_step_loss(
-        run.teacher, run.student, run.aux, batch, run.vocab.shared_s, run.vocab.shared_t, cfg, weights, counts,
-        Acc, {}, torch.Generator().manual_seed(0), len(run.teacher_tok))
     loss.backward()
     assert flags["nonfinite_teacher"] == 0 and all(v > 0 for v in terms.values()), terms
     named = list(run.student.named_parameters()) + list(run.aux.named_parameters())
@@ -61,7 +68,7 @@ def test_every_trainable_parameter_gets_a_finite_nonzero_gradient(tiny_assets, t
         from sakd import moe
         sar = moe.SARRouter(run.teacher, lr=1e-2)
         objective.sar_router_step(sar, run.teacher, run.student, batch, run.vocab.shared_s, run.vocab.shared_t,
-                                  cfg, Acc, len(run.teacher_tok))
+                                  cfg, CpuAcc, len(run.teacher_tok))
         for p in moe.router_parameters(run.teacher):
             assert p.grad is None or torch.isfinite(p.grad).all()
 
@@ -75,19 +82,9 @@ def test_fused_head_gives_the_logits_path_loss_and_gradients(tiny_assets, tmp_pa
             "loss.ce_weight": 0.5, "loss.chunk_weight": 0, "loss.divergence": divergence, "loss.temperature": 1.5,
             "loss.chunk_rows": 7, "loss.fused_head": fused}))
         run = setup(cfg, log=lambda *_: None)
-        batch = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))([run.train[i] for i in range(4)])
-        counts = objective.count_targets([batch], cfg)
-        weights = objective.term_weights(cfg, 10)
+        _, weights, loss, terms, _ = _micro_step(run, cfg, 4)
         assert set(weights) == {"kd", "ce"}
-
-        class Acc:
-            autocast = staticmethod(lambda: torch.autocast("cpu", enabled=False))
-            unwrap_model = staticmethod(lambda m: m)
-
-        assert (objective.fused_head_weight(run.student, cfg, weights, Acc) is not None) == fused
-        loss, terms, _ = objective.micro_step_loss(
-            run.teacher, run.student, run.aux, batch, run.vocab.shared_s, run.vocab.shared_t, cfg, weights, counts,
-            Acc, {}, torch.Generator().manual_seed(0), len(run.teacher_tok))
+        assert (objective.fused_head_weight(run.student, cfg, weights, CpuAcc) is not None) == fused
         loss.backward()
         results.append((loss.detach(), terms, {n: p.grad.clone() for n, p in run.student.named_parameters()}))
     (la, ta, ga), (lb, tb, gb) = results
@@ -204,14 +201,7 @@ def test_fp16_teacher_overflow_is_recomputed_in_fp32_or_skipped(tiny_assets, tmp
     batch = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))([run.train[i] for i in range(2)])
     with torch.no_grad():
         assert not torch.isfinite(run.teacher(input_ids=batch["t_ids"]).logits).all()  # fp16 overflows
-
-    class Acc:
-        autocast = staticmethod(lambda: torch.autocast("cpu", enabled=False))
-
-    loss, terms, flags = objective.micro_step_loss(
-        run.teacher, run.student, run.aux, batch, run.vocab.shared_s, run.vocab.shared_t, cfg,
-        objective.term_weights(cfg, 0), objective.count_targets([batch], cfg), Acc, {},
-        torch.Generator().manual_seed(0), len(run.teacher_tok))
+    _, _, loss, terms, flags = _micro_step(run, cfg, 2, step=0)
     loss.backward()
     assert flags["nonfinite_teacher"] == 1
     assert next(run.teacher.parameters()).dtype == torch.float16  # restored after the fp32 pass
