@@ -47,6 +47,7 @@ from safetensors.torch import save_file
 
 from sakd import __version__, moe
 from sakd.align.vocab import VocabMap, build_vocab_map
+from sakd.checkpoint import fsync_path
 from sakd.config import Config
 from sakd.data import Collator, SpanData, pad_id, span_data, teacher_seq_len
 from sakd.errors import UserError
@@ -226,14 +227,6 @@ def sparse_rows(logits: torch.Tensor, next_ids: torch.Tensor, shared_mask: torch
             "next_logprob": x.gather(-1, next_ids[:, None]).squeeze(-1) - lse1}
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _teacher_logits(teacher, t_ids, t_mask, mode: str):
     routed = moe.is_moe(teacher)
     with torch.no_grad(), (moe.routing(teacher, mode) if routed else nullcontext()) as r:
@@ -277,7 +270,7 @@ def _write_shards(tmp: Path, data: SpanData, teacher, cfg: Config, shared_mask, 
         arrays = {a: torch.cat(parts[a]).contiguous() for a in ARRAYS}
         arrays["offsets"] = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
         save_file(arrays, str(tmp / name), metadata={"format": "sakd-teacher-cache"})
-        _fsync(tmp / name)
+        fsync_path(tmp / name)
         total_bytes += (tmp / name).stat().st_size
         index["shards"].append(name)
         for a in ARRAYS:
@@ -381,7 +374,7 @@ def build_cache(cfg: Config, out_dir, *, k: int = 64, dtype: str = "float16", ba
         })
         for name, obj in (("index.json", index), ("manifest.json", manifest)):
             (tmp / name).write_text(json.dumps(obj, indent=None if name == "index.json" else 1))
-            _fsync(tmp / name)
+            fsync_path(tmp / name)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written cache behind
         raise

@@ -56,7 +56,8 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder: so that renames and new entries in it are durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -69,7 +70,7 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(path)
+    fsync_path(path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -133,7 +134,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, tensors: dict[str, dict[str, torc
         if final.exists():  # e.g. re-saving a step after resuming from an older checkpoint
             _retire(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_dir)  # the rename itself is durable only once the folder is synced
+        fsync_path(ckpt_dir)  # the rename itself is durable only once the folder is synced
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if not _is_write_failure(e):
