@@ -145,6 +145,9 @@ class EvalConfig:
     max_bytes: int = F(200_000, "Held-out UTF-8 bytes scored for bits per byte.", min=1)
     batch_size: int = F(8, "Windows per evaluation batch.", min=1)
     seq_len: int = F(512, "Tokens per evaluation window.", min=8)
+    context_bytes: int = F(384, "Sliding windows: every scored token sees at least this many UTF-8 bytes of the "
+                           "text before it (the same budget for teacher and student; 0 = independent windows).",
+                           min=0)
 
 
 @dataclass

@@ -22,16 +22,19 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @torch.no_grad()
 def _direct_nats(model_dir, texts, seq_len):
-    """Summed NLL (nats) and token count: one window at a time, no padding, float64 log-softmax."""
+    """Summed NLL (nats) and token count: the default sliding windows (eval.context_bytes), one window
+    at a time, no padding, float64 log-softmax over the window's scored tokens only."""
+    from sakd.evaluate import DEFAULT_CONTEXT_BYTES, token_byte_starts, window_plan
+
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     nats, n = 0.0, 0
     for text in texts:
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        for a in range(0, len(ids), seq_len - 1):
-            window = [start_token_id(tok)] + ids[a:a + seq_len - 1]
+        ids, starts = token_byte_starts(tok, text)
+        for c, s, e in window_plan(starts, seq_len, DEFAULT_CONTEXT_BYTES):
+            window = [start_token_id(tok)] + ids[c:e]
             logits = model(input_ids=torch.tensor([window])).logits[0].double()[:, :len(tok)]
-            for k in range(1, len(window)):
+            for k in range(1 + s - c, len(window)):
                 row = logits[k - 1]
                 nats -= float(row[window[k]] - torch.logsumexp(row, 0))
                 n += 1
