@@ -1,0 +1,256 @@
+"""A teacher target at EVERY student position: the teacher's next-token distribution mapped onto the
+student's vocabulary through the bytes of the text (``loss.logit=mapped_kl``).
+
+Source: byte-level probability mapping (BPM, arXiv 2607.22334, eqs. 4-6 as reported in
+../shared/RESEARCH.md §6); the underlying identity, next-byte probabilities as sums over the
+teacher tokens that cover the bytes, is Phan et al., arXiv 2410.09303 (§3, "cover encodings").
+
+Notation: teacher token i spans bytes [a_i, c_i) and is predicted by p_i (teacher logits at
+position i - 1); student token j spans [b_j, e_j) and is predicted by q_j (student logits at
+j - 1). For each j, take the teacher token i with a_i <= b_j < c_i, k = b_j - a_i and
+π = bytes(t_i)[:k], the bytes of i already seen. The candidates S are the teacher tokens whose
+bytes start with π and are longer than k (those of them consistent with the text so far);
+
+    Q_j(u) = Σ_{v ∈ S, φ(v, k) = u} p_i(v) / Z,      Z = Σ_{v ∈ S, φ(v, k) exists} p_i(v),
+
+with φ(v, k) the student token that starts bytes(v)[k:] (sakd/align/mapping.py). Special and
+padding teacher columns are never candidates. The loss is Σ_j D(Q_j ‖ q_j) over the student's
+full vocabulary (D = the configured divergence; forward KL by default).
+
+Realised-path extension (``extend=True``, BPM's choice): where the realised student token t_j runs
+past c_i, no candidate of i maps to t_j (φ(t_i, k) is a shorter prefix of it), so the target
+would teach the student a tokenisation it never uses. The probability that the teacher writes
+t_j's bytes along the realised path,
+
+    M_j = p_i(t_i) / Z · Π_{i < l < m} p_l(t_l) · Σ_{v starts with bytes[a_m:e_j]} p_m(v)
+
+(m: the teacher token holding byte e_j - 1), a lower bound on the teacher's probability of those
+bytes, is moved from the cell φ(t_i, k) (which holds p_i(t_i)/Z >= M_j) to the cell t_j: the
+target keeps its total mass.
+
+Positions: every student text token whose chunk (sakd/align/tokens.py) spells the same bytes on
+both sides by the tokens' own bytes; a chunk holding a synthetic prefix space (``▁H`` at a span's
+start covers only ``H``), an added token, or a token with no bytes gets no target (the start of a
+span, typically one chunk). ``mapped_positions`` computes them from the batch tensors alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sakd.align.mapping import MappingTables
+from sakd.errors import UserError
+from sakd.losses.divergences import _ChunkedRowLoss, _check_settings, _kernel, divergence_sum
+
+_BIG = 1 << 32  # chunk index * _BIG + byte offset inside the chunk: one sortable key per token end
+
+
+@dataclass
+class MappedPositions:
+    """One entry per student position with a target ([N] each, long unless said)."""
+
+    b: torch.Tensor       # example
+    j: torch.Tensor       # student token index (predicted by student row j - 1)
+    i: torch.Tensor       # teacher token holding b_j (predicted by teacher row i - 1)
+    k: torch.Tensor       # b_j - a_i
+    ext: torch.Tensor     # bool: e_j > c_i
+    m: torch.Tensor       # teacher token holding byte e_j - 1
+    q: torch.Tensor       # e_j - a_m: bytes of t_m the student token covers
+
+    def __len__(self) -> int:
+        return int(self.b.numel())
+
+
+def _chunk_sums(chunk: torch.Tensor, values: torch.Tensor, C: int) -> torch.Tensor:
+    out = torch.zeros(chunk.shape[0], C, dtype=torch.long, device=chunk.device)
+    return out.scatter_add_(1, chunk.clamp(min=0), values * (chunk >= 0))
+
+
+@torch.no_grad()
+def mapped_positions(batch, tables: MappingTables) -> MappedPositions:
+    """The student positions that get a target, and where their bytes sit in the teacher's tokens.
+
+    Works on the batch format of sakd/data.py: token ids, the chunk of every token (-1: start
+    token or padding) and the chunk table; byte lengths come from the tables (canonical bytes
+    of each id), so every offset is exact inside a chunk whose two sides spell the same bytes."""
+    s_ids, t_ids, s_chunk, t_chunk = batch["s_ids"], batch["t_ids"], batch["s_chunk"], batch["t_chunk"]
+    dev = s_ids.device
+    s_len, t_len = tables.s_len.to(dev), tables.t_len.to(dev)
+    ls = s_len[s_ids.clamp(0, s_len.numel() - 1)] * (s_chunk >= 0)
+    lt = t_len[t_ids.clamp(0, t_len.numel() - 1)] * (t_chunk >= 0)
+    C = batch["chunk_mask"].shape[1]
+    ok = (batch["chunk_mask"] & (_chunk_sums(s_chunk, ls, C) == _chunk_sums(t_chunk, lt, C))
+          & (_chunk_sums(s_chunk, (ls == 0).long(), C) == 0) & (_chunk_sums(t_chunk, (lt == 0).long(), C) == 0))
+
+    def rel_ends(ids_len, chunk, start_key):
+        g = ids_len.cumsum(1)  # bytes up to and including each token, from the span start
+        base = g.gather(1, (batch[start_key] - 1).clamp(min=0))          # [B, C]: bytes before each chunk
+        return g - base.gather(1, chunk.clamp(min=0))                    # bytes inside the chunk, token end
+
+    s_end = rel_ends(ls, s_chunk, "chunk_s_start")
+    t_end = rel_ends(lt, t_chunk, "chunk_t_start")
+    huge = torch.iinfo(torch.long).max // 2
+    t_key = torch.where(t_chunk >= 0, t_chunk * _BIG + t_end,
+                        torch.where(batch["t_mask"], torch.full_like(t_end, -1), torch.full_like(t_end, huge)))
+    text = s_chunk >= 0
+    text[:, 0] = False
+    if tables.identity:  # one tokenizer: the same tokens on both sides, every text position, plain KD
+        b, j = text.nonzero(as_tuple=True)
+        zero = torch.zeros_like(b)
+        return MappedPositions(b=b, j=j, i=j, k=zero, ext=zero.bool(), m=j, q=zero)
+    sel = text & ok.gather(1, s_chunk.clamp(min=0)) & (ls > 0)
+    key_end = torch.where(sel, s_chunk * _BIG + s_end, torch.zeros_like(s_end))  # [B, Ls]
+    key_start = key_end - ls * sel
+    i_all = torch.searchsorted(t_key, key_start, right=True)   # first teacher token ending after b_j
+    m_all = torch.searchsorted(t_key, key_end, right=False)    # first teacher token ending at or after e_j
+    b, j = sel.nonzero(as_tuple=True)
+    i, m = i_all[b, j], m_all[b, j]
+    ks, ke = key_start[b, j], key_end[b, j]
+    return MappedPositions(b=b, j=j, i=i, k=ks - (t_key[b, i] - lt[b, i]), ext=ke > t_key[b, i], m=m,
+                           q=ke - (t_key[b, m] - lt[b, m]))
+
+
+def count_mapped(batch, tables: MappingTables) -> int:
+    return len(mapped_positions(batch, tables))
+
+
+@torch.no_grad()
+def _path_log_mass(t2, t_ids, pos: MappedPositions, e_idx, Lt: int, vt: int, tables: MappingTables,
+                   temperature: float, dtype) -> torch.Tensor:
+    """log of Π_{i<l<m} p_l(t_l) · Σ_{v starts with bytes(t_m)[:q]} p_m(v) for the extended positions
+    ``e_idx``: the realised path after teacher token i (the factor p_i(t_i)/Z is added by the caller)."""
+    out = torch.zeros(e_idx.numel(), dtype=dtype, device=t2.device)
+    sorted_ids = tables.sorted_ids.to(t2.device)
+    for n, e in enumerate(e_idx.tolist()):
+        b, i, m, q = int(pos.b[e]), int(pos.i[e]), int(pos.m[e]), int(pos.q[e])
+        rows = t2[b * Lt + i: b * Lt + m, :vt].to(dtype) / temperature     # teacher rows i .. m-1
+        lse = torch.logsumexp(rows, -1)
+        path = (rows[:-1].gather(1, t_ids[b, i + 1:m, None]).squeeze(1) - lse[:-1]).sum()
+        f = int(tables.offset[int(t_ids[b, m])]) + q
+        lo, hi = int(tables.lo[f]), int(tables.hi[f])
+        out[n] = path + torch.logsumexp(rows[-1, sorted_ids[lo:hi]], 0) - lse[-1]
+    return out
+
+
+class _Targets:
+    """Builds log Q (times T, see ``mapped_kd``) for a chunk of positions, from the teacher logits."""
+
+    def __init__(self, t_logits, batch, pos: MappedPositions, tables: MappingTables, vs: int, vt: int,
+                 temperature: float, extend: bool):
+        self.t2 = t_logits.detach().flatten(0, 1)
+        self.Lt, self.vs, self.vt, self.T = t_logits.shape[1], vs, vt, float(temperature)
+        self.dtype = torch.promote_types(t_logits.dtype, torch.float32)
+        self.tab = tables.to(t_logits.device) if tables.phi.device != t_logits.device else tables
+        dev = t_logits.device
+        self.pos = MappedPositions(**{f: getattr(pos, f).to(dev) for f in pos.__dataclass_fields__})
+        p = self.pos
+        t_ids = batch["t_ids"].to(dev)
+        self.s_tok = batch["s_ids"].to(dev)[p.b, p.j]
+        self.t_tok = t_ids[p.b, p.i]
+        self.t_row = p.b * self.Lt + p.i - 1
+        # φ(v, 0) for every teacher column < vt; specials and tokens without a student image -> column vs (dropped)
+        phi0 = torch.full((vt,), vs, dtype=torch.long, device=dev)
+        ordinary = self.tab.sorted_ids
+        img = self.tab.phi[self.tab.offset[ordinary]]
+        phi0[ordinary] = torch.where(img >= 0, img, torch.full_like(img, vs))
+        self.phi0 = phi0
+        self.f_i = self.tab.offset[self.t_tok] + p.k          # flat index of (t_i, k)
+        self.extend = extend and bool(p.ext.any())
+        self.path = torch.zeros(len(p), dtype=self.dtype, device=dev)
+        if self.extend:
+            e_idx = p.ext.nonzero().squeeze(1)
+            self.path[e_idx] = _path_log_mass(self.t2, t_ids, p, e_idx, self.Lt, vt, self.tab, self.T, self.dtype)
+
+    @torch.no_grad()
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        """idx [n]: positions; returns T * log Q [n, vs] (-inf where Q = 0)."""
+        n, vs, tab = idx.numel(), self.vs, self.tab
+        lp = torch.log_softmax(self.t2.index_select(0, self.t_row[idx])[:, :self.vt].to(self.dtype) / self.T, -1)
+        p = lp.exp()
+        k = self.pos.k[idx]
+        Q = torch.zeros(n, vs + 1, dtype=self.dtype, device=p.device).index_add_(1, self.phi0, p)
+        r1 = (k > 0).nonzero().squeeze(1)
+        if r1.numel():
+            Q[r1] = 0
+            f = self.f_i[idx[r1]]
+            lo, hi = tab.lo[f] + tab.eq[f], tab.hi[f]                       # tokens longer than k
+            lens = hi - lo
+            row = torch.repeat_interleave(r1, lens)
+            start = torch.repeat_interleave(lo - (lens.cumsum(0) - lens), lens)
+            tid = tab.sorted_ids[start + torch.arange(int(lens.sum()), device=p.device)]
+            sid = tab.phi[tab.offset[tid] + torch.repeat_interleave(k[r1], lens)]
+            sid = torch.where(sid >= 0, sid, torch.full_like(sid, vs))
+            Q.index_put_((row, sid), p[row, tid], accumulate=True)
+        Q = Q[:, :vs]
+        Z = Q.sum(-1)
+        good = Z > 0
+        Q = Q / torch.where(good, Z, torch.ones_like(Z))[:, None]
+        # Z = 0 only if the teacher's probability underflows on every candidate: the realised token then.
+        Q[~good] = 0
+        Q[(~good).nonzero().squeeze(1), self.s_tok[idx[~good]]] = 1.0
+        if self.extend:
+            e = (self.pos.ext[idx] & good & (tab.phi[self.f_i[idx]] >= 0)).nonzero().squeeze(1)
+            if e.numel():
+                src = tab.phi[self.f_i[idx[e]]]
+                mass = (lp[e, self.t_tok[idx[e]]] - Z[e].log() + self.path[idx[e]]).exp()
+                mass = torch.minimum(mass, Q[e, src])
+                Q[e, src] -= mass
+                Q[e, self.s_tok[idx[e]]] += mass
+        return Q.log_().mul_(self.T)
+
+
+def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: MappingTables, *,
+              divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
+              t_vocab_size: int | None = None, chunk_rows: int = 1024, extend: bool = True,
+              head_weight: torch.Tensor | None = None, positions: MappedPositions | None = None):
+    """Σ_j D(Q_j ‖ q_j) over every student position with a target (module docstring), D the divergence
+    ``divergence`` at temperature T (q_j = softmax(s_j / T); Q_j mapped from softmax(t_i / T)).
+
+    s_logits [B, Ls, Vs] (or, with ``head_weight`` [Vs, H], the student's last hidden state [B, Ls, H]:
+    the output layer is fused in); t_logits [B, Lt, Vt_cols], treated as a constant (the student is
+    trained); ``t_vocab_size`` bounds the teacher columns that name tokens. Memory: rows are walked
+    in chunks of ``chunk_rows``; neither [N, Vt] nor [N, Vs] exists for all rows at once.
+
+    One tokenizer on both sides (``tables.identity``): exactly plain full-vocabulary KD at every
+    position. Returns (loss_sum, n positions)."""
+    _check_settings(temperature, "sum", chunk_rows)
+    if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1):
+        raise UserError("loss.logit=mapped_kl needs a divergence that allows zeros in the target "
+                        "(forward_kl, jsd with beta < 1, tvd), not reverse KL: set loss.divergence=forward_kl")
+    pos = mapped_positions(batch, tables) if positions is None else positions
+    vt = t_logits.shape[-1] if t_vocab_size is None else int(t_vocab_size)
+    Ls, Lt = s_logits.shape[1], t_logits.shape[1]
+    dev_s = s_logits.device
+    s_rows = (pos.b * Ls + pos.j - 1).to(dev_s)
+    n = torch.tensor(len(pos), dtype=torch.long, device=dev_s)
+    if tables.identity:
+        t_rows = (pos.b * Lt + pos.i - 1).to(t_logits.device)
+        return divergence_sum(divergence, s_logits.flatten(0, 1), t_logits.detach().flatten(0, 1)[:, :vt],
+                              s_rows=s_rows, t_rows=t_rows, head_weight=head_weight, temperature=temperature,
+                              beta=beta, chunk_rows=chunk_rows), n
+    vs = head_weight.shape[0] if head_weight is not None else s_logits.shape[-1]
+    vs_tok = int(tables.s_len.numel())
+    target = _Targets(t_logits, batch, pos, tables, min(vs, vs_tok), vt, temperature, extend)
+    base = _kernel(divergence, beta)
+    pad = vs - min(vs, vs_tok)  # student head columns past its tokenizer: target 0
+
+    def kernel(parts, T, need):
+        s, idx = parts
+        logq = target(idx)
+        if pad:
+            logq = torch.nn.functional.pad(logq, (0, pad), value=-float("inf"))
+        return base([s, logq.to(torch.float32)], T, (need[0], False))
+
+    index = ((s_rows, None), (None, None))
+    loss = _ChunkedRowLoss.apply(kernel, 1, index, len(pos), chunk_rows, float(temperature), head_weight,
+                                 s_logits.flatten(0, 1), torch.arange(len(pos), device=t_logits.device))
+    return loss, n
+
+
+@torch.no_grad()
+def mapped_coverage(batch, tables: MappingTables) -> tuple[int, int]:
+    """(student positions with a target, student positions that predict a text token)."""
+    total = int(((batch["s_chunk"] >= 0)[:, 1:]).sum())
+    return len(mapped_positions(batch, tables)), total

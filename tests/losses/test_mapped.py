@@ -1,0 +1,248 @@
+"""mapped_kl (sakd/losses/mapped.py, sakd/align/mapping.py) against a float64 reference written the slow,
+obvious way: enumerate the teacher's tokens, compare byte strings.
+
+The two tokenizers are hand-made so that every case occurs: a byte-level BPE teacher whose tokens
+split a multi-byte character (``cafÃ`` + ``©`` for "café"), and a SentencePiece-style student with
+``▁`` tokens and byte fallback (``<0xNN>``); student tokens start inside teacher tokens (k > 0) and
+run past their ends (the realised-path extension)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from sakd.align.mapping import build_tables
+from sakd.align.tokens import align, bytes_to_unicode, encode_with_bytes
+from sakd.align.vocab import token_strings
+from sakd.data import collate, encode_pair
+from sakd.losses.divergences import forward_kl
+from sakd.losses.mapped import mapped_coverage, mapped_kd, mapped_positions
+
+B2U = bytes_to_unicode()
+TEXTS = ["the café theatre said thé", "naïve 東京 🙂 the thé atre"]
+
+
+def _bpe(words: list[str], base: list[str], specials: list[str], **kw) -> dict:
+    """vocab and merges of a BPE whose multi-character tokens are ``words`` (built left to right)."""
+    vocab = {t: i for i, t in enumerate(specials + base)}
+    merges = []
+    for w in words:
+        cur = w[0]
+        for c in w[1:]:
+            if cur + c not in vocab:
+                vocab[cur + c] = len(vocab)
+                merges.append((cur, c))
+            cur = cur + c
+    return {"vocab": vocab, "merges": merges}
+
+
+def teacher_tokenizer() -> PreTrainedTokenizerFast:
+    bl = lambda s: "".join(B2U[b] for b in s.encode("utf-8"))  # noqa: E731
+    words = [bl(w) for w in ["the", " the", " theatre", "caf", " caf", " said",
+                             " sa", "th", "at", "re", " atre", " na", "ïve", " thé"]]
+    words.append(bl(" caf") + B2U[0xC3])  # " caf" + the first byte of "é": a character split across tokens
+    spec = _bpe(words, [B2U[b] for b in range(256)], ["<|endoftext|>"])
+    tok = Tokenizer(models.BPE(vocab=spec["vocab"], merges=spec["merges"]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def student_tokenizer() -> PreTrainedTokenizerFast:
+    chars = list("abcdefghijklmnopqrstuvwxyz") + ["▁", "é", "ï"]
+    words = ["▁the", "▁th", "ea", "tre", "▁ca", "▁sa", "id", "▁na", "ve", "▁t", "he", "é▁"]
+    spec = _bpe(words, [f"<0x{b:02X}>" for b in range(256)] + chars, ["<unk>", "<s>", "</s>"])
+    tok = Tokenizer(models.BPE(vocab=spec["vocab"], merges=spec["merges"], unk_token="<unk>", byte_fallback=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                   pad_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return student_tokenizer(), teacher_tokenizer()
+
+
+def _batch(s_tok, t_tok, texts=TEXTS):
+    start = lambda tok: tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id  # noqa: E731
+    items = [encode_pair(t, s_tok, t_tok, start(s_tok), start(t_tok), 200, 200) for t in texts]
+    return collate(items, s_tok.pad_token_id, t_tok.pad_token_id)
+
+
+# ------------------------------------------------------------------------- the slow reference
+
+def _phi_ref(suffix: bytes, s_tok, s_strings) -> int:
+    """First student token of ``suffix``: the tokenizer's own when it spells a prefix, else the longest prefix."""
+    try:
+        ids = s_tok.backend_tokenizer.encode(suffix.decode("utf-8"), add_special_tokens=False).ids
+        if ids and s_strings[ids[0]] and suffix.startswith(s_strings[ids[0]]):
+            return ids[0]
+    except UnicodeDecodeError:
+        pass
+    best, best_key = -1, None
+    for u, b in enumerate(s_strings):
+        if b and suffix.startswith(b):
+            fallback = s_tok.convert_ids_to_tokens(u).startswith("<0x")
+            key = (len(b), not fallback, -u)
+            if best_key is None or key > best_key:
+                best, best_key = u, key
+    return best
+
+
+def reference(s_logits, t_logits, texts, s_tok, t_tok, extend=True):
+    """Σ_j KL(Q_j ‖ q_j) in float64, enumerating teacher tokens for every student position."""
+    s_str, t_str = token_strings(s_tok), token_strings(t_tok)
+    t_ok = [i for i, b in enumerate(t_str) if b and i < len(t_tok)]
+    t_logits = t_logits[..., :len(t_tok)]  # padding columns name no token
+    total = torch.zeros((), dtype=torch.float64)
+    n = 0
+    for x, text in enumerate(texts):
+        data = text.encode("utf-8")
+        s = encode_with_bytes(s_tok, text, start_token=s_tok.bos_token_id)
+        t = encode_with_bytes(t_tok, text, start_token=t_tok.eos_token_id)
+        for (ss, se, ts, te) in align(s, t):
+            # a chunk gets targets only where each token's own bytes are its span (no synthetic space)
+            if any(s_str[s.ids[q]] != data[s.byte_starts[q]:s.byte_ends[q]] for q in range(ss, se)) or any(
+                    t_str[t.ids[q]] != data[t.byte_starts[q]:t.byte_ends[q]] for q in range(ts, te)):
+                continue
+            for j in range(ss, se):
+                bj, ej = s.byte_starts[j], s.byte_ends[j]
+                i = next(q for q in range(ts, te) if t.byte_starts[q] <= bj < t.byte_ends[q])
+                ai, ci = t.byte_starts[i], t.byte_ends[i]
+                k, pi = bj - ai, data[ai:bj]
+                p = torch.softmax(t_logits[x, i - 1].double(), -1)
+                Q = torch.zeros(s_logits.shape[-1], dtype=torch.float64)
+                for v in t_ok:
+                    if t_str[v].startswith(pi) and len(t_str[v]) > k:
+                        u = _phi_ref(t_str[v][k:], s_tok, s_str)
+                        if u >= 0:
+                            Q[u] += p[v]
+                Z = Q.sum()
+                Q = Q / Z
+                if extend and ej > ci:
+                    m = next(q for q in range(ts, te) if t.byte_starts[q] < ej <= t.byte_ends[q])
+                    mass = p[t.ids[i]] / Z
+                    for l in range(i + 1, m):
+                        mass = mass * torch.softmax(t_logits[x, l - 1].double(), -1)[t.ids[l]]
+                    pm = torch.softmax(t_logits[x, m - 1].double(), -1)
+                    prefix = data[t.byte_starts[m]:ej]
+                    mass = mass * sum(pm[v] for v in t_ok if t_str[v].startswith(prefix))
+                    src = _phi_ref(t_str[t.ids[i]][k:], s_tok, s_str)
+                    Q[src] -= mass
+                    Q[s.ids[j]] += mass
+                logq = torch.log_softmax(s_logits[x, j - 1], -1)
+                keep = Q > 0
+                total = total + (Q[keep] * (Q[keep].log() - logq[keep])).sum()
+                n += 1
+    return total, n
+
+
+# ------------------------------------------------------------------------- tests
+
+def _logits(batch, side, vocab, seed):
+    g = torch.Generator().manual_seed(seed)
+    return 2.0 * torch.randn(*batch[f"{side}_ids"].shape, vocab, generator=g)
+
+
+def test_every_case_occurs(pair):
+    """The hand-made pair exercises k = 0 and k > 0, the extension, and split multi-byte characters."""
+    s_tok, t_tok = pair
+    batch = _batch(s_tok, t_tok)
+    pos = mapped_positions(batch, build_tables(s_tok, t_tok))
+    assert (pos.k == 0).any() and (pos.k > 0).any() and pos.ext.any()
+    t_strs = token_strings(t_tok)
+    assert any(b and b.endswith(b"\xc3") for b in (t_strs[i] for i in batch["t_ids"].flatten().tolist()))
+    got, total = mapped_coverage(batch, build_tables(s_tok, t_tok))
+    assert total - got <= 2  # only the chunks opening each text with a synthetic "▁" get no target
+
+
+@pytest.mark.parametrize("extend", [True, False])
+@pytest.mark.parametrize("fused", [False, True])
+def test_loss_and_gradient_match_float64_reference(pair, extend, fused):
+    s_tok, t_tok = pair
+    tables = build_tables(s_tok, t_tok)
+    batch = _batch(s_tok, t_tok)
+    vs, vt = len(s_tok), len(t_tok)
+    t_logits = _logits(batch, "t", vt + 5, 1)  # 5 padding columns past the tokenizer: never candidates
+    t_logits[..., vt:] = 30.0
+    if fused:
+        g = torch.Generator().manual_seed(2)
+        hidden = torch.randn(*batch["s_ids"].shape, 8, generator=g, requires_grad=True)
+        weight = (0.7 * torch.randn(vs, 8, generator=g)).requires_grad_()
+        loss, n = mapped_kd(hidden, t_logits, batch, tables, t_vocab_size=vt, extend=extend, head_weight=weight,
+                            chunk_rows=3)
+        loss.backward()
+        h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+        ref, n_ref = reference(h64 @ w64.T, t_logits.double(), TEXTS, s_tok, t_tok, extend)
+        ref.backward()
+        # the fused layer multiplies in float32 (hidden @ W.T and g @ W over 289 columns): 1e-5
+        torch.testing.assert_close(hidden.grad.double(), h64.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weight.grad.double(), w64.grad, rtol=1e-5, atol=1e-6)
+    else:
+        s_logits = _logits(batch, "s", vs, 0).requires_grad_()
+        loss, n = mapped_kd(s_logits, t_logits, batch, tables, t_vocab_size=vt, extend=extend, chunk_rows=5)
+        loss.backward()
+        s64 = s_logits.detach().double().requires_grad_()
+        ref, n_ref = reference(s64, t_logits.double(), TEXTS, s_tok, t_tok, extend)
+        ref.backward()
+        torch.testing.assert_close(s_logits.grad.double(), s64.grad, rtol=1e-6, atol=1e-7)
+    assert int(n) == n_ref > 20
+    assert math.isclose(float(loss.detach()), float(ref.detach()), rel_tol=1e-6)
+
+
+def test_target_keeps_all_mass_and_prefers_the_realised_token(pair):
+    """A teacher sure of its realised tokens gives a target whose mode is the realised student token."""
+    s_tok, t_tok = pair
+    tables = build_tables(s_tok, t_tok)
+    batch = _batch(s_tok, t_tok)
+    vt = len(t_tok)
+    t_logits = torch.zeros(*batch["t_ids"].shape, vt)
+    t_logits[:, :-1].scatter_(2, batch["t_ids"][:, 1:, None], 40.0)  # row i-1 puts its mass on token i
+    from sakd.losses.mapped import _Targets
+
+    pos = mapped_positions(batch, tables)
+    tgt = _Targets(t_logits, batch, pos, tables, len(s_tok), vt, 1.0, True)
+    logq = tgt(torch.arange(len(pos)))
+    Q = logq.exp()
+    torch.testing.assert_close(Q.sum(-1), torch.ones(len(pos)), rtol=0, atol=1e-5)
+    realised = batch["s_ids"][pos.b, pos.j]
+    assert (Q.argmax(-1) == realised).float().mean() == 1.0
+
+
+def test_one_tokenizer_is_plain_full_vocabulary_kd(pair):
+    _, t_tok = pair
+    tables = build_tables(t_tok, t_tok)
+    assert tables.identity
+    batch = _batch(t_tok, t_tok)
+    V = len(t_tok)
+    s_logits = _logits(batch, "s", V, 0).requires_grad_()
+    t_logits = _logits(batch, "t", V, 1)
+    loss, n = mapped_kd(s_logits, t_logits, batch, tables, chunk_rows=4)
+    mask = batch["s_mask"][:, 1:]
+    ref = forward_kl(s_logits[:, :-1], t_logits[:, :-1], mask, reduction="sum")
+    assert int(n) == int(mask.sum())
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=0)
+
+
+def test_real_pair_tables_cover_the_teacher(real_pair_tables):
+    tables, s_tok, t_tok = real_pair_tables
+    from sakd.align.mapping import teacher_coverage
+
+    assert tables.sorted_ids.numel() == 151_643  # ordinary Qwen tokens: no added/special ones
+    assert teacher_coverage(tables) > 0.999
+    assert tables.nbytes() < 200 * 2**20
+
+
+@pytest.fixture(scope="module")
+def real_pair_tables():
+    from sakd.align.real import qwen_tokenizer, smollm2_tokenizer
+
+    s_tok, t_tok = smollm2_tokenizer(), qwen_tokenizer()
+    return build_tables(s_tok, t_tok), s_tok, t_tok
