@@ -87,9 +87,12 @@ class ContrastiveLossConfig:
 
 @dataclass
 class LossConfig:
-    logit: str = F("shared_kl", "Logit transfer: shared_kl (1:1 chunks over the shared vocabulary); "
-                   "baselines for comparison only: uld, gold, truncation; none.",
-                   choices=("shared_kl", "uld", "gold", "truncation", "none"))
+    logit: str = F("shared_kl", "Logit transfer: mapped_kl (the teacher's distribution mapped onto the student's "
+                   "vocabulary by bytes, at every student position); shared_kl (1:1 chunks over the shared "
+                   "vocabulary); baselines for comparison only: uld, gold, truncation; none.",
+                   choices=("mapped_kl", "shared_kl", "uld", "gold", "truncation", "none"))
+    mapped_extend: bool = F(True, "mapped_kl: where the realised student token runs past the teacher token, move "
+                            "the realised path's probability to its cell (BPM); false keeps the first-token map.")
     divergence: str = F("forward_kl", "Divergence for the logit loss.", choices=("forward_kl", "reverse_kl", "jsd", "tvd"))
     beta: float = F(0.5, "Generalized JSD mixture weight (0 = forward KL, 1 = reverse KL).", min=0.0, max=1.0)
     temperature: float = F(1.0, "Softmax temperature for the logit loss (the loss is scaled by T^2).", gt=0.0)

@@ -42,7 +42,8 @@ import torch
 
 from sakd.align.mapping import MappingTables
 from sakd.errors import UserError
-from sakd.losses.divergences import _ChunkedRowLoss, _check_settings, _kernel, divergence_sum
+from sakd.losses.divergences import (_ChunkedRowLoss, _check_settings, _kernel, _kl_rows, _log_softmax32,
+                                     divergence_sum)
 
 _BIG = 1 << 32  # chunk index * _BIG + byte offset inside the chunk: one sortable key per token end
 
@@ -165,10 +166,13 @@ class _Targets:
 
     @torch.no_grad()
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx [n]: positions; returns T * log Q [n, vs] (-inf where Q = 0)."""
+        """idx [n]: positions; returns log Q [n, vs] (-inf where Q = 0)."""
         n, vs, tab = idx.numel(), self.vs, self.tab
-        lp = torch.log_softmax(self.t2.index_select(0, self.t_row[idx])[:, :self.vt].to(self.dtype) / self.T, -1)
-        p = lp.exp()
+        z = self.t2.index_select(0, self.t_row[idx])[:, :self.vt].to(self.dtype)
+        if self.T != 1.0:
+            z = z.div_(self.T)
+        p = torch.softmax(z, -1)
+        del z
         k = self.pos.k[idx]
         Q = torch.zeros(n, vs + 1, dtype=self.dtype, device=p.device).index_add_(1, self.phi0, p)
         r1 = (k > 0).nonzero().squeeze(1)
@@ -186,7 +190,7 @@ class _Targets:
         Q = Q[:, :vs]
         Z = Q.sum(-1)
         good = Z > 0
-        Q = Q / torch.where(good, Z, torch.ones_like(Z))[:, None]
+        Q.mul_(torch.where(good, Z, torch.ones_like(Z)).reciprocal_()[:, None])
         # Z = 0 only if the teacher's probability underflows on every candidate: the realised token then.
         Q[~good] = 0
         Q[(~good).nonzero().squeeze(1), self.s_tok[idx[~good]]] = 1.0
@@ -194,11 +198,11 @@ class _Targets:
             e = (self.pos.ext[idx] & good & (tab.phi[self.f_i[idx]] >= 0)).nonzero().squeeze(1)
             if e.numel():
                 src = tab.phi[self.f_i[idx[e]]]
-                mass = (lp[e, self.t_tok[idx[e]]] - Z[e].log() + self.path[idx[e]]).exp()
+                mass = (p[e, self.t_tok[idx[e]]].log() - Z[e].log() + self.path[idx[e]]).exp()
                 mass = torch.minimum(mass, Q[e, src])
                 Q[e, src] -= mass
                 Q[e, self.s_tok[idx[e]]] += mass
-        return Q.log_().mul_(self.T)
+        return Q.log_()
 
 
 def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: MappingTables, *,
@@ -238,10 +242,14 @@ def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: Map
 
     def kernel(parts, T, need):
         s, idx = parts
-        logq = target(idx)
+        log_target = target(idx).to(torch.float32)      # log Q [n, vs_tok], already at temperature T
         if pad:
-            logq = torch.nn.functional.pad(logq, (0, pad), value=-float("inf"))
-        return base([s, logq.to(torch.float32)], T, (need[0], False))
+            log_target = torch.nn.functional.pad(log_target, (0, pad), value=-float("inf"))
+        if divergence == "forward_kl" or (divergence == "jsd" and beta == 0):
+            # KL(Q ‖ q) straight from the log-probabilities: Q is normalised, no second log-softmax
+            loss, _, g_s = _kl_rows(log_target, _log_softmax32(s, T), False, need[0])
+            return loss, (g_s, None)
+        return base([s, log_target.mul_(T)], T, (need[0], False))  # the kernel divides by T again
 
     index = ((s_rows, None), (None, None))
     loss = _ChunkedRowLoss.apply(kernel, 1, index, len(pos), chunk_rows, float(temperature), head_weight,
