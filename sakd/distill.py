@@ -86,6 +86,29 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
+def optimizer_update(acc, optimizer, scheduler, grad_clip: float, counters: dict) -> tuple[float | None, bool]:
+    """Unscale and clip, step, advance the schedule: (gradient norm before clipping or None, skipped).
+
+    A step is SKIPPED when its gradients are not finite: in fp32 here (the gradients are dropped), under
+    fp16 by the GradScaler (which then lowers the loss scale). Both are counted in
+    ``counters["skipped_steps"]``. The LR schedule advances either way: the step number is the clock of
+    the LR and KA schedules, of checkpoints and of resume."""
+    grad_norm = None
+    if grad_clip > 0:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        grad_norm = float(acc.clip_grad_norm_(params, grad_clip))
+    if grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None:
+        optimizer.zero_grad(set_to_none=True)  # fp32: a non-finite gradient never reaches the weights
+        skipped = True
+    else:
+        optimizer.step()
+        skipped = acc.scaler is not None and bool(getattr(optimizer, "step_was_skipped", False))
+    counters["skipped_steps"] += int(skipped)
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm, skipped
+
+
 def ramp(weight: float, ramp_steps: int, step: int) -> float:
     """Constant weight, or a linear ramp from 0 over ``ramp_steps`` steps."""
     return weight if ramp_steps <= 0 else weight * min(1.0, step / ramp_steps)
@@ -215,6 +238,14 @@ def describe(run: Run, cfg: Config, log=print) -> dict:
         f"{cfg.train.grad_accum} accumulation x {world} process(es) x {cfg.data.seq_len})")
     log(f"data: {info['train_spans']:,} training spans, {info['heldout_bytes']:,} held-out bytes; "
         f"device {info['device']}, mixed precision {info['mixed_precision']}")
+    if run.teacher is not None and objective.fused_head_terms(cfg.loss, kd=cfg.loss.kd_weight > 0 and
+                                                              cfg.loss.logit != "none",
+                                                              chunk=cfg.loss.chunk_weight > 0):
+        # The fused head's matmuls run in the dtype of the student's final hidden state, and the final
+        # RMSNorm returns its fp32 input dtype under autocast; the loss runs outside autocast.
+        log("fused output layer: the student's logits are computed chunk by chunk in float32 (its final hidden "
+            "state is float32 under autocast): exact log-softmax inputs at 150k columns, the head's matmul at "
+            "fp32 speed")
     return info
 
 
@@ -293,7 +324,10 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                             balance_coef=cfg.moe.balance_coef, anchor=cfg.moe.anchor, grad_clip=tc.grad_clip or 1.0)
     order = EpochOrder(len(run.train), tc.seed, acc.process_index, acc.num_processes)
     collate = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))
-    ka_gen = torch.Generator(device="cpu").manual_seed(tc.seed + 17)
+    # KA's expert draws on the teacher's device (no copies, no host sync per MoE layer); its state is
+    # saved in every checkpoint.
+    ka_gen = torch.Generator(device=acc.device).manual_seed(tc.seed + 17)
+    horizon = tc.max_steps  # the step count the LR and KA schedules are drawn over
     shared_s = run.vocab.shared_s.to(acc.device)
     shared_t = run.vocab.shared_t.to(acc.device)
 
@@ -325,7 +359,20 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                 acc.scaler.load_state_dict(state["scaler"])
             order.load(state["data"])
             set_rng_state(state["rng"])
-            ka_gen.set_state(state["ka_rng"])
+            try:
+                ka_gen.set_state(state["ka_rng"])
+            except (RuntimeError, ValueError):  # a CPU generator's state, saved before draws moved to the device
+                log("resume: the KA sampling stream restarts (checkpoint saved with a CPU generator)")
+            saved_horizon = state.get("horizon") or ((state.get("config") or {}).get("train") or {}).get("max_steps")
+            if saved_horizon and saved_horizon != tc.max_steps:
+                # Changing the horizon would reshape the remaining LR and KA schedules mid-run; they keep the
+                # saved one and train.max_steps only says where this run stops.
+                horizon = int(saved_horizon)
+                scheduler.lr_lambdas = [lr_lambda(tc.warmup_steps, horizon, tc.min_lr_ratio)] * len(
+                    scheduler.lr_lambdas)
+                log(f"resume: train.max_steps={tc.max_steps} differs from the checkpoint's {horizon}: the LR and KA "
+                    f"schedules keep the saved horizon of {horizon} steps (after it, the LR stays at its minimum); "
+                    f"training stops at step {tc.max_steps}")
             step, history, evals = state["step"], state["history"], state["evals"]
             counters, teacher_bpb = state["counters"], state["teacher_bpb"]
             log(f"resume: continuing from {path.name} (step {step})")
@@ -341,7 +388,7 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                  "data": data_state["position"], "rng": rng_state(), "ka_rng": ka_gen.get_state(),
                  "history": history, "evals": evals, "counters": counters, "teacher_bpb": teacher_bpb,
-                 "config": to_dict(cfg)}
+                 "config": to_dict(cfg), "horizon": horizon}
         if sar is not None:
             sd = sar.state_dict()
             tensors["router"] = sd.pop("master")
@@ -401,7 +448,7 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
     with StopFlag() as stop:
         while step < tc.max_steps:
             t_step = time.time()
-            sched = moe.routing_schedule(step, tc.max_steps, experts_start=k_start,
+            sched = moe.routing_schedule(step, horizon, experts_start=k_start,
                                          experts_end=cfg.moe.experts_end or k_start,
                                          temp_start=cfg.moe.router_temperature_start,
                                          temp_end=cfg.moe.router_temperature_end,
@@ -423,6 +470,13 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                 t_wait = time.time()
                 micro = ready.result() if ready is not None else encode(idx)
                 data_wait = time.time() - t_wait  # what the step waits for its data (0 when prefetched in time)
+            n_skipped = sum(int(b["skipped"].sum()) for b in micro)
+            if n_skipped:  # spans that could not be byte-aligned: empty rows, counted and named, never fatal
+                counters["skipped_spans"] = counters.get("skipped_spans", 0) + n_skipped
+                if counters["skipped_spans"] <= 3 or step % tc.log_every == 0:
+                    why = next(iter(run.train.skipped.values()), "")
+                    log(f"data: {counters['skipped_spans']} span(s) skipped so far (cannot be byte-aligned), "
+                        f"e.g. {why}")
             micro = [{k: v.to(acc.device) for k, v in b.items()} for b in micro]
             counts = objective.count_targets(micro, cfg)
             counts = {k: max(1.0, float(acc.reduce(torch.tensor(v, device=acc.device, dtype=torch.float64),
@@ -466,22 +520,16 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                 vec = acc.reduce(torch.tensor([terms_total.get(k, 0.0) for k in keys], dtype=torch.float64,
                                               device=acc.device), reduction="sum")
                 terms_total = {k: float(v) for k, v in zip(keys, vec.tolist()) if k in terms_total or v != 0.0}
-            grad_norm = None
-            if tc.grad_clip > 0:
-                params = [p for g in optimizer.param_groups for p in g["params"]]
-                grad_norm = float(acc.clip_grad_norm_(params, tc.grad_clip))
-            nonfinite = grad_norm is not None and not math.isfinite(grad_norm)
-            if nonfinite and acc.scaler is None:
-                optimizer.zero_grad(set_to_none=True)  # fp32: a non-finite gradient never reaches the weights
-                counters["skipped_steps"] += 1
-            else:
-                optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            grad_norm, skipped = optimizer_update(acc, optimizer, scheduler, tc.grad_clip, counters)
             step += 1
+            if skipped and acc.is_main_process:
+                scale = f"; loss scale now {acc.scaler.get_scale():g}" if acc.scaler is not None else ""
+                log(f"step {step}: optimizer step skipped, gradients not finite{scale} "
+                    f"({counters['skipped_steps']} skipped so far); the LR and KA schedules still advance")
             tokens_seen += int(sum(b["s_mask"].sum() for b in micro)) * acc.num_processes
             dt = time.time() - t_step
             rec = {"step": step, "lr": scheduler.get_last_lr()[0], "seconds": dt, "on_policy": on_policy,
+                   "skipped": skipped,
                    "data_wait_s": 0.0 if on_policy else data_wait,
                    "tokens_per_s": tokens_seen / max(time.time() - t0, 1e-9), **terms_total, **logs,
                    **{f"w_{k}": v for k, v in weights.items()}}

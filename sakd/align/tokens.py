@@ -381,3 +381,57 @@ def chunk_stats(chunks) -> dict:
         "max_student_tokens_per_chunk": max((c[1] - c[0] for c in chunks), default=0),
         "max_teacher_tokens_per_chunk": max((c[3] - c[2] for c in chunks), default=0),
     }
+
+
+# ----------------------------------------------------------------------------- what a window starts with
+
+# Chat checkpoints end a TURN with EOS (Qwen3 chat: ``<|im_end|>``, Llama 3 instruct: ``<|eot_id|>``); the
+# document separator they were pre-trained with is this one. A window of plain text must not open with an
+# end-of-turn marker.
+DOCUMENT_SEPARATORS = ("<|endoftext|>", "<|end_of_text|>")
+
+
+def start_token_id(tokenizer) -> int:
+    """The token every window starts with (training spans, teacher spans, evaluation windows).
+
+    BOS when the tokenizer has one (Llama, SmolLM2); else the pre-training document separator
+    (``<|endoftext|>``: Qwen3 base AND chat checkpoints, which ship no BOS and, for chat, EOS
+    ``<|im_end|>``); else the pad token when it is not the unknown token; else EOS."""
+    if tokenizer.bos_token_id is not None:
+        return tokenizer.bos_token_id
+    vocab = tokenizer.get_vocab()
+    for s in DOCUMENT_SEPARATORS:
+        if s in vocab:
+            return vocab[s]
+    pad, unk = tokenizer.pad_token_id, getattr(tokenizer, "unk_token_id", None)
+    if pad is not None and pad != unk:
+        return pad
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise UserError(f"tokenizer {tokenizer_name(tokenizer)!r} has no BOS, document separator, pad or EOS token to "
+                    "start a window with: add a bos_token to its tokenizer_config.json")
+
+
+# ----------------------------------------------------------------------------- Unicode normal forms
+
+_FORMS = ("NFKC", "NFKD", "NFC", "NFD")
+
+
+def unicode_form(tokenizer) -> str | None:
+    """The Unicode normal form the tokenizer's normalizer applies (Qwen3: NFC), None if it applies none."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    state = _state(backend.normalizer) if backend is not None else ""
+    found = [f for f in _FORMS if f'"type":"{f}"' in state.replace(" ", "")]
+    return found[0] if found else None
+
+
+def text_normal_form(*tokenizers) -> str:
+    """The normal form texts are put in before tokenisation, so that no tokenizer's normalizer changes them
+    (the byte axis is the text's own): NFKC if one tokenizer applies NFKC (NFKC text is also NFC), else NFD
+    or NFKD if that is all they apply, else NFC (a no-op for tokenizers without a normalizer, and what web
+    text mostly is already)."""
+    forms = {f for f in (unicode_form(t) for t in tokenizers) if f}
+    for f in ("NFKC", "NFC"):
+        if f in forms:
+            return f
+    return forms.pop() if len(forms) == 1 else "NFC"

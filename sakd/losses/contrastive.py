@@ -26,9 +26,12 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of hidden [B, L, D] over positions where mask [B, L] is True -> [B, D].
 
     For text tokens only, pass ``batch["s_chunk"] >= 0`` (resp. t_chunk): that mask
-    is False at the start token and at padding. An all-False row gives zeros."""
-    m = mask.to(hidden.dtype)[..., None]                     # [B, L, 1]
-    return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+    is False at the start token and at padding. An all-False row gives zeros. The result is
+    float32 for 16-bit inputs (float64 stays)."""
+    # Summed in float32 at least: an fp16 teacher's states summed over hundreds of positions overflow.
+    dtype = torch.promote_types(hidden.dtype, torch.float32)
+    m = mask.to(dtype)[..., None]                            # [B, L, 1]
+    return (hidden.to(dtype) * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
 def info_nce(s_repr: torch.Tensor, t_repr: torch.Tensor, projector: nn.Module | None,
@@ -43,7 +46,8 @@ def info_nce(s_repr: torch.Tensor, t_repr: torch.Tensor, projector: nn.Module | 
     dtype = torch.promote_types(s_repr.dtype, torch.float32)
     t = t_repr.detach()
     if projector is not None:
-        t = projector(t)
+        w = next(projector.parameters(), None)
+        t = projector(t if w is None else t.to(w.dtype))  # an fp16 teacher's states meet an fp32 projector
     z_s = F.normalize(s_repr.to(dtype), dim=-1)
     z_t = F.normalize(t.to(dtype), dim=-1)
     logits = z_s @ z_t.T / temperature                       # [B, B]: row b = student b vs every teacher
