@@ -36,6 +36,7 @@ def align_report(teacher_spec: str, student_spec: str, text_path: Path, *, teach
         "same_id_same_string": same_id_same_string(s_tok, t_tok),
         "chunk_mode": chunk_mode,
     }
+    report.update(_mapped_stats(s_tok, t_tok, text, chunk_mode))
     if teacher_model:
         report["teacher_mass_on_shared_at_one_to_one"] = _teacher_shared_mass(
             teacher_model, t_tok, t, chunks, vocab.shared_t, max_len)
@@ -62,3 +63,21 @@ def _teacher_shared_mass(model_name: str, t_tok, t, chunks, shared_t: torch.Tens
         total += float(probs[:, shared_t].sum(-1).sum())
         n += len(want)
     return total / max(n, 1)
+
+
+def _mapped_stats(s_tok, t_tok, text: str, chunk_mode: str) -> dict:
+    """What ``loss.logit=mapped_kl`` reaches on this text: the share of student positions that get a
+    target (shared_kl: only those in 1:1 chunks), and the share of the teacher's ordinary vocabulary
+    whose probability lands on a student token (the rest: specials, padding columns, never mass)."""
+    from sakd.align.mapping import mapping_tables, teacher_coverage
+    from sakd.data import collate, encode_pair, start_token_id
+    from sakd.losses.mapped import mapped_coverage
+
+    tables = mapping_tables(s_tok, t_tok)
+    big = 1 << 30
+    item = encode_pair(text, s_tok, t_tok, start_token_id(s_tok), start_token_id(t_tok), big, big, chunk_mode)
+    got, total = mapped_coverage(collate([item], 0, 0), tables)
+    return {"mapped_positions_with_target": got / max(total, 1),
+            "mapped_teacher_vocab_reaching_student": teacher_coverage(tables),
+            "mapped_table_entries": int(tables.phi.numel()),
+            "mapped_table_mib": round(tables.nbytes() / 2**20, 1)}
