@@ -29,6 +29,7 @@ from accelerate.utils import set_seed
 from transformers import AutoConfig
 
 from sakd import moe
+from sakd.align.mapping import mapping_tables
 from sakd.align.vocab import build_vocab_map
 from sakd.checkpoint import list_checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
 from sakd.config import Config, parse_duration, to_dict
@@ -184,6 +185,9 @@ def setup(cfg: Config, log=print) -> Run:
     m = cfg.model
     data = span_data(cfg, log)  # tokenizers, text spans, held-out text (no model loaded yet)
     vocab = build_vocab_map(data.student_tok, data.teacher_tok)
+    # mapped_kl: where every teacher token's mass lands in the student vocabulary (built once, cached on disk)
+    vocab.mapping = (mapping_tables(data.student_tok, data.teacher_tok, log=log)
+                     if cfg.loss.logit == "mapped_kl" else None)
     attn = "eager" if needs_attention_maps(cfg) else None  # sdpa returns no attention maps
     teacher, cache = None, None
     if m.teacher_cache:
@@ -478,7 +482,7 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                     log(f"data: {counters['skipped_spans']} span(s) skipped so far (cannot be byte-aligned), "
                         f"e.g. {why}")
             micro = [{k: v.to(acc.device) for k, v in b.items()} for b in micro]
-            counts = objective.count_targets(micro, cfg)
+            counts = objective.count_targets(micro, cfg, run.vocab.mapping)
             counts = {k: max(1.0, float(acc.reduce(torch.tensor(v, device=acc.device, dtype=torch.float64),
                                                    reduction="sum"))) for k, v in counts.items()}
             weights = objective.term_weights(cfg, step)
@@ -500,7 +504,8 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                         loss, terms, flags = objective.micro_step_loss(
                             run.teacher, student, aux, batch, shared_s, shared_t, cfg, weights, counts,
                             acc, sched, ka_gen, len(run.teacher_tok), sar.initial if sar is not None else None,
-                            log_mass=(i == 0 and ((step + 1) % tc.log_every == 0 or step == 0)))
+                            log_mass=(i == 0 and ((step + 1) % tc.log_every == 0 or step == 0)),
+                            mapping=run.vocab.mapping)
                         if "teacher_mass_outside_shared" in flags:
                             logs["teacher_mass_outside_shared"] = flags["teacher_mass_outside_shared"]
                     counters["nonfinite_teacher"] += flags.get("nonfinite_teacher", 0)

@@ -27,6 +27,7 @@ from sakd.losses.divergences import linear_cross_entropy_sum
 from sakd.losses.crosstok import (chunk_likelihood_loss, gold_hybrid_loss, one_to_one_positions, shared_vocab_kd,
                                   truncation_kd, uld_loss)
 from sakd.losses.hidden import HiddenProjector, hidden_state_loss, layer_map
+from sakd.losses.mapped import count_mapped, mapped_kd
 
 
 def one_to_one(batch: dict) -> torch.Tensor:
@@ -71,12 +72,15 @@ def term_weights(cfg: Config, step: int) -> dict[str, float]:
             and getattr(lc, k).weight > 0}
 
 
-def count_targets(micro: list[dict], cfg: Config) -> dict[str, float]:
-    """Targets of each term over the micro-batches of one step (this process)."""
+def count_targets(micro: list[dict], cfg: Config, mapping=None) -> dict[str, float]:
+    """Targets of each term over the micro-batches of one step (this process). ``mapping``: the
+    mapped_kl tables (sakd/align/mapping.py), needed when loss.logit is mapped_kl."""
     c = {"kd": 0, "ce": 0, "chunk": 0, "hidden": 0, "attention": 0, "contrastive": 0}
     for b in micro:
         o2o = one_to_one(b)
-        if cfg.loss.logit == "shared_kl" or cfg.loss.logit == "gold":
+        if cfg.loss.logit == "mapped_kl":
+            c["kd"] += count_mapped(b, mapping)
+        elif cfg.loss.logit == "shared_kl" or cfg.loss.logit == "gold":
             c["kd"] += int(o2o.sum())
         elif cfg.loss.logit == "uld":
             ns, nt = b["s_mask"].sum(1), b["t_mask"].sum(1)
@@ -94,13 +98,16 @@ def count_targets(micro: list[dict], cfg: Config) -> dict[str, float]:
 
 def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc, *,
                    divergence: str | None = None, teacher_grad: bool = False, mass_log: dict | None = None,
-                   head_weight: torch.Tensor | None = None) -> torch.Tensor:
+                   head_weight: torch.Tensor | None = None, mapping=None) -> torch.Tensor:
     """Summed logit loss of one micro-batch: the default shared-vocabulary KD at 1:1 chunks, or a
     baseline kept for comparison (ULD, GOLD hybrid, truncation). With ``head_weight`` (shared_kl only),
     ``s_logits`` is the student's final hidden state and its output layer is fused into the loss."""
     div = divergence or lc.divergence
-    if head_weight is not None and (name != "shared_kl" or lc.gap_weighting):
-        raise ValueError(f"the fused output layer serves shared_kl without gap weighting, not {name}")
+    if head_weight is not None and (name not in ("shared_kl", "mapped_kl") or lc.gap_weighting):
+        raise ValueError(f"the fused output layer serves shared_kl/mapped_kl without gap weighting, not {name}")
+    if name == "mapped_kl":
+        return mapped_kd(s_logits, t_logits.detach(), batch, mapping, divergence=div, temperature=lc.temperature,
+                         beta=lc.beta, chunk_rows=lc.chunk_rows, extend=lc.mapped_extend, head_weight=head_weight)[0]
     if name == "shared_kl" and lc.gap_weighting and not teacher_grad:
         return gap_weighted_kd(s_logits, t_logits.detach(), batch, shared_s, shared_t, div, lc.temperature,
                                lc.gap_clip)
@@ -209,7 +216,7 @@ def _teacher_mode(mode: str) -> str:
 
 def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Config, weights: dict,
                     counts: dict, acc, sched: dict, ka_gen, t_vocab: int, reference_router=None,
-                    log_mass: bool = False):
+                    log_mass: bool = False, mapping=None):
     """Loss of one micro-batch (already divided by the step's global counts), per-term values for the
     log, and flags (non-finite teacher outputs)."""
     lc = cfg.loss
@@ -263,7 +270,8 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
         # KA: the M divergences are averaged (Kim et al. 2025, eq. for L_KA); one teacher buffer at a time.
         if "kd" in weights:
             kd_sum = logit_term_sum(lc.logit, s_logits, t_logits, batch, shared_s, shared_t, lc,
-                                    mass_log=flags if (m == 0 and log_mass) else None, head_weight=head)
+                                    mass_log=flags if (m == 0 and log_mass) else None, head_weight=head,
+                                    mapping=mapping)
             add("kd", kd_sum / passes, lc.temperature ** 2)
         if "chunk" in weights:
             ch_sum, _ = chunk_likelihood_loss(s_logits, t_logits, batch, temperature=lc.chunk_temperature,
@@ -316,7 +324,8 @@ def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Confi
 def fused_head_terms(lc, *, kd: bool, chunk: bool) -> bool:
     """Whether ``loss.fused_head`` serves these logit terms (also read by ``sakd plan``): shared-vocabulary
     KD without gap weighting and/or cross-entropy; the chunk likelihood and the baselines need logits."""
-    return bool(lc.fused_head and not chunk and not (kd and (lc.logit != "shared_kl" or lc.gap_weighting)))
+    return bool(lc.fused_head and not chunk
+                and not (kd and (lc.logit not in ("shared_kl", "mapped_kl") or lc.gap_weighting)))
 
 
 def fused_head_weight(student, cfg: Config, weights: dict, acc) -> torch.Tensor | None:

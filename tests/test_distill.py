@@ -28,13 +28,15 @@ def _micro_step(run, cfg, n_examples: int, step: int = 10):
     weights = objective.term_weights(cfg, step)
     loss, terms, flags = objective.micro_step_loss(
         run.teacher, run.student, run.aux, batch, run.vocab.shared_s, run.vocab.shared_t, cfg, weights,
-        objective.count_targets([batch], cfg), CpuAcc, {}, torch.Generator().manual_seed(0), len(run.teacher_tok))
+        objective.count_targets([batch], cfg, run.vocab.mapping), CpuAcc, {}, torch.Generator().manual_seed(0),
+        len(run.teacher_tok), mapping=run.vocab.mapping)
     return batch, weights, loss, terms, flags
 
 
-def test_accumulation_invariance(tiny_assets, tmp_path):
+@pytest.mark.parametrize("logit", ["shared_kl", "mapped_kl"])
+def test_accumulation_invariance(tiny_assets, tmp_path, logit):
     """batch 8 x accumulation 1 == batch 2 x accumulation 4 (losses normalised once per optimizer step)."""
-    common = {"train.max_steps": 2, "loss.ce_weight": 0.5, "loss.chunk_weight": 0.5}
+    common = {"train.max_steps": 2, "loss.ce_weight": 0.5, "loss.chunk_weight": 0.5, "loss.logit": logit}
     a = load_config(None, tiny_overrides(tiny_assets, tmp_path / "a", **common, **{"train.batch_size": 8}))
     b = load_config(None, tiny_overrides(tiny_assets, tmp_path / "b", **common,
                                          **{"train.batch_size": 2, "train.grad_accum": 4}))
@@ -73,12 +75,13 @@ def test_every_trainable_parameter_gets_a_finite_nonzero_gradient(tiny_assets, t
             assert p.grad is None or torch.isfinite(p.grad).all()
 
 
-@pytest.mark.parametrize("divergence", ["forward_kl", "jsd"])
-def test_fused_head_gives_the_logits_path_loss_and_gradients(tiny_assets, tmp_path, divergence):
+@pytest.mark.parametrize("divergence, logit", [("forward_kl", "shared_kl"), ("jsd", "shared_kl"),
+                                               ("forward_kl", "mapped_kl"), ("jsd", "mapped_kl")])
+def test_fused_head_gives_the_logits_path_loss_and_gradients(tiny_assets, tmp_path, divergence, logit):
     """loss.fused_head (hidden state + head weight into the loss) == the same step through [B, L, V] logits."""
     results = []
     for fused in (True, False):
-        cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path / str(fused), **{
+        cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path / str(fused), **{"loss.logit": logit,
             "loss.ce_weight": 0.5, "loss.chunk_weight": 0, "loss.divergence": divergence, "loss.temperature": 1.5,
             "loss.chunk_rows": 7, "loss.fused_head": fused}))
         run = setup(cfg, log=lambda *_: None)
@@ -223,3 +226,25 @@ def test_background_encoding_gives_the_same_run(tiny_assets, tmp_path):
         runs[workers] = _weights(tmp_path / str(workers))
     for k in runs[0]:
         assert torch.equal(runs[0][k], runs[1][k]), k
+
+
+def test_mapped_kl_counts_every_student_position_that_gets_a_target(tiny_assets, tmp_path):
+    """The step's KD count is the number of mapped positions, and nearly every student position has one:
+    only chunks opening a span with a synthetic "▁" (one per example at most) go without."""
+    from sakd.losses.mapped import mapped_positions
+
+    cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path, **{"loss.logit": "mapped_kl", "loss.ce_weight": 1}))
+    run = setup(cfg, log=lambda *_: None)
+    batch, weights, loss, terms, _ = _micro_step(run, cfg, 6)
+    counts = objective.count_targets([batch], cfg, run.vocab.mapping)
+    n = len(mapped_positions(batch, run.vocab.mapping))
+    assert counts["kd"] == n
+    pos = mapped_positions(batch, run.vocab.mapping)
+    text = batch["s_chunk"] >= 0
+    text[:, 0] = False
+    missing = text.clone()
+    missing[pos.b, pos.j] = False
+    assert not (missing & ~text).any()
+    assert (batch["s_chunk"][missing] == 0).all()  # only the chunk that opens a span
+    assert n >= 0.95 * counts["ce"]
+    assert terms["kd"] > 0 and torch.isfinite(loss)
