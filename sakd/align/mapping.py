@@ -54,9 +54,16 @@ class MappingTables:
     identity: bool = False      # one tokenizer on both sides: φ(v, 0) = v for every column
 
     def to(self, device) -> "MappingTables":
-        kw = {f: getattr(self, f).to(device) for f in ("sorted_ids", "t_len", "s_len", "offset", "lo", "hi", "eq",
-                                                       "phi")}
-        return MappingTables(**kw, identity=self.identity)
+        """A copy on ``device``, made once per device and kept (the training step asks every micro-batch)."""
+        device = torch.device(device)
+        if self.phi.device == device:
+            return self
+        copies = self.__dict__.setdefault("_copies", {})
+        if device not in copies:
+            kw = {f: getattr(self, f).to(device) for f in ("sorted_ids", "t_len", "s_len", "offset", "lo", "hi",
+                                                           "eq", "phi")}
+            copies[device] = MappingTables(**kw, identity=self.identity)
+        return copies[device]
 
     @property
     def phi0(self) -> torch.Tensor:

@@ -78,7 +78,8 @@ def mapped_positions(batch, tables: MappingTables) -> MappedPositions:
     of each id), so every offset is exact inside a chunk whose two sides spell the same bytes."""
     s_ids, t_ids, s_chunk, t_chunk = batch["s_ids"], batch["t_ids"], batch["s_chunk"], batch["t_chunk"]
     dev = s_ids.device
-    s_len, t_len = tables.s_len.to(dev), tables.t_len.to(dev)
+    tables = tables.to(dev)
+    s_len, t_len = tables.s_len, tables.t_len
     ls = s_len[s_ids.clamp(0, s_len.numel() - 1)] * (s_chunk >= 0)
     lt = t_len[t_ids.clamp(0, t_len.numel() - 1)] * (t_chunk >= 0)
     C = batch["chunk_mask"].shape[1]
@@ -124,13 +125,14 @@ def _path_log_mass(t2, t_ids, pos: MappedPositions, e_idx, Lt: int, vt: int, tab
     ``e_idx``: the realised path after teacher token i (the factor p_i(t_i)/Z is added by the caller)."""
     out = torch.zeros(e_idx.numel(), dtype=dtype, device=t2.device)
     sorted_ids = tables.sorted_ids.to(t2.device)
-    for n, e in enumerate(e_idx.tolist()):
-        b, i, m, q = int(pos.b[e]), int(pos.i[e]), int(pos.m[e]), int(pos.q[e])
+    # the few integers each position needs, fetched in one transfer: no host sync inside the loop
+    b, i, m = pos.b[e_idx], pos.i[e_idx], pos.m[e_idx]
+    f = tables.offset.to(t2.device)[t_ids[b, m]] + pos.q[e_idx]
+    lo, hi = tables.lo.to(t2.device)[f], tables.hi.to(t2.device)[f]
+    for n, (b, i, m, lo, hi) in enumerate(zip(*torch.stack([b, i, m, lo, hi]).tolist())):
         rows = t2[b * Lt + i: b * Lt + m, :vt].to(dtype) / temperature     # teacher rows i .. m-1
         lse = torch.logsumexp(rows, -1)
         path = (rows[:-1].gather(1, t_ids[b, i + 1:m, None]).squeeze(1) - lse[:-1]).sum()
-        f = int(tables.offset[int(t_ids[b, m])]) + q
-        lo, hi = int(tables.lo[f]), int(tables.hi[f])
         out[n] = path + torch.logsumexp(rows[-1, sorted_ids[lo:hi]], 0) - lse[-1]
     return out
 
@@ -143,7 +145,7 @@ class _Targets:
         self.t2 = t_logits.detach().flatten(0, 1)
         self.Lt, self.vs, self.vt, self.T = t_logits.shape[1], vs, vt, float(temperature)
         self.dtype = torch.promote_types(t_logits.dtype, torch.float32)
-        self.tab = tables.to(t_logits.device) if tables.phi.device != t_logits.device else tables
+        self.tab = tables.to(t_logits.device)
         dev = t_logits.device
         self.pos = MappedPositions(**{f: getattr(pos, f).to(dev) for f in pos.__dataclass_fields__})
         p = self.pos
