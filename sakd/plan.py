@@ -43,6 +43,7 @@ following the order in which ``objective.micro_step_loss`` builds and autograd f
   layers_backward  the logits gradient meets lm_head; checkpointing recomputes one layer
   optimizer        every gradient (+ one parameter-sized foreach temporary on CUDA)
   router           SAR: the teacher WITH gradient (checkpointed) through all its layers
+  fp32_recompute   a 16-bit teacher overflowed: its pass again in fp32, one module's weights at a time
   teacher_eval / student_eval   held-out bits per byte (full-vocabulary log-probs, no grad)
 On CPU (fp32) the estimate was checked against the measured RSS growth of a real step
 (tests/test_plan.py; 0.98-1.05 x the measured growth on ten configurations, 1.07 x for evaluation).
@@ -292,6 +293,16 @@ def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[
         router = B * Ls * Vs * 4 + t_saved + max(2 * c["teacher_logits"] + c["kd_chunk_temporaries"],
                                                   2 * c["teacher_logits"] + t_layer)
     c["sar_router_step"] = m["router"] = router
+    # fp16 overflow in the teacher (train.nonfinite_teacher=recompute): the micro-batch's teacher pass runs
+    # again in fp32, one module's weights at a time (objective._fp32), with the 16-bit outputs dropped first;
+    # the loss terms then read fp32 teacher logits and hidden states. On top of the loss forward: the
+    # logits and hidden states a second time (4 instead of 2 bytes) and the largest module in fp32 (the
+    # embeddings or the head, Vt x h; the experts of one layer if larger).
+    c["fp32_recompute"] = 0
+    if tb == 2 and not cached and cfg.train.nonfinite_teacher == "recompute":
+        largest = max(Vt * t["hidden"], (t["experts"] or 1) * 3 * t["moe_intermediate"] * t["hidden"])
+        c["fp32_recompute"] = c["teacher_logits"] + c["teacher_hidden_states"] + 4 * largest
+        m["fp32_recompute"] = m["loss_forward"] + c["fp32_recompute"]
     # held-out bits per byte (evaluate.nll_bits, no grad, no KV cache): the logits of eval.batch_size x
     # eval.seq_len tokens in the model's dtype, then one window at a time its fp32 copy (16-bit models)
     # and logsumexp's fp32 temporary. The teacher is scored once, before the optimizer states exist
@@ -381,6 +392,8 @@ def plan(cfg: Config, *, card_gb: float = 16.0, micro_batch: int | None = None, 
             f"CUDA context {CUDA_CONTEXT_BYTES / GiB:.1f} GiB and allocator margin {ALLOCATOR_MARGIN:.0%} "
             "of the transient peak (cuda only)",
             "activation formulas checked against autograd on CPU fp32; the 16-bit variant is derived, not measured",
+            "a 16-bit teacher may overflow at any step: its fp32 recompute counts (train.nonfinite_teacher=skip "
+            "drops that moment)",
         ],
     }
 
@@ -398,6 +411,7 @@ def _aux_parameters(cfg: Config, s_cfg, t_cfg) -> int:
 MOMENTS = [("teacher_pass", "moment: a teacher pass ends"), ("loss_forward", "moment: loss forward"),
            ("loss_backward", "moment: loss backward"), ("layers_backward", "moment: layers backward"),
            ("optimizer", "moment: optimizer step"), ("router", "moment: SAR router step"),
+           ("fp32_recompute", "moment: fp16 overflow, fp32 recompute"),
            ("teacher_eval", "moment: teacher held-out evaluation"), ("student_eval", "moment: student evaluation")]
 
 ROWS = [  # (component, phase it counts in, label)
@@ -420,6 +434,7 @@ ROWS = [  # (component, phase it counts in, label)
     ("ce_buffers_backward", "backward", "cross-entropy buffers, backward"),
     ("alm_chunk_temporaries", "fwd+bwd", "ALM chunk temporaries"),
     ("sar_router_step", "router", "SAR router step (whole)"),
+    ("fp32_recompute", "recompute", "fp32 recompute of an overflowing pass"),
     ("teacher_eval", "teacher eval", "teacher held-out scoring buffers"),
     ("student_eval", "student eval", "student held-out scoring buffers"),
 ]
