@@ -178,9 +178,9 @@ def _finite(t_out, t_vocab: int, need_hidden: bool) -> bool:
 def _fp32(model):
     """One forward in fp32, ONE MODULE'S WEIGHTS AT A TIME: each module's own parameters are cast to fp32
     just before its forward and back right after (fp16 -> fp32 -> fp16 is exact), and floating inputs
-    are cast to fp32. ``model.float()`` would hold the whole teacher twice (2 + 4 bytes a parameter,
-    +5 GB for a 1.3B teacher) beside the live student graph; this holds the largest single module in
-    fp32 (the embeddings or the head, V x H) on top of the fp32 activations (see ``sakd plan``)."""
+    are cast to fp32. ``model.float()`` would hold the whole teacher in fp32 (4 instead of 2 bytes a
+    parameter: +2.4 GiB for a 1.28B teacher) beside the live student graph; this holds the largest single
+    module in fp32 (the embeddings or the head, V x H) on top of the fp32 activations (see ``sakd plan``)."""
     dtype = next(model.parameters()).dtype
 
     def cast(x, to):
