@@ -321,7 +321,7 @@ def main(argv=None) -> int:
         path.write_text(json.dumps(res, indent=1, default=float) + "\n")
         print(text)
         return 0
-    steps = a.steps or (QUICK_STEPS if a.quick else 200)
+    steps = a.steps if a.steps is not None else (QUICK_STEPS if a.quick else 200)
     seeds = a.seeds if a.seeds is not None else ([0] if a.quick else [0, 1, 2])
     regimes = a.regimes or (["full"] if a.quick else list(REGIMES))
     for name, v in (("--steps", steps), ("--limited-steps", a.limited_steps), ("--eval-bytes", a.eval_bytes),
@@ -333,7 +333,8 @@ def main(argv=None) -> int:
     plan = {"full": _with_baselines(a.methods or DEFAULT_METHODS),
             "data_limited": _with_baselines(a.limited_methods or DATA_LIMITED_METHODS)}
     plan = {r: plan[r] for r in regimes}
-    n_steps = {"full": steps, "data_limited": a.limited_steps or (steps if a.steps or a.quick else LIMITED_STEPS)}
+    n_steps = {"full": steps, "data_limited": a.limited_steps if a.limited_steps is not None else (
+        steps if a.steps is not None or a.quick else LIMITED_STEPS)}
     jobs = a.jobs
     threads = a.threads or max(1, (os.cpu_count() or 1) // jobs)
     out = Path(a.out) if a.out else RESULTS / ("quality_quick.json" if a.quick else "quality.json")

@@ -141,7 +141,8 @@ def format_table(rows: list[dict], teacher_bpb: float) -> str:
             f"{_pm(r.get('gain_pct_mean'), r.get('gain_pct_std', 0.0), n, '+.2f')} vs {r['baseline']}")
         kept = r.get("kept_same_tokenizer_gain")
         kept = "—" if kept is None else f"{100 * kept:.0f} %"
-        delta = "—" if r["method"] == "ce" else _pm(r.get("delta_vs_ce_mean"), r.get("delta_vs_ce_std", 0.0), n, "+.4f")
+        delta = "—" if r["method"] == "ce" else _pm(r.get("delta_vs_ce_mean"), r.get("delta_vs_ce_std", 0.0), n,
+                                                   "+.4f")
         gap = "—" if r.get("gap_closed_pct") is None else f"{r['gap_closed_pct']:+.1f}"
         lines.append(f"| {r['method']} | {_pm(r['bpb_mean'], r['bpb_std'], n, '.4f')} | {gain} | {kept} | {delta} "
                      f"| {gap} | {r['seconds_per_step']:.2f} |")

@@ -114,7 +114,8 @@ def _reference_bits(path, tok, texts, max_len, budget):
 @pytest.mark.parametrize("side,max_len,budget,batch,keep", [
     ("student", 32, 16, 3, True), ("teacher", 28, 16, 4, True), ("student", 20, 0, 2, True),
     ("teacher", 32, 1000, 5, False)])  # 1000 bytes cannot fit: half-window contexts; no logits_to_keep
-def test_batched_sliding_nll_equals_a_slow_float64_reference(tiny, tiny_assets, side, max_len, budget, batch, keep, monkeypatch):
+def test_batched_sliding_nll_equals_a_slow_float64_reference(tiny, tiny_assets, side, max_len, budget, batch, keep,
+                                                             monkeypatch):
     models, texts = tiny
     model, tok = models[side]
     if not keep:
