@@ -1,33 +1,42 @@
 """Sparse teacher cache: run the teacher once over the training spans, train without it.
 
-``build_cache(cfg, out_dir)`` (``sakd cache-teacher``) builds the same ``SpanDataset`` as the loop
-(``span_data``: deterministic given the config and the tokenizers), runs the teacher over every span
-(no gradient, its own routing) and stores per teacher position j of span i (the distribution that
-predicts token j + 1, as logits[j] in the loop):
+``sakd cache-teacher`` (``sakd/cache_build.py``: resumable, data-parallel) runs the teacher over
+every training span of the run (``span_data``: the loop's own dataset, deterministic given the config
+and the tokenizers) and stores, per teacher position j of a span (the distribution that predicts
+token j + 1, logits[j] in the loop), at the KD temperature T:
 
-    topk_ids        [k] int32   the k most likely teacher ids (distinct), at the KD temperature T
-    topk_logprobs   [k] dtype   log softmax(z / T) at those ids (z: the teacher tokenizer's columns only)
-    rest_logprob        float32 log Σ_{v ∉ top-k} p_T(v)           (= log1p(-Σ p_topk), computed as a
-                                                                   log-sum-exp over the other ids: no cancellation)
-    shared_rest_logprob dtype   log Σ_{v ∈ shared, v ∉ top-k} p_T(v) (shared: the vocabulary map of the two
-                                                                   tokenizers; makes the shared-vocabulary
-                                                                   renormalisation exact, see losses/cached.py)
-    token_logprob       dtype   log P_T(t_j | t_<j) at temperature 1 for j ≥ 1, 0 for j = 0 (the start
-                                token): what the chunk-likelihood loss sums per chunk
-    t_ids               int32   the teacher tokens themselves (checked against each training batch)
+    top-k ids and log p_T     the k most likely teacher ids, coded by ``sakd/cache_codec.py``: ``packed``
+                              (ids as an Elias-Fano set, 5-bit log-prob levels + the top log-prob in
+                              fp16; ~146 bytes for k = 64 of 151,936 ids) or ``float32`` (exact)
+    rest_logprob              log Σ_{v ∉ top-k} p_T(v)  (a log-sum-exp over the other ids: no cancellation)
+    shared_rest_logprob       log Σ_{v ∈ shared, v ∉ top-k} p_T(v)  (shared: the vocabulary map; makes the
+                              shared-vocabulary renormalisation exact, see losses/cached.py)
+    token_logprob             log P(t_j | t_<j) at temperature 1 for j >= 1, 0 for j = 0: the chunk likelihood
 
-At k = 64 and fp16 that is 64·4 + 64·2 + 4 + 2 + 2 + 4 = 396 bytes per teacher token.
+and per student token j with a ``mapped_kl`` target (sakd/losses/mapped.py; teacher token i holds its
+first byte, k bytes into it):
 
-Layout of a cache folder (written to a temporary folder, fsynced, then renamed):
-    shard-00000.safetensors ...  the arrays above concatenated over the shard's spans ([N, k] / [N]),
-                                 plus ``offsets`` [spans in shard + 1] int64
-    index.json                   {"shards": [...], "shard": [...], "offset": [...], "length": [...]}, one
-                                 entry per span index (offset in tokens within its shard)
-    manifest.json                what the cache was built from (``expected_manifest`` + build facts)
+    mapped_logz               log Z_j, the teacher's mass (at T, row i - 1) on the candidates of j: every
+                              token with a student image for k = 0, the byte-prefix range for k > 0
+    mapped_path               log p_T(t_i) + the realised path's log-mass (the extension), -inf elsewhere
+
+Per span: ``t_hash``, a hash of its teacher tokens (each training batch is checked against it).
+Packed, the scalars are fp16: 146 + 2 + 2 + 2 + 2 = 154 bytes per teacher token plus 4 per student
+token, ~159 bytes per teacher token on the real Qwen3 / SmolLM2 pair (1.15 student tokens per
+teacher token); format 1 (int32 ids, fp16 log-probs, 396 bytes) is refused with a message to rebuild.
+
+Layout of a cache folder:
+    shard-00000.safetensors ...  spans [s * spans_per_shard, (s + 1) * spans_per_shard), each shard
+                                 written to a temporary name, fsynced and renamed (atomic)
+    building.json                while the build runs or after it stopped: what it is building
+    index.json                   {"shards": [...], "spans_per_shard": S, "n_spans": n}
+    manifest.json                written last: what the cache was built from (``expected_manifest``);
+                                 a folder without it is never read as a cache
+    build.json                   build facts (seconds, processes, fp32 recomputations): not compared
 
 ``TeacherCache(dir, expect)`` refuses a cache whose manifest does not match the run and serves
-padded, sparse batches (never [rows, V]). KA and SAR routing change the teacher during training
-and need the live teacher: ``check_cached_config`` refuses them, and every loss a cache cannot feed.
+padded, sparse batches (never [rows, V]). SAR routing changes the teacher during training and needs
+the live teacher: ``check_cached_config`` refuses it, and every loss a cache cannot feed.
 """
 
 from __future__ import annotations
@@ -35,28 +44,34 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
-import shutil
-import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
-from sakd import __version__, moe
 from sakd.align.vocab import VocabMap, build_vocab_map
-from sakd.checkpoint import fsync_path
+from sakd.cache_codec import decode_packed
 from sakd.config import Config
-from sakd.data import Collator, SpanData, pad_id, span_data, teacher_seq_len
+from sakd.data import SpanData, span_data, teacher_seq_len  # noqa: F401  (span_data: the loop's data)
 from sakd.errors import UserError
-from sakd.evaluate import nll_bits, start_token_id
-from sakd.models import load_teacher, load_tokenizer
+from sakd.evaluate import start_token_id
+from sakd.models import load_tokenizer
 
-FORMAT_VERSION = 1
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-ARRAYS = ("topk_ids", "topk_logprobs", "rest_logprob", "shared_rest_logprob", "token_logprob", "t_ids")
+FORMAT_VERSION = 2
+REBUILD = "rebuild it with sakd cache-teacher --config <config> --out DIR"
+
+
+def build_cache(cfg: Config, out_dir, **kw) -> dict | None:
+    """See ``sakd.cache_build.build_cache``."""
+    from sakd.cache_build import build_cache as build
+
+    return build(cfg, out_dir, **kw)
+
+
+def t_hash(t_ids) -> int:
+    """A 63-bit hash of one span's teacher tokens (the check that a batch is the cached text)."""
+    a = torch.as_tensor(t_ids, dtype=torch.int32).contiguous().numpy().tobytes()
+    return int.from_bytes(hashlib.sha256(a).digest()[:8], "little") >> 1
 
 
 # ----------------------------------------------------------------------------- the loop's data, without models
@@ -120,10 +135,10 @@ def weights_sha256(name: str) -> str | None:
 
 
 def expected_manifest(cfg: Config, spans: list[str], *, student_tok=None, teacher_tok=None,
-                      vocab: VocabMap | None = None, k: int | None = None, dtype: str | None = None,
+                      vocab: VocabMap | None = None, k: int | None = None, codec: str | None = None,
                       fingerprint_teacher: bool = True) -> dict:
     """What a cache must have been built from to serve this run. Keys are compared in
-    ``CHECKED`` order; a key whose value is None here is not checked (k, dtype by default)."""
+    ``CHECKED`` order; a key whose value is None here is not checked (k, codec by default)."""
     m = cfg.model
     student_tok = student_tok or load_tokenizer(m.student_tokenizer or m.student, "student")
     teacher_tok = teacher_tok or load_tokenizer(m.teacher_tokenizer or m.teacher, "teacher")
@@ -132,7 +147,11 @@ def expected_manifest(cfg: Config, spans: list[str], *, student_tok=None, teache
         "format_version": FORMAT_VERSION,
         "moe.mode": cfg.moe.mode,
         "loss.temperature": float(cfg.loss.temperature),
-        "k": k, "dtype": dtype,
+        "moe.ka_samples": cfg.moe.ka_samples if cfg.moe.mode == "ka" else None,
+        "moe.sample_prob": float(cfg.moe.sample_prob) if cfg.moe.mode == "ka" else None,
+        "moe.experts_start": cfg.moe.experts_start if cfg.moe.mode == "ka" else None,
+        "moe.router_temperature_start": float(cfg.moe.router_temperature_start) if cfg.moe.mode == "ka" else None,
+        "k": k, "codec": codec,
         "model.teacher": m.teacher,
         "teacher_sha256": weights_sha256(m.teacher) if fingerprint_teacher else None,
         "model.teacher_tokenizer": m.teacher_tokenizer or m.teacher,
@@ -150,8 +169,10 @@ def expected_manifest(cfg: Config, spans: list[str], *, student_tok=None, teache
 
 # (key compared, key named in the message); config keys before the hashes they feed, so that a
 # changed data.seq_len is reported as such and not as "the spans differ".
-CHECKED = [("format_version", "format_version"), ("moe.mode", "moe.mode"), ("loss.temperature", "loss.temperature"),
-           ("k", "k"), ("dtype", "dtype"), ("teacher_sha256", "model.teacher"),
+CHECKED = [("format_version", "format_version"), ("moe.mode", "moe.mode"), ("moe.ka_samples", "moe.ka_samples"),
+           ("moe.sample_prob", "moe.sample_prob"), ("moe.experts_start", "moe.experts_start"),
+           ("moe.router_temperature_start", "moe.router_temperature_start"), ("loss.temperature", "loss.temperature"),
+           ("k", "k"), ("codec", "codec"), ("teacher_sha256", "model.teacher"),
            ("teacher_tokenizer_sha256", "model.teacher_tokenizer"),
            ("student_tokenizer_sha256", "model.student_tokenizer"), ("data.seq_len", "data.seq_len"),
            ("data.teacher_seq_len", "data.teacher_seq_len"), ("data.chunk_mode", "data.chunk_mode"),
@@ -187,13 +208,13 @@ def check_manifest(manifest: dict, expect: dict, where: str) -> None:
 def check_cached_config(cfg: Config) -> None:
     """Refuse (UserError) what a top-k teacher cache cannot feed."""
     lc = cfg.loss
-    if cfg.moe.mode in ("ka", "sar"):
-        raise UserError(f"moe.mode={cfg.moe.mode} changes the teacher's routing during training and needs the "
-                        "live teacher: use moe.mode=topk (or all) with model.teacher_cache, or drop the cache")
-    if lc.kd_weight > 0 and lc.logit not in ("shared_kl", "none"):
-        raise UserError(f"loss.logit={lc.logit} needs the teacher's full logits: use loss.logit=shared_kl with "
-                        "model.teacher_cache, or drop the cache")
-    if lc.kd_weight > 0 and lc.logit == "shared_kl" and lc.divergence != "forward_kl":
+    if cfg.moe.mode == "sar":
+        raise UserError("moe.mode=sar trains the teacher's router during distillation and needs the live teacher: "
+                        "use moe.mode=topk, all or ka with model.teacher_cache, or drop the cache")
+    if lc.kd_weight > 0 and lc.logit not in ("shared_kl", "mapped_kl", "none"):
+        raise UserError(f"loss.logit={lc.logit} needs the teacher's full logits: use loss.logit=shared_kl or "
+                        "mapped_kl with model.teacher_cache, or drop the cache")
+    if lc.kd_weight > 0 and lc.logit != "none" and lc.divergence != "forward_kl":
         raise UserError(f"loss.divergence={lc.divergence} needs the teacher's probability of every token; a top-k "
                         "cache supports forward_kl only: set loss.divergence=forward_kl or drop the cache")
     if lc.kd_weight > 0 and lc.gap_weighting:
@@ -208,188 +229,6 @@ def check_cached_config(cfg: Config) -> None:
                         "to 0 or drop the cache")
 
 
-# ----------------------------------------------------------------------------- building
-
-def sparse_rows(logits: torch.Tensor, next_ids: torch.Tensor, shared_mask: torch.Tensor, *, k: int,
-                temperature: float) -> dict:
-    """The cached quantities of n teacher positions from their logits [n, Vt] (the tokenizer's
-    columns only): topk ids/log-probs at T, rest and shared-rest log-masses at T, and
-    log p(next_ids) at temperature 1 ([n]; the caller decides where it is stored)."""
-    x = logits.float()
-    z = x / temperature
-    lse = torch.logsumexp(z, -1)
-    vals, ids = z.topk(k, dim=-1)
-    off = z.scatter(-1, ids, -math.inf)  # the logits of every id outside the top-k
-    lse1 = lse if temperature == 1.0 else torch.logsumexp(x, -1)
-    return {"topk_ids": ids, "topk_logprobs": vals - lse[:, None],
-            "rest_logprob": torch.logsumexp(off, -1) - lse,
-            "shared_rest_logprob": torch.logsumexp(off.masked_fill(~shared_mask, -math.inf), -1) - lse,
-            "next_logprob": x.gather(-1, next_ids[:, None]).squeeze(-1) - lse1}
-
-
-def _teacher_logits(teacher, t_ids, t_mask, mode: str):
-    routed = moe.is_moe(teacher)
-    with torch.no_grad(), (moe.routing(teacher, mode) if routed else nullcontext()) as r:
-        if r is not None:
-            r.set_token_mask(t_mask)
-        return teacher(input_ids=t_ids, attention_mask=t_mask.long()).logits
-
-
-def _span_rows(teacher, batch, cfg: Config, shared_mask, *, k: int, vt: int, chunk_rows: int, device) -> dict:
-    """Teacher forward over one collated batch; the cached quantities of all its real positions,
-    row-major (each span's positions contiguous), on the CPU. None if the logits are not finite."""
-    t_ids, t_mask = batch["t_ids"].to(device), batch["t_mask"].to(device)
-    logits = _teacher_logits(teacher, t_ids, t_mask, cfg.moe.mode)
-    bi, j = t_mask.nonzero(as_tuple=True)
-    nxt = t_ids[bi, (j + 1).clamp(max=t_ids.shape[1] - 1)]  # the token each position predicts (last: unused)
-    rows: dict[str, list] = {}
-    for c in range(0, bi.numel(), chunk_rows):
-        sel = slice(c, c + chunk_rows)
-        r = sparse_rows(logits[bi[sel], j[sel], :vt], nxt[sel], shared_mask, k=k, temperature=cfg.loss.temperature)
-        if not (torch.isfinite(r["topk_logprobs"]).all() and torch.isfinite(r["next_logprob"]).all()):
-            return None
-        for key, v in r.items():
-            rows.setdefault(key, []).append(v.cpu())
-    return {key: torch.cat(v) for key, v in rows.items()}
-
-
-def _write_shards(tmp: Path, data: SpanData, teacher, cfg: Config, shared_mask, *, k, store, bs, shard_tokens,
-                  chunk_rows, device, vt, log, t0):
-    collate = Collator(pad_id(data.student_tok), pad_id(data.teacher_tok))
-    n_spans = len(data.train)
-    index = {"shards": [], "shard": [], "offset": [], "length": []}
-    parts: dict[str, list] = {a: [] for a in ARRAYS}
-    lengths: list[int] = []
-    fill, total_tokens, total_bytes, refp32 = 0, 0, 0, 0
-
-    def flush():
-        nonlocal total_bytes, fill
-        if not lengths:
-            return
-        name = f"shard-{len(index['shards']):05d}.safetensors"
-        arrays = {a: torch.cat(parts[a]).contiguous() for a in ARRAYS}
-        arrays["offsets"] = torch.tensor([0] + lengths, dtype=torch.int64).cumsum(0)
-        save_file(arrays, str(tmp / name), metadata={"format": "sakd-teacher-cache"})
-        fsync_path(tmp / name)
-        total_bytes += (tmp / name).stat().st_size
-        index["shards"].append(name)
-        for a in ARRAYS:
-            parts[a].clear()
-        lengths.clear()
-        fill = 0
-
-    for a in range(0, n_spans, bs):
-        items = [data.train[i] for i in range(a, min(a + bs, n_spans))]
-        batch = collate(items)
-        kw = dict(k=k, vt=vt, chunk_rows=chunk_rows, device=device)
-        rows = _span_rows(teacher, batch, cfg, shared_mask, **kw)
-        if rows is None:  # fp16 overflow: this batch again with the teacher in fp32 (the cast back is exact)
-            refp32 += 1
-            dt = next(teacher.parameters()).dtype
-            rows = _span_rows(teacher.float(), batch, cfg, shared_mask, **kw)
-            teacher.to(dt)
-            if rows is None:
-                raise UserError(f"teacher {cfg.model.teacher!r} gives non-finite logits on spans {a}.."
-                                f"{a + len(items) - 1} even in float32: check the teacher weights")
-        start = 0
-        for item in items:
-            n = len(item["t_ids"])
-            sl = slice(start, start + n)
-            tok = torch.zeros(n, dtype=torch.float32)
-            tok[1:] = rows["next_logprob"][start:start + n - 1]  # position j's next token is token j + 1
-            parts["topk_ids"].append(rows["topk_ids"][sl].to(torch.int32))
-            parts["topk_logprobs"].append(rows["topk_logprobs"][sl].to(store))
-            parts["rest_logprob"].append(rows["rest_logprob"][sl].to(torch.float32))
-            parts["shared_rest_logprob"].append(rows["shared_rest_logprob"][sl].to(store))
-            parts["token_logprob"].append(tok.to(store))
-            parts["t_ids"].append(torch.tensor(item["t_ids"], dtype=torch.int32))
-            index["shard"].append(len(index["shards"]))
-            index["offset"].append(fill)
-            index["length"].append(n)
-            lengths.append(n)
-            fill += n
-            start += n
-            total_tokens += n
-        if fill >= shard_tokens:
-            flush()
-        if (a // bs) % 50 == 0 or a + bs >= n_spans:
-            log(f"cache: {min(a + bs, n_spans):,}/{n_spans:,} spans, {total_tokens:,} teacher tokens, "
-                f"{total_tokens / max(time.time() - t0, 1e-9):,.0f} tokens/s")
-    flush()
-    return index, total_tokens, total_bytes, refp32
-
-
-@torch.no_grad()
-def build_cache(cfg: Config, out_dir, *, k: int = 64, dtype: str = "float16", batch_size: int | None = None,
-                shard_tokens: int = 1 << 19, chunk_rows: int = 256, device=None, overwrite: bool = False,
-                log=print) -> dict:
-    """Run the teacher over every training span of ``cfg`` and write a cache to ``out_dir``.
-    Returns the manifest (also written as manifest.json). See the module docstring for the layout."""
-    t0 = time.time()
-    if dtype not in DTYPES:
-        raise UserError(f"cache dtype {dtype!r} is unknown: use one of {', '.join(DTYPES)}")
-    if cfg.moe.mode not in ("topk", "all"):
-        raise UserError(f"moe.mode={cfg.moe.mode} routes the teacher differently at every step; a cache can only "
-                        "hold a fixed routing: set moe.mode=topk (or all)")
-    out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"cache folder {str(out)!r} already exists and is not empty: choose another --out or delete it")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    data = span_data(cfg, log)
-    vocab = build_vocab_map(data.student_tok, data.teacher_tok)
-    vt = len(data.teacher_tok)
-    if not 1 <= k <= vt:
-        raise UserError(f"cache k={k} must lie in [1, {vt}] (the teacher tokenizer's vocabulary)")
-    m = cfg.model
-    teacher = load_teacher(m.teacher, device, m.teacher_dtype, experts_implementation=m.experts_implementation)
-    if teacher.get_output_embeddings().weight.shape[0] < vt:
-        raise UserError(f"teacher {m.teacher!r} has fewer logit columns than its tokenizer has tokens ({vt})")
-    manifest = expected_manifest(cfg, data.train.spans, student_tok=data.student_tok, teacher_tok=data.teacher_tok,
-                                 vocab=vocab, k=k, dtype=dtype)
-    shared_mask = torch.zeros(vt, dtype=torch.bool, device=device)
-    shared_mask[vocab.shared_t[vocab.shared_t < vt].to(device)] = True
-
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        index, total_tokens, total_bytes, refp32 = _write_shards(
-            tmp, data, teacher, cfg, shared_mask, k=k, store=DTYPES[dtype], bs=batch_size or cfg.eval.batch_size,
-            shard_tokens=shard_tokens, chunk_rows=chunk_rows, device=device, vt=vt, log=log, t0=t0)
-
-        with moe.routing(teacher, cfg.moe.mode) if moe.is_moe(teacher) else nullcontext():
-            bits, n_bytes, _ = nll_bits(teacher, data.teacher_tok, data.heldout, cfg.eval.seq_len,
-                                        cfg.eval.batch_size, device) if data.heldout else (0.0, 0, 0)
-        manifest.update({
-            "format": "sakd-teacher-cache", "sakd_version": __version__,
-            "teacher_dtype": str(next(teacher.parameters()).dtype).replace("torch.", ""),
-            "teacher_vocab": vt, "shared_vocab": len(vocab),
-            "data": {key: getattr(cfg.data, key) for key in DATA_INFO},
-            "n_tokens": total_tokens, "shards": len(index["shards"]), "shard_bytes": total_bytes,
-            "bytes_per_token": total_bytes / max(total_tokens, 1), "refp32_batches": refp32,
-            "teacher_heldout_bpb": bits / n_bytes if n_bytes else None,
-            "heldout_sha256": spans_sha256(data.heldout),  # the bpb above is valid for this held-out text only
-            "eval": {"max_bytes": cfg.eval.max_bytes, "seq_len": cfg.eval.seq_len},
-            "build_seconds": time.time() - t0,
-        })
-        for name, obj in (("index.json", index), ("manifest.json", manifest)):
-            (tmp / name).write_text(json.dumps(obj, indent=None if name == "index.json" else 1))
-            fsync_path(tmp / name)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # never leave a half-written cache behind
-        raise
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    log(f"cache: {total_tokens:,} teacher tokens in {len(index['shards'])} shard(s), "
-        f"{manifest['bytes_per_token']:.1f} bytes/token, {manifest['build_seconds']:.1f} s -> {out}")
-    return manifest
-
-
 # ----------------------------------------------------------------------------- reading
 
 class TeacherCache:
@@ -400,6 +239,9 @@ class TeacherCache:
     def __init__(self, directory, expect: dict | None = None):
         self.dir = Path(directory).expanduser()
         where = repr(str(self.dir))
+        if not (self.dir / "manifest.json").is_file() and (self.dir / "building.json").is_file():
+            raise UserError(f"teacher cache {where} is still being built or its build stopped: finish it with "
+                            "sakd cache-teacher --config <config> --out DIR --resume")
         try:
             self.manifest = json.loads((self.dir / "manifest.json").read_text())
             index = json.loads((self.dir / "index.json").read_text())
@@ -407,72 +249,139 @@ class TeacherCache:
             raise UserError(f"teacher cache {where} has no manifest.json/index.json: build one with "
                             "sakd cache-teacher --config <config> --out DIR") from None
         except json.JSONDecodeError:
-            raise UserError(f"teacher cache {where} has an unreadable manifest.json/index.json: rebuild it") from None
+            raise UserError(f"teacher cache {where} has an unreadable manifest.json/index.json: {REBUILD}") from None
+        version = self.manifest.get("format_version")
+        if version != FORMAT_VERSION:
+            raise UserError(f"teacher cache {where} has format {version}, this sakd reads format {FORMAT_VERSION} "
+                            f"(packed ids, quantised log-probs, mapped_kl fields): {REBUILD}")
         if expect is not None:
             check_manifest(self.manifest, expect, where)
-        self.k = int(self.manifest["k"])
+        self.k, self.codec = int(self.manifest["k"]), self.manifest["codec"]
+        self.vocab = int(self.manifest["teacher_vocab"])
+        self.samples = int(self.manifest.get("samples", 1))  # KA: sampled routings stored per position
         self._shard_names = index["shards"]
-        self._shard = torch.tensor(index["shard"], dtype=torch.long)
-        self._offset = torch.tensor(index["offset"], dtype=torch.long)
-        self._length = torch.tensor(index["length"], dtype=torch.long)
-        self._handles: dict[int, object] = {}
+        self._per_shard = int(index["spans_per_shard"])
+        self._n = int(index["n_spans"])
+        self._handles: dict[int, tuple] = {}
+        self._mapping = None
 
     def __len__(self) -> int:
-        return int(self._length.numel())
-
-    def length(self, i: int) -> int:
-        return int(self._length[i])
+        return self._n
 
     def _open(self, s: int):
         h = self._handles.get(s)
         if h is None:
             path = self.dir / self._shard_names[s]
             if not path.is_file():
-                raise UserError(f"teacher cache {str(self.dir)!r} lacks {self._shard_names[s]}: rebuild it")
-            h = self._handles[s] = safe_open(str(path), framework="pt", device="cpu")
+                raise UserError(f"teacher cache {str(self.dir)!r} lacks {self._shard_names[s]}: {REBUILD}")
+            f = safe_open(str(path), framework="pt", device="cpu")
+            h = self._handles[s] = (f, f.get_tensor("t_offsets"), f.get_tensor("s_offsets"), f.get_tensor("t_hash"))
         return h
 
+    def length(self, i: int) -> int:
+        _, t_off, _, _ = self._open(i // self._per_shard)
+        j = i % self._per_shard
+        return int(t_off[j + 1] - t_off[j])
+
     def span(self, i: int) -> dict:
-        """One span's arrays ([n, k] / [n]) as stored."""
+        """One span's arrays as stored, [n, M, ...] (M = ``samples``; packed rows not decoded), and
+        ``t_hash`` (an int)."""
         if not 0 <= i < len(self):
             raise IndexError(f"span {i} is outside the cache's {len(self)} spans")
-        h = self._open(int(self._shard[i]))
-        a, n = int(self._offset[i]), int(self._length[i])
-        return {name: h.get_slice(name)[a:a + n] for name in ARRAYS}
+        f, t_off, s_off, hashes = self._open(i // self._per_shard)
+        j, M = i % self._per_shard, self.samples
+        ta, tb, sa, sb = int(t_off[j]), int(t_off[j + 1]), int(s_off[j]), int(s_off[j + 1])
+        out = {}
+        for name in f.keys():
+            if name in ("t_offsets", "s_offsets", "t_hash"):
+                continue
+            a, b = (sa, sb) if name.startswith("mapped_") else (ta, tb)
+            v = f.get_slice(name)[a * M:b * M]  # rows are position-major, sample-minor
+            out[name] = v.reshape(b - a, M, *v.shape[1:])
+        out["t_hash"] = int(hashes[j])
+        return out
 
-    def batch(self, indices, t_len: int, *, device=None, check: dict | None = None) -> dict:
+    def mapping_tables(self):
+        """The mapped_kl tables of the cache's tokenizer pair (loaded once; sakd/align/mapping.py)."""
+        if self._mapping is None:
+            from sakd.align.mapping import mapping_tables
+
+            m = self.manifest
+            self._mapping = mapping_tables(load_tokenizer(m["model.student_tokenizer"], "student"),
+                                           load_tokenizer(m["model.teacher_tokenizer"], "teacher"))
+        return self._mapping
+
+    def batch(self, indices, t_len: int, *, s_len: int | None = None, device=None, check: dict | None = None) -> dict:
         """Padded teacher-side tensors for the spans ``indices`` (a micro-batch's indices into the
-        training SpanDataset, in batch order), padded to ``t_len`` positions (the batch's t_ids width):
+        training SpanDataset, in batch order), padded to ``t_len`` teacher positions (the batch's t_ids
+        width) and ``s_len`` student positions (default: the check batch's s_ids width):
 
-            topk_ids [B, t_len, k] long   (padding: 0..k-1, distinct),  topk_logprobs [B, t_len, k] float32
+            topk_ids [B, t_len, k] long (padding: 0..k-1, distinct), topk_logprobs [B, t_len, k] float32
             rest_logprob, shared_rest_logprob [B, t_len] float32   (padding: -inf, i.e. no mass)
-            token_logprob [B, t_len] float32 (0 at j = 0 and padding),  t_ids [B, t_len] long (padding -1)
-            lengths [B] long
+            token_logprob [B, t_len] float32 (0 at j = 0 and padding),  lengths [B] long
+            mapped_logz, mapped_path [B, s_len] float32  (mapped_kl; per student token)
+            KA caches (``samples`` M > 1): the first four carry a sample axis after B: [B, M, t_len, ...]
 
-        ``check``: the collated batch; its t_ids must equal the cache's on every real position,
-        else UserError (the cache was built from other text or another tokenisation)."""
-        B, k = len(indices), self.k
-        out = {"topk_ids": torch.arange(k, dtype=torch.long).expand(B, t_len, k).clone(),
-               "topk_logprobs": torch.full((B, t_len, k), -math.inf),
-               "rest_logprob": torch.full((B, t_len), -math.inf),
-               "shared_rest_logprob": torch.full((B, t_len), -math.inf),
-               "token_logprob": torch.zeros(B, t_len), "t_ids": torch.full((B, t_len), -1, dtype=torch.long),
-               "lengths": torch.zeros(B, dtype=torch.long)}
-        for b, i in enumerate(indices):
-            s = self.span(int(i))
-            n = s["t_ids"].shape[0]
-            if n > t_len:
-                raise UserError(f"teacher cache {str(self.dir)!r}: span {int(i)} has {n} teacher tokens but the "
-                                f"batch holds {t_len}: the cache does not match this data; rebuild it")
-            for name in ARRAYS:
-                out[name][b, :n] = s[name].to(out[name].dtype)
-            out["lengths"][b] = n
-        if device is not None:
-            out = {key: v.to(device, non_blocking=True) for key, v in out.items()}
+        ``check``: the collated batch; the hash of its teacher tokens must equal the cache's for every
+        span, else UserError (the cache was built from other text or another tokenisation)."""
+        if s_len is None:
+            s_len = int(check["s_ids"].shape[1]) if check is not None else None
+        B, k, M = len(indices), self.k, self.samples
+        spans = [self.span(int(i)) for i in indices]
+        n_t = [int(sp["token_logprob"].shape[0]) for sp in spans]
+        n_s = [int(sp["mapped_logz"].shape[0]) for sp in spans]
+        s_len = max(n_s, default=0) if s_len is None else s_len
+        for i, n, ns in zip(indices, n_t, n_s):
+            if n > t_len or ns > s_len:
+                raise UserError(f"teacher cache {str(self.dir)!r}: span {int(i)} has {n} teacher / {ns} student "
+                                f"tokens but the batch holds {t_len} / {s_len}: the cache does not match this "
+                                f"data; {REBUILD}")
+        ids, lp, rest, srest = self._decode(spans)  # [N, M, k], [N, M, k], [N, M], [N, M]
+        b = torch.repeat_interleave(torch.arange(B), torch.tensor(n_t, dtype=torch.long))
+        j = torch.cat([torch.arange(n) for n in n_t])
+        bs = torch.repeat_interleave(torch.arange(B), torch.tensor(n_s, dtype=torch.long))
+        js = torch.cat([torch.arange(n) for n in n_s])
+        full = {"topk_ids": (torch.arange(k, dtype=torch.long).expand(B, M, t_len, k).clone(), ids),
+                "topk_logprobs": (torch.full((B, M, t_len, k), -math.inf), lp),
+                "rest_logprob": (torch.full((B, M, t_len), -math.inf), rest),
+                "shared_rest_logprob": (torch.full((B, M, t_len), -math.inf), srest),
+                "token_logprob": (torch.zeros(B, M, t_len), self._cat(spans, "token_logprob")),
+                "mapped_logz": (torch.zeros(B, M, s_len), self._cat(spans, "mapped_logz")),
+                "mapped_path": (torch.full((B, M, s_len), -math.inf), self._cat(spans, "mapped_path"))}
+        out = {}
+        for name, (buf, v) in full.items():
+            if name.startswith("mapped_"):
+                buf[bs, :, js] = v
+            else:
+                buf[b, :, j] = v
+            out[name] = buf
+        out["lengths"] = torch.tensor(n_t, dtype=torch.long)
         if check is not None:
-            t_ids, t_mask = check["t_ids"], check["t_mask"]
-            same = (out["t_ids"].to(t_ids.device) == t_ids) | ~t_mask
-            if not bool(same.all()) or not torch.equal(out["lengths"].to(t_mask.device), t_mask.sum(1)):
+            t_ids, t_mask = check["t_ids"].cpu(), check["t_mask"].cpu()
+            got = [t_hash(t_ids[e, :int(t_mask[e].sum())]) for e in range(B)]
+            if got != [sp["t_hash"] for sp in spans] or not torch.equal(out["lengths"], t_mask.sum(1)):
                 raise UserError(f"teacher cache {str(self.dir)!r}: its teacher tokens differ from this batch's "
                                 f"(spans {list(map(int, indices))}): rebuild the cache for this data and tokenizer")
-        return out
+        if device is not None:
+            out = {key: v.to(device, non_blocking=True) for key, v in out.items()}
+        per_sample = [{key: (v[:, m] if v.dim() > 1 else v) for key, v in out.items()} for m in range(M)]
+        view = per_sample[0]
+        view["mapping"] = self.mapping_tables  # called by the mapped_kl loss only (loads the tables once)
+        if M > 1:  # KA: one view per sampled routing; the losses average over them
+            view["samples"] = per_sample
+        return view
+
+    @staticmethod
+    def _cat(spans, name) -> torch.Tensor:
+        return torch.cat([sp[name] for sp in spans]).float()
+
+    def _decode(self, spans: list[dict]):
+        """The spans' stored rows, decoded and concatenated: ids/log-probs [N, M, k], rests [N, M]."""
+        M, k = self.samples, self.k
+        rest, srest = self._cat(spans, "rest_logprob"), self._cat(spans, "shared_rest_logprob")
+        if self.codec == "float32":
+            return torch.cat([sp["topk_ids"] for sp in spans]).long(), self._cat(spans, "topk_logprobs"), rest, srest
+        rows, top = torch.cat([sp["rows"] for sp in spans]), self._cat(spans, "top_logprob")
+        n = rows.shape[0]
+        ids, lp = decode_packed(rows.flatten(0, 1), top.flatten(), rest.flatten(), self.vocab, k)
+        return ids.view(n, M, k), lp.view(n, M, k), rest, srest

@@ -83,7 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--config", required=True, help="the YAML configuration of the run that will use the cache")
     c.add_argument("--out", required=True, help="cache folder to create")
     c.add_argument("--k", type=int, default=64, help="teacher tokens kept per position (default 64)")
-    c.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored log-prob dtype")
+    c.add_argument("--codec", default="packed", choices=("packed", "float32"),
+                   help="packed: ids as an Elias-Fano set + 5-bit log-prob levels (~160 bytes/token at k=64 for "
+                   "Qwen3); float32: exact (8 bytes per id)")
+    c.add_argument("--resume", action="store_true", help="continue a stopped or killed build in --out (same "
+                   "config and options): only the missing shards are computed")
+    c.add_argument("--shard-spans", type=int, help="spans per shard (default: ~512k teacher tokens a shard)")
+    c.add_argument("--batch-size", type=int, help="spans per teacher forward (default eval.batch_size)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bar (a log line per shard)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing cache folder")
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     c.add_argument("overrides", nargs="*", help="dotted config overrides")
@@ -170,9 +177,18 @@ def cmd_cache_teacher(args) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.k < 1:
         raise UserError(f"--k={args.k}: must be >= 1")
-    manifest = build_cache(cfg, args.out, k=args.k, dtype=args.dtype, overwrite=args.overwrite)
-    print(f"teacher cache: {manifest['bytes_per_token']:.1f} bytes per teacher token (k={args.k}, {args.dtype}) "
-          f"-> {args.out}; train with model.teacher_cache={args.out}")
+    for name in ("shard_spans", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
+    manifest = build_cache(cfg, args.out, k=args.k, codec=args.codec, overwrite=args.overwrite, resume=args.resume,
+                           shard_spans=args.shard_spans, batch_size=args.batch_size,
+                           progress=not args.no_progress and sys.stderr.isatty())
+    if manifest is None:
+        from sakd.cache_build import INCOMPLETE
+        return INCOMPLETE  # stopped by train.max_time: the message says how to resume
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"teacher cache: {manifest['bytes_per_token']:.1f} bytes per teacher token (k={args.k}, {args.codec}) "
+              f"-> {args.out}; train with model.teacher_cache={args.out}")
     return 0
 
 

@@ -297,22 +297,34 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
 
 
 def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Config, weights: dict, counts: dict,
-                     acc):
-    """Like ``micro_step_loss`` with the teacher read from a top-k cache (sakd.cache): KD at 1:1 chunks
-    and the chunk likelihood from the sparse teacher, never densified to [rows, V]."""
+                     acc, mapping=None):
+    """Like ``micro_step_loss`` with the teacher read from a top-k cache (sakd.cache): KD (shared_kl at 1:1
+    chunks, or mapped_kl at every position) and the chunk likelihood from the sparse teacher, never densified
+    to [rows, V]. A KA cache holds several routings per position: the terms average over them, as over the
+    live teacher passes. ``mapping``: the mapped_kl tables (else the cache loads them)."""
     from sakd.losses.cached import cached_chunk_likelihood, cached_shared_kd
+    from sakd.losses.cached_mapped import cached_mapped_kd
 
     lc = cfg.loss
     with acc.autocast():
         s_logits = student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long(), use_cache=False).logits
     total = s_logits.new_zeros((), dtype=torch.float32)
     terms: dict[str, float] = {}
+    views = cache_batch.get("samples") or [cache_batch]
+
+    def kd(cb):
+        if lc.logit == "mapped_kl":
+            tables = mapping if mapping is not None else cache_batch["mapping"]()
+            return cached_mapped_kd(s_logits, cb, batch, tables, temperature=lc.temperature,
+                                    chunk_rows=lc.chunk_rows, extend=lc.mapped_extend)[0]
+        return cached_shared_kd(s_logits, cb, batch, shared_s, shared_t, temperature=lc.temperature,
+                                chunk_rows=lc.chunk_rows)[0]
+
     for name, value_sum, scale in (
-            ("kd", lambda: cached_shared_kd(s_logits, cache_batch, batch, shared_s, shared_t,
-                                            temperature=lc.temperature, chunk_rows=lc.chunk_rows)[0],
-             lc.temperature ** 2),
-            ("chunk", lambda: cached_chunk_likelihood(s_logits, cache_batch, batch, temperature=lc.chunk_temperature,
-                                                     chunk_rows=lc.chunk_rows)[0], 1.0),
+            ("kd", lambda: sum(kd(cb) for cb in views) / len(views), lc.temperature ** 2),
+            ("chunk", lambda: sum(cached_chunk_likelihood(s_logits, cb, batch, temperature=lc.chunk_temperature,
+                                                          chunk_rows=lc.chunk_rows)[0] for cb in views) / len(views),
+             1.0),
             ("ce", lambda: _ce_sum(s_logits, batch), 1.0)):
         if name in weights:
             contrib = value_sum().float() / counts[name]
