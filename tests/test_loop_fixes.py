@@ -181,3 +181,17 @@ def test_ka_draws_for_every_row_have_the_same_distribution(lam):
     two = ka_select(logits, 2, lam, generator=torch.Generator().manual_seed(1), every_row=True)
     assert (two[:, 0] != two[:, 1]).all()
     assert torch.equal(ka_select(logits, 2, 0.0, every_row=True), torch.topk(logits, 2, -1).indices)
+
+
+def test_fused_output_layer_runs_in_fp32_under_autocast():
+    """What the README and the start-up log say: under 16-bit autocast the student's final hidden state
+    (which the fused output layer multiplies) is float32 -- the last RMSNorm returns its input's dtype, the
+    fp32 residual stream -- while the model's own head gives 16-bit logits."""
+    from transformers import AutoModelForCausalLM
+
+    from sakd.tiny import llama_config
+
+    model = AutoModelForCausalLM.from_config(llama_config(100, hidden=32, layers=1, heads=2, intermediate=32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=torch.randint(0, 100, (1, 5)), output_hidden_states=True)
+    assert out.hidden_states[-1].dtype == torch.float32 and out.logits.dtype == torch.bfloat16
