@@ -238,6 +238,9 @@ def _prepare_folder(out: Path, building: dict, *, resume: bool, overwrite: bool)
                 raise UserError(f"cache folder {where} is being built with {key} = {have.get(key)!r}, but this run "
                                 f"has {building.get(key)!r}: resume with the same config and options, or pass "
                                 "--overwrite to start again")
+        for p in out.iterdir():  # temporaries of a killed write (ours, and safetensors' own)
+            if p.name.startswith(".") and p.is_file():
+                p.unlink()
         return None
     if out.exists() and any(out.iterdir()):
         if not overwrite:

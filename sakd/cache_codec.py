@@ -61,10 +61,10 @@ def to_bits(x: torch.Tensor, width: int) -> torch.Tensor:
     return ((x.long()[..., None] >> shifts) & 1).to(torch.uint8).flatten(1)
 
 
-def from_bits(bits: torch.Tensor, width: int) -> torch.Tensor:
+def from_bits(bits: torch.Tensor, width: int, m: int) -> torch.Tensor:
     """[N, m * width] bits -> [N, m] long."""
     if width == 0:
-        return torch.zeros(bits.shape[0], 0, dtype=torch.long, device=bits.device)
+        return torch.zeros(bits.shape[0], m, dtype=torch.long, device=bits.device)
     b = bits.long().view(bits.shape[0], -1, width)
     return (b << torch.arange(width, device=bits.device)).sum(-1)
 
@@ -111,8 +111,8 @@ def decode_packed(rows: torch.Tensor, top: torch.Tensor, rest_logprob: torch.Ten
     low, nh = ef_low_bits(vocab, k), ef_high_bits(vocab, k)
     bits = unpack_bits(rows, nh + k * (low + LEVEL_BITS))
     pos = bits[:, :nh].nonzero()[:, 1].view(n_rows, k)  # row-major: each row's k set bits, ascending
-    ids = ((pos - torch.arange(k, device=rows.device)) << low) | from_bits(bits[:, nh:nh + k * low], low)
-    level = from_bits(bits[:, nh + k * low:], LEVEL_BITS)
+    ids = ((pos - torch.arange(k, device=rows.device)) << low) | from_bits(bits[:, nh:nh + k * low], low, k)
+    level = from_bits(bits[:, nh + k * low:], LEVEL_BITS, k)
     step = math.sqrt(DELTA_MAX) / (2 ** LEVEL_BITS - 1)
     lp = top.float()[:, None] - (level.float() * step) ** 2
     # Rescale the non-top ids so that the k probabilities + the rest mass sum to 1.

@@ -80,7 +80,8 @@ def _parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cache-teacher", help="run the teacher once over the training data and store its top-k "
                        "log-probabilities (train later with model.teacher_cache=DIR, without the teacher)")
-    c.add_argument("--config", required=True, help="the YAML configuration of the run that will use the cache")
+    c.add_argument("--config", help="the YAML configuration of the run that will use the cache (default: the "
+                   "defaults + overrides)")
     c.add_argument("--out", required=True, help="cache folder to create")
     c.add_argument("--k", type=int, default=64, help="teacher tokens kept per position (default 64)")
     c.add_argument("--codec", default="packed", choices=("packed", "float32"),
