@@ -263,6 +263,7 @@ class SpanDataset(torch.utils.data.Dataset):
         self.chunk_mode = chunk_mode
         self.s_start = start_token_id(student_tok)
         self.t_start = start_token_id(teacher_tok)
+        self.normal_form = text_normal_form(student_tok, teacher_tok)
         self.skipped: dict[int, str] = {}
         first = spans[:self.PREFLIGHT]
         errors = []
@@ -286,7 +287,21 @@ class SpanDataset(torch.utils.data.Dataset):
             return self._encode(self.spans[i])
         except AlignmentError as e:
             self.skipped[i] = str(e)
-            return {"s_ids": [self.s_start], "t_ids": [self.t_start], "chunks": [], "n_bytes": 0, "skipped": True}
+            return self._empty()
+
+    def _empty(self) -> dict:
+        return {"s_ids": [self.s_start], "t_ids": [self.t_start], "chunks": [], "n_bytes": 0, "skipped": True}
+
+    def encode_text(self, text: str) -> dict:
+        """An item for text made during training (on-policy: the student's own continuation), put in the
+        normal form the spans were read in first -- a student can write decomposed accents, or U+FFFD for
+        half a character -- and, like a span, never fatal: an empty, skipped item if it cannot be aligned."""
+        text = text if text.isascii() else unicodedata.normalize(self.normal_form, text)
+        try:
+            return self._encode(text)
+        except AlignmentError as e:
+            self.skipped[-1] = str(e)
+            return self._empty()
 
 
 def encode_pair(text: str, student_tok, teacher_tok, s_start: int, t_start: int, seq_len: int,

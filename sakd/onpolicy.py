@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from sakd.data import encode_pair
-
 
 def prompt_of(text: str, frac: float = 0.5) -> str:
     """The first ``frac`` of a span, cut before a whitespace so the continuation starts a word."""
@@ -39,7 +37,6 @@ def generate_items(student, dataset, indices: list[int], *, new_tokens: int, tem
                                top_k=0, top_p=1.0, max_new_tokens=new_tokens,
                                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else dataset.s_start)
         text = tok.decode(out[0, 1:].tolist(), skip_special_tokens=True)
-        items.append(encode_pair(text, tok, dataset.teacher_tok, dataset.s_start, dataset.t_start,
-                                 dataset.seq_len, dataset.teacher_seq_len, dataset.chunk_mode))
+        items.append(dataset.encode_text(text))  # normalised like the spans, never fatal
     student.train(was_training)
     return items

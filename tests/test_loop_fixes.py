@@ -195,3 +195,17 @@ def test_fused_output_layer_runs_in_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(input_ids=torch.randint(0, 100, (1, 5)), output_hidden_states=True)
     assert out.hidden_states[-1].dtype == torch.float32 and out.logits.dtype == torch.bfloat16
+
+
+def test_on_policy_text_is_normalised_like_the_spans(tiny_assets, tmp_path, monkeypatch):
+    """A student can write decomposed accents; the teacher's tokenizer composes them (NFC). The generated
+    text must be normalised as the spans were, not stop the run."""
+    import unicodedata
+
+    from sakd.onpolicy import generate_items
+
+    run = setup(load_config(None, tiny_overrides(tiny_assets, tmp_path)), log=lambda *_: None)
+    written = unicodedata.normalize("NFD", " the café was naïve")
+    monkeypatch.setattr(run.student_tok, "decode", lambda ids, **kw: written)
+    (item,) = generate_items(run.student, run.train, [0], new_tokens=2, temperature=1.0)
+    assert not item.get("skipped") and item["n_bytes"] == len(unicodedata.normalize("NFC", written).encode())
