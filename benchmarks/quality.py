@@ -251,6 +251,8 @@ def smollm2_bpb(paths: dict, cfg_eval: dict) -> dict:
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
     else:
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        if any(t.dtype != torch.float32 for t in model.state_dict().values()):
+            raise RuntimeError(f"{gguf.name}: weights still packed after loading")
         if hasattr(model.config, "quantization_config"):  # unpacked to float32; drop the GGUF marks to save it
             del model.config.quantization_config
         model.hf_quantizer = None
@@ -348,7 +350,9 @@ def main(argv=None) -> int:
         # configs/demo.yaml is read once: every run of the table uses the same base
         base = work / "demo.yaml"
         base.write_bytes(Path(DEMO_CONFIG).read_bytes())
-        prep = prepare(work, a.eval_bytes, {r: 1.0 if r == "full" else a.limited_fraction for r in regimes})
+        # train_full is always written: the configurations are checked (and the teacher scored) with it
+        prep = prepare(work, a.eval_bytes, {"full": 1.0, **({"data_limited": a.limited_fraction}
+                                                             if "data_limited" in regimes else {})})
         paths = prep["paths"]
         bad = check_methods(sorted({m for ms in plan.values() for m in ms}), str(base), paths, tuple(a.set))
         asked = set(a.methods or []) | set(a.limited_methods or [])
@@ -374,7 +378,7 @@ def main(argv=None) -> int:
                 f"--limited-steps {fits[-1]} fits" if fits else "cut --methods or --seeds"), flush=True)
         if a.estimate:
             return 0
-        res = execute(a, tasks, n_steps, seeds, plan, work, str(base), paths, jobs, threads)
+        res = execute(a, tasks, n_steps, plan, work, str(base), paths, jobs, threads)
     res.update({"command": command, "machine": machine(jobs, threads), "steps": n_steps, "seeds": seeds,
                 "splits": prep["splits"], "ceiling": prep["splits"].pop("ceiling"), "estimate_wall_seconds": wall,
                 "methods": plan, "skipped_methods": bad, "method_overrides": METHODS,
@@ -390,7 +394,7 @@ def main(argv=None) -> int:
     return 0
 
 
-def execute(a, tasks, n_steps, seeds, plan, work, base, paths, jobs, threads) -> dict:
+def execute(a, tasks, n_steps, plan, work, base, paths, jobs, threads) -> dict:
     from sakd.config import load_config, to_dict
 
     t_all = time.time()
