@@ -61,8 +61,10 @@ class _ScaledAcc:
 
 
 def test_fp16_overflow_skipped_steps_are_counted_and_the_schedule_advances():
+    from accelerate import Accelerator
     from accelerate.optimizer import AcceleratedOptimizer
 
+    Accelerator(cpu=True)  # the process state AcceleratedOptimizer reads (the loop creates it the same way)
     w = torch.nn.Parameter(torch.ones(3))
     opt = torch.optim.SGD([w], lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
