@@ -73,8 +73,8 @@ def tiny(tiny_assets):
         tok = AutoTokenizer.from_pretrained(tiny_assets[side])
         model = AutoModelForCausalLM.from_pretrained(tiny_assets[side], dtype=torch.float32).eval()
         out[side] = (model, tok)
-    texts = [tiny_assets["heldout"].read_text(encoding="utf-8")[:700] + TEXT_TAIL,
-             "Short one.\n", tiny_assets["heldout"].read_text(encoding="utf-8")[2000:2300]]
+    texts = [tiny_assets["heldout"].read_text(encoding="utf-8")[:360] + TEXT_TAIL,
+             "Short one.\n", tiny_assets["heldout"].read_text(encoding="utf-8")[2000:2160]]
     return out, texts
 
 
