@@ -49,21 +49,35 @@ MIB = 2**20
 TARGETS = {
     "kd_loss_memory_ratio": ("<=", 0.15), "kd_loss_time_ratio": ("<=", 1.0),
     "trl_throughput_ratio": (">=", 1.3), "trl_memory_ratio": ("<=", 0.6),
-    "cache_bytes_per_token": ("<=", 400.0), "cache_bpb_ratio": ("<=", 1.01),
+    "cache_bytes_per_token_real": ("<=", 160.0), "cache_bpb_ratio": ("<=", 1.005),
+    "cache_bpb_ratio_mapped": ("<=", 1.005), "cache_ka_bpb_ratio": ("<=", 1.005),
+    "gold_throughput_ratio": (">=", 3.0), "gold_memory_ratio": ("<=", 0.3),
     "alignment_time_share": ("<=", 0.05),
 }
+SECTIONS = ["kd", "trl", "gold", "cache", "cache_ka", "cache_real", "align"]
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40": 181, "A10": 125, "V100": 125, "L4": 121, "T4": 65,
                "P100": 18.7}  # dense 16-bit tensor TFLOP/s (P100: fp16, no tensor cores)
 
 
-def child_env(threads: int) -> dict:
+TRL_PATH: str | None = None  # --trl-path: a folder holding the trl package, for TRL children run by this Python
+
+
+def child_env(threads: int, trl: bool = False) -> dict:
+    path = str(ROOT) + (os.pathsep + TRL_PATH if trl and TRL_PATH else "")
     return dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                OMP_NUM_THREADS=str(threads), TRL_EXPERIMENTAL_SILENCE="1", PYTHONPATH=str(ROOT))
+                OMP_NUM_THREADS=str(threads), TRL_EXPERIMENTAL_SILENCE="1", PYTHONPATH=path)
+
+
+def trl_interpreter(trl_python: str) -> str | None:
+    """The Python that runs TRL's trainers: --trl-path with this interpreter, else --trl-python if it exists."""
+    if TRL_PATH:
+        return sys.executable
+    return trl_python if Path(trl_python).exists() else None
 
 
 def run_child(python: str, mode: str, spec: dict, threads: int, timeout: int = 1800) -> dict:
     proc = subprocess.run([python, __file__, "--child", mode, json.dumps(spec)], capture_output=True, text=True,
-                          env=child_env(threads), cwd=ROOT, timeout=timeout)
+                          env=child_env(threads, trl=mode in ("trl", "gold")), cwd=ROOT, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"child {mode} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -99,10 +113,10 @@ def distill_child(spec: dict) -> dict:
     data.Collator.__call__ = timed(data.Collator.__call__)
     count_targets = objective.count_targets
 
-    def counting(micro, c):  # called once per step, right after the step's batches are collated
+    def counting(micro, c, *a, **kw):  # called once per step, right after the step's batches are collated
         per_step.append({"data_s": acc_data[0], "tokens": int(sum(int(b["s_mask"].sum()) for b in micro))})
         acc_data[0] = 0.0
-        return count_targets(micro, c)
+        return count_targets(micro, c, *a, **kw)
 
     objective.count_targets = counting
     evaluate, calls = distill.heldout_bpb, [0]
@@ -231,7 +245,8 @@ def make_same_tokenizer_pair(d: Path) -> dict:
 
 
 def trl_section(pairs: int, steps: int, threads: int, trl_python: str, work: Path) -> dict:
-    if not Path(trl_python).exists():
+    python = trl_interpreter(trl_python)
+    if python is None:
         return {"trl_throughput_ratio": None, "trl_memory_ratio": None,
                 "trl": {"skipped": f"{trl_python} not found: python -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip "
                         "install torch==2.13.0 'trl==1.16.*' transformers==5.23.0 accelerate datasets"}}
@@ -254,7 +269,7 @@ def trl_section(pairs: int, steps: int, threads: int, trl_python: str, work: Pat
     for r in range(pairs):
         ours = run_child(sys.executable, "distill", {"threads": threads, "overrides": common + [
             f"train.output_dir={work / f'ours-{r}'}"]}, threads)
-        theirs = run_child(trl_python, "trl", {"threads": threads, "teacher": pair["teacher"],
+        theirs = run_child(python, "trl", {"threads": threads, "teacher": pair["teacher"],
                                                "student": pair["student"], "ids": str(work / "ids.json"),
                                                "out": str(work / f"trl-{r}"), "batch": batch, "steps": steps,
                                                "seq_len": seq}, threads)
@@ -272,6 +287,139 @@ def trl_section(pairs: int, steps: int, threads: int, trl_python: str, work: Pat
             "trl": {"pairs": runs, "batch": batch, "max_seq_len": seq, "steps_per_run": steps, "timed_steps": steps - 1,
                     "vocab": 49152, "loss": "generalized JSD, beta 0.5, T 1 (TRL: full vocabulary; ours: shared_kl, "
                     "which equals it with one tokenizer)", "memory": "peak RSS during the steps - RSS at their start"}}
+
+
+def _prompt_completion(texts: list[str]) -> dict:
+    """GOLD trains on prompt/completion pairs (it refuses an empty prompt): each span's first line (or first
+    40 characters) is the prompt, the rest the completion; together they are the span, as sakd sees it."""
+    cut = [min(t.find("\n") + 1 if 0 < t.find("\n") < 80 else 40, len(t) - 1) for t in texts]
+    return {"prompt": [t[:c] for t, c in zip(texts, cut)], "completion": [t[c:] for t, c in zip(texts, cut)]}
+
+
+def gold_child(spec: dict) -> dict:
+    """TRL's GOLDTrainer (trl.experimental.gold: byte-offset alignment, hybrid loss = generalized JSD on
+    the matched vocabulary + sorted-L1 ULD on the rest) on the same texts and model folders (run by an
+    interpreter that can import TRL; TRL is never a dependency of sakd)."""
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    import datasets
+    import transformers
+    import trl
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.gold import GOLDConfig, GOLDTrainer
+
+    tok = AutoTokenizer.from_pretrained(spec["student"])
+    texts = json.loads(Path(spec["texts"]).read_text())
+    ends, mem, tokens = [], {}, []
+
+    class Probe(TrainerCallback):
+        def on_train_begin(self, *a, **kw):
+            mem["base"] = kdm._rss_bytes()
+            self.sampler = kdm._PeakSampler(0.0005)
+            self.sampler.start()
+            ends.append(time.perf_counter())
+
+        def on_step_end(self, *a, **kw):
+            ends.append(time.perf_counter())
+
+        def on_train_end(self, *a, **kw):
+            mem["peak_extra_mib"] = (self.sampler.stop() - mem.pop("base")) / MIB
+
+    args = GOLDConfig(output_dir=spec["out"], per_device_train_batch_size=spec["batch"], max_steps=spec["steps"],
+                      learning_rate=1e-4, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.01,
+                      max_grad_norm=1.0, lmbda=0.0, beta=0.5, temperature=1.0, bf16=False, fp16=False,
+                      gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
+                      logging_steps=10**6, max_length=spec["seq_len"] + 16, dataloader_num_workers=0, seed=0,
+                      disable_tqdm=True, use_uld_loss=True, use_extended_uld=True,
+                      uld_use_hybrid_loss=True, teacher_tokenizer_name_or_path=spec["teacher"])
+    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher"], dtype=torch.float32)
+    student = AutoModelForCausalLM.from_pretrained(spec["student"], dtype=torch.float32)
+    trainer = GOLDTrainer(model=student, teacher_model=teacher, args=args,
+                          train_dataset=datasets.Dataset.from_dict(_prompt_completion(texts)), processing_class=tok,
+                          callbacks=[Probe()])
+    compute_loss = trainer.compute_loss
+
+    def counting(model, inputs, *a, **kw):  # student tokens of each step
+        tokens.append(int(inputs["attention_mask"].sum()))
+        return compute_loss(model, inputs, *a, **kw)
+
+    trainer.compute_loss = counting
+    trainer.train()
+    seconds = [b - a for a, b in zip(ends, ends[1:])]
+    return {"steps": [{"seconds": s, "tokens": t} for s, t in zip(seconds, tokens)], "memory": mem,
+            "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__}}
+
+
+def make_cross_tokenizer_pair(d: Path) -> dict:
+    """The real vocabularies on tiny models: a Qwen3-MoE teacher with 151,936 logit columns and the qwen-real
+    tokenizer, a Llama student with 49,152 (smollm2-real); Shakespeare text."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sakd.align.real import load_tokenizer as real_tokenizer
+    from sakd.corpus import HELD_OUT_PLAYS, load_plays
+    from sakd.tiny import llama_config, qwen3_moe_config
+
+    t_tok, s_tok = real_tokenizer("qwen-real"), real_tokenizer("smollm2-real")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(qwen3_moe_config(151_936, hidden=256, layers=4, heads=4, experts=3,
+                                                      intermediate=256)).save_pretrained(d / "teacher")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(llama_config(len(s_tok), hidden=128, layers=4, heads=4,
+                                                  intermediate=384)).save_pretrained(d / "student")
+    t_tok.save_pretrained(d / "teacher")
+    s_tok.save_pretrained(d / "student")
+    plays = load_plays()
+    (d / "train.txt").write_text("\n\n".join(t for n, t in plays.items() if n not in HELD_OUT_PLAYS)[:300_000])
+    (d / "heldout.txt").write_text(next(t for n, t in plays.items() if n in HELD_OUT_PLAYS)[:20_000])
+    return {k: str(d / k) for k in ("teacher", "student")} | {"train": str(d / "train.txt"),
+                                                                 "heldout": str(d / "heldout.txt")}
+
+
+def gold_section(pairs: int, steps: int, threads: int, trl_python: str, work: Path, batch: int = 4,
+                 seq: int = 512) -> dict:
+    """sakd's default (shared_kl, forward KL) vs TRL's GOLD (hybrid ULD) on the real vocabularies, 4 x 512,
+    fp32, the same texts (the loop's training spans), alternating runs."""
+    python = trl_interpreter(trl_python)
+    if python is None:
+        return {"gold_throughput_ratio": None, "gold_memory_ratio": None,
+                "gold": {"skipped": f"{trl_python} not found: python -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip "
+                         "install torch==2.13.0 'trl==1.16.*' transformers==5.23.0 accelerate datasets"}}
+    from sakd.config import load_config
+    from sakd.data import span_data
+
+    pair = make_cross_tokenizer_pair(work / "xpair")
+    common = [f"model.teacher={pair['teacher']}", f"model.student={pair['student']}", f"data.source={pair['train']}",
+              f"data.eval_source={pair['heldout']}", f"data.seq_len={seq}", f"data.max_examples={steps * batch}",
+              f"train.max_steps={steps}", f"train.batch_size={batch}", "train.lr=1e-4", "train.warmup_steps=0",
+              "train.precision=fp32", "train.eval_every=0", "train.save_every=0", "train.log_every=1000",
+              "logging.tensorboard=false", "eval.max_bytes=1000", "eval.batch_size=1", "eval.seq_len=64"]
+    ds = span_data(load_config(None, common), log=lambda *a: None).train
+    (work / "texts.json").write_text(json.dumps(list(ds.spans)))
+    runs = []
+    for r in range(pairs):
+        ours = run_child(sys.executable, "distill", {"threads": threads, "overrides": common + [
+            f"train.output_dir={work / f'gold-ours-{r}'}"]}, threads)
+        theirs = run_child(python, "gold", {"threads": threads, "teacher": pair["teacher"], "student": pair["student"],
+                                            "texts": str(work / "texts.json"), "out": str(work / f"gold-{r}"),
+                                            "batch": batch, "steps": steps, "seq_len": seq}, threads)
+        (o_rate, o_step), (t_rate, t_step) = timed_rate(ours["steps"]), timed_rate(theirs["steps"])
+        runs.append({"ours_tokens_per_s": o_rate, "gold_tokens_per_s": t_rate, "ours_step_s": o_step,
+                     "gold_step_s": t_step, "ours_step_memory_mib": ours["memory"]["peak_extra_mib"],
+                     "gold_step_memory_mib": theirs["memory"]["peak_extra_mib"], "throughput_ratio": o_rate / t_rate,
+                     "memory_ratio": ours["memory"]["peak_extra_mib"] / theirs["memory"]["peak_extra_mib"],
+                     "trl_versions": theirs["versions"]})
+        print(f"  pair {r + 1}/{pairs}: tokens/s ours {o_rate:.0f} GOLD {t_rate:.0f}; step memory ours "
+              f"{runs[-1]['ours_step_memory_mib']:.0f} MiB GOLD {runs[-1]['gold_step_memory_mib']:.0f} MiB", flush=True)
+    return {"gold_throughput_ratio": statistics.median(x["throughput_ratio"] for x in runs),
+            "gold_memory_ratio": statistics.median(x["memory_ratio"] for x in runs),
+            "gold": {"pairs": runs, "batch": batch, "max_seq_len": seq, "steps_per_run": steps, "timed_steps": steps - 1,
+                     "teacher_columns": 151_936, "student_vocab": 49_152,
+                     "loss": "GOLD: hybrid ULD (generalized JSD beta 0.5 on matched tokens + sorted L1 on the rest), "
+                             "lmbda 0 (off-policy); sakd: the default (shared_kl, forward KL, at 1:1 chunks)",
+                     "tokens": "student tokens per step (GOLD: its attention mask, with its appended EOS)",
+                     "memory": "peak RSS during the steps - RSS at their start"}}
 
 
 def demo_overrides(out: Path, steps: int, extra: list[str]) -> list[str]:
@@ -297,33 +445,98 @@ def alignment_section(steps: int, threads: int, work: Path) -> dict:
                           "step_s": statistics.mean(x["seconds"] for x in s)}}
 
 
+def _cache_pair(steps: int, threads: int, work: Path, name: str, extra: list[str], cache: Path) -> dict:
+    """The demo student trained for ``steps`` from the live teacher and from ``cache``, same seed and data."""
+    demo = str(ROOT / "configs" / "demo.yaml")
+    online = run_child(sys.executable, "distill", {"threads": threads, "config": demo, "overrides": demo_overrides(
+        work / f"{name}-online", steps, extra)}, threads)
+    cached = run_child(sys.executable, "distill", {"threads": threads, "config": demo, "overrides": demo_overrides(
+        work / f"{name}-cached", steps, extra + [f"model.teacher_cache={cache}"])}, threads)
+    (_, on_step), (_, ca_step) = timed_rate(online["steps"]), timed_rate(cached["steps"])
+    print(f"  {name}: held-out bits/byte live {online['student_bpb_final']:.4f}, cache "
+          f"{cached['student_bpb_final']:.4f}; step {on_step:.2f} s / {ca_step:.2f} s", flush=True)
+    return {"student_bpb_online": online["student_bpb_final"], "student_bpb_cached": cached["student_bpb_final"],
+            "bpb_ratio": cached["student_bpb_final"] / online["student_bpb_final"],
+            "teacher_bpb": online["teacher_bpb"], "step_s_online": on_step, "step_s_cached": ca_step,
+            "step_memory_mib_online": online["memory"].get("peak_extra_mib"),
+            "step_memory_mib_cached": cached["memory"].get("peak_extra_mib"), "overrides": extra}
+
+
+CACHE_COMMON = ["loss.hidden.weight=0", "loss.attention.weight=0", "loss.contrastive.weight=0"]
+
+
 def cache_section(steps: int, threads: int, work: Path) -> dict:
-    try:
-        from sakd.cache import build_cache
-    except ImportError as e:
-        return {"cache_bytes_per_token": None, "cache_bpb_ratio": None, "cache": {"skipped": f"sakd.cache: {e}"}}
+    """Demo pair, moe.mode=topk, one packed k = 64 cache: the student from the cache vs from the live teacher
+    with shared_kl (the demo's logit loss) and with mapped_kl, same steps and seed."""
+    from sakd.cache import build_cache
     from sakd.config import load_config
 
-    extra = ["moe.mode=topk", "loss.hidden.weight=0", "loss.attention.weight=0", "loss.contrastive.weight=0",
-             f"data.max_examples={steps * 16}"]
-    cfg = load_config(ROOT / "configs" / "demo.yaml", demo_overrides(work / "online", steps, extra))
+    extra = ["moe.mode=topk", *CACHE_COMMON, f"data.max_examples={steps * 8}"]
+    cfg = load_config(ROOT / "configs" / "demo.yaml", demo_overrides(work / "build", steps, extra))
     t0 = time.time()
-    manifest = build_cache(cfg, work / "cache", k=64, dtype="float16", log=lambda *a: None)
+    manifest = build_cache(cfg, work / "cache", k=64, log=lambda *a: None)
     build_s = time.time() - t0
-    online = run_child(sys.executable, "distill", {"threads": threads, "config": str(ROOT / "configs" / "demo.yaml"),
-                                                   "overrides": demo_overrides(work / "online", steps, extra)}, threads)
-    cached = run_child(sys.executable, "distill", {"threads": threads, "config": str(ROOT / "configs" / "demo.yaml"),
-                                                   "overrides": demo_overrides(work / "cached", steps, extra + [
-                                                       f"model.teacher_cache={work / 'cache'}"])}, threads)
-    (_, on_step), (_, ca_step) = timed_rate(online["steps"]), timed_rate(cached["steps"])
-    return {"cache_bytes_per_token": manifest["bytes_per_token"],
-            "cache_bpb_ratio": cached["student_bpb_final"] / online["student_bpb_final"],
-            "cache": {"k": 64, "dtype": "float16", "build_s": build_s, "steps": steps,
-                      "student_bpb_online": online["student_bpb_final"],
-                      "student_bpb_cached": cached["student_bpb_final"],
-                      "teacher_bpb": online["teacher_bpb"], "step_s_online": on_step, "step_s_cached": ca_step,
-                      "step_memory_mib_online": online["memory"].get("peak_extra_mib"),
-                      "step_memory_mib_cached": cached["memory"].get("peak_extra_mib")}}
+    shared = _cache_pair(steps, threads, work, "shared_kl", extra, work / "cache")
+    mapped = _cache_pair(steps, threads, work, "mapped_kl", extra + ["loss.logit=mapped_kl"], work / "cache")
+    return {"cache_bytes_per_token": manifest["bytes_per_token"], "cache_bpb_ratio": shared["bpb_ratio"],
+            "cache_bpb_ratio_mapped": mapped["bpb_ratio"],
+            "cache": {"k": 64, "codec": "packed", "build_s": build_s, "steps": steps, "teacher_vocab":
+                      manifest["teacher_vocab"], "n_tokens": manifest["n_tokens"], "shared_kl": shared,
+                      "mapped_kl": mapped}}
+
+
+def cache_ka_section(steps: int, seeds: int, threads: int, work: Path) -> dict:
+    """KA from a cache (M = 2 sampled routings stored per position) vs live KA, demo pair, one cache per seed
+    (the draws are seeded by train.seed), shared_kl; mean ratio over the seeds."""
+    from sakd.cache import build_cache
+    from sakd.config import load_config
+
+    runs = []
+    for seed in range(seeds):
+        extra = ["moe.mode=ka", *CACHE_COMMON, f"data.max_examples={steps * 8}", f"train.seed={seed}"]
+        cfg = load_config(ROOT / "configs" / "demo.yaml", demo_overrides(work / f"ka-build-{seed}", steps, extra))
+        t0 = time.time()
+        build_cache(cfg, work / f"ka-cache-{seed}", k=64, log=lambda *a: None)
+        r = _cache_pair(steps, threads, work, f"ka-seed{seed}", extra, work / f"ka-cache-{seed}")
+        runs.append(dict(r, seconds=time.time() - t0))
+    return {"cache_ka_bpb_ratio": statistics.mean(r["bpb_ratio"] for r in runs),
+            "cache_ka": {"steps": steps, "seeds": seeds, "runs": runs,
+                         "note": "live KA draws new routings every step; the cache holds M = moe.ka_samples draws "
+                                 "per position, reused every epoch"}}
+
+
+def cache_real_section(examples: int, work: Path) -> dict:
+    """Bytes per teacher token of a packed k = 64 cache for the REAL vocabularies: a tiny Qwen3-MoE teacher
+    with 151,936 logit columns and the qwen-real tokenizer (151,669 tokens), the smollm2-real student
+    tokenizer (49,152), Shakespeare spans of 256 student tokens (the size depends on the vocabularies and
+    the student/teacher token ratio, not on the model)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sakd.align.real import load_tokenizer as real_tokenizer
+    from sakd.cache import build_cache
+    from sakd.config import load_config
+    from sakd.tiny import llama_config, qwen3_moe_config
+
+    t_tok, s_tok = real_tokenizer("qwen-real"), real_tokenizer("smollm2-real")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(qwen3_moe_config(151_936, hidden=64, layers=2, heads=4, experts=3,
+                                                      intermediate=64)).save_pretrained(work / "real-teacher")
+    AutoModelForCausalLM.from_config(llama_config(len(s_tok), hidden=64, layers=2, heads=4,
+                                                  intermediate=128)).save_pretrained(work / "real-student")
+    t_tok.save_pretrained(work / "real-teacher")
+    s_tok.save_pretrained(work / "real-student")
+    cfg = load_config(None, [f"model.teacher={work / 'real-teacher'}", f"model.student={work / 'real-student'}",
+                             "data.source=sakd:shakespeare-train", "data.eval_source=sakd:shakespeare-heldout",
+                             "data.seq_len=256", f"data.max_examples={examples}", "eval.max_bytes=2000",
+                             "eval.batch_size=4", f"train.output_dir={work / 'real-run'}"])
+    t0 = time.time()
+    m = build_cache(cfg, work / "real-cache", k=64, batch_size=4, log=lambda *a: None)
+    print(f"  real vocabularies: {m['bytes_per_token']:.1f} bytes per teacher token ({m['n_tokens']:,} tokens, "
+          f"{time.time() - t0:.0f} s)", flush=True)
+    return {"cache_bytes_per_token_real": m["bytes_per_token"],
+            "cache_real": {"teacher_vocab": m["teacher_vocab"], "teacher_columns": 151_936, "k": 64, "codec": "packed",
+                           "n_tokens": m["n_tokens"], "shard_bytes": m["shard_bytes"], "build_s": time.time() - t0}}
 
 
 def cuda_section(args, work: Path) -> dict:
@@ -378,16 +591,20 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="small sizes: under 10 minutes on 2 CPU cores")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--trl-python", default="/tmp/trlvenv/bin/python", help="interpreter of TRL's own venv")
+    ap.add_argument("--trl-path", help="instead: a folder holding the trl package (pip install --no-deps --target "
+                    "DIR trl==1.16.0), imported by this interpreter in the TRL children only")
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--only", nargs="+", choices=["kd", "trl", "cache", "align"], help="run only these sections")
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     ap.add_argument("--config", help="--device cuda: a config to run instead of the tiny same-tokenizer pair")
     ap.add_argument("--steps", type=int, default=20, help="--device cuda: optimizer steps")
     ap.add_argument("--peak-tflops", type=float, help="--device cuda: the card's dense 16-bit peak (default: by name)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global TRL_PATH
+    TRL_PATH = args.trl_path
     if args.child:
-        fn = {"distill": distill_child, "trl": trl_child}[args.child]
+        fn = {"distill": distill_child, "trl": trl_child, "gold": gold_child}[args.child]
         print(json.dumps(fn(json.loads(args.spec))))
         return
 
@@ -402,11 +619,16 @@ def main() -> None:
         if args.device == "cuda":
             out.update(cuda_section(args, work))
         else:
-            sel = set(args.only or ["kd", "trl", "cache", "align"])
-            for name, fn in (("kd", lambda: kd_loss_section(args.quick, 3)),
-                             ("trl", lambda: trl_section(2 if args.quick else 3, 2 if args.quick else 6, args.threads,
+            sel = set(args.only or SECTIONS)
+            q = args.quick
+            for name, fn in (("kd", lambda: kd_loss_section(q, 3)),
+                             ("trl", lambda: trl_section(2 if q else 3, 2 if q else 6, args.threads,
                                                          args.trl_python, work)),
-                             ("cache", lambda: cache_section(10 if args.quick else 60, args.threads, work)),
+                             ("gold", lambda: gold_section(2 if q else 3, 3 if q else 6, args.threads,
+                                                           args.trl_python, work, *((2, 256) if q else (4, 512)))),
+                             ("cache", lambda: cache_section(10 if q else 60, args.threads, work)),
+                             ("cache_ka", lambda: cache_ka_section(10 if q else 60, 1 if q else 3, args.threads, work)),
+                             ("cache_real", lambda: cache_real_section(8 if q else 64, work)),
                              ("align", lambda: alignment_section(3 if args.quick else 11, args.threads, work))):
                 if name in sel:
                     t0 = time.time()
