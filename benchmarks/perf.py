@@ -15,9 +15,14 @@ Sections (every ratio is ours / the reference, measured in this run; targets in 
     own virtual environment (--trl-python, default /tmp/trlvenv/bin/python) as a subprocess. The two
     programs alternate run by run; per pair: tokens/s ratio and step-memory ratio (peak RSS during the
     steps - RSS when training starts) -> trl_throughput_ratio, trl_memory_ratio (medians over pairs).
- 3. Teacher cache (sakd.cache) vs the live teacher on the demo pair (moe.mode=topk): bytes per
-    teacher token of a k=64 fp16 cache, and the student's held-out bits/byte after the same steps
-    trained from the cache / from the live teacher -> cache_bytes_per_token, cache_bpb_ratio.
+ 3. Teacher cache (sakd.cache, packed k = 64) vs the live teacher on the demo pair: the student's held-out
+    bits/byte after the same steps trained from the cache / from the live teacher, moe.mode=topk with
+    shared_kl and with mapped_kl -> cache_bpb_ratio, cache_bpb_ratio_mapped ("cache"); KA from the cache
+    vs live KA over seeds -> cache_ka_bpb_ratio ("cache_ka"); bytes per teacher token for the real
+    vocabularies (Qwen3 151,936 columns / SmolLM2) -> cache_bytes_per_token_real ("cache_real").
+ 3b. TRL's GOLDTrainer (trl.experimental.gold, hybrid ULD, off-policy) vs sakd's default on the same
+    cross-tokenizer job (real vocabulary sizes on tiny models, 4 x 512, fp32, alternating runs)
+    -> gold_throughput_ratio, gold_memory_ratio ("gold"; TRL from --trl-path or --trl-python).
  4. Share of the step spent tokenizing and byte-aligning (SpanDataset items: encode_with_bytes x 2 +
     align) and collating, in the real loop on the demo configuration -> alignment_time_share.
 
@@ -624,7 +629,7 @@ def main() -> None:
             for name, fn in (("kd", lambda: kd_loss_section(q, 3)),
                              ("trl", lambda: trl_section(2 if q else 3, 2 if q else 6, args.threads,
                                                          args.trl_python, work)),
-                             ("gold", lambda: gold_section(2 if q else 3, 3 if q else 6, args.threads,
+                             ("gold", lambda: gold_section(2, 3 if q else 4, args.threads,
                                                            args.trl_python, work, *((2, 256) if q else (4, 512)))),
                              ("cache", lambda: cache_section(10 if q else 60, args.threads, work)),
                              ("cache_ka", lambda: cache_ka_section(10 if q else 60, 1 if q else 3, args.threads, work)),
