@@ -160,9 +160,9 @@ class _Targets:
         phi0[ordinary] = torch.where(img >= 0, img, torch.full_like(img, vs))
         self.phi0 = phi0
         self.f_i = self.tab.offset[self.t_tok] + p.k          # flat index of (t_i, k)
-        self.extend = extend and bool(p.ext.any())
+        self.extend = extend
         self.path = torch.zeros(len(p), dtype=self.dtype, device=dev)
-        if self.extend:
+        if self.extend and bool(p.ext.any()):
             e_idx = p.ext.nonzero().squeeze(1)
             self.path[e_idx] = _path_log_mass(self.t2, t_ids, p, e_idx, self.Lt, vt, self.tab, self.T, self.dtype)
 
@@ -197,7 +197,9 @@ class _Targets:
         Q[~good] = 0
         Q[(~good).nonzero().squeeze(1), self.s_tok[idx[~good]]] = 1.0
         if self.extend:
-            e = (self.pos.ext[idx] & good & (tab.phi[self.f_i[idx]] >= 0)).nonzero().squeeze(1)
+            src_all = tab.phi[self.f_i[idx]]
+            moved = self.pos.ext[idx] | (src_all != self.s_tok[idx])
+            e = (moved & good & (src_all >= 0)).nonzero().squeeze(1)
             if e.numel():
                 src = tab.phi[self.f_i[idx[e]]]
                 mass = (p[e, self.t_tok[idx[e]]].log() - Z[e].log() + self.path[idx[e]]).exp()

@@ -126,15 +126,17 @@ def reference(s_logits, t_logits, texts, s_tok, t_tok, extend=True):
                             Q[u] += p[v]
                 Z = Q.sum()
                 Q = Q / Z
-                if extend and ej > ci:
-                    m = next(q for q in range(ts, te) if t.byte_starts[q] < ej <= t.byte_ends[q])
+                src = _phi_ref(t_str[t.ids[i]][k:], s_tok, s_str)
+                if extend and (ej > ci or src != s.ids[j]):
+                    # the realised teacher token's mass goes to the realised student token's cell
                     mass = p[t.ids[i]] / Z
-                    for l in range(i + 1, m):
-                        mass = mass * torch.softmax(t_logits[x, l - 1].double(), -1)[t.ids[l]]
-                    pm = torch.softmax(t_logits[x, m - 1].double(), -1)
-                    prefix = data[t.byte_starts[m]:ej]
-                    mass = mass * sum(pm[v] for v in t_ok if t_str[v].startswith(prefix))
-                    src = _phi_ref(t_str[t.ids[i]][k:], s_tok, s_str)
+                    if ej > ci:  # times the rest of the realised path up to e_j
+                        m = next(q for q in range(ts, te) if t.byte_starts[q] < ej <= t.byte_ends[q])
+                        for l in range(i + 1, m):
+                            mass = mass * torch.softmax(t_logits[x, l - 1].double(), -1)[t.ids[l]]
+                        pm = torch.softmax(t_logits[x, m - 1].double(), -1)
+                        prefix = data[t.byte_starts[m]:ej]
+                        mass = mass * sum(pm[v] for v in t_ok if t_str[v].startswith(prefix))
                     Q[src] -= mass
                     Q[s.ids[j]] += mass
                 logq = torch.log_softmax(s_logits[x, j - 1], -1)
