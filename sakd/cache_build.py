@@ -218,8 +218,10 @@ def _dist():
     return state.process_index, state.num_processes, state.wait_for_everyone, state.device
 
 
-def _prepare_folder(out: Path, building: dict, *, resume: bool, overwrite: bool) -> dict | None:
-    """Main process: check or create ``out``. Returns the finished manifest when there is nothing to do."""
+def _prepare_folder(out: Path, building: dict, *, resume: bool, overwrite: bool, write: bool = True) -> dict | None:
+    """Check ``out`` (every process, ``write=False``: they all see the same folder and raise alike, so no
+    process waits at a barrier for one that stopped) and create it (the main process). Returns the
+    finished manifest when there is nothing to do."""
     where = repr(str(out))
     if out.exists() and not out.is_dir():
         raise UserError(f"cache folder {where} is a file: choose another --out")
@@ -238,14 +240,18 @@ def _prepare_folder(out: Path, building: dict, *, resume: bool, overwrite: bool)
                 raise UserError(f"cache folder {where} is being built with {key} = {have.get(key)!r}, but this run "
                                 f"has {building.get(key)!r}: resume with the same config and options, or pass "
                                 "--overwrite to start again")
-        for p in out.iterdir():  # temporaries of a killed write (ours, and safetensors' own)
+        for p in out.iterdir() if write else ():  # temporaries of a killed write (ours, and safetensors' own)
             if p.name.startswith(".") and p.is_file():
                 p.unlink()
         return None
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise UserError(f"cache folder {where} already exists and is not empty: choose another --out or delete it")
+        if not write:
+            return None
         shutil.rmtree(out)
+    if not write:
+        return None
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "building.json", building)
     return None
@@ -291,24 +297,25 @@ def build_cache(cfg: Config, out_dir, *, k: int = 64, codec: str = "packed", bat
     manifest = expected_manifest(cfg, data.train.spans, student_tok=data.student_tok, teacher_tok=data.teacher_tok,
                                  vocab=vocab, k=k, codec=codec)
     building = {"expected": manifest, "batch_size": bs, "spans_per_shard": per_shard, "chunk_rows": chunk_rows}
-    done = None
-    if main:
-        done = _prepare_folder(out, building, resume=resume, overwrite=overwrite)
+    done = _prepare_folder(out, building, resume=resume, overwrite=overwrite, write=False)
+    barrier()
+    if main and done is None:
+        _prepare_folder(out, building, resume=resume, overwrite=overwrite)
     barrier()
     if done is not None or (out / "manifest.json").is_file():
         say(f"cache: {out} is already complete")
         return done or json.loads((out / "manifest.json").read_text())
     n_shards = math.ceil(n_spans / per_shard)
     todo = [s for s in range(n_shards) if not (out / shard_name(s)).is_file()]
+    samples = cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1
+    left = sum(min(per_shard, n_spans - s * per_shard) for s in todo)
+    _check_disk(out, left, t_len, bytes_per_token(vt, k, codec, samples), say)  # every process: all stop alike
     m = cfg.model
     teacher = load_teacher(m.teacher, device, m.teacher_dtype, experts_implementation=m.experts_implementation)
     if teacher.get_output_embeddings().weight.shape[0] < vt:
         raise UserError(f"teacher {m.teacher!r} has fewer logit columns than its tokenizer has tokens ({vt})")
     ka = _ka_settings(cfg, teacher)
-    samples = cfg.moe.ka_samples if ka else 1
     if main:
-        left = sum(min(per_shard, n_spans - s * per_shard) for s in todo)
-        _check_disk(out, left, t_len, bytes_per_token(vt, k, codec, samples), say)
         say(f"cache: {n_shards} shard(s) of {per_shard} spans, {len(todo)} to build"
             + (f" ({n_shards - len(todo)} already written: resuming)" if len(todo) < n_shards else "")
             + (f" over {world} processes" if world > 1 else ""))
@@ -365,8 +372,11 @@ def build_cache(cfg: Config, out_dir, *, k: int = 64, codec: str = "packed", bat
         arrays["t_hash"] = torch.tensor(hashes, dtype=torch.int64)
         _write_atomic(out / shard_name(s), lambda p: save_file(arrays, str(p), metadata={"format": "sakd-cache-2"}))
         if bar is None and main:
-            say(f"cache: shard {s + 1}/{n_shards} written, {tokens:,} teacher tokens in "
-                f"{time.time() - t0:,.0f} s ({tokens / max(time.time() - t0, 1e-9):,.0f} tokens/s)")
+            n_done = mine.index(s) + 1
+            el = time.time() - t0
+            say(f"cache: shard {s + 1}/{n_shards} written ({n_done}/{len(mine)} of this process), {tokens:,} "
+                f"teacher tokens in {el:,.0f} s ({tokens / max(el, 1e-9):,.0f} tokens/s, ETA "
+                f"{el / n_done * (len(mine) - n_done):,.0f} s)")
     if bar is not None:
         bar.close()
     barrier()

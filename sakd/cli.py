@@ -79,7 +79,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
 
     c = sub.add_parser("cache-teacher", help="run the teacher once over the training data and store its top-k "
-                       "log-probabilities (train later with model.teacher_cache=DIR, without the teacher)")
+                       "log-probabilities (train later with model.teacher_cache=DIR, without the teacher)",
+                       description="Run the teacher once over the training spans of --config and store its top-k "
+                       "log-probabilities, shard by shard (--resume continues a stopped build; under accelerate "
+                       "launch --num_processes N the processes split the shards). moe.mode=topk, all and ka (M "
+                       "sampled routings per position) can be cached; moe.mode=sar trains the router during "
+                       "distillation and needs the live teacher.")
     c.add_argument("--config", help="the YAML configuration of the run that will use the cache (default: the "
                    "defaults + overrides)")
     c.add_argument("--out", required=True, help="cache folder to create")
