@@ -18,12 +18,14 @@ first byte, k bytes into it):
 
     mapped_logz               log Z_j, the teacher's mass (at T, row i - 1) on the candidates of j: every
                               token with a student image for k = 0, the byte-prefix range for k > 0
-    mapped_path               log p_T(t_i) + the realised path's log-mass (the extension), -inf elsewhere
+    mapped_path               log p_T(t_i) + the realised path's log-mass where the extension applies
+                              (~2 % of student tokens: stored sparsely, index + value)
 
 Per span: ``t_hash``, a hash of its teacher tokens (each training batch is checked against it).
-Packed, the scalars are fp16: 146 + 2 + 2 + 2 + 2 = 154 bytes per teacher token plus 4 per student
-token, ~159 bytes per teacher token on the real Qwen3 / SmolLM2 pair (1.15 student tokens per
-teacher token); format 1 (int32 ids, fp16 log-probs, 396 bytes) is refused with a message to rebuild.
+Packed, the scalars are fp16: 146 + 2 + 2 + 2 + 2 = 154 bytes per teacher token plus 2 per student
+token (+ 6 per extended one), ~156-157 bytes per teacher token on the real Qwen3 / SmolLM2 pair (1.09
+SmolLM2 tokens per Qwen3 token on Shakespeare, 1.15 on Hamlet); format 1 (int32 ids, fp16 log-probs,
+396 bytes) is refused with a message to rebuild.
 
 Layout of a cache folder:
     shard-00000.safetensors ...  spans [s * spans_per_shard, (s + 1) * spans_per_shard), each shard
@@ -275,11 +277,12 @@ class TeacherCache:
             if not path.is_file():
                 raise UserError(f"teacher cache {str(self.dir)!r} lacks {self._shard_names[s]}: {REBUILD}")
             f = safe_open(str(path), framework="pt", device="cpu")
-            h = self._handles[s] = (f, f.get_tensor("t_offsets"), f.get_tensor("s_offsets"), f.get_tensor("t_hash"))
+            h = self._handles[s] = (f, f.get_tensor("t_offsets"), f.get_tensor("s_offsets"), f.get_tensor("t_hash"),
+                                    f.get_tensor("p_offsets"))
         return h
 
     def length(self, i: int) -> int:
-        _, t_off, _, _ = self._open(i // self._per_shard)
+        t_off = self._open(i // self._per_shard)[1]
         j = i % self._per_shard
         return int(t_off[j + 1] - t_off[j])
 
@@ -288,12 +291,15 @@ class TeacherCache:
         ``t_hash`` (an int)."""
         if not 0 <= i < len(self):
             raise IndexError(f"span {i} is outside the cache's {len(self)} spans")
-        f, t_off, s_off, hashes = self._open(i // self._per_shard)
+        f, t_off, s_off, hashes, p_off = self._open(i // self._per_shard)
         j, M = i % self._per_shard, self.samples
         ta, tb, sa, sb = int(t_off[j]), int(t_off[j + 1]), int(s_off[j]), int(s_off[j + 1])
-        out = {}
+        pa, pb = int(p_off[j]), int(p_off[j + 1])
+        path = torch.full(((sb - sa) * M,), -math.inf)
+        path[f.get_slice("path_index")[pa:pb].long()] = f.get_slice("path_value")[pa:pb].float()
+        out = {"mapped_path": path.view(sb - sa, M)}
         for name in f.keys():
-            if name in ("t_offsets", "s_offsets", "t_hash"):
+            if name in ("t_offsets", "s_offsets", "t_hash", "p_offsets", "path_index", "path_value"):
                 continue
             a, b = (sa, sb) if name.startswith("mapped_") else (ta, tb)
             v = f.get_slice(name)[a * M:b * M]  # rows are position-major, sample-minor

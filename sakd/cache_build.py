@@ -46,12 +46,12 @@ def shard_name(s: int) -> str:
 
 def bytes_per_token(vocab: int, k: int, codec: str, samples: int = 1, student_per_teacher: float = 1.15) -> float:
     """Estimated bytes per teacher token (the student side at ``student_per_teacher`` tokens each)."""
-    if codec == "packed":
+    if codec == "packed":  # + the sparse path entries (6 bytes each, ~2 % of student tokens): not counted
         per_t = samples * (row_bytes(vocab, k) + 2 + 2 + 2 + 2)
-        per_s = samples * 4
+        per_s = samples * 2
     else:
         per_t = samples * (8 * k + 4 + 4 + 4 + 4)
-        per_s = samples * 8
+        per_s = samples * 4
     return per_t + student_per_teacher * per_s
 
 
@@ -77,8 +77,9 @@ def sparse_rows(logits: torch.Tensor, next_ids: torch.Tensor, shared_mask: torch
 @torch.no_grad()
 def mapped_fields(logits: torch.Tensor, batch, tables, *, vt: int, temperature: float) -> tuple:
     """Per student token with a mapped_kl target: log Z (the candidates' mass at T) and log p_T(t_i) +
-    the realised path's log-mass where the extension applies (-inf elsewhere), as ``mapped_kd`` builds
-    them from the live logits (sakd/losses/mapped.py: ``_Targets``). Returns ([B, Ls], [B, Ls]) float32."""
+    the realised path's log-mass (0 when the student token ends inside t_i) where the realised mass
+    moves (-inf elsewhere), as ``mapped_kd`` builds them from the live logits (sakd/losses/mapped.py:
+    ``_Targets``). Returns ([B, Ls], [B, Ls]) float32."""
     dev = logits.device
     B, Ls = batch["s_ids"].shape
     Lt = logits.shape[1]
@@ -90,6 +91,7 @@ def mapped_fields(logits: torch.Tensor, batch, tables, *, vt: int, temperature: 
     tab = tables.to(dev) if tables.phi.device != dev else tables
     t_ids = batch["t_ids"].to(dev)
     t_tok = t_ids[pos.b, pos.i]
+    s_tok = batch["s_ids"].to(dev)[pos.b, pos.j]
     f_i = tab.offset[t_tok] + pos.k
     image0 = torch.zeros(vt, dtype=torch.bool, device=dev)
     img = tab.phi[tab.offset[tab.sorted_ids]]
@@ -111,10 +113,17 @@ def mapped_fields(logits: torch.Tensor, batch, tables, *, vt: int, temperature: 
             z = torch.zeros(idx.numel(), device=dev).index_add_(0, row, logp[row, tid].exp() * ok)
             lz[r1] = z[r1].log()
         logz[pos.b[idx], pos.j[idx]] = lz
-        e = (pos.ext[idx] & (tab.phi[f_i[idx]] >= 0)).nonzero().squeeze(1)
+        # Where the realised teacher token's mass moves to the realised student token: past the teacher token
+        # (the path's mass), or where φ(t_i, k) is not the realised student token (all of p(t_i) / Z).
+        src = tab.phi[f_i[idx]]
+        e = ((pos.ext[idx] | (src != s_tok[idx])) & (src >= 0)).nonzero().squeeze(1)
         if e.numel():
-            rest = _path_log_mass(logits.flatten(0, 1), t_ids, pos, idx[e], Lt, vt, tab, temperature, torch.float32)
-            path[pos.b[idx[e]], pos.j[idx[e]]] = logp[e, t_tok[idx[e]]] + rest
+            val = logp[e, t_tok[idx[e]]]
+            x = pos.ext[idx[e]].nonzero().squeeze(1)
+            if x.numel():
+                val[x] += _path_log_mass(logits.flatten(0, 1), t_ids, pos, idx[e[x]], Lt, vt, tab, temperature,
+                                         torch.float32)
+            path[pos.b[idx[e]], pos.j[idx[e]]] = val
     return logz, path
 
 
@@ -169,7 +178,18 @@ def _encode(parts: list[dict], codec: str, vt: int, samples: int) -> dict:
 
     store = torch.float16 if codec == "packed" else torch.float32
     out = {name: cat(name).to(store) for name in ("rest_logprob", "shared_rest_logprob", "token_logprob",
-                                                  "mapped_logz", "mapped_path")}
+                                                  "mapped_logz")}
+    # The realised path's mass exists only where the extension applies (~2 % of student tokens on the
+    # real pair): stored sparsely, as (index j * M + m inside the span, value) with per-span offsets.
+    index, value, offsets = [], [], [0]
+    for p in parts:
+        v = torch.stack([p[m]["mapped_path"] for m in range(samples)], 1).flatten()
+        keep = torch.isfinite(v).nonzero().squeeze(1)
+        index.append(keep.to(torch.int32))
+        value.append(v[keep].to(store))
+        offsets.append(offsets[-1] + keep.numel())
+    out["path_index"], out["path_value"] = torch.cat(index), torch.cat(value)
+    out["p_offsets"] = torch.tensor(offsets, dtype=torch.int64)
     ids, lp = cat("topk_ids"), cat("topk_logprobs")
     if codec == "packed":
         out["rows"], top = encode_packed(ids, lp, vt)

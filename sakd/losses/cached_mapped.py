@@ -3,7 +3,8 @@
 The live loss (sakd/losses/mapped.py, ``mapped_kd``) builds, at every student position j with a
 target, Q_j(u) = Σ_{v ∈ S, φ(v, k) = u} p_i(v) / Z_j over the candidates S (k = 0: every teacher
 token with a student image; k > 0: the byte-prefix range of t_i), then moves the realised path's
-mass M_j from the cell φ(t_i, k) to the realised student token t_j (the extension). The cache holds,
+mass M_j from the cell φ(t_i, k) to the realised student token t_j (the extension; also where
+φ(t_i, k) != t_j, with M_j = p_i(t_i) / Z_j). The cache holds,
 at teacher row i - 1, the top-k ids and log-probs at T and the exact rest mass, and per student
 token the two scalars that the top-k cannot give: log Z_j (exact: the build sums every candidate)
 and log(p_i(t_i) · path_j) (exact), so that M_j = exp(that - log Z_j) is the live value.
@@ -52,8 +53,7 @@ def cached_mapped_targets(cache_batch: dict, batch, tables: MappingTables, pos: 
     if tables.identity:  # one tokenizer: plain KD, every column a candidate, Z = 1
         sid, valid, logz = ids, torch.isfinite(lp), torch.zeros_like(logz)
         t_tok = s_tok
-        ext = torch.zeros_like(p.ext)
-        src_ok = ext
+        src_ok = torch.zeros_like(p.ext)
     else:
         t_tok = batch["t_ids"].to(dev)[p.b, p.i]
         inv = torch.full((tab.offset.numel() - 1,), -1, dtype=torch.long, device=dev)
@@ -64,8 +64,8 @@ def cached_mapped_targets(cache_batch: dict, batch, tables: MappingTables, pos: 
         cand = torch.where((p.k == 0)[:, None], rank >= 0, in_range)
         sid = tab.phi[(tab.offset[ids] + p.k[:, None]).clamp(max=tab.phi.numel() - 1)]
         valid = cand & (sid >= 0) & torch.isfinite(lp)
-        ext = p.ext & (tab.phi[f] >= 0)
-        src_ok = ext
+        src = tab.phi[f]
+        src_ok = (p.ext | (src != s_tok)) & (src >= 0)  # as the live loss: past t_i, or φ(t_i, k) != t_j
     good = torch.isfinite(logz)
     valid &= good[:, None]
     mass = torch.where(valid, (lp - logz.masked_fill(~good, 0)[:, None]).exp(), torch.zeros_like(lp))
