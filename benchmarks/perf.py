@@ -657,6 +657,11 @@ def main() -> None:
             print(f"{k:<26}{v if isinstance(v, str) else f'{v:.4g}' if v is not None else '-':>12}")
     print(f"({out['seconds']:.0f} s)")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    if args.only and RESULTS.exists():  # a partial rerun updates its sections' keys, keeps the others
+        prev = json.loads(RESULTS.read_text())
+        out = {**prev, **out, "section_seconds": {**prev.get("section_seconds", {}), **out.get("section_seconds", {})},
+               "sections_rerun": {**prev.get("sections_rerun", {}), **{
+            name: {"quick": args.quick, "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} for name in args.only}}}
     RESULTS.write_text(json.dumps(out, indent=2, default=str) + "\n")
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 
