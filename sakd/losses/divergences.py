@@ -192,10 +192,12 @@ def _put(full: torch.Tensor, sel, rows, cols, g: torch.Tensor) -> None:
         full.index_put_((r[:, None], cols[None, :]), g)
 
 
-def _grad_buffer(x: torch.Tensor, index) -> torch.Tensor:
-    """Where the gradient of ``x`` is written: exact zeros where a row or column is not selected."""
+def _grad_buffer(x: torch.Tensor, index, n_rows: int) -> torch.Tensor:
+    """Where the gradient of ``x`` is written: exact zeros where a row or column is not selected (rows
+    past ``n_rows`` too, when rows are taken in order); uninitialised only where every entry is written."""
     rows, cols = index
-    return torch.empty_like(x) if rows is None and cols is None else torch.zeros_like(x)
+    full = rows is None and cols is None and (x.dim() < 1 or x.shape[0] == n_rows)
+    return torch.empty_like(x) if full else torch.zeros_like(x)
 
 
 class _ChunkedRowLoss(torch.autograd.Function):
@@ -224,7 +226,7 @@ class _ChunkedRowLoss(torch.autograd.Function):
                 weight, *tensors):
         need_w = weight is not None and ctx.needs_input_grad[6]
         need_x = tuple(ctx.needs_input_grad[7:7 + n_diff])
-        grads = [_grad_buffer(x, ix) if n else None for x, ix, n in zip(tensors, index, need_x)]
+        grads = [_grad_buffer(x, ix, n_rows) if n else None for x, ix, n in zip(tensors, index, need_x)]
         g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         need = (need_x[0] or need_w, *need_x[1:])  # the kernel's gradient w.r.t. the (chunk's) student logits
         if weight is not None:

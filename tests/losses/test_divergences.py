@@ -485,3 +485,18 @@ def test_linear_cross_entropy_matches_float64_reference():
     assert_grad_close(h.grad, h64.grad)
     assert_grad_close(w.grad, w64.grad)
     assert h.grad[[3, 5, 6]].abs().sum() == 0  # rows not scored
+
+
+def test_divergence_sum_gives_zero_gradient_to_rows_it_does_not_select():
+    """Row indices None with more student rows than pairs: the extra rows get an exact 0 gradient, not
+    whatever memory the buffer held (torch.empty_like)."""
+    from sakd.losses.divergences import divergence_sum
+
+    for _ in range(3):  # fresh allocations: uninitialised memory is not always non-zero on the first try
+        junk = torch.full((64, 7), float("nan"))
+        del junk
+        s = torch.randn(5, 7, dtype=torch.float32, requires_grad=True)
+        t = torch.randn(3, 7, dtype=torch.float32)
+        divergence_sum("forward_kl", s, t).backward()
+        assert torch.equal(s.grad[3:], torch.zeros(2, 7))
+        assert s.grad[:3].abs().sum() > 0
