@@ -232,8 +232,8 @@ def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[
     c["teacher_forward"] = B * Lt * tb * (4 * t["hidden"] + 2 * t["hq"] + 2 * t["kvd"]
                                           + 3 * (t["moe_intermediate"] if t["experts"] else t["intermediate"])) \
         + B * Lt * Lt
-    if cached:  # the cache batch instead: top-k ids (int32) and log-probs (fp16) per teacher position
-        c["teacher_logits"] = B * Lt * (topk * 6 + 16)
+    if cached:  # the decoded cache batch instead: top-k ids (int64) and log-probs (fp32) per teacher position
+        c["teacher_logits"] = B * Lt * (topk * 12 + 16)
         c["teacher_forward"] = 0
     need_hidden = lc.hidden.weight > 0 or lc.contrastive.weight > 0
     c["teacher_hidden_states"] = (t["layers"] + 1) * B * Lt * t["hidden"] * tb if need_hidden else 0
@@ -246,6 +246,11 @@ def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[
     c["kd_grad_buffers"] = passes * (head_grad if fused else B * Ls * Vs * ab) if kd else 0
     c["kd_chunk_temporaries"] = (chunk * 4 * max(kernel * S, 2 * Vt + S)
                                  + chunk * (Vt * tb + (0 if fused else Vs * ab))) if kd else 0
+    if kd and lc.logit == "mapped_kl":
+        # mapped_kl (sakd.losses.mapped): per chunk, the teacher rows' logits and probabilities ([chunk, Vt]
+        # fp32, two buffers), the target Q and its log ([chunk, Vs + 1] fp32, two) and the forward-KL
+        # kernel's student temporaries ([chunk, Vs], three); no [chunk, S] gathers
+        c["kd_chunk_temporaries"] = chunk * 4 * (2 * Vt + 5 * Vs) + chunk * (Vt * tb + (0 if fused else Vs * ab))
     if kd and cached:  # sparse teacher: the [N, Vs] student gradient, [chunk, Vs] kernel temporaries
         c["kd_grad_buffers"] = B * Ls * Vs * ab
         c["kd_chunk_temporaries"] = chunk * 4 * 4 * Vs + N * S * ab
