@@ -58,6 +58,16 @@ class DataConfig:
     max_examples: Optional[int] = F(None, "Use at most this many training spans (None: all).", min=1)
     chunk_mode: str = F("boundary", "Where chunks close: every common byte boundary, or only at word starts.",
                         choices=("boundary", "word"))
+    format: str = F("auto", "Row format: text, messages ({role, content} lists), sharegpt (conversations of "
+                    "{from, value}), prompt_completion; auto: from the columns.",
+                    choices=("auto", "text", "messages", "sharegpt", "prompt_completion"))
+    train_on_prompt: bool = F(False, "Chat data: the losses also cover the user turns (default: assistant only).")
+    student_chat_template: Optional[str] = F(None, "Chat data: the student's template (chatml, turns or a .jinja "
+                                             "file); default: its tokenizer's own, else chatml.")
+    teacher_chat_template: Optional[str] = F(None, "Chat data: the teacher's template (chatml, turns or a .jinja "
+                                             "file); default: its tokenizer's own, else chatml.")
+    pack: bool = F(True, "Chat data: pack short conversations into seq_len rows (positions restart per example, "
+                   "no attention across examples).")
     num_workers: int = F(1, "Background workers encoding and aligning the next step's spans while a step "
                          "computes (0 = in the step itself).", min=0, max=1)
 

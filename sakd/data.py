@@ -346,6 +346,10 @@ def collate(items: list[dict], s_pad: int, t_pad: int) -> dict:
             out["chunk_mask"][b, c] = True
             out["s_chunk"][b, ss:se] = c
             out["t_chunk"][b, ts:te] = c
+    if any("s_loss" in x for x in items):  # chat data: loss masks, packed positions (sakd/chat.py)
+        from sakd.chat import collate_chat
+
+        collate_chat(out, items)
     return out
 
 
@@ -425,6 +429,14 @@ def span_data(cfg, log=print, *, student_tok=None, teacher_tok=None) -> SpanData
     student_tok = student_tok or load_tokenizer(m.student_tokenizer or m.student, "student")
     teacher_tok = teacher_tok or load_tokenizer(m.teacher_tokenizer or m.teacher, "teacher")
     form = text_normal_form(student_tok, teacher_tok)
+    from sakd.chat_formats import source_format
+
+    fmt = source_format(d.source, d.format, split=d.split, config_name=d.config_name)
+    if fmt != "text":  # conversations: rendered by each side's chat template (sakd/chat.py)
+        from sakd.chat_dataset import chat_data
+
+        train, held = chat_data(cfg, fmt, form, student_tok, teacher_tok, teacher_seq_len(cfg), log)
+        return SpanData(train, held, student_tok, teacher_tok)
     src = read_with_fallback([d.source] + list(d.fallback), log=log, text_column=d.text_column,
                              config_name=d.config_name, split=d.split, streaming=d.streaming,
                              max_texts=d.max_examples, normal_form=form)

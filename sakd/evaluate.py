@@ -167,7 +167,13 @@ def nll_bits(model, tokenizer, texts: list[str], max_len: int = 512, batch_size:
     Each text is tokenized once without special tokens and scored in sliding windows of at most
     ``max_len`` tokens (the start token first), every token exactly once, each with at least
     ``context_bytes`` bytes of the text before it in its window (all of it near the text's start).
+
+    Held-out conversations (``sakd.chat_formats.Conversation``): the assistant's content only (sakd/chat_eval.py).
     """
+    if texts and hasattr(texts[0], "messages"):
+        from sakd.chat_eval import assistant_nll
+
+        return assistant_nll(model, tokenizer, texts, max_len, batch_size, device)
     r = sliding_nll(model, tokenizer, texts, max_len, batch_size, device, context_bytes)
     return r["bits"], r["bytes"], r["tokens"]
 

@@ -28,6 +28,13 @@ from sakd.losses.crosstok import (chunk_likelihood_loss, gold_hybrid_loss, one_t
                                   truncation_kd, uld_loss)
 from sakd.losses.hidden import HiddenProjector, hidden_state_loss, layer_map
 from sakd.losses.mapped import count_mapped, mapped_kd
+from sakd.chat import model_inputs  # chat data: packed rows give position ids instead of a 2-D mask
+
+
+def ce_targets(batch: dict) -> torch.Tensor:
+    """[B, L-1] bool: the student's cross-entropy targets (token k+1 predicted at k). Chat data: the batch's
+    ``s_loss_mask`` (assistant content and the end-of-turn token, sakd/chat.py); text: every real token."""
+    return batch.get("s_loss_mask", batch["s_mask"])[:, 1:]
 
 
 def one_to_one(batch: dict) -> torch.Tensor:
@@ -87,7 +94,7 @@ def count_targets(micro: list[dict], cfg: Config, mapping=None) -> dict[str, flo
             c["kd"] += int((torch.minimum(ns, nt) - 1).clamp_min(0).sum())
         else:  # truncation: every student position
             c["kd"] += int(b["s_mask"][:, 1:].sum())
-        c["ce"] += int(b["s_mask"][:, 1:].sum())
+        c["ce"] += int(ce_targets(b).sum())
         multi = b["chunk_mask"] & ~o2o
         c["chunk"] += int(((b["chunk_s_end"] - b["chunk_s_start"]) * multi).sum())
         c["hidden"] += int(b["chunk_mask"].sum())
@@ -161,7 +168,7 @@ def _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hi
                            if routed else nullcontext()) as r:
         if r is not None:
             r.set_token_mask(batch["t_mask"])
-        out = teacher(input_ids=batch["t_ids"], attention_mask=batch["t_mask"].long(),
+        out = teacher(input_ids=batch["t_ids"], **model_inputs(batch, "t"),
                       output_hidden_states=need_hidden, output_attentions=need_attn, use_cache=False)
     return out, r
 
@@ -226,7 +233,7 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
     with acc.autocast():
         # Fused head: the model computes logits for one position only (logits_to_keep=1); the losses take
         # the final hidden state and the head weight instead of the [B, L, V] logits.
-        s_out = student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long(),
+        s_out = student(input_ids=batch["s_ids"], **model_inputs(batch, "s"),
                         output_hidden_states=need_hidden or head is not None, output_attentions=need_attn,
                         use_cache=False, **({"logits_to_keep": 1} if head is not None else {}))
     s_logits = s_out.logits if head is None else s_out.hidden_states[-1]  # [B, L, V] or [B, L, H]
@@ -307,7 +314,7 @@ def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Confi
 
     lc = cfg.loss
     with acc.autocast():
-        s_logits = student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long(), use_cache=False).logits
+        s_logits = student(input_ids=batch["s_ids"], **model_inputs(batch, "s"), use_cache=False).logits
     total = s_logits.new_zeros((), dtype=torch.float32)
     terms: dict[str, float] = {}
     views = cache_batch.get("samples") or [cache_batch]
@@ -358,12 +365,12 @@ def _ce_sum(s_logits, batch, head_weight=None) -> torch.Tensor:
     """Cross-entropy of the student's own next tokens, summed over target tokens. With ``head_weight``,
     ``s_logits`` is the final hidden state [B, L, H] and the output layer is fused into the loss."""
     if head_weight is not None:
-        keep = batch["s_mask"][:, 1:]
+        keep = ce_targets(batch)
         b, pos = keep.nonzero(as_tuple=True)
         rows = b * s_logits.shape[1] + pos  # position pos predicts token pos + 1
         return linear_cross_entropy_sum(s_logits.flatten(0, 1), head_weight, batch["s_ids"][b, pos + 1], rows)
     logits = s_logits[:, :-1].float()
-    targets = batch["s_ids"][:, 1:].masked_fill(~batch["s_mask"][:, 1:], -100)
+    targets = batch["s_ids"][:, 1:].masked_fill(~ce_targets(batch), -100)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
                            reduction="sum")
 
@@ -373,7 +380,7 @@ def sar_router_step(sar, teacher, student, batch, shared_s, shared_t, cfg: Confi
     teacher's router weights only, on the same batch, student logits without gradient."""
     lc = cfg.loss
     with torch.no_grad(), acc.autocast():
-        s_logits = student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long(), use_cache=False).logits.float()
+        s_logits = student(input_ids=batch["s_ids"], **model_inputs(batch, "s"), use_cache=False).logits.float()
     # Normalised by the 1:1 count of the GLOBAL batch, times the number of processes: SARRouter averages
     # the router gradients across processes, so that the step equals one process's on the whole batch.
     n_local = one_to_one(batch).sum()
@@ -382,7 +389,7 @@ def sar_router_step(sar, teacher, student, batch, shared_s, shared_t, cfg: Confi
     n = max(1, int(n_global)) / world
 
     def loss_fn(t):
-        t_logits = t(input_ids=batch["t_ids"], attention_mask=batch["t_mask"].long(), use_cache=False).logits[..., :t_vocab]
+        t_logits = t(input_ids=batch["t_ids"], **model_inputs(batch, "t"), use_cache=False).logits[..., :t_vocab]
         kl_sum = logit_term_sum("shared_kl", s_logits, t_logits, batch, shared_s, shared_t, lc,
                                 divergence="forward_kl", teacher_grad=True)
         return kl_sum / n
