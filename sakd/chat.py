@@ -276,7 +276,8 @@ def collate_chat(out: dict, items: list[dict]) -> None:
 
 def model_inputs(batch: dict, side: str) -> dict:
     """Forward arguments: packed chat rows give position ids and no 2-D mask (transformers builds the
-    per-example causal mask from the restarting positions); everything else the usual attention mask."""
+    per-example causal mask from the restarting positions, only with use_cache=False: a cache turns that
+    detection off); everything else the usual attention mask."""
     if f"{side}_pos" in batch:
         return {"position_ids": batch[f"{side}_pos"], "attention_mask": None}
     return {"attention_mask": batch[f"{side}_mask"].long()}
