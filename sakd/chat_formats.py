@@ -19,6 +19,8 @@ from sakd.errors import UserError
 
 FORMATS = ("auto", "text", "messages", "sharegpt", "prompt_completion")
 ROLES = ("system", "user", "assistant")
+# The offline demo's conversations: exchanges of speeches from the plays (sakd.corpus.conversations).
+BUILTIN_CHAT = ("sakd:shakespeare-chat-train", "sakd:shakespeare-chat-heldout")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "model": "assistant"}
 
@@ -92,6 +94,14 @@ def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
 
 def _rows(source: str, split: str, config_name: str | None, streaming: bool, max_rows: int | None):
     """(where, row) pairs of a local .jsonl/.json/.parquet file, a save_to_disk folder, or a hub dataset."""
+    if source in BUILTIN_CHAT:
+        from sakd import corpus
+
+        for n, row in enumerate(corpus.conversations(held_out=source.endswith("heldout")), 1):
+            if max_rows and n > max_rows:
+                return
+            yield f"{source} row {n}", row
+        return
     p = Path(source).expanduser()
     if p.suffix in (".jsonl", ".json") and p.is_file():
         for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
@@ -130,6 +140,8 @@ def source_format(source: str, fmt: str, *, split: str = "train", config_name: s
     ``text``)."""
     if fmt != "auto":
         return fmt
+    if source in BUILTIN_CHAT:
+        return "messages"
     if source.startswith("sakd:") or Path(source).suffix == ".txt":
         return "text"
     try:

@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     m = sub.add_parser("demo", help="the offline demo: Shakespeare, a pre-trained 3-expert MoE teacher, "
                        "a small Llama student with another tokenizer")
     m.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    m.add_argument("--config", default=None, help="demo config (default configs/demo.yaml; the chat demo: "
+                   "configs/demo-chat.yaml)")
     m.add_argument("--steps", type=int, default=None, help="distillation steps (default: configs/demo.yaml)")
     m.add_argument("--compare", action="store_true", help="also train the same student with cross-entropy "
                    "alone on the same data and report student_bpb_ce_only")
@@ -143,7 +145,10 @@ def cmd_demo(args) -> int:
     from sakd.demo import run_demo
 
     args._log_dir = args.out
-    run_demo(args.out, steps=args.steps, compare=args.compare, overrides=args.overrides)
+    from sakd.demo import DEMO_CONFIG
+
+    run_demo(args.out, steps=args.steps, compare=args.compare, overrides=args.overrides,
+             config=args.config or DEMO_CONFIG)
     return 0
 
 

@@ -89,3 +89,36 @@ def benchmark_splits(train_fraction: float = 1.0) -> dict[str, dict[str, str]]:
     return {"train": {n: leading_part(t, train_fraction) for n, t in plays.items() if n not in held},
             "validation": {n: plays[n] for n in VALIDATION_PLAYS},
             "test": {n: plays[n] for n in HELD_OUT_PLAYS}}
+
+
+_SPEAKER = re.compile(r"^[A-Z][A-Z' .,-]*[A-Z.]$")
+
+
+def speeches(text: str) -> list[tuple[str, str]]:
+    """``(SPEAKER, speech)`` in play order: a block whose first line is an upper-case name, then its lines."""
+    out = []
+    for block in text.split("\n\n"):
+        lines = block.strip().split("\n")
+        if len(lines) >= 2 and _SPEAKER.match(lines[0]) and not lines[0].startswith(("ACT", "SCENE")):
+            out.append((lines[0].title(), "\n".join(lines[1:]).strip()))
+    return out
+
+
+def conversations(held_out: bool, turns: int = 1) -> list[dict]:
+    """The plays as chat rows (``{"messages": [...]}``): ``turns`` exchanges of consecutive speeches, each
+    speech the user's turn and the next speech the assistant's (a reply by another speaker); the system
+    message names who answers whom. Training plays or the HELD_OUT_PLAYS."""
+    rows = []
+    for name, text in load_plays().items():
+        if (name in HELD_OUT_PLAYS) != held_out:
+            continue
+        sp = speeches(text)
+        for i in range(0, len(sp) - 2 * turns + 1, 2 * turns):
+            window = sp[i:i + 2 * turns]
+            if any(a[0] == b[0] for a, b in zip(window, window[1:])):
+                continue  # a speaker answering himself is no exchange
+            msgs = [{"role": "system", "content": f"You are {window[1][0]}, answering {window[0][0]}."}]
+            for k, (_, speech) in enumerate(window):
+                msgs.append({"role": "user" if k % 2 == 0 else "assistant", "content": speech})
+            rows.append({"messages": msgs})
+    return rows

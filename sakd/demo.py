@@ -89,19 +89,21 @@ def _check_assets() -> None:
                             "(tens of CPU minutes) or restore it from git")
 
 
-def run_demo(out: str | Path, steps: int | None = None, compare: bool = False, overrides=(), log=print) -> dict:
+def run_demo(out: str | Path, steps: int | None = None, compare: bool = False, overrides=(), log=print,
+             config: str | Path = DEMO_CONFIG) -> dict:
     from sakd.config import load_config
     from sakd.distill import distill
+    from sakd.report import bpb_unit
 
     _check_assets()
     out = Path(out)
     base = [f"model.teacher={ASSETS / 'teacher'}", f"model.student={ASSETS / 'student-init'}"]
     if steps is not None:
         base.append(f"train.max_steps={steps}")
-    cfg = load_config(DEMO_CONFIG, base + [f"train.output_dir={out / 'distilled'}", *overrides])
+    cfg = load_config(config, base + [f"train.output_dir={out / 'distilled'}", *overrides])
     _fresh(out / "distilled")
     t0 = time.time()
-    log("== distillation (configs/demo.yaml) ==")
+    log(f"== distillation ({Path(config).name}) ==")
     res = distill(cfg, log=log)
     report = {
         "teacher_bpb": res["teacher_bpb"],
@@ -111,13 +113,13 @@ def run_demo(out: str | Path, steps: int | None = None, compare: bool = False, o
         "seconds": None,
         "distill_seconds": res["seconds"],
         "moe_mode": cfg.moe.mode,
-        "bpb_unit": "held-out bits per UTF-8 byte (lower is better); held-out plays: macbeth, the-tempest",
+        "bpb_unit": f"{bpb_unit(cfg)} (lower is better); held-out plays: macbeth, the-tempest",
     }
     if compare:
         log("== the same student, cross-entropy only, same data and steps ==")
         ce_over = ["loss.logit=none", "loss.kd_weight=0", "loss.ce_weight=1", "loss.chunk_weight=0",
                    "loss.hidden.weight=0", "loss.attention.weight=0", "loss.contrastive.weight=0", "moe.mode=topk"]
-        ce_cfg = load_config(DEMO_CONFIG, base + [f"train.output_dir={out / 'ce-only'}", *overrides, *ce_over])
+        ce_cfg = load_config(config, base + [f"train.output_dir={out / 'ce-only'}", *overrides, *ce_over])
         _fresh(out / "ce-only")
         ce = distill(ce_cfg, log=log)
         report["student_bpb_ce_only"] = ce["student_bpb_final"]
@@ -148,7 +150,8 @@ def format_table(r: dict) -> str:
     if "student_bpb_ce_only" in r:
         rows.append(("student, cross-entropy only (same steps)", r["student_bpb_ce_only"]))
     width = max(len(n) for n, _ in rows)
-    lines = [f"{'model':<{width}}  held-out bits/byte", "-" * (width + 20)]
+    what = "held-out bits/byte" + (" (assistant content)" if "assistant" in r.get("bpb_unit", "") else "")
+    lines = [f"{'model':<{width}}  {what}", "-" * (width + len(what) + 2)]
     lines += [f"{n:<{width}}  {v:.4f}" for n, v in rows]
     lines.append(f"{r['steps']} steps, {r['seconds']:.0f} s in all")
     return "\n".join(lines)

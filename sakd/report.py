@@ -481,7 +481,7 @@ def write_run_report(out_dir, cfg, result: dict, extra: dict | None = None, *, t
         "student_bpb_final": evals[-1]["student_bpb"] if evals else None,
         "metrics": {"start": _mean_terms(history[:n], terms), "end": _mean_terms(history[-n:], terms),
                     "steps_averaged": n},
-        "units": {"teacher_bpb": "held-out bits per UTF-8 byte", "student_bpb_*": "held-out bits per UTF-8 byte",
+        "units": {"teacher_bpb": bpb_unit(cfg), "student_bpb_*": bpb_unit(cfg),
                   "lr": "learning rate", "tokens_per_s": "student tokens per second (cumulative)",
                   "grad_norm": "global L2 norm before clipping", "seconds": "wall-clock seconds",
                   **{t: TERM_UNITS.get(t, "per target") for t in terms}},
@@ -493,13 +493,21 @@ def write_run_report(out_dir, cfg, result: dict, extra: dict | None = None, *, t
     return report
 
 
+def bpb_unit(cfg) -> str:
+    """What the held-out bits per byte count: every byte, or on chat data the assistant's content only."""
+    from sakd.chat_formats import source_format
+
+    chat = source_format(cfg.data.source, cfg.data.format, split=cfg.data.split) != "text"
+    return "held-out bits per UTF-8 byte" + (" of the assistant's content" if chat else "")
+
+
 def _report_markdown(out: Path, cfg, rep: dict, terms: list[str]) -> str:
     m, n = rep["metrics"], rep["metrics"]["steps_averaged"]
     lines = [f"# sakd run report: {out.name}", "",
              f"Teacher `{cfg.model.teacher}` → student `{cfg.model.student}`; routing `{cfg.moe.mode}`, "
              f"logit loss `{cfg.loss.logit}`; {rep['steps']} steps"
              + (f" in {rep['seconds']:.0f} s." if isinstance(rep["seconds"], (int, float)) else "."), "",
-             "## Held-out quality", "", "| model | held-out bits per UTF-8 byte |", "|---|---|"]
+             "## Held-out quality", "", f"| model | {rep['units']['teacher_bpb']} |", "|---|---|"]
     for label, v in [("teacher", rep["teacher_bpb"]), ("student before", rep["student_bpb_initial"]),
                      ("student after", rep["student_bpb_final"]),
                      ("student, cross-entropy only", rep["extra"].get("student_bpb_ce_only"))]:
