@@ -128,19 +128,33 @@ def evaluate_command(student: str, teacher: str | None, data: str, *, max_bytes:
     if max_bytes <= 0 or seq_len < 2:
         raise UserError(f"--max-bytes={max_bytes} must be > 0 and --seq-len={seq_len} at least 2")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    src = read_source(data)
-    texts = heldout_texts(src.texts, max_bytes)
+    from sakd.chat_formats import source_format
+
+    s_tok = load_tokenizer(student, "student")
+    fmt = source_format(data, "auto")
+    if fmt != "text":  # conversations: each model's own (saved) chat template, assistant content scored only
+        from sakd.chat import configure_template
+        from sakd.chat_dataset import heldout_conversations
+        from sakd.chat_formats import read_conversations
+
+        texts = heldout_conversations(read_conversations(data, fmt), max_bytes)
+        configure_template(s_tok, None, "student")
+        name = data
+    else:
+        src = read_source(data)
+        texts, name = heldout_texts(src.texts, max_bytes), src.name
     if not texts:
         raise UserError(f"--data {data!r}: the first {max_bytes} bytes hold no complete word; raise --max-bytes")
-    out = {"data": src.name, "heldout_bytes": sum(len(t.encode("utf-8")) for t in texts),
+    out = {"data": name, "format": fmt, "heldout_bytes": sum(len(t.encode("utf-8")) for t in texts),
            "seq_len_tokens": seq_len, "batch_size": batch_size, "device": str(dev)}
-    s_tok = load_tokenizer(student, "student")
     s_model = load_student(student, dev).eval()
     out["student"] = model_metrics(s_model, s_tok, student, texts, seq_len=seq_len, batch_size=batch_size, device=dev)
     if teacher:
         from sakd.retention import retention
 
         t_tok = load_tokenizer(teacher, "teacher")
+        if fmt != "text":
+            configure_template(t_tok, None, "teacher")
         t_model = load_teacher(teacher, dev)
         out["teacher"] = model_metrics(t_model, t_tok, teacher, texts, seq_len=seq_len, batch_size=batch_size,
                                        device=dev)

@@ -1,0 +1,88 @@
+"""Chat data through the loop on the tiny models: packed rows, CE on the loss mask only, assistant-only
+held-out bits per byte, and what refuses on chat data."""
+
+import json
+
+import pytest
+import torch
+
+from sakd import objective
+from sakd.config import load_config
+from sakd.data import Collator, pad_id
+from sakd.distill import distill, setup
+from sakd.errors import UserError
+from tests.conftest import tiny_overrides
+
+
+def _conversations(n: int) -> list[dict]:
+    rows = []
+    for i in range(n):
+        rows.append({"messages": [
+            {"role": "user", "content": f"Tell me of the king, number {i}."},
+            {"role": "assistant", "content": "To be, or not to be, that is the question." if i % 2 else
+             "The king is dead; long live the king. Naïve café — 東京 🙂"},
+        ]})
+    return rows
+
+
+@pytest.fixture()
+def chat_file(tmp_path):
+    p = tmp_path / "chat.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in _conversations(40)), encoding="utf-8")
+    return str(p)
+
+
+def _cfg(tiny_assets, tmp_path, chat_file, **extra):
+    return load_config(None, tiny_overrides(tiny_assets, tmp_path / "out", **{
+        "data.source": chat_file, "data.eval_source": chat_file, "data.seq_len": 96, "loss.ce_weight": 1.0,
+        "loss.chunk_weight": 0.5, **extra}))
+
+
+def test_chat_run_trains_on_packed_rows_with_assistant_only_targets(tiny_assets, tmp_path, chat_file):
+    cfg = _cfg(tiny_assets, tmp_path, chat_file)
+    lines = []
+    run = setup(cfg, log=lines.append)
+    text = "\n".join(map(str, lines))
+    assert "format messages (auto-detected)" in text and "pad fraction" in text
+    batch = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))([run.train[i] for i in range(2)])
+    assert "s_pos" in batch and (batch["s_pos"] == 0).sum() > 2  # several examples per row
+    counts = objective.count_targets([batch], cfg, run.vocab.mapping)
+    ce = int(batch["s_loss_mask"][:, 1:].sum())
+    assert counts["ce"] == ce and 0 < ce < int(batch["s_mask"][:, 1:].sum()) // 2
+    # the CE targets are exactly the chunked tokens plus one end-of-turn token per example... or none where
+    # the template's turn end is not a single added token (ChatML markers are plain text to these tokenizers)
+    chunked = int(((batch["chunk_s_end"] - batch["chunk_s_start"]) * batch["chunk_mask"]).sum())
+    assert ce >= chunked
+    res = distill(cfg, progress=False, log=lambda *_: None)
+    assert res["steps"] == 3 and res["student_bpb_final"] > 0
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ({"loss.on_policy_prob": 0.5}, "loss.on_policy_prob"),
+    ({"loss.logit": "uld"}, "loss.logit uld"),
+])
+def test_what_chat_data_refuses(tiny_assets, tmp_path, chat_file, override, fragment):
+    with pytest.raises(UserError, match=fragment):
+        setup(_cfg(tiny_assets, tmp_path, chat_file, **override), log=lambda *_: None)
+
+
+def test_heldout_bits_per_byte_count_assistant_content_only(tiny_assets, chat_file):
+    from transformers import AutoModelForCausalLM
+
+    from sakd.chat import configure_template
+    from sakd.chat_dataset import heldout_conversations
+    from sakd.chat_formats import read_conversations
+    from sakd.evaluate import nll_bits
+    from sakd.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_assets["teacher"]), "teacher")
+    configure_template(tok, "chatml", "teacher")
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"]).eval()
+    convs = heldout_conversations(read_conversations(chat_file, "messages"), 10_000)
+    bits, n_bytes, n_tok = nll_bits(model, tok, convs, 128, 4)
+    assistant = sum(len(m["content"].encode()) for c in convs for m in c.messages if m["role"] == "assistant")
+    # every scored byte is assistant content; only tokens straddling a content edge are left out
+    assert 0.9 * assistant <= n_bytes <= assistant and bits > 0 and n_tok > 0
+    with torch.no_grad():
+        whole = nll_bits(model, tok, [str(c) for c in convs], 128, 4)
+    assert whole[1] > 1.5 * n_bytes  # the plain-text path would have counted the user turns too
