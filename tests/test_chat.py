@@ -154,44 +154,53 @@ def test_packing_keeps_examples_apart(toks):
         assert batch["s_pos"][b, len(r["s_ids"])] == 0 and batch["t_pos"][b, len(r["t_ids"])] == 0
 
 
-def _per_example_target_logprobs(model, rows, packed: bool):
-    """Log-probabilities of every CE target, per example, from packed or unpacked rows."""
+def _per_example_logprobs(model, rows, side: str, packed: bool):
+    """Log-probabilities of every token the losses read, per example, from packed or unpacked rows: the CE
+    targets on the student side, the chunked tokens on the teacher side."""
     from sakd.data import collate
 
     out = []
     for r in rows:
         batch = collate([r], 0, 0)
-        kw = {"position_ids": batch["s_pos"], "attention_mask": None} if packed else {"attention_mask": batch["s_mask"].long()}
-        logp = torch.log_softmax(model(input_ids=batch["s_ids"], **kw, use_cache=False).logits.double(), -1)[0]
-        ids, loss = r["s_ids"], r["s_loss"]
-        bounds = [i for i, p in enumerate(r.get("s_pos", [0])) if p == 0] + [len(ids)]
+        kw = ({"position_ids": batch[f"{side}_pos"], "attention_mask": None} if packed
+              else {"attention_mask": batch[f"{side}_mask"].long()})
+        logp = torch.log_softmax(model(input_ids=batch[f"{side}_ids"], **kw, use_cache=False).logits.double(), -1)[0]
+        ids = r[f"{side}_ids"]
+        if side == "s":
+            read = [k for k, on in enumerate(r["s_loss"]) if on]
+        else:
+            read = sorted({k for _, _, c, d in r["chunks"] for k in range(c, d)})
+        bounds = [i for i, p in enumerate(r.get(f"{side}_pos", [0])) if p == 0] + [len(ids)]
         for a, b in zip(bounds, bounds[1:]):
-            out.append([float(logp[k - 1, ids[k]]) for k in range(a + 1, b) if loss[k]])
+            out.append([float(logp[k - 1, ids[k]]) for k in read if a < k < b])
     return out
 
 
-def test_packing_equals_unpacked_per_example(toks):
-    """The tiny student's log-probability of every CE target is the same whether the example is alone in its row
-    or packed with others (positions restart, no attention across examples)."""
+@pytest.mark.parametrize("side", ["s", "t"])
+def test_packing_equals_unpacked_per_example(toks, side):
+    """The tiny student's log-probability of every CE target, and the tiny MoE teacher's of every chunked token,
+    are the same whether the example is alone in its row or packed with others (positions restart, no
+    attention across examples)."""
     from transformers import AutoModelForCausalLM
 
-    from sakd.tiny import llama_config
+    from sakd.tiny import llama_config, qwen3_moe_config
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(llama_config(len(toks[0]), hidden=32, layers=2, heads=4,
-                                                          intermediate=64)).eval()
+    config = (llama_config(len(toks[0]), hidden=32, layers=2, heads=4, intermediate=64) if side == "s" else
+              qwen3_moe_config(len(toks[1]), hidden=32, layers=2, heads=4, experts=3, experts_per_tok=1,
+                               intermediate=32))
+    model = AutoModelForCausalLM.from_config(config).eval()
     enc = _encoder(toks)
     items = [enc.encode(CONVS[n]) for n in ("single", "multi", "emoji_cjk")]
     rows = pack(items, 256, 256)
     assert len(rows) == 1
     with torch.no_grad():
-        alone = _per_example_target_logprobs(model, items, packed=False)
-        together = _per_example_target_logprobs(model, rows, packed=True)
-    assert [len(x) for x in alone] == [len(x) for x in together] == [sum(x["s_loss"]) for x in items]
+        alone = _per_example_logprobs(model, items, side, packed=False)
+        together = _per_example_logprobs(model, rows, side, packed=True)
+        leaky = _per_example_logprobs(model, [{k: v for k, v in rows[0].items() if k not in ("s_pos", "t_pos")}],
+                                      side, packed=False)
+    assert [len(x) for x in alone] == [len(x) for x in together] and all(alone)
     for a, b in zip(alone, together):
         torch.testing.assert_close(torch.tensor(b), torch.tensor(a), rtol=1e-5, atol=1e-5)
-    # without restarting positions and the block mask, the packed examples would see each other
-    with torch.no_grad():
-        leaky = _per_example_target_logprobs(model, [{k: v for k, v in rows[0].items() if k not in ("s_pos",)}],
-                                             packed=False)
+    # without restarting positions and the per-example mask, the last example would see the others
     assert not torch.allclose(torch.tensor(leaky[0][-5:]), torch.tensor(together[-1][-5:]), atol=1e-5)

@@ -38,8 +38,9 @@ def _cfg(tiny_assets, tmp_path, chat_file, **extra):
         "loss.chunk_weight": 0.5, **extra}))
 
 
-def test_chat_run_trains_on_packed_rows_with_assistant_only_targets(tiny_assets, tmp_path, chat_file):
-    cfg = _cfg(tiny_assets, tmp_path, chat_file)
+@pytest.mark.parametrize("logit", ["shared_kl", "mapped_kl"])
+def test_chat_run_trains_on_packed_rows_with_assistant_only_targets(tiny_assets, tmp_path, chat_file, logit):
+    cfg = _cfg(tiny_assets, tmp_path, chat_file, **{"loss.logit": logit})
     lines = []
     run = setup(cfg, log=lines.append)
     text = "\n".join(map(str, lines))
@@ -86,3 +87,43 @@ def test_heldout_bits_per_byte_count_assistant_content_only(tiny_assets, chat_fi
     with torch.no_grad():
         whole = nll_bits(model, tok, [str(c) for c in convs], 128, 4)
     assert whole[1] > 1.5 * n_bytes  # the plain-text path would have counted the user turns too
+
+
+def _unpack(row: dict) -> list[dict]:
+    """The examples of a packed row, each as its own item."""
+    bs = [i for i, p in enumerate(row["s_pos"]) if p == 0] + [len(row["s_ids"])]
+    bt = [i for i, p in enumerate(row["t_pos"]) if p == 0] + [len(row["t_ids"])]
+    out = []
+    for e in range(len(bs) - 1):
+        (a, b), (c, d) = (bs[e], bs[e + 1]), (bt[e], bt[e + 1])
+        out.append({"s_ids": row["s_ids"][a:b], "t_ids": row["t_ids"][c:d], "s_loss": row["s_loss"][a:b],
+                    "n_bytes": 0, "chunks": [(w - a, x - a, y - c, z - c) for w, x, y, z in row["chunks"]
+                                             if a <= w < b]})
+    return out
+
+
+def test_mapped_kl_on_a_packed_row_equals_the_sum_over_its_examples(tiny_assets, tmp_path, chat_file):
+    """mapped_kl reads chunk tables only: on a packed row (template tokens between contents, several examples)
+    it gives the sum of its examples' losses, given the same logits."""
+    from sakd.losses.mapped import count_mapped, mapped_kd
+
+    cfg = _cfg(tiny_assets, tmp_path, chat_file, **{"loss.logit": "mapped_kl", "data.seq_len": 256})
+    run = setup(cfg, log=lambda *_: None)
+    collate = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))
+    row = run.train[0]
+    parts = _unpack(row)
+    assert len(parts) >= 2
+    g = torch.Generator().manual_seed(0)
+    packed = collate([row])
+    s_logits = torch.randn(1, packed["s_ids"].shape[1], len(run.student_tok), generator=g, dtype=torch.float64)
+    t_logits = torch.randn(1, packed["t_ids"].shape[1], len(run.teacher_tok), generator=g, dtype=torch.float64)
+    total = mapped_kd(s_logits, t_logits, packed, run.vocab.mapping)[0]
+    n, parts_sum, (a, c) = 0, 0.0, (0, 0)
+    for x in parts:
+        b = collate([x])
+        ls, lt = len(x["s_ids"]), len(x["t_ids"])
+        parts_sum = parts_sum + mapped_kd(s_logits[:, a:a + ls], t_logits[:, c:c + lt], b, run.vocab.mapping)[0]
+        n += count_mapped(b, run.vocab.mapping)
+        a, c = a + ls, c + lt
+    assert n == count_mapped(packed, run.vocab.mapping) > 0
+    torch.testing.assert_close(total, parts_sum, rtol=1e-6, atol=1e-6)  # the loss runs in float32

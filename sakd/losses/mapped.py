@@ -96,6 +96,9 @@ def mapped_positions(batch, tables: MappingTables) -> MappedPositions:
     huge = torch.iinfo(torch.long).max // 2
     t_key = torch.where(t_chunk >= 0, t_chunk * _BIG + t_end,
                         torch.where(batch["t_mask"], torch.full_like(t_end, -1), torch.full_like(t_end, huge)))
+    # Chat rows (sakd/chat.py): template tokens between two contents lie in no chunk; they take the key of the
+    # token before them, so that the keys stay sorted for searchsorted (a no-op on text rows).
+    t_key = torch.cummax(t_key, dim=1).values
     text = s_chunk >= 0
     text[:, 0] = False
     if tables.identity:  # one tokenizer: the same tokens on both sides, every text position, plain KD
