@@ -127,3 +127,15 @@ def test_mapped_kl_on_a_packed_row_equals_the_sum_over_its_examples(tiny_assets,
         a, c = a + ls, c + lt
     assert n == count_mapped(packed, run.vocab.mapping) > 0
     torch.testing.assert_close(total, parts_sum, rtol=1e-6, atol=1e-6)  # the loss runs in float32
+
+
+def test_sakd_evaluate_on_conversations_scores_assistant_content(tiny_assets, chat_file):
+    from sakd.report import evaluate_command
+
+    out = evaluate_command(str(tiny_assets["student"]), str(tiny_assets["teacher"]), chat_file, max_bytes=3000,
+                           seq_len=128, device="cpu")
+    assert out["format"] == "messages"
+    for side in ("student", "teacher"):
+        m = out[side]
+        # about the assistant's share of the contents (~60 %), not every byte of the rendering
+        assert 0.4 * out["heldout_bytes"] < m["bytes"] < 0.8 * out["heldout_bytes"] and m["bits_per_byte"] > 0
