@@ -45,9 +45,10 @@ def refuse_unsupported(cfg) -> None:
     if cfg.loss.on_policy_prob > 0:
         raise UserError("loss.on_policy_prob > 0 is not supported on chat data yet (the student would write the "
                         "assistant turn): set loss.on_policy_prob=0")
-    if cfg.loss.logit in ("uld", "truncation"):
-        raise UserError(f"loss.logit {cfg.loss.logit} pairs positions by index, not by content: on chat data use "
-                        "mapped_kl, shared_kl or gold")
+    key = "baseline" if getattr(cfg.loss, "baseline", None) else "logit"
+    if getattr(cfg.loss, key) in ("uld", "truncation"):
+        raise UserError(f"loss.{key} {getattr(cfg.loss, key)} pairs positions by index, not by content: on chat "
+                        "data use mapped_kl, shared_kl or gold")
     if cfg.model.teacher_cache:
         raise UserError("model.teacher_cache: the teacher cache does not take chat data yet; train with the live "
                         "teacher")

@@ -104,19 +104,34 @@ def _rows(source: str, split: str, config_name: str | None, streaming: bool, max
         return
     p = Path(source).expanduser()
     if p.suffix in (".jsonl", ".json") and p.is_file():
-        for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
-            if line.strip():
-                try:
-                    yield f"{source} row {n}", json.loads(line)
-                except json.JSONDecodeError:
-                    raise UserError(f"{source} row {n}: not JSON; fix or remove that line") from None
+        with p.open(encoding="utf-8", errors="replace") as f:  # lazily: auto-detection reads one row
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError:
+                        raise UserError(f"{source} row {n}: not JSON; fix or remove that line") from None
+                    yield f"{source} row {n}", row
+        return
+    if p.suffix == ".parquet" and p.is_file():  # pyarrow, batch by batch: no progress bars, one row to detect
+        import pyarrow.parquet as pq
+
+        try:
+            batches = pq.ParquetFile(p).iter_batches(batch_size=256)
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"{source}: not a readable parquet file ({type(e).__name__})") from None
+        n = 0
+        for batch in batches:
+            for row in batch.to_pylist():
+                n += 1
+                if max_rows and n > max_rows:
+                    return
+                yield f"{source} row {n}", row
         return
     import datasets
 
     try:
-        if p.suffix == ".parquet" and p.is_file():
-            ds = datasets.load_dataset("parquet", data_files=str(p), split="train")
-        elif p.is_dir():
+        if p.is_dir():
             ds = datasets.load_from_disk(str(p))
             if isinstance(ds, datasets.DatasetDict):
                 ds = ds[split]

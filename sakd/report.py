@@ -185,6 +185,10 @@ def format_evaluation(result: dict) -> str:
             ("scoring throughput", "bytes/s", "bytes_per_s", ",.0f")]
     lines = [f"held-out text: {result['data']} ({result['heldout_bytes']:,} UTF-8 bytes), windows of "
              f"{result['seq_len_tokens']} tokens, batch {result['batch_size']}, device {result['device']}", ""]
+    if result.get("format", "text") != "text":
+        lines[0:1] = [f"held-out conversations ({result['format']}): {result['data']} ({result['heldout_bytes']:,} "
+                      "UTF-8 bytes of message content); bits per byte over the assistant's content only, each model "
+                      "with its own chat template; retention over the contents joined as text"]
     head = f"{'metric':<30} {'unit':<18}" + "".join(f" {s:>14}" for s in sides)
     lines += [head, "-" * len(head)]
     for label, unit, key, spec in rows:
