@@ -56,7 +56,7 @@ from sakd.cache_codec import decode_packed
 from sakd.config import Config
 from sakd.data import SpanData, span_data, teacher_seq_len  # noqa: F401  (span_data: the loop's data)
 from sakd.errors import UserError
-from sakd.evaluate import start_token_id
+from sakd.align.tokens import start_token_id
 from sakd.models import load_tokenizer
 
 FORMAT_VERSION = 2

@@ -35,7 +35,7 @@ from sakd.data import Collator, pad_id, span_data, teacher_seq_len
 from sakd.errors import UserError
 from sakd.evaluate import nll_bits
 from sakd.losses.mapped import _path_log_mass, mapped_positions
-from sakd.models import experts_per_token, load_teacher
+from sakd.models import experts_per_token, fp32_forward, load_teacher
 
 INCOMPLETE = 3  # the CLI's exit code when a build stopped (max_time) before its last shard
 
@@ -372,10 +372,9 @@ def build_cache(cfg: Config, out_dir, *, k: int = 64, codec: str = "packed", bat
                     refp32 += 1
                     if gen is not None:
                         gen.set_state(g_state)
-                    dt = next(teacher.parameters()).dtype
-                    r = _batch_arrays(_teacher_logits(teacher.float(), batch, cfg, device, ka, gen), batch, items,
-                                      shared_mask, tables, **kw)
-                    teacher.to(dt)
+                    with fp32_forward(teacher):  # weights cast back even when the pass raises
+                        r = _batch_arrays(_teacher_logits(teacher, batch, cfg, device, ka, gen), batch, items,
+                                          shared_mask, tables, **kw)
                     if r is None:
                         raise UserError(f"teacher {m.teacher!r} gives non-finite logits on spans {a}.."
                                         f"{a + len(items) - 1} even in float32: check the teacher weights")

@@ -19,17 +19,15 @@ import math
 
 import torch
 
+# the start token is chosen in the tokenizer layer (BOS, else the document separator, never a chat marker)
+from sakd.align.tokens import start_token_id
+
 # Bytes of real context every scored token gets at least (the default of eval.context_bytes).
 # The demo's windows (eval.seq_len=256) hold ~730 bytes of student text (2.86 bytes per token on the
 # held-out plays) and ~865 of teacher text (3.38): 384 bytes of context leave about half of each
 # student window to score (2.1 forward tokens per scored token). The demo teacher gains nothing
 # from more: 2.1786 bits/byte at 384 and at 512 bytes, 2.1895 with independent windows.
 DEFAULT_CONTEXT_BYTES = 384
-
-
-# The start token is chosen in the tokenizer layer (BOS, else the document separator, never a chat
-# end-of-turn marker); re-exported here for the modules that import it from evaluate.
-from sakd.align.tokens import start_token_id  # noqa: E402,F401
 
 
 def scoring_windows(tokenizer, texts: list[str], max_len: int) -> list[list[int]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -101,3 +102,40 @@ def experts_per_token(model) -> tuple[int, int] | None:
     if total and active:
         return int(active), int(total)
     return None
+
+
+@contextmanager
+def fp32_forward(model):
+    """One forward in fp32 (the recompute of a teacher pass whose 16-bit outputs overflowed: the loop's
+    ``train.nonfinite_teacher=recompute`` and the cache build), ONE MODULE'S WEIGHTS AT A TIME: each
+    module's own parameters are cast to fp32
+    just before its forward and back right after (fp16 -> fp32 -> fp16 is exact), and floating inputs
+    are cast to fp32. ``model.float()`` would hold the whole teacher in fp32 (4 instead of 2 bytes a
+    parameter: +2.4 GiB for a 1.28B teacher) beside the live student graph; this holds the largest single
+    module in fp32 (the embeddings or the head, V x H) on top of the fp32 activations (see ``sakd plan``)."""
+    dtype = next(model.parameters()).dtype
+
+    def cast(x, to):
+        return x.to(to) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    def pre(module, args, kwargs):
+        for p in module.parameters(recurse=False):
+            p.data = p.data.float()
+        return tuple(cast(a, torch.float32) for a in args), {k: cast(v, torch.float32) for k, v in kwargs.items()}
+
+    def post(module, args, kwargs, output):
+        for p in module.parameters(recurse=False):
+            p.data = p.data.to(dtype)
+
+    handles = []
+    for m in model.modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p in model.parameters():  # a forward that raised half-way
+            p.data = p.data.to(dtype)

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sakd.errors import UserError
+from sakd.schedule import routing_schedule  # noqa: F401 (the KA schedule lives with the other schedules)
 
 MODES = ("topk", "ka", "all", "sar")
 
@@ -518,20 +519,3 @@ class SARRouter:
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self._sync_teacher()
-
-
-# --------------------------------------------------------------------------- schedule
-def routing_schedule(step: int, total_steps: int, *, experts_start: int, experts_end: int,
-                     temp_start: float = 1.0, temp_end: float = 1.0, prob_start: float,
-                     prob_end: float) -> dict:
-    """Linear ramps from *_start at step 0 to *_end at ``total_steps`` (held after):
-    {"experts": round-half-up integer, "temperature", "sample_prob"} for routing(..., "ka")."""
-    if total_steps < 0:
-        raise UserError(f"total_steps={total_steps} must be >= 0")
-    frac = 1.0 if total_steps == 0 else min(max(step / total_steps, 0.0), 1.0)
-
-    def lerp(a: float, b: float) -> float:
-        return a + (b - a) * frac
-
-    return {"experts": int(math.floor(lerp(experts_start, experts_end) + 0.5)),
-            "temperature": lerp(temp_start, temp_end), "sample_prob": lerp(prob_start, prob_end)}

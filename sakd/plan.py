@@ -299,7 +299,7 @@ def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[
                                                   2 * c["teacher_logits"] + t_layer)
     c["sar_router_step"] = m["router"] = router
     # fp16 overflow in the teacher (train.nonfinite_teacher=recompute): the micro-batch's teacher pass runs
-    # again in fp32, one module's weights at a time (objective._fp32), with the 16-bit outputs dropped first;
+    # again in fp32, one module's weights at a time (models.fp32_forward), with the 16-bit outputs dropped first;
     # the loss terms then read fp32 teacher logits and hidden states. On top of the loss forward: the
     # logits and hidden states a second time (4 instead of 2 bytes) and the largest module in fp32 (the
     # embeddings or the head, Vt x h; the experts of one layer if larger).

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from sakd.evaluate import bits_per_byte, start_token_id
+from sakd.align.tokens import start_token_id
+from sakd.evaluate import bits_per_byte
 
 
 def pretrain(model_config: str | Path, tokenizer_dir: str | Path, train_file: str | Path,

@@ -28,11 +28,10 @@ import math
 
 import torch
 
-from sakd.align.tokens import encode_with_bytes
+from sakd.align.tokens import encode_with_bytes, start_token_id
 from sakd.align.vocab import build_vocab_map
 from sakd.data import bytes_per_token, collate, cut_spans, encode_pair, pad_id
 from sakd.errors import UserError
-from sakd.evaluate import start_token_id
 from sakd.losses.crosstok import chunk_logprobs, one_to_one_positions
 
 UNITS = {

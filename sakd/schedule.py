@@ -1,11 +1,13 @@
-"""The clock of a run: the resumable data order, the LR schedule, loss-weight ramps, and the optimizer
-update that advances them (``sakd.distill`` runs them; they are small enough to test on their own)."""
+"""The clock of a run: the resumable data order, the LR schedule, loss-weight ramps, the KA routing
+schedule, and the optimizer update that advances them (``sakd.distill`` runs them; they are small enough to test on their own)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+
+from sakd.errors import UserError
 
 
 # ----------------------------------------------------------------------------- data order
@@ -80,3 +82,19 @@ def optimizer_update(acc, optimizer, scheduler, grad_clip: float, counters: dict
 def ramp(weight: float, ramp_steps: int, step: int) -> float:
     """Constant weight, or a linear ramp from 0 over ``ramp_steps`` steps."""
     return weight if ramp_steps <= 0 else weight * min(1.0, step / ramp_steps)
+
+
+def routing_schedule(step: int, total_steps: int, *, experts_start: int, experts_end: int,
+                     temp_start: float = 1.0, temp_end: float = 1.0, prob_start: float,
+                     prob_end: float) -> dict:
+    """Linear ramps from *_start at step 0 to *_end at ``total_steps`` (held after):
+    {"experts": round-half-up integer, "temperature", "sample_prob"} for routing(..., "ka")."""
+    if total_steps < 0:
+        raise UserError(f"total_steps={total_steps} must be >= 0")
+    frac = 1.0 if total_steps == 0 else min(max(step / total_steps, 0.0), 1.0)
+
+    def lerp(a: float, b: float) -> float:
+        return a + (b - a) * frac
+
+    return {"experts": int(math.floor(lerp(experts_start, experts_end) + 0.5)),
+            "temperature": lerp(temp_start, temp_end), "sample_prob": lerp(prob_start, prob_end)}

@@ -1,4 +1,4 @@
-"""`sakd plan` counts the fp32 recompute of an overflowing fp16 teacher pass (objective._fp32)."""
+"""`sakd plan` counts the fp32 recompute of an overflowing fp16 teacher pass (models.fp32_forward)."""
 
 from pathlib import Path
 

@@ -23,16 +23,10 @@ Attention maps come from ``output_attentions=True`` with ``attn_implementation="
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 
 from sakd.errors import UserError
-
-
-def _field(batch, name: str) -> torch.Tensor:
-    """The collated batch may be a dict or an object with attributes."""
-    return batch[name] if isinstance(batch, Mapping) else getattr(batch, name)
+from sakd.losses.batch import field as _field
 
 
 def chunk_attention(attn: torch.Tensor, chunk_ends: torch.Tensor, token_chunk: torch.Tensor,

@@ -20,11 +20,8 @@ import torch
 
 from sakd.losses.crosstok import (_field, alm_from_chunk_logprobs, alm_selection, chunk_logprobs,
                                   one_to_one_positions)
+from sakd.losses.batch import count as _count
 from sakd.losses.divergences import sparse_forward_kl
-
-
-def _count(n, like: torch.Tensor) -> torch.Tensor:
-    return torch.as_tensor(n, dtype=torch.long, device=like.device)
 
 
 def shared_positions(shared_t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

@@ -20,38 +20,17 @@ on the other chunks. Baselines, kept for the benchmark only: ``uld_loss``,
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 
 import torch
 
 from sakd.errors import UserError
+from sakd.losses.batch import count as _count, field as _field, one_to_one_positions  # noqa: F401 (re-exported)
 from sakd.losses.divergences import divergence_sum, kd_loss
-
-
-def _field(batch, name: str) -> torch.Tensor:
-    """The collated batch may be a dict or an object with attributes."""
-    return batch[name] if isinstance(batch, Mapping) else getattr(batch, name)
-
-
-def _count(n: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(n, dtype=torch.long, device=like.device)
 
 
 def mean_loss(loss_sum: torch.Tensor, n) -> torch.Tensor:
     """loss_sum / n, and 0 (not NaN) when n == 0."""
     return loss_sum / (n.clamp_min(1) if torch.is_tensor(n) else max(int(n), 1))
-
-
-def one_to_one_positions(batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(example, student position, teacher position), each [N], of the logits that
-    predict every 1:1 chunk (one token on each side): chunk_s_start - 1 and
-    chunk_t_start - 1. Both predict the text from the same byte on, and the token
-    they should give is the same string."""
-    s0, s1 = _field(batch, "chunk_s_start"), _field(batch, "chunk_s_end")
-    t0, t1 = _field(batch, "chunk_t_start"), _field(batch, "chunk_t_end")
-    m = _field(batch, "chunk_mask") & (s1 - s0 == 1) & (t1 - t0 == 1)
-    b, c = m.nonzero(as_tuple=True)
-    return b, s0[b, c] - 1, t0[b, c] - 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,18 +19,12 @@ strategy), restricted to byte-aligned positions."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from sakd.errors import UserError
-
-
-def _field(batch, name: str) -> torch.Tensor:
-    """The collated batch may be a dict or an object with attributes."""
-    return batch[name] if isinstance(batch, Mapping) else getattr(batch, name)
+from sakd.losses.batch import field as _field
 
 
 def layer_map(n_student_layers: int, n_teacher_layers: int, pairs=None,
