@@ -13,11 +13,11 @@ One optimizer step:
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 import random
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,15 +30,18 @@ from transformers import AutoConfig
 from sakd import moe
 from sakd.align.mapping import mapping_tables
 from sakd.align.vocab import build_vocab_map
-from sakd.checkpoint import list_checkpoints, load_latest, rng_state, save_checkpoint, set_rng_state
+from sakd import objective
+from sakd.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from sakd.config import Config, parse_duration, to_dict
 from sakd.data import Collator, SpanDataset, pad_id, span_data
 from sakd.errors import UserError
-from sakd.evaluate import nll_bits
-from sakd import objective
-from sakd.onpolicy import generate_items
+from sakd.evaluate import bits_per_byte
 from sakd.models import count_parameters, experts_per_token, load_student, load_teacher
-from sakd.schedule import EpochOrder, lr_lambda, optimizer_update, ramp  # noqa: F401 (ramp: objective imports it)
+from sakd.objective import Objective
+from sakd.onpolicy import generate_items
+from sakd.runlog import RunLogger
+from sakd.schedule import EpochOrder, lr_lambda, optimizer_update
+from sakd.state import TrainState
 
 
 @dataclass
@@ -179,12 +182,6 @@ def describe(run: Run, cfg: Config, log=print) -> dict:
     return info
 
 
-@torch.no_grad()
-def heldout_bpb(model, tokenizer, texts, cfg: Config, device) -> float:
-    bits, n_bytes, _ = nll_bits(model, tokenizer, texts, cfg.eval.seq_len, cfg.eval.batch_size, device)
-    return bits / max(n_bytes, 1)
-
-
 # ----------------------------------------------------------------------------- the loop
 
 # Settings a resumed run may change: where and how often it reports and saves, how long it runs, and the
@@ -217,7 +214,7 @@ def _check_resume_config(path: Path, saved: dict | None, current: dict) -> None:
                         "the same settings, or choose another train.output_dir")
 
 
-def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = True) -> dict:
+def _output_dir(cfg: Config, resume: bool) -> Path:
     out = Path(cfg.train.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -225,327 +222,311 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
         (out / ".write-test").unlink()
     except OSError as e:
         raise UserError(f"train.output_dir {str(out)!r} is not writable ({e.strerror}): choose another folder") from None
-    ckpt_dir = out / "checkpoints"
-    if not resume and list_checkpoints(ckpt_dir):
+    if not resume and list_checkpoints(out / "checkpoints"):
         raise UserError(f"{str(out)!r} already holds checkpoints: pass --resume to continue, or choose another "
                         "train.output_dir")
-    t_setup = time.time()
-    run = setup(cfg, log)
-    acc = run.accelerator
-    info = describe(run, cfg, log) if acc.is_main_process else {}
-    tc = cfg.train
+    return out
 
-    decay = [p for p in run.student.parameters() if p.ndim >= 2]
-    no_decay = [p for p in run.student.parameters() if p.ndim < 2]
+
+def build_optimizer(student: torch.nn.Module, aux: torch.nn.Module, tc) -> tuple:
+    """AdamW (no weight decay on vectors; the projectors at ``train.aux_lr``) and its warm-up + cosine LR."""
+    decay = [p for p in student.parameters() if p.ndim >= 2]
+    no_decay = [p for p in student.parameters() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay, "lr": tc.lr},
               {"params": no_decay, "weight_decay": 0.0, "lr": tc.lr}]
-    if len(list(run.aux.parameters())):
-        groups.append({"params": list(run.aux.parameters()), "weight_decay": 0.0, "lr": tc.aux_lr})
+    if len(list(aux.parameters())):
+        groups.append({"params": list(aux.parameters()), "weight_decay": 0.0, "lr": tc.aux_lr})
     optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(tc.warmup_steps, tc.max_steps, tc.min_lr_ratio))
-    # The projectors are called piecewise (aux["hidden"], ...), never through a forward(), so DDP cannot
-    # wrap them (and refuses a module without parameters): their gradients are averaged by hand below.
-    student, optimizer = acc.prepare(run.student, optimizer)
+    return optimizer, scheduler
+
+
+def resume_from(state: TrainState, ckpt_dir: Path, cfg: Config, log=print) -> None:
+    """Load the newest readable checkpoint into ``state`` (nothing there: start from step 0)."""
+    found = load_latest(ckpt_dir, log)
+    if found is None:
+        log(f"resume: no checkpoint under {ckpt_dir}; starting from step 0")
+        return
+    path, tensors, saved = found
+    # strict except for the tied lm_head (stored once, as the embeddings): a checkpoint of another
+    # student architecture must not load half-way in silence
+    missing, unexpected = state.student_mismatch(tensors)
+    if missing or unexpected:
+        raise UserError(f"checkpoint {str(path)!r} does not fit model.student={cfg.model.student!r} "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
+                        f"{(missing + unexpected)[0]!r}): resume with the same student, or choose another "
+                        "train.output_dir")
+    _check_resume_config(path, saved.get("config"), state.config)
+    state.load_state_dict({"tensors": tensors, "state": saved}, log)
+    tc = cfg.train
+    if state.horizon != tc.max_steps:
+        # Changing the horizon would reshape the remaining LR and KA schedules mid-run; they keep the
+        # saved one and train.max_steps only says where this run stops.
+        state.scheduler.lr_lambdas = [lr_lambda(tc.warmup_steps, state.horizon, tc.min_lr_ratio)] * len(
+            state.scheduler.lr_lambdas)
+        log(f"resume: train.max_steps={tc.max_steps} differs from the checkpoint's {state.horizon}: the LR and KA "
+            f"schedules keep the saved horizon of {state.horizon} steps (after it, the LR stays at its minimum); "
+            f"training stops at step {tc.max_steps}")
+    log(f"resume: continuing from {path.name} (step {state.step})")
+
+
+def heldout_bits_per_byte(model, run: Run, cfg: Config, teacher: bool = False) -> float:
+    tok = run.teacher_tok if teacher else run.student_tok
+    return bits_per_byte(model, tok, run.heldout, cfg.eval.seq_len, cfg.eval.batch_size, run.accelerator.device)
+
+
+def teacher_heldout_bpb(run: Run, cfg: Config) -> float:
+    """The teacher's held-out bits/byte: from the cache's manifest (NaN if measured on other text), or
+    measured under the routing the student sees at evaluation (SAR: all experts)."""
+    if run.teacher is None:
+        from sakd.cache import spans_sha256
+        m = run.teacher_cache.manifest
+        return m.get("teacher_heldout_bpb") if m.get("heldout_sha256") == spans_sha256(run.heldout) else float("nan")
+    with moe.routing(run.teacher, "all" if cfg.moe.mode == "sar" else "topk") \
+            if moe.is_moe(run.teacher) else nullcontext():
+        return heldout_bits_per_byte(run.teacher, run, cfg, teacher=True)
+
+
+class StepData:
+    """The spans of each step, in the resumable order; with ``data.num_workers > 0`` the next step's
+    spans are tokenised and byte-aligned in a background thread while this step computes. ``position``
+    is the order's position after THIS step's spans (what a checkpoint saves), so a resume draws the
+    prefetched spans again: exact either way."""
+
+    def __init__(self, run: Run, order: EpochOrder, cfg: Config):
+        self.run, self.order, self.cfg = run, order, cfg
+        self.collate = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))
+        self.pool = ThreadPoolExecutor(max_workers=1) if cfg.data.num_workers > 0 else None
+        self.upcoming, self.position = None, order.state()
+
+    def _draw(self) -> list[list[int]]:
+        return [self.order.next(self.cfg.train.batch_size) for _ in range(self.cfg.train.grad_accum)]
+
+    def _encode(self, idx: list[list[int]]) -> list[dict]:
+        return [self.collate([self.run.train[i] for i in ids]) for ids in idx]
+
+    def next(self, step: int, student, counters: dict, log=print):
+        """(span ids per micro-batch, micro-batches on the device, on-policy?, seconds waited for data)."""
+        cfg, tc, acc = self.cfg, self.cfg.train, self.run.accelerator
+        idx, ready = self.upcoming if self.upcoming is not None else (self._draw(), None)
+        self.position = self.order.state()
+        if self.pool is not None and step + 1 < tc.max_steps:
+            nxt = self._draw()
+            self.upcoming = (nxt, self.pool.submit(self._encode, nxt))
+        on_policy = cfg.loss.on_policy_prob > 0 and random.random() < cfg.loss.on_policy_prob
+        data_wait = 0.0
+        if on_policy:  # GKD: the student writes the continuations, both models score that text
+            micro = [self.collate(generate_items(acc.unwrap_model(student), self.run.train, ids,
+                                                 new_tokens=cfg.loss.on_policy_tokens,
+                                                 temperature=cfg.loss.on_policy_temperature)) for ids in idx]
+        else:
+            t_wait = time.time()
+            micro = ready.result() if ready is not None else self._encode(idx)
+            data_wait = time.time() - t_wait  # what the step waits for its data (0 when prefetched in time)
+        n_skipped = sum(int(b["skipped"].sum()) for b in micro)
+        if n_skipped:  # spans that could not be byte-aligned: empty rows, counted and named, never fatal
+            counters["skipped_spans"] = counters.get("skipped_spans", 0) + n_skipped
+            if counters["skipped_spans"] <= 3 or step % tc.log_every == 0:
+                why = next(iter(self.run.train.skipped.values()), "")
+                log(f"data: {counters['skipped_spans']} span(s) skipped so far (cannot be byte-aligned), e.g. {why}")
+        return idx, [{k: v.to(acc.device) for k, v in b.items()} for b in micro], on_policy, data_wait
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def train_step(objective: Objective, micro: list[dict], idx: list, state: TrainState, student, aux_params,
+               acc, grad_clip: float) -> tuple[dict, dict, dict | None, float | None, bool]:
+    """One optimizer step: [SAR router step], loss and backward per micro-batch (``no_sync`` except on
+    the last), projector gradients averaged by hand, clip, step. Returns (terms, logs, routing
+    telemetry, gradient norm, skipped)."""
+    counters = state.counters
+    logs = objective.begin_step(state.step, micro, idx, state.horizon)
+    terms_total: dict[str, float] = {}
+    routing_stats = None
+    for i, batch in enumerate(micro):
+        with nullcontext() if i == len(micro) - 1 else acc.no_sync(student):
+            loss, terms, flags = objective.loss(batch, i)
+            if "teacher_mass_outside_shared" in flags:
+                logs["teacher_mass_outside_shared"] = flags["teacher_mass_outside_shared"]
+            counters["nonfinite_teacher"] += flags.get("nonfinite_teacher", 0)
+            counters["recomputed_fp32"] = counters.get("recomputed_fp32", 0) + flags.get("recomputed_fp32", 0)
+            routing_stats = flags.get("routing") or routing_stats
+            # DDP averages gradients over processes; the counts are global sums, so scale back up.
+            acc.backward(loss * acc.num_processes)
+        for k, v in terms.items():
+            terms_total[k] = terms_total.get(k, 0.0) + v
+    if acc.num_processes > 1:
+        # The projectors are called piecewise (aux["hidden"], ...), never through a forward(), so DDP cannot
+        # wrap them (and refuses a module without parameters): their gradients are averaged here, as DDP does.
+        for p in aux_params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
+        # the logged terms: global values, not this process's share
+        keys = sorted(objective.weights)
+        vec = acc.reduce(torch.tensor([terms_total.get(k, 0.0) for k in keys], dtype=torch.float64,
+                                      device=acc.device), reduction="sum")
+        terms_total = {k: float(v) for k, v in zip(keys, vec.tolist()) if k in terms_total or v != 0.0}
+    grad_norm, skipped = optimizer_update(acc, state.optimizer, state.scheduler, grad_clip, counters)
+    return terms_total, logs, routing_stats, grad_norm, skipped
+
+
+def step_record(step: int, lr: float, seconds: float, tokens_per_s: float, on_policy: bool, data_wait: float,
+                terms: dict, logs: dict, weights: dict, sched: dict, grad_norm, skipped: bool, routing_stats,
+                log_every: int) -> dict:
+    """The history record of one step (what TensorBoard / W&B / history.json receive)."""
+    rec = {"step": step, "lr": lr, "seconds": seconds, "on_policy": on_policy, "skipped": skipped,
+           "data_wait_s": 0.0 if on_policy else data_wait, "tokens_per_s": tokens_per_s, **terms, **logs,
+           **{f"w_{k}": v for k, v in weights.items()}}
+    if grad_norm is not None:
+        rec["grad_norm"] = grad_norm
+    if sched:
+        rec.update({f"moe_{k}": v for k, v in sched.items()})
+    if routing_stats and (step % log_every == 0 or step == 1):
+        # telemetry per MoE layer: expert usage, router entropy (nats), router mass on the
+        # experts used, and under SAR the KL between the original and the current router
+        layers = list(routing_stats.values())
+        rec["moe_usage"] = {k: v["usage"] for k, v in routing_stats.items()}
+        rec["moe_top1"] = {k: v["top1"] for k, v in routing_stats.items()}
+        rec["moe_entropy"] = sum(v["entropy"] for v in layers) / len(layers)
+        rec["moe_selected_mass"] = sum(v["selected_mass"] for v in layers) / len(layers)
+        if "router_kl" in layers[0]:
+            rec["moe_router_kl"] = {k: v["router_kl"] for k, v in routing_stats.items()}
+    return rec
+
+
+def stop_reason(stop: StopFlag, acc, t_setup: float, max_time: float | None, tc) -> str | None:
+    """Why to stop after this step (time budget, a signal, another process stopping), or None."""
+    reason = None
+    if max_time is not None and time.time() - t_setup > max_time:
+        reason = f"train.max_time={tc.max_time} reached"
+    if stop.raised:
+        reason = f"{stop.raised} received"
+    if acc.num_processes > 1:  # every process stops at the same step, or the others hang in a collective
+        flag = acc.reduce(torch.tensor(float(bool(reason)), device=acc.device), reduction="sum")
+        if float(flag) > 0 and not reason:
+            reason = "another process is stopping"
+    return reason
+
+
+def save(state: TrainState, ckpt_dir: Path, acc, keep: int) -> None:
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        sd = state.state_dict()
+        save_checkpoint(ckpt_dir, state.step, sd["tensors"], sd["state"], keep)
+
+
+def finish(run: Run, cfg: Config, state: TrainState, out: Path, result: dict, stopped: str | None, log=print) -> None:
+    """Main process, after the loop: final evaluation, export (student, tokenizer, model card, SAR
+    router), history.json, result.json, the run report."""
+    acc, student = run.accelerator, state.student
+    if not stopped:
+        bpb = heldout_bits_per_byte(student, run, cfg)
+        state.evals.append({"step": state.step, "student_bpb": bpb})
+        log(f"held-out bits/byte at the end: student {bpb:.4f} (teacher {state.teacher_bpb:.4f})")
+        export_dir = out / "student"
+        student.save_pretrained(export_dir, safe_serialization=True)
+        run.student_tok.save_pretrained(export_dir)
+        from sakd.report import write_model_card
+        write_model_card(export_dir, teacher=cfg.model.teacher, data=cfg.data.source,
+                         method=f"routing {cfg.moe.mode}, logit loss {cfg.loss.logit} ({cfg.loss.divergence}), "
+                                f"weights kd={cfg.loss.kd_weight} ce={cfg.loss.ce_weight} "
+                                f"chunk={cfg.loss.chunk_weight}",
+                         metrics={"teacher_bpb": state.teacher_bpb, "student_bpb_initial": state.evals[0]["student_bpb"],
+                                  "student_bpb_final": bpb, "steps": state.step},
+                         command="sakd " + " ".join(sys.argv[1:]))
+        if state.sar is not None:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in moe.router_state(run.teacher).items()},
+                      str(out / "router.safetensors"))
+        result["student_dir"] = str(export_dir)
+    result.update({"student_bpb_initial": state.evals[0]["student_bpb"],
+                   "student_bpb_final": state.evals[-1]["student_bpb"], "evals": state.evals})
+    (out / "history.json").write_text(json.dumps({"history": state.history, "evals": state.evals}, default=float))
+    (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    if not stopped:
+        from sakd.report import write_run_report
+        write_run_report(out, cfg, result, teacher=run.teacher, teacher_tokenizer=run.teacher_tok, texts=run.heldout)
+
+
+def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = True) -> dict:
+    """Distil ``cfg.model.teacher`` into ``cfg.model.student``: set up, [resume], train, export, report."""
+    # ---- set up: data, models, vocabulary map, optimizer, the state a checkpoint holds
+    out = _output_dir(cfg, resume)
+    t_setup = time.time()
+    run = setup(cfg, log)
+    acc, tc = run.accelerator, cfg.train
+    info = describe(run, cfg, log) if acc.is_main_process else {}
+    optimizer, scheduler = build_optimizer(run.student, run.aux, tc)
+    student, optimizer = acc.prepare(run.student, optimizer)  # the projectors stay unwrapped (see train_step)
     aux = run.aux.to(acc.device)
-    aux_params = list(aux.parameters())
     sar = None
     if cfg.moe.mode == "sar":
         sar = moe.SARRouter(run.teacher, lr=cfg.moe.router_lr, weight_decay=cfg.moe.router_weight_decay,
                             balance_coef=cfg.moe.balance_coef, anchor=cfg.moe.anchor, grad_clip=tc.grad_clip or 1.0)
     order = EpochOrder(len(run.train), tc.seed, acc.process_index, acc.num_processes)
-    collate = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))
-    # KA's expert draws on the teacher's device (no copies, no host sync per MoE layer); its state is
-    # saved in every checkpoint.
+    # KA's expert draws on the teacher's device (no copies, no host sync per MoE layer)
     ka_gen = torch.Generator(device=acc.device).manual_seed(tc.seed + 17)
-    horizon = tc.max_steps  # the step count the LR and KA schedules are drawn over
-    shared_s = run.vocab.shared_s.to(acc.device)
-    shared_t = run.vocab.shared_t.to(acc.device)
-
-    step, history, evals, counters = 0, [], [], {"nonfinite_teacher": 0, "skipped_steps": 0}
-    teacher_bpb = None
+    state = TrainState(horizon=tc.max_steps, config=to_dict(cfg), student=acc.unwrap_model(student),
+                       aux=acc.unwrap_model(aux), optimizer=optimizer, scheduler=scheduler, scaler=acc.scaler,
+                       sar=sar, ka_gen=ka_gen, order=order, data=order.state())
+    ckpt_dir = out / "checkpoints"
+    # ---- resume: one call
     if resume:
-        found = load_latest(ckpt_dir, log)
-        if found is None:
-            log(f"resume: no checkpoint under {ckpt_dir}; starting from step 0")
-        else:
-            path, tensors, state = found
-            # strict except for the tied lm_head (stored once, as the embeddings): a checkpoint of another
-            # student architecture must not load half-way in silence
-            missing, unexpected = acc.unwrap_model(student).load_state_dict(tensors.get("student", {}), strict=False)
-            missing = [k for k in missing if k != "lm_head.weight"]
-            if missing or unexpected:
-                raise UserError(f"checkpoint {str(path)!r} does not fit model.student={cfg.model.student!r} "
-                                f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
-                                f"{(missing + unexpected)[0]!r}): resume with the same student, or choose another "
-                                "train.output_dir")
-            _check_resume_config(path, state.get("config"), to_dict(cfg))
-            if "aux" in tensors:
-                acc.unwrap_model(aux).load_state_dict(tensors["aux"])
-            if sar is not None and "router" in tensors:
-                sar.load_state_dict({"master": tensors["router"], **state["sar"]})
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            if acc.scaler is not None and state.get("scaler"):
-                acc.scaler.load_state_dict(state["scaler"])
-            order.load(state["data"])
-            set_rng_state(state["rng"])
-            try:
-                ka_gen.set_state(state["ka_rng"])
-            except (RuntimeError, ValueError):  # a CPU generator's state, saved before draws moved to the device
-                log("resume: the KA sampling stream restarts (checkpoint saved with a CPU generator)")
-            saved_horizon = state.get("horizon") or ((state.get("config") or {}).get("train") or {}).get("max_steps")
-            if saved_horizon and saved_horizon != tc.max_steps:
-                # Changing the horizon would reshape the remaining LR and KA schedules mid-run; they keep the
-                # saved one and train.max_steps only says where this run stops.
-                horizon = int(saved_horizon)
-                scheduler.lr_lambdas = [lr_lambda(tc.warmup_steps, horizon, tc.min_lr_ratio)] * len(
-                    scheduler.lr_lambdas)
-                log(f"resume: train.max_steps={tc.max_steps} differs from the checkpoint's {horizon}: the LR and KA "
-                    f"schedules keep the saved horizon of {horizon} steps (after it, the LR stays at its minimum); "
-                    f"training stops at step {tc.max_steps}")
-            step, history, evals = state["step"], state["history"], state["evals"]
-            counters, teacher_bpb = state["counters"], state["teacher_bpb"]
-            log(f"resume: continuing from {path.name} (step {step})")
-
-    def checkpoint() -> None:
-        acc.wait_for_everyone()
-        if not acc.is_main_process:
-            return
-        tensors = {"student": acc.unwrap_model(student).state_dict()}
-        if len(list(aux.parameters())):
-            tensors["aux"] = acc.unwrap_model(aux).state_dict()
-        state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
-                 "data": data_state["position"], "rng": rng_state(), "ka_rng": ka_gen.get_state(),
-                 "history": history, "evals": evals, "counters": counters, "teacher_bpb": teacher_bpb,
-                 "config": to_dict(cfg), "horizon": horizon}
-        if sar is not None:
-            sd = sar.state_dict()
-            tensors["router"] = sd.pop("master")
-            state["sar"] = sd
-        # The tied lm_head shares storage with the embeddings: safetensors refuses shared tensors.
-        tensors["student"] = {k: v for k, v in tensors["student"].items()
-                              if not (k == "lm_head.weight" and acc.unwrap_model(student).config.tie_word_embeddings)}
-        save_checkpoint(ckpt_dir, step, tensors, state, tc.keep_checkpoints)
-
-    if teacher_bpb is None and acc.is_main_process:
-        if run.teacher is None:
-            from sakd.cache import spans_sha256
-            m = run.teacher_cache.manifest
-            same = m.get("heldout_sha256") == spans_sha256(run.heldout)
-            teacher_bpb = m.get("teacher_heldout_bpb") if same else float("nan")
-        else:
-            with moe.routing(run.teacher, "all" if cfg.moe.mode == "sar" else "topk") \
-                    if moe.is_moe(run.teacher) else nullcontext():
-                teacher_bpb = heldout_bpb(run.teacher, run.teacher_tok, run.heldout, cfg, acc.device)
-        student_bpb0 = heldout_bpb(acc.unwrap_model(student), run.student_tok, run.heldout, cfg, acc.device)
-        evals.append({"step": 0, "student_bpb": student_bpb0})
-        log(f"held-out bits/byte at start: teacher {teacher_bpb:.4f}, student {student_bpb0:.4f}")
-
-    writer = None
-    if cfg.logging.tensorboard and acc.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tb"))
-    wandb = None
-    if cfg.logging.wandb and acc.is_main_process:
-        import wandb as _wandb  # optional: imported only when asked for
-        wandb = _wandb
-        wandb.init(project=cfg.logging.wandb_project, config=to_dict(cfg))
-
+        resume_from(state, ckpt_dir, cfg, log)
+    objective = Objective(cfg, acc, student, teacher=run.teacher, teacher_cache=run.teacher_cache, aux=aux,
+                          vocab=run.vocab, t_vocab=len(run.teacher_tok), ka_gen=ka_gen, sar=sar)
+    if state.teacher_bpb is None and acc.is_main_process:
+        state.teacher_bpb = teacher_heldout_bpb(run, cfg)
+        student_bpb0 = heldout_bits_per_byte(acc.unwrap_model(student), run, cfg)
+        state.evals.append({"step": 0, "student_bpb": student_bpb0})
+        log(f"held-out bits/byte at start: teacher {state.teacher_bpb:.4f}, student {student_bpb0:.4f}")
+    logger = RunLogger(out, log_every=tc.log_every, total=tc.max_steps, initial=state.step, progress=progress,
+                       main=acc.is_main_process, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
+                       wandb_project=cfg.logging.wandb_project, config=to_dict(cfg), log=log)
     max_time = parse_duration(tc.max_time, "train.max_time") if tc.max_time else None
-    t0, tokens_seen, stop_reason = time.time(), 0, None
-    bar = None
-    if progress and acc.is_main_process:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=tc.max_steps, initial=step, desc="distill", unit="step", dynamic_ncols=True)
-
-    ept = experts_per_token(run.teacher) if run.teacher is not None else None
-    # KA default as in Kim et al. (2025) and their scripts (--num-selects 15 of 16): E - 1 experts per token.
-    k_start = cfg.moe.experts_start or (max(ept[0], ept[1] - 1) if ept else 1)
-    # Tokenisation + byte alignment of the next step's spans run in a background thread while this step
-    # computes (data.num_workers > 0). The saved data position is the one after THIS step's spans, so a
-    # resume draws the prefetched spans again: exact either way.
-    prefetcher = ThreadPoolExecutor(max_workers=1) if cfg.data.num_workers > 0 else None
-    upcoming = None
-    data_state = {"position": order.state()}
-
-    def draw() -> list[list[int]]:
-        return [order.next(tc.batch_size) for _ in range(tc.grad_accum)]
-
-    def encode(idx: list[list[int]]) -> list[dict]:
-        return [collate([run.train[i] for i in ids]) for ids in idx]
-
+    data = StepData(run, order, cfg)
+    t0, tokens_seen, stopped = time.time(), 0, None
+    # ---- the loop: draw -> loss -> backward -> step -> log -> evaluate -> checkpoint -> stop?
     with StopFlag() as stop:
-        while step < tc.max_steps:
+        while state.step < tc.max_steps:
             t_step = time.time()
-            sched = moe.routing_schedule(step, horizon, experts_start=k_start,
-                                         experts_end=cfg.moe.experts_end or k_start,
-                                         temp_start=cfg.moe.router_temperature_start,
-                                         temp_end=cfg.moe.router_temperature_end,
-                                         prob_start=cfg.moe.sample_prob,
-                                         prob_end=cfg.moe.sample_prob
-                                         if cfg.moe.sample_prob_end is None else cfg.moe.sample_prob_end
-                                         ) if cfg.moe.mode == "ka" else {}
-            idx, ready = upcoming if upcoming is not None else (draw(), None)
-            data_state["position"] = order.state()
-            if prefetcher is not None and step + 1 < tc.max_steps:
-                nxt = draw()
-                upcoming = (nxt, prefetcher.submit(encode, nxt))
-            on_policy = cfg.loss.on_policy_prob > 0 and random.random() < cfg.loss.on_policy_prob
-            if on_policy:  # GKD: the student writes the continuations, both models score that text
-                micro = [collate(generate_items(acc.unwrap_model(student), run.train, ids,
-                                                new_tokens=cfg.loss.on_policy_tokens,
-                                                temperature=cfg.loss.on_policy_temperature)) for ids in idx]
-            else:
-                t_wait = time.time()
-                micro = ready.result() if ready is not None else encode(idx)
-                data_wait = time.time() - t_wait  # what the step waits for its data (0 when prefetched in time)
-            n_skipped = sum(int(b["skipped"].sum()) for b in micro)
-            if n_skipped:  # spans that could not be byte-aligned: empty rows, counted and named, never fatal
-                counters["skipped_spans"] = counters.get("skipped_spans", 0) + n_skipped
-                if counters["skipped_spans"] <= 3 or step % tc.log_every == 0:
-                    why = next(iter(run.train.skipped.values()), "")
-                    log(f"data: {counters['skipped_spans']} span(s) skipped so far (cannot be byte-aligned), "
-                        f"e.g. {why}")
-            micro = [{k: v.to(acc.device) for k, v in b.items()} for b in micro]
-            counts = objective.count_targets(micro, cfg, run.vocab.mapping)
-            counts = {k: max(1.0, float(acc.reduce(torch.tensor(v, device=acc.device, dtype=torch.float64),
-                                                   reduction="sum"))) for k, v in counts.items()}
-            weights = objective.term_weights(cfg, step)
-
-            logs = {}
-            if sar is not None:
-                logs.update(objective.sar_router_step(sar, run.teacher, student, micro[0], shared_s, shared_t,
-                                                      cfg, acc, len(run.teacher_tok)))
-            terms_total: dict[str, float] = {}
-            routing_stats = None
-            for i, batch in enumerate(micro):
-                sync = nullcontext() if i == len(micro) - 1 else acc.no_sync(student)
-                with sync:
-                    if run.teacher_cache is not None:
-                        cb = run.teacher_cache.batch(idx[i], batch["t_ids"].shape[1], device=acc.device, check=batch)
-                        loss, terms, flags = objective.cached_step_loss(student, cb, batch, shared_s, shared_t, cfg,
-                                                                        weights, counts, acc)
-                    else:
-                        loss, terms, flags = objective.micro_step_loss(
-                            run.teacher, student, aux, batch, shared_s, shared_t, cfg, weights, counts,
-                            acc, sched, ka_gen, len(run.teacher_tok), sar.initial if sar is not None else None,
-                            log_mass=(i == 0 and ((step + 1) % tc.log_every == 0 or step == 0)),
-                            mapping=run.vocab.mapping)
-                        if "teacher_mass_outside_shared" in flags:
-                            logs["teacher_mass_outside_shared"] = flags["teacher_mass_outside_shared"]
-                    counters["nonfinite_teacher"] += flags.get("nonfinite_teacher", 0)
-                    counters["recomputed_fp32"] = counters.get("recomputed_fp32", 0) + flags.get("recomputed_fp32", 0)
-                    routing_stats = flags.get("routing") or routing_stats
-                    # DDP averages gradients over processes; the counts are global sums, so scale back up.
-                    acc.backward(loss * acc.num_processes)
-                for k, v in terms.items():
-                    terms_total[k] = terms_total.get(k, 0.0) + v
-            if acc.num_processes > 1:
-                for p in aux_params:  # as DDP does for the student: mean over processes
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
-                # the logged terms: global values, not this process's share
-                keys = sorted(weights)
-                vec = acc.reduce(torch.tensor([terms_total.get(k, 0.0) for k in keys], dtype=torch.float64,
-                                              device=acc.device), reduction="sum")
-                terms_total = {k: float(v) for k, v in zip(keys, vec.tolist()) if k in terms_total or v != 0.0}
-            grad_norm, skipped = optimizer_update(acc, optimizer, scheduler, tc.grad_clip, counters)
-            step += 1
+            idx, micro, on_policy, data_wait = data.next(state.step, student, state.counters, log)
+            state.data = data.position
+            terms, logs, routing, grad_norm, skipped = train_step(objective, micro, idx, state, student,
+                                                                  list(aux.parameters()), acc, tc.grad_clip)
+            state.step += 1
+            step = state.step
             if skipped and acc.is_main_process:
                 scale = f"; loss scale now {acc.scaler.get_scale():g}" if acc.scaler is not None else ""
                 log(f"step {step}: optimizer step skipped, gradients not finite{scale} "
-                    f"({counters['skipped_steps']} skipped so far); the LR and KA schedules still advance")
+                    f"({state.counters['skipped_steps']} skipped so far); the LR and KA schedules still advance")
             tokens_seen += int(sum(b["s_mask"].sum() for b in micro)) * acc.num_processes
-            dt = time.time() - t_step
-            rec = {"step": step, "lr": scheduler.get_last_lr()[0], "seconds": dt, "on_policy": on_policy,
-                   "skipped": skipped,
-                   "data_wait_s": 0.0 if on_policy else data_wait,
-                   "tokens_per_s": tokens_seen / max(time.time() - t0, 1e-9), **terms_total, **logs,
-                   **{f"w_{k}": v for k, v in weights.items()}}
-            if grad_norm is not None:
-                rec["grad_norm"] = grad_norm
-            if sched:
-                rec.update({f"moe_{k}": v for k, v in sched.items()})
-            if routing_stats and (step % tc.log_every == 0 or step == 1):
-                # telemetry per MoE layer: expert usage, router entropy (nats), router mass on the
-                # experts used, and under SAR the KL between the original and the current router
-                layers = list(routing_stats.values())
-                rec["moe_usage"] = {k: v["usage"] for k, v in routing_stats.items()}
-                rec["moe_top1"] = {k: v["top1"] for k, v in routing_stats.items()}
-                rec["moe_entropy"] = sum(v["entropy"] for v in layers) / len(layers)
-                rec["moe_selected_mass"] = sum(v["selected_mass"] for v in layers) / len(layers)
-                if "router_kl" in layers[0]:
-                    rec["moe_router_kl"] = {k: v["router_kl"] for k, v in routing_stats.items()}
-            history.append(rec)
-            if writer is not None and (step % tc.log_every == 0 or step == 1):
-                for k, v in rec.items():
-                    if isinstance(v, (int, float)) and k != "step":
-                        writer.add_scalar(k, v, step)
-            if wandb is not None and step % tc.log_every == 0:
-                wandb.log(rec, step=step)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix({k: f"{v:.3f}" for k, v in terms_total.items()} | {"tok/s": f"{rec['tokens_per_s']:.0f}"})
+            rec = step_record(step, scheduler.get_last_lr()[0], time.time() - t_step,
+                              tokens_seen / max(time.time() - t0, 1e-9), on_policy, data_wait, terms, logs,
+                              objective.weights, objective.sched, grad_norm, skipped, routing, tc.log_every)
+            state.history.append(rec)
+            logger.step(rec, terms)
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and acc.is_main_process:
-                bpb = heldout_bpb(acc.unwrap_model(student), run.student_tok, run.heldout, cfg, acc.device)
-                evals.append({"step": step, "student_bpb": bpb})
-                log(f"step {step}: held-out student {bpb:.4f} bits/byte (teacher {teacher_bpb:.4f})")
-                if writer is not None:
-                    writer.add_scalar("heldout_bpb", bpb, step)
-            if max_time is not None and time.time() - t_setup > max_time:
-                stop_reason = f"train.max_time={tc.max_time} reached"
-            if stop.raised:
-                stop_reason = f"{stop.raised} received"
-            if acc.num_processes > 1:  # every process stops at the same step, or the others hang in a collective
-                flag = acc.reduce(torch.tensor(float(bool(stop_reason)), device=acc.device), reduction="sum")
-                if float(flag) > 0 and not stop_reason:
-                    stop_reason = "another process is stopping"
-            if stop_reason or (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
-                checkpoint()
-            if stop_reason:
-                log(f"stopping at step {step}: {stop_reason}; checkpoint saved, continue with --resume")
+                bpb = heldout_bits_per_byte(acc.unwrap_model(student), run, cfg)
+                state.evals.append({"step": step, "student_bpb": bpb})
+                log(f"step {step}: held-out student {bpb:.4f} bits/byte (teacher {state.teacher_bpb:.4f})")
+                logger.scalar("heldout_bpb", bpb, step)
+            stopped = stop_reason(stop, acc, t_setup, max_time, tc)
+            if stopped or (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
+                save(state, ckpt_dir, acc, tc.keep_checkpoints)
+            if stopped:
+                log(f"stopping at step {step}: {stopped}; checkpoint saved, continue with --resume")
                 break
-    if prefetcher is not None:
-        prefetcher.shutdown(wait=True, cancel_futures=True)
-    if bar is not None:
-        bar.close()
-    if writer is not None:
-        writer.close()
-
-    result = {"steps": step, "seconds": time.time() - t_setup, "teacher_bpb": teacher_bpb, "stopped": stop_reason,
-              "counters": counters, **info}
+    # ---- finish: final evaluation, export, history, report
+    data.close()
+    logger.close()
+    result = {"steps": state.step, "seconds": time.time() - t_setup, "teacher_bpb": state.teacher_bpb,
+              "stopped": stopped, "counters": state.counters, **info}
     if acc.is_main_process:
-        final_student = acc.unwrap_model(student)
-        if not stop_reason:
-            bpb = heldout_bpb(final_student, run.student_tok, run.heldout, cfg, acc.device)
-            evals.append({"step": step, "student_bpb": bpb})
-            log(f"held-out bits/byte at the end: student {bpb:.4f} (teacher {teacher_bpb:.4f})")
-            export_dir = out / "student"
-            final_student.save_pretrained(export_dir, safe_serialization=True)
-            run.student_tok.save_pretrained(export_dir)
-            from sakd.report import write_model_card
-            write_model_card(export_dir, teacher=cfg.model.teacher, data=cfg.data.source,
-                             method=f"routing {cfg.moe.mode}, logit loss {cfg.loss.logit} ({cfg.loss.divergence}), "
-                                    f"weights kd={cfg.loss.kd_weight} ce={cfg.loss.ce_weight} "
-                                    f"chunk={cfg.loss.chunk_weight}",
-                             metrics={"teacher_bpb": teacher_bpb, "student_bpb_initial": evals[0]["student_bpb"],
-                                      "student_bpb_final": bpb, "steps": step},
-                             command="sakd " + " ".join(sys.argv[1:]))
-            if sar is not None:
-                from safetensors.torch import save_file
-                save_file({k: v.contiguous() for k, v in moe.router_state(run.teacher).items()},
-                          str(out / "router.safetensors"))
-            result["student_dir"] = str(export_dir)
-        result.update({"student_bpb_initial": evals[0]["student_bpb"], "student_bpb_final": evals[-1]["student_bpb"],
-                       "evals": evals})
-        (out / "history.json").write_text(json.dumps({"history": history, "evals": evals}, default=float))
-        (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
-        if not stop_reason:
-            from sakd.report import write_run_report
-            write_run_report(out, cfg, result, teacher=run.teacher, teacher_tokenizer=run.teacher_tok,
-                             texts=run.heldout)
+        finish(run, cfg, state, out, result, stopped, log)
     acc.wait_for_everyone()
     acc.end_training()
     return result

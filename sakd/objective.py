@@ -12,7 +12,7 @@ Terms (each optional, weights from ``cfg.loss``):
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -24,23 +24,19 @@ from sakd.errors import UserError
 from sakd.losses.attention import attention_transfer_loss
 from sakd.losses.contrastive import info_nce, mean_pool
 from sakd.losses.divergences import linear_cross_entropy_sum
-from sakd.losses.crosstok import (chunk_likelihood_loss, gold_hybrid_loss, one_to_one_positions, shared_vocab_kd,
-                                  truncation_kd, uld_loss)
+from sakd.losses.batch import one_to_one, one_to_one_positions
+from sakd.losses.crosstok import chunk_likelihood_loss, gold_hybrid_loss, shared_vocab_kd, truncation_kd, uld_loss
 from sakd.losses.hidden import HiddenProjector, hidden_state_loss, layer_map
 from sakd.losses.mapped import count_mapped, mapped_kd
 from sakd.chat import model_inputs  # chat data: packed rows give position ids instead of a 2-D mask
+from sakd.models import experts_per_token, fp32_forward
+from sakd.schedule import ramp, routing_schedule
 
 
 def ce_targets(batch: dict) -> torch.Tensor:
     """[B, L-1] bool: the student's cross-entropy targets (token k+1 predicted at k). Chat data: the batch's
     ``s_loss_mask`` (assistant content and the end-of-turn token, sakd/chat.py); text: every real token."""
     return batch.get("s_loss_mask", batch["s_mask"])[:, 1:]
-
-
-def one_to_one(batch: dict) -> torch.Tensor:
-    """[B, C] bool: chunks that are exactly one token on each side."""
-    return (batch["chunk_mask"] & (batch["chunk_s_end"] - batch["chunk_s_start"] == 1)
-            & (batch["chunk_t_end"] - batch["chunk_t_start"] == 1))
 
 
 def hidden_pairs(cfg: Config, s_layers: int, t_layers: int) -> list[tuple[int, int]]:
@@ -68,8 +64,6 @@ def build_aux_modules(cfg: Config, s_config, t_config) -> nn.ModuleDict:
 
 
 def term_weights(cfg: Config, step: int) -> dict[str, float]:
-    from sakd.distill import ramp
-
     lc = cfg.loss
     w = {"kd": lc.kd_weight if lc.logit != "none" else 0.0, "ce": lc.ce_weight, "chunk": lc.chunk_weight,
          "hidden": ramp(lc.hidden.weight, lc.hidden.ramp_steps, step),
@@ -181,41 +175,6 @@ def _finite(t_out, t_vocab: int, need_hidden: bool) -> bool:
     return bool(torch.isfinite(ends).all())
 
 
-@contextmanager
-def _fp32(model):
-    """One forward in fp32, ONE MODULE'S WEIGHTS AT A TIME: each module's own parameters are cast to fp32
-    just before its forward and back right after (fp16 -> fp32 -> fp16 is exact), and floating inputs
-    are cast to fp32. ``model.float()`` would hold the whole teacher in fp32 (4 instead of 2 bytes a
-    parameter: +2.4 GiB for a 1.28B teacher) beside the live student graph; this holds the largest single
-    module in fp32 (the embeddings or the head, V x H) on top of the fp32 activations (see ``sakd plan``)."""
-    dtype = next(model.parameters()).dtype
-
-    def cast(x, to):
-        return x.to(to) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
-
-    def pre(module, args, kwargs):
-        for p in module.parameters(recurse=False):
-            p.data = p.data.float()
-        return tuple(cast(a, torch.float32) for a in args), {k: cast(v, torch.float32) for k, v in kwargs.items()}
-
-    def post(module, args, kwargs, output):
-        for p in module.parameters(recurse=False):
-            p.data = p.data.to(dtype)
-
-    handles = []
-    for m in model.modules():
-        if any(True for _ in m.parameters(recurse=False)):
-            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-        for p in model.parameters():  # a forward that raised half-way
-            p.data = p.data.to(dtype)
-
-
 def _teacher_mode(mode: str) -> str:
     # The student step sees the SAR teacher with all experts (router already updated), no gradient.
     return "all" if mode == "sar" else mode
@@ -264,7 +223,7 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
             if cfg.train.nonfinite_teacher == "recompute" and next(teacher.parameters()).dtype != torch.float32:
                 t_out = r = None  # the 16-bit outputs go before the fp32 ones are made
                 ka_gen.set_state(g_state)
-                with _fp32(teacher):
+                with fp32_forward(teacher):
                     t_out, r = _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden,
                                              need_attn)
                 flags["recomputed_fp32"] = 1
@@ -396,3 +355,68 @@ def sar_router_step(sar, teacher, student, batch, shared_s, shared_t, cfg: Confi
 
     stats = sar.step(loss_fn, token_mask=batch["t_mask"])  # padding out of the balance loss and telemetry
     return {f"sar_{k}": float(v) for k, v in stats.items()}
+
+
+class Objective:
+    """The distillation objective of one run, built once from the configuration and the models.
+
+    It owns the parts a loss needs: the teacher (live, or a top-k cache), the student, the projectors,
+    the vocabulary map (shared ids and, for mapped_kl, ``vocab.mapping``), the KA routing schedule and
+    its expert-draw generator, the SAR router. Per optimizer step::
+
+        logs = objective.begin_step(step, micro, span_ids, horizon)  # counts, weights, schedule, [SAR]
+        for i, batch in enumerate(micro):
+            loss, terms, flags = objective.loss(batch, i)           # live or cached teacher, same call
+
+    ``loss`` is already divided by the step's GLOBAL target counts (summed over processes before any
+    forward), so batch 8 x accumulation 1 == batch 2 x accumulation 4."""
+
+    def __init__(self, cfg: Config, acc, student, *, teacher=None, teacher_cache=None, aux=None, vocab,
+                 t_vocab: int, ka_gen=None, sar=None):
+        self.cfg, self.acc, self.student, self.teacher, self.cache = cfg, acc, student, teacher, teacher_cache
+        self.aux, self.vocab, self.t_vocab, self.ka_gen, self.sar = aux, vocab, t_vocab, ka_gen, sar
+        self.shared_s = vocab.shared_s.to(acc.device)
+        self.shared_t = vocab.shared_t.to(acc.device)
+        ept = experts_per_token(teacher) if teacher is not None else None
+        # KA default as in Kim et al. (2025) and their scripts (--num-selects 15 of 16): E - 1 experts per token.
+        self.k_start = cfg.moe.experts_start or (max(ept[0], ept[1] - 1) if ept else 1)
+        self.step, self.counts, self.weights, self.sched, self.span_ids = 0, {}, {}, {}, []
+
+    def routing_schedule(self, step: int, horizon: int) -> dict:
+        """KA's experts per token, router temperature and sampling probability at ``step`` ({} otherwise)."""
+        m = self.cfg.moe
+        if m.mode != "ka":
+            return {}
+        return routing_schedule(step, horizon, experts_start=self.k_start, experts_end=m.experts_end or self.k_start,
+                                temp_start=m.router_temperature_start, temp_end=m.router_temperature_end,
+                                prob_start=m.sample_prob,
+                                prob_end=m.sample_prob if m.sample_prob_end is None else m.sample_prob_end)
+
+    def begin_step(self, step: int, micro: list[dict], span_ids: list[list[int]], horizon: int) -> dict:
+        """Count every term's targets over the step (all processes), fix the weights and the routing
+        schedule, and [SAR] take the router step on the first micro-batch. Returns the SAR log values."""
+        acc = self.acc
+        self.step, self.span_ids = step, span_ids
+        self.sched = self.routing_schedule(step, horizon)
+        counts = count_targets(micro, self.cfg, self.vocab.mapping)
+        self.counts = {k: max(1.0, float(acc.reduce(torch.tensor(v, device=acc.device, dtype=torch.float64),
+                                                    reduction="sum"))) for k, v in counts.items()}
+        self.weights = term_weights(self.cfg, step)
+        if self.sar is None:
+            return {}
+        return sar_router_step(self.sar, self.teacher, self.student, micro[0], self.shared_s, self.shared_t,
+                               self.cfg, acc, self.t_vocab)
+
+    def loss(self, batch: dict, index: int = 0):
+        """(loss, per-term values, flags) of micro-batch ``index`` of the current step."""
+        if self.cache is not None:
+            cb = self.cache.batch(self.span_ids[index], batch["t_ids"].shape[1], device=self.acc.device, check=batch)
+            return cached_step_loss(self.student, cb, batch, self.shared_s, self.shared_t, self.cfg, self.weights,
+                                    self.counts, self.acc)
+        log_every = self.cfg.train.log_every
+        return micro_step_loss(self.teacher, self.student, self.aux, batch, self.shared_s, self.shared_t, self.cfg,
+                               self.weights, self.counts, self.acc, self.sched, self.ka_gen, self.t_vocab,
+                               self.sar.initial if self.sar is not None else None,
+                               log_mass=(index == 0 and ((self.step + 1) % log_every == 0 or self.step == 0)),
+                               mapping=self.vocab.mapping)
+

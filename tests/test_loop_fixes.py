@@ -12,6 +12,7 @@ from sakd import moe, objective
 from sakd.config import load_config
 from sakd.data import Collator, pad_id
 from sakd.distill import distill, optimizer_update, setup
+from sakd.models import fp32_forward
 from sakd.moe import ka_select
 from tests.conftest import tiny_overrides
 
@@ -134,7 +135,7 @@ def test_fp32_recompute_holds_one_module_in_fp32_at_a_time(tiny_assets):
         most.append(sum(p.numel() for p in t16.parameters() if p.dtype == torch.float32))
 
     hooks = [m.register_forward_pre_hook(count) for m in t16.modules()]
-    with torch.no_grad(), objective._fp32(t16):
+    with torch.no_grad(), fp32_forward(t16):
         hooks += [m.register_forward_hook(lambda m, a, o: count(m, a)) for m in t16.modules()]
         out = t16(input_ids=ids, output_hidden_states=True)
     for h in hooks:
