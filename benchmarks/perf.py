@@ -124,7 +124,7 @@ def distill_child(spec: dict) -> dict:
         return count_targets(micro, c, *a, **kw)
 
     objective.count_targets = counting
-    evaluate, calls = distill.heldout_bpb, [0]
+    evaluate, calls = distill.bits_per_byte, [0]
     # distill evaluates the teacher (unless it reads a cache) and the student before the first step,
     # then (eval_every=0) the student once more after the last one: sample memory in between.
     first = 1 if cfg.model.teacher_cache else 2
@@ -145,7 +145,7 @@ def distill_child(spec: dict) -> dict:
             sampler.start()
         return out
 
-    distill.heldout_bpb = gate
+    distill.bits_per_byte = gate
     result = distill.distill(cfg, progress=False, log=lambda *a: None)
     hist = json.loads((Path(cfg.train.output_dir) / "history.json").read_text())["history"]
     steps = [{"seconds": h["seconds"], "data_wait_s": h.get("data_wait_s", 0.0), **p} for h, p in zip(hist, per_step)]

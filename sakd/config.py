@@ -99,8 +99,10 @@ class ContrastiveLossConfig:
 class LossConfig:
     logit: str = F("shared_kl", "Logit transfer: mapped_kl (the teacher's distribution mapped onto the student's "
                    "vocabulary by bytes, at every student position); shared_kl (1:1 chunks over the shared "
-                   "vocabulary); baselines for comparison only: uld, gold, truncation; none.",
-                   choices=("mapped_kl", "shared_kl", "uld", "gold", "truncation", "none"))
+                   "vocabulary); none.", choices=("mapped_kl", "shared_kl", "none"))
+    baseline: str = F("", "Benchmark only (benchmarks/quality.py), never for a real run: a baseline logit loss "
+                      "that replaces loss.logit, with a warning: uld, gold or truncation (sakd/losses/baselines.py).",
+                      choices=("", "uld", "gold", "truncation"))
     mapped_extend: bool = F(True, "mapped_kl: where the realised student token runs past the teacher token, move "
                             "the realised path's probability to its cell (BPM); false keeps the first-token map.")
     divergence: str = F("forward_kl", "Divergence for the logit loss.", choices=("forward_kl", "reverse_kl", "jsd", "tvd"))
@@ -126,6 +128,11 @@ class LossConfig:
     contrastive: ContrastiveLossConfig = field(default_factory=ContrastiveLossConfig,
                                                metadata={"help": "Contrastive term."})
 
+
+    @property
+    def method(self) -> str:
+        """The logit loss this run computes: the benchmark's ``baseline`` when one is set, else ``logit``."""
+        return self.baseline or self.logit
 
 @dataclass
 class TrainConfig:
@@ -204,7 +211,7 @@ class Config:
              self.loss.attention.weight, self.loss.contrastive.weight]
         if sum(w) <= 0:
             raise UserError("loss: all loss weights are zero (loss.kd_weight, loss.ce_weight, ...): set at least one > 0")
-        if self.loss.logit == "none" and self.loss.kd_weight > 0:
+        if self.loss.method == "none" and self.loss.kd_weight > 0:
             raise UserError("loss.kd_weight > 0 but loss.logit=none: set loss.kd_weight=0 or choose a logit loss")
         if (self.moe.experts_end is not None and self.moe.experts_start is not None
                 and self.moe.experts_end < self.moe.experts_start):

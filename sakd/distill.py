@@ -116,7 +116,7 @@ def setup(cfg: Config, log=print) -> Run:
     vocab = build_vocab_map(data.student_tok, data.teacher_tok)
     # mapped_kl: where every teacher token's mass lands in the student vocabulary (built once, cached on disk)
     vocab.mapping = (mapping_tables(data.student_tok, data.teacher_tok, log=log)
-                     if cfg.loss.logit == "mapped_kl" else None)
+                     if cfg.loss.method == "mapped_kl" else None)
     attn = "eager" if needs_attention_maps(cfg) else None  # sdpa returns no attention maps
     teacher, cache = None, None
     if m.teacher_cache:
@@ -158,6 +158,9 @@ def describe(run: Run, cfg: Config, log=print) -> dict:
         "device": str(run.accelerator.device),
         "mixed_precision": run.accelerator.mixed_precision,
     }
+    if cfg.loss.baseline:
+        log(f"warning: loss.baseline={cfg.loss.baseline} replaces loss.logit={cfg.loss.logit}: a benchmark baseline "
+            "(sakd/losses/baselines.py), kept for comparison, not a loss for a real run")
     if run.teacher is None:
         log(f"teacher: read from the cache {cfg.model.teacher_cache} (top-{run.teacher_cache.k}, not loaded)")
     else:
@@ -172,7 +175,7 @@ def describe(run: Run, cfg: Config, log=print) -> dict:
     log(f"data: {info['train_spans']:,} training spans, {info['heldout_bytes']:,} held-out bytes; "
         f"device {info['device']}, mixed precision {info['mixed_precision']}")
     if run.teacher is not None and objective.fused_head_terms(cfg.loss, kd=cfg.loss.kd_weight > 0 and
-                                                              cfg.loss.logit != "none",
+                                                              cfg.loss.method != "none",
                                                               chunk=cfg.loss.chunk_weight > 0):
         # The fused head's matmuls run in the dtype of the student's final hidden state, and the final
         # RMSNorm returns its fp32 input dtype under autocast; the loss runs outside autocast.
@@ -431,7 +434,7 @@ def finish(run: Run, cfg: Config, state: TrainState, out: Path, result: dict, st
         run.student_tok.save_pretrained(export_dir)
         from sakd.report import write_model_card
         write_model_card(export_dir, teacher=cfg.model.teacher, data=cfg.data.source,
-                         method=f"routing {cfg.moe.mode}, logit loss {cfg.loss.logit} ({cfg.loss.divergence}), "
+                         method=f"routing {cfg.moe.mode}, logit loss {cfg.loss.method} ({cfg.loss.divergence}), "
                                 f"weights kd={cfg.loss.kd_weight} ce={cfg.loss.ce_weight} "
                                 f"chunk={cfg.loss.chunk_weight}",
                          metrics={"teacher_bpb": state.teacher_bpb, "student_bpb_initial": state.evals[0]["student_bpb"],

@@ -25,7 +25,8 @@ from sakd.losses.attention import attention_transfer_loss
 from sakd.losses.contrastive import info_nce, mean_pool
 from sakd.losses.divergences import linear_cross_entropy_sum
 from sakd.losses.batch import one_to_one, one_to_one_positions
-from sakd.losses.crosstok import chunk_likelihood_loss, gold_hybrid_loss, shared_vocab_kd, truncation_kd, uld_loss
+from sakd.losses.baselines import gold_hybrid_loss, truncation_kd, uld_loss
+from sakd.losses.crosstok import chunk_likelihood_loss, shared_vocab_kd
 from sakd.losses.hidden import HiddenProjector, hidden_state_loss, layer_map
 from sakd.losses.mapped import count_mapped, mapped_kd
 from sakd.chat import model_inputs  # chat data: packed rows give position ids instead of a 2-D mask
@@ -65,7 +66,7 @@ def build_aux_modules(cfg: Config, s_config, t_config) -> nn.ModuleDict:
 
 def term_weights(cfg: Config, step: int) -> dict[str, float]:
     lc = cfg.loss
-    w = {"kd": lc.kd_weight if lc.logit != "none" else 0.0, "ce": lc.ce_weight, "chunk": lc.chunk_weight,
+    w = {"kd": lc.kd_weight if lc.method != "none" else 0.0, "ce": lc.ce_weight, "chunk": lc.chunk_weight,
          "hidden": ramp(lc.hidden.weight, lc.hidden.ramp_steps, step),
          "attention": ramp(lc.attention.weight, lc.attention.ramp_steps, step),
          "contrastive": ramp(lc.contrastive.weight, lc.contrastive.ramp_steps, step)}
@@ -79,11 +80,11 @@ def count_targets(micro: list[dict], cfg: Config, mapping=None) -> dict[str, flo
     c = {"kd": 0, "ce": 0, "chunk": 0, "hidden": 0, "attention": 0, "contrastive": 0}
     for b in micro:
         o2o = one_to_one(b)
-        if cfg.loss.logit == "mapped_kl":
+        if cfg.loss.method == "mapped_kl":
             c["kd"] += count_mapped(b, mapping)
-        elif cfg.loss.logit == "shared_kl" or cfg.loss.logit == "gold":
+        elif cfg.loss.method == "shared_kl" or cfg.loss.method == "gold":
             c["kd"] += int(o2o.sum())
-        elif cfg.loss.logit == "uld":
+        elif cfg.loss.method == "uld":
             ns, nt = b["s_mask"].sum(1), b["t_mask"].sum(1)
             c["kd"] += int((torch.minimum(ns, nt) - 1).clamp_min(0).sum())
         else:  # truncation: every student position
@@ -101,7 +102,7 @@ def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc,
                    divergence: str | None = None, teacher_grad: bool = False, mass_log: dict | None = None,
                    head_weight: torch.Tensor | None = None, mapping=None) -> torch.Tensor:
     """Summed logit loss of one micro-batch: the default shared-vocabulary KD at 1:1 chunks, or a
-    baseline kept for comparison (ULD, GOLD hybrid, truncation). With ``head_weight`` (shared_kl only),
+    benchmark baseline (``loss.baseline``: ULD, GOLD hybrid, truncation; sakd/losses/baselines.py). With ``head_weight`` (shared_kl only),
     ``s_logits`` is the student's final hidden state and its output layer is fused into the loss."""
     div = divergence or lc.divergence
     if head_weight is not None and (name not in ("shared_kl", "mapped_kl") or lc.gap_weighting):
@@ -235,7 +236,7 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
         t_logits = t_out.logits[..., :t_vocab]  # padded head columns name no token
         # KA: the M divergences are averaged (Kim et al. 2025, eq. for L_KA); one teacher buffer at a time.
         if "kd" in weights:
-            kd_sum = logit_term_sum(lc.logit, s_logits, t_logits, batch, shared_s, shared_t, lc,
+            kd_sum = logit_term_sum(lc.method, s_logits, t_logits, batch, shared_s, shared_t, lc,
                                     mass_log=flags if (m == 0 and log_mass) else None, head_weight=head,
                                     mapping=mapping)
             add("kd", kd_sum / passes, lc.temperature ** 2)
@@ -303,7 +304,7 @@ def fused_head_terms(lc, *, kd: bool, chunk: bool) -> bool:
     """Whether ``loss.fused_head`` serves these logit terms (also read by ``sakd plan``): shared-vocabulary
     KD without gap weighting and/or cross-entropy; the chunk likelihood and the baselines need logits."""
     return bool(lc.fused_head and not chunk
-                and not (kd and (lc.logit not in ("shared_kl", "mapped_kl") or lc.gap_weighting)))
+                and not (kd and (lc.method not in ("shared_kl", "mapped_kl") or lc.gap_weighting)))
 
 
 def fused_head_weight(student, cfg: Config, weights: dict, acc) -> torch.Tensor | None:

@@ -199,7 +199,7 @@ def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[
     eager = lc.attention.weight > 0
     ckpt = cfg.model.gradient_checkpointing
     passes = cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1
-    kd, ce, alm = lc.kd_weight > 0 and lc.logit != "none", lc.ce_weight > 0, lc.chunk_weight > 0
+    kd, ce, alm = lc.kd_weight > 0 and lc.method != "none", lc.ce_weight > 0, lc.chunk_weight > 0
     kernel = KERNEL_TEMPORARIES.get(lc.divergence, 7.0)
     cached = bool(cfg.model.teacher_cache)  # teacher read from a top-k cache: never loaded, never run
     topk = _cache_k(cfg.model.teacher_cache) if cached else 0
@@ -384,7 +384,7 @@ def plan(cfg: Config, *, card_gb: float = 16.0, micro_batch: int | None = None, 
         "activation_dtype": "16-bit autocast" if half else "float32",
         "teacher_dtype": cfg.model.teacher_dtype, "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "moe_mode": cfg.moe.mode, "teacher_cache": cfg.model.teacher_cache, "teacher": t, "student": s,
-        "fused_head": fused_head_terms(cfg.loss, kd=cfg.loss.kd_weight > 0 and cfg.loss.logit != "none",
+        "fused_head": fused_head_terms(cfg.loss, kd=cfg.loss.kd_weight > 0 and cfg.loss.method != "none",
                                        chunk=cfg.loss.chunk_weight > 0),
         "components": {k: int(v) for k, v in tot["components"].items()},
         "moments": {k: int(v) for k, v in tot["moments"].items()},

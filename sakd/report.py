@@ -523,7 +523,7 @@ def _report_markdown(out: Path, cfg, rep: dict, terms: list[str]) -> str:
     m, n = rep["metrics"], rep["metrics"]["steps_averaged"]
     lines = [f"# sakd run report: {out.name}", "",
              f"Teacher `{cfg.model.teacher}` → student `{cfg.model.student}`; routing `{cfg.moe.mode}`, "
-             f"logit loss `{cfg.loss.logit}`; {rep['steps']} steps"
+             f"logit loss `{cfg.loss.method}`; {rep['steps']} steps"
              + (f" in {rep['seconds']:.0f} s." if isinstance(rep["seconds"], (int, float)) else "."), "",
              "## Held-out quality", "", f"| model | {rep['units']['teacher_bpb']} |", "|---|---|"]
     for label, v in [("teacher", rep["teacher_bpb"]), ("student before", rep["student_bpb_initial"]),

@@ -242,7 +242,7 @@ def test_manifest_mismatch_is_refused_naming_the_key(built, tiny_assets, tmp_pat
 def test_refusals(built, tiny_assets, tmp_path):
     for extra, key in (({"moe.mode": "sar"}, "moe.mode"), ({"loss.divergence": "reverse_kl"}, "loss.divergence"),
                        ({"loss.logit": "mapped_kl", "loss.divergence": "jsd"}, "loss.divergence"),
-                       ({"loss.logit": "uld"}, "loss.logit"), ({"loss.hidden.weight": 0.5}, "loss.hidden.weight"),
+                       ({"loss.baseline": "uld"}, "loss.baseline"), ({"loss.hidden.weight": 0.5}, "loss.hidden.weight"),
                        ({"loss.on_policy_prob": 0.5}, "loss.on_policy_prob")):
         with pytest.raises(UserError, match=key):
             tc.check_cached_config(_cfg(tiny_assets, tmp_path, **extra))

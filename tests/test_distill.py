@@ -99,8 +99,8 @@ def test_fused_head_gives_the_logits_path_loss_and_gradients(tiny_assets, tmp_pa
 
 @pytest.mark.parametrize("over, fused", [
     ({}, True), ({"loss.chunk_weight": 0.5}, False), ({"loss.gap_weighting": True}, False),
-    ({"loss.logit": "uld"}, False), ({"loss.fused_head": False}, False),
-    ({"loss.logit": "uld", "loss.kd_weight": 0}, True)])  # CE alone: fused whatever loss.logit says
+    ({"loss.baseline": "uld"}, False), ({"loss.fused_head": False}, False),
+    ({"loss.baseline": "uld", "loss.kd_weight": 0}, True)])  # CE alone: fused whatever the logit loss
 def test_fused_head_applies_only_where_every_logit_term_supports_it(tiny_assets, tmp_path, over, fused):
     from transformers import AutoModelForCausalLM
 

@@ -4,16 +4,14 @@ import pytest
 import torch
 
 from batches import MIXED, identity_batch, make_batch
+from sakd.losses.baselines import gold_hybrid_loss, truncation_kd, uld_loss
 from sakd.losses.crosstok import (
     chunk_likelihood_loss,
     chunk_logprobs,
-    gold_hybrid_loss,
     log1mexp,
     mean_loss,
     one_to_one_positions,
     shared_vocab_kd,
-    truncation_kd,
-    uld_loss,
 )
 from sakd.losses.divergences import kd_loss
 
