@@ -1,4 +1,5 @@
-"""Evaluation (``sakd evaluate``), run reports with plots, the exported student's model card.
+"""Evaluation (``sakd evaluate``) and the run report (report.json / report.md; plots in sakd/plots.py,
+the model card in sakd/model_card.py).
 
 Units are always named: bits per UTF-8 byte for held-out quality (comparable across
 tokenizers), perplexity per token of a model's OWN tokenizer (not comparable across
@@ -9,7 +10,6 @@ Plots are drawn with matplotlib's Agg canvas (no display, no pyplot global state
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import struct
@@ -19,6 +19,9 @@ from pathlib import Path
 import torch
 
 from sakd.errors import UserError
+from sakd.model_card import _fmt, lm_eval_tasks, write_model_card  # noqa: F401 (sakd.report's public names)
+from sakd.plots import (TERM_UNITS, plot_expert_usage, plot_heldout_bpb, plot_loss_terms,  # noqa: F401
+                        plot_router_shift)
 
 EVAL_UNITS = {
     "bits_per_byte": "held-out NLL in bits / UTF-8 bytes of the text (lower is better; comparable across tokenizers)",
@@ -33,9 +36,6 @@ EVAL_UNITS = {
     "bytes_per_s": "UTF-8 bytes of text scored per second (same passes)",
     "seconds": "wall-clock seconds of the timed scoring pass",
 }
-# Units of the per-step loss terms logged by the loop (sakd/objective.py normalisation).
-TERM_UNITS = {"kd": "nats / 1:1 position", "ce": "nats / student token", "chunk": "nats (binary KL) / student token",
-              "hidden": "distance / chunk", "attention": "distance / chunk", "contrastive": "nats / example"}
 
 
 # ----------------------------------------------------------------------------- model facts
@@ -163,16 +163,6 @@ def evaluate_command(student: str, teacher: str | None, data: str, *, max_bytes:
     return out
 
 
-def _fmt(v, spec: str = ",.4f") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    if isinstance(v, int):
-        return f"{v:,}"
-    if isinstance(v, float):
-        return format(v, spec)
-    return str(v)
-
-
 def format_evaluation(result: dict) -> str:
     """A plain-text table of ``evaluate_command``'s result, every row with its unit."""
     sides = [s for s in ("student", "teacher") if s in result]
@@ -216,120 +206,6 @@ def format_evaluation(result: dict) -> str:
             v = f"{r['one_to_one_positions']:,} / {r['multi_token_chunks']:,}" if key is None else _fmt(r[key])
             lines.append(f"  {label:<40} {v:>14}  {unit}")
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- plots
-
-def _figure(path: Path, draw, size=(7.0, 4.2)) -> Path:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=size, layout="constrained")
-    FigureCanvasAgg(fig)
-    draw(fig)
-    fig.savefig(path, dpi=110)
-    return path
-
-
-def plot_loss_terms(history: list[dict], path: Path) -> Path | None:
-    terms = sorted({k[2:] for rec in history for k in rec if k.startswith("w_") and k[2:] in rec})
-    if not terms:
-        return None
-
-    def draw(fig):
-        ax = fig.subplots()
-        positive = True
-        for t in terms:
-            pts = [(r["step"], r[t]) for r in history if isinstance(r.get(t), (int, float)) and math.isfinite(r[t])]
-            positive &= all(v > 0 for _, v in pts)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{t} ({TERM_UNITS.get(t, 'per target')})")
-        if positive:
-            ax.set_yscale("log")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss term value (unweighted; unit per term)")
-        ax.set_title("Distillation loss terms")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    return _figure(path, draw)
-
-
-def plot_heldout_bpb(evals: list[dict], teacher_bpb: float | None, path: Path,
-                     extra: dict | None = None) -> Path | None:
-    if not evals:
-        return None
-
-    def draw(fig):
-        ax = fig.subplots()
-        ax.plot([e["step"] for e in evals], [e["student_bpb"] for e in evals], "o-", label="student (distilled)")
-        if teacher_bpb is not None:
-            ax.axhline(teacher_bpb, color="tab:red", ls="--", label=f"teacher ({teacher_bpb:.3f})")
-        if extra and extra.get("student_bpb_ce_only") is not None:
-            ax.plot([evals[-1]["step"]], [extra["student_bpb_ce_only"]], "s", color="tab:green",
-                    label=f"student, cross-entropy only ({extra['student_bpb_ce_only']:.3f})")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("held-out bits per UTF-8 byte (lower is better)")
-        ax.set_title("Held-out bits per byte")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    return _figure(path, draw)
-
-
-def plot_expert_usage(panels: list[tuple[str, dict[str, list[float]]]], what: str, path: Path) -> Path | None:
-    """panels: (title, {layer name: [E] fractions}); one heatmap (layers x experts) each."""
-    panels = [(t, u) for t, u in panels if u]
-    if not panels:
-        return None
-
-    def draw(fig):
-        axes = fig.subplots(1, len(panels), squeeze=False)[0]
-        im = None
-        for ax, (title, usage) in zip(axes, panels):
-            names = list(usage)
-            grid = [usage[n] for n in names]
-            im = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
-            E = len(grid[0])
-            ax.set_xticks(range(E), [str(e) for e in range(E)])
-            ax.set_yticks(range(len(names)), [_short(n) for n in names], fontsize=7)
-            ax.set_xlabel("expert")
-            ax.set_ylabel("MoE layer")
-            ax.set_title(title, fontsize=9)
-            if len(names) * E <= 64:
-                for i, row in enumerate(grid):
-                    for j, v in enumerate(row):
-                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                                color="white" if v < 0.5 else "black")
-        fig.colorbar(im, ax=list(axes), label="fraction")
-        fig.suptitle(f"Teacher expert usage per layer: {what}", fontsize=10)
-    return _figure(path, draw, size=(4.0 + 3.0 * len(panels), 1.6 + 0.35 * max(len(u) for _, u in panels)))
-
-
-def _short(name: str) -> str:
-    parts = [p for p in name.split(".") if p.isdigit()]
-    return f"layer {parts[-1]}" if parts else name
-
-
-def plot_router_shift(history: list[dict], path: Path) -> Path | None:
-    """Under SAR: KL(original router || current router) per layer over steps (``moe_router_kl``),
-    and the mean over layers logged by the router step (``sar_router_kl``)."""
-    per = [(r["step"], r["moe_router_kl"]) for r in history if isinstance(r.get("moe_router_kl"), dict)]
-    mean = [(r["step"], r["sar_router_kl"]) for r in history if isinstance(r.get("sar_router_kl"), (int, float))]
-    if not per and not mean:
-        return None
-
-    def draw(fig):
-        ax = fig.subplots()
-        layers = list(per[0][1]) if per else []
-        for name in layers:
-            pts = [(s, d[name]) for s, d in per if name in d]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=_short(name))
-        if mean:
-            ax.plot([p[0] for p in mean], [p[1] for p in mean], "k--", lw=1, label="mean over layers (router step)")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("KL(original router || current router), nats per token")
-        ax.set_title("Router shift under student-aware routing (SAR)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    return _figure(path, draw)
 
 
 # ----------------------------------------------------------------------------- expert usage
@@ -550,71 +426,3 @@ def _report_markdown(out: Path, cfg, rep: dict, terms: list[str]) -> str:
         lines += [f"| {k} | {_fmt(v, '.4f')} |" for k, v in rep["extra"].items()]
     lines += ["", "Full configuration and raw numbers: [report.json](report.json).", ""]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------- export
-
-def _unit_for(key: str) -> str:
-    k = key.lower()
-    for pat, unit in (("bits_per_byte", "bits/byte"), ("bpb", "bits/byte"), ("ppl", "per own token"),
-                      ("tokens_per_s", "tokens/s"), ("bytes_per_s", "bytes/s"), ("parameters", "count"),
-                      ("agreement", "fraction"), ("frac", "fraction"), ("nats", "nats"), ("seconds", "s"),
-                      ("bytes", "bytes"), ("steps", "count")):
-        if pat in k:
-            return unit
-    return "(see name)"
-
-
-def write_model_card(student_dir, *, teacher: str, data: str, method: str, metrics: dict, command: str) -> Path:
-    """README.md (model card) in the exported student folder; adds generation_config.json if missing.
-
-    metrics: {name: value} (unit inferred from the name, e.g. ``heldout_bpb`` -> bits/byte),
-    {name: (value, unit)} or {name: {"value": v, "unit": u}}."""
-    from transformers import AutoConfig, GenerationConfig
-
-    d = Path(student_dir)
-    if not (d / "config.json").is_file():
-        raise UserError(f"{str(d)!r} holds no config.json: export the student with save_pretrained first")
-    if not (d / "generation_config.json").is_file():
-        GenerationConfig.from_model_config(AutoConfig.from_pretrained(d)).save_pretrained(d)
-    rows = []
-    for name, v in metrics.items():
-        if isinstance(v, dict):
-            value, unit = v.get("value"), v.get("unit", "")
-        elif isinstance(v, (tuple, list)) and len(v) == 2:
-            value, unit = v
-        else:
-            value, unit = v, _unit_for(name)
-        rows.append(f"| {name} | {_fmt(value, '.4f')} | {unit} |")
-    card = "\n".join([
-        "---", "library_name: transformers", "pipeline_tag: text-generation",
-        "tags:", "- knowledge-distillation", "- sakd", "---", "",
-        f"# {d.name}", "",
-        f"A dense causal language model distilled with `sakd` from the teacher `{teacher}` on `{data}`. "
-        "It keeps its own tokenizer (saved in this folder); teacher and student met through byte-aligned "
-        "chunks and the shared token strings of their vocabularies.", "",
-        "## Method", "", method.strip(), "",
-        "## Metrics", "", "Bits per byte are comparable across tokenizers; per-token perplexity is not.", "",
-        "| metric | value | unit |", "|---|---|---|", *rows, "",
-        "## Reproduce", "", "```bash", command.strip(), "```", "",
-        "## Use", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "tok = AutoTokenizer.from_pretrained(PATH)", "model = AutoModelForCausalLM.from_pretrained(PATH)", "```", ""])
-    path = d / "README.md"
-    path.write_text(card, encoding="utf-8")
-    return path
-
-
-def lm_eval_tasks(student_dir, tasks, *, batch_size: int = 8, device: str | None = None,
-                  limit: int | None = None) -> dict:
-    """Optional downstream evaluation with EleutherAI's lm-evaluation-harness: {task: metrics}."""
-    if importlib.util.find_spec("lm_eval") is None:
-        raise UserError("lm-eval is not installed: pip install lm-eval")
-    import lm_eval
-
-    names = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
-    if not names or not all(names):
-        raise UserError(f"lm-eval tasks {tasks!r}: name at least one task, e.g. hellaswag,arc_easy")
-    res = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={student_dir}", tasks=names,
-                                  batch_size=batch_size, device=device or ("cuda" if torch.cuda.is_available()
-                                                                           else "cpu"), limit=limit)
-    return res["results"]
