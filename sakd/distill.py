@@ -432,7 +432,7 @@ def finish(run: Run, cfg: Config, state: TrainState, out: Path, result: dict, st
         export_dir = out / "student"
         student.save_pretrained(export_dir, safe_serialization=True)
         run.student_tok.save_pretrained(export_dir)
-        from sakd.report import write_model_card
+        from sakd.model_card import write_model_card
         write_model_card(export_dir, teacher=cfg.model.teacher, data=cfg.data.source,
                          method=f"routing {cfg.moe.mode}, logit loss {cfg.loss.method} ({cfg.loss.divergence}), "
                                 f"weights kd={cfg.loss.kd_weight} ce={cfg.loss.ce_weight} "
