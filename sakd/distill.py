@@ -208,8 +208,9 @@ def _check_resume_config(path: Path, saved: dict | None, current: dict) -> None:
     """Refuse to resume a checkpoint written with a different training configuration."""
     if not saved:
         return  # a checkpoint from before configurations were stored
-    a, b = _flatten(saved), _flatten(current)
+    a, b, default = _flatten(saved), _flatten(current), _flatten(to_dict(Config()))
     diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
+            and not (k not in a and b.get(k) == default.get(k))  # a key added since (e.g. loss.baseline), at its default
             and not any(k == m or (m.endswith(".") and k.startswith(m)) for m in RESUME_MAY_CHANGE)]
     if diff:
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:3]) + (" ..." if len(diff) > 3 else "")

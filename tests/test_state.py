@@ -106,3 +106,18 @@ def test_student_mismatch_names_missing_and_unexpected_tensors():
     assert s.student_mismatch({"student": s.student.state_dict()}) == ([], [])
     missing, unexpected = s.student_mismatch({"student": {"embed": torch.zeros(1), "other": torch.zeros(1)}})
     assert missing == ["norm"] and unexpected == ["other"]
+
+
+def test_resume_accepts_a_checkpoint_from_before_a_key_was_added_at_its_default():
+    """A checkpoint written before ``loss.baseline`` existed resumes; the key set to a baseline does not."""
+    import pytest
+
+    from sakd.config import load_config, to_dict
+    from sakd.distill import _check_resume_config
+    from sakd.errors import UserError
+
+    saved = to_dict(load_config(None, []))
+    del saved["loss"]["baseline"]
+    _check_resume_config("ckpt", saved, to_dict(load_config(None, [])))
+    with pytest.raises(UserError, match="loss.baseline"):
+        _check_resume_config("ckpt", saved, to_dict(load_config(None, ["loss.baseline=uld"])))
