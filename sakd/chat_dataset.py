@@ -48,7 +48,7 @@ def refuse_unsupported(cfg) -> None:
     key = "baseline" if getattr(cfg.loss, "baseline", None) else "logit"
     if getattr(cfg.loss, key) in ("uld", "truncation"):
         raise UserError(f"loss.{key} {getattr(cfg.loss, key)} pairs positions by index, not by content: on chat "
-                        "data use mapped_kl, shared_kl or gold")
+                        "data use loss.logit mapped_kl or shared_kl (or loss.baseline gold)")
     if cfg.model.teacher_cache:
         raise UserError("model.teacher_cache: the teacher cache does not take chat data yet; train with the live "
                         "teacher")

@@ -60,7 +60,7 @@ def test_chat_run_trains_on_packed_rows_with_assistant_only_targets(tiny_assets,
 
 @pytest.mark.parametrize("override,fragment", [
     ({"loss.on_policy_prob": 0.5}, "loss.on_policy_prob"),
-    ({"loss.logit": "uld"}, "loss.logit uld"),
+    ({"loss.baseline": "uld"}, "loss.baseline uld"),
 ])
 def test_what_chat_data_refuses(tiny_assets, tmp_path, chat_file, override, fragment):
     with pytest.raises(UserError, match=fragment):
