@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -50,6 +51,7 @@ from quality_summary import (BASELINE, COST, RUN_FIXED_SECONDS, choose_settings,
                              summarise)
 
 RESULTS = ROOT / "benchmarks" / "results"
+ROW_FILE = "quality_row.json"  # a finished run's row, in its folder (--resume reads it back)
 NO_AUX = ["loss.hidden.weight=0", "loss.attention.weight=0", "loss.contrastive.weight=0"]
 # Pinned for every row, whatever configs/demo.yaml says: KD next to full CE, one logit term, top-1 teacher.
 COMMON = ["loss.ce_weight=1", "loss.kd_weight=1", "loss.chunk_weight=0", *NO_AUX, "loss.gap_weighting=false",
@@ -207,8 +209,10 @@ def teacher_scores(base: str, paths: dict, eval_bytes: int | None) -> dict[str, 
 
 
 def run_one(method: str, regime: str, seed: int, steps: int, work: str, base: str, paths: dict,
-            eval_bytes: int | None = None, verbose: bool = False, extra: tuple[str, ...] = ()) -> dict:
-    """One distillation run in its own folder, its student scored on both splits."""
+            eval_bytes: int | None = None, verbose: bool = False, extra: tuple[str, ...] = (),
+            resume: bool = False) -> dict:
+    """One distillation run in its own folder, its student scored on both splits; its row is also written
+    to ROW_FILE there (``resume``: a finished run of the same configuration is not trained again)."""
     import statistics
 
     from sakd.distill import distill
@@ -216,6 +220,12 @@ def run_one(method: str, regime: str, seed: int, steps: int, work: str, base: st
     out = Path(work) / f"{regime}-{method.replace('+', '_')}-seed{seed}"
     cfg = demo_config(method, base=base, steps=steps, seed=seed, out_dir=out, paths=paths, regime=regime,
                       eval_bytes=eval_bytes, extra=extra)
+    if resume:
+        row = reused_row(out, cfg, method, regime, seed, paths)
+        if row is not None:
+            return row
+        if out.exists():  # stopped before it finished, or another configuration: trained afresh
+            shutil.rmtree(out)
     lines: list[str] = []
 
     def log(msg):
@@ -228,12 +238,67 @@ def run_one(method: str, regime: str, seed: int, steps: int, work: str, base: st
     (out / "distill.log").write_text("\n".join(lines) + "\n")
     secs = [h["seconds"] for h in json.loads((out / "history.json").read_text())["history"]]
     bpb = score(res["student_dir"], paths, cfg)
-    return {"method": method, "regime": regime, "seed": seed, "bpb_validation": bpb["validation"],
-            "bpb_test": bpb["test"], "bpb_validation_by_distill": res["student_bpb_final"],
-            "bpb_initial_validation": res["student_bpb_initial"], "student_parameters": res.get("student_parameters"),
-            "steps": res["steps"], "tokens_per_step": res["tokens_per_step"], "train_spans": res.get("train_spans"),
-            "seconds_per_step": statistics.median(secs), "seconds_per_step_mean": statistics.fmean(secs),
-            "run_seconds": time.time() - t0, "cpu_seconds": _cpu_seconds() - c0}
+    row = {"method": method, "regime": regime, "seed": seed, "bpb_validation": bpb["validation"],
+           "bpb_test": bpb["test"], "bpb_validation_by_distill": res["student_bpb_final"],
+           "bpb_initial_validation": res["student_bpb_initial"], "student_parameters": res.get("student_parameters"),
+           "steps": res["steps"], "tokens_per_step": res["tokens_per_step"], "train_spans": res.get("train_spans"),
+           "seconds_per_step": statistics.median(secs), "seconds_per_step_mean": statistics.fmean(secs),
+           "run_seconds": time.time() - t0, "cpu_seconds": _cpu_seconds() - c0}
+    (out / ROW_FILE).write_text(json.dumps(row, indent=1) + "\n")
+    return row
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """{"loss.logit": ..., ...}; the checkout-specific asset paths reduced to their place under assets/."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = "assets/" + v.split("/assets/", 1)[1] if isinstance(v, str) and "/assets/" in v else v
+    return out
+
+
+def config_changes(saved: dict, current: dict) -> list[str]:
+    """The keys whose values differ between a finished run's config (report.json) and the planned one; a key
+    added to the configuration since the run, at its default, is no change (as for `sakd distill --resume`)."""
+    from sakd.config import Config, to_dict
+
+    a, b, default = _flat(saved), _flat(current), _flat(to_dict(Config()))
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not (k not in a and b[k] == default.get(k))]
+
+
+def reused_row(out: Path, cfg, method: str, regime: str, seed: int, paths: dict) -> dict | None:
+    """--resume: the row of a run already finished in ``out`` with the same configuration, else None.
+    A run that wrote its row (ROW_FILE) is read back; a finished run without one (an earlier version of
+    this script, or stopped while scoring) has its student scored again and its step times read from
+    history.json; its wall and CPU seconds are not known (None)."""
+    import statistics
+
+    from sakd.config import to_dict
+
+    result, report = out / "result.json", out / "report.json"
+    if not (result.is_file() and report.is_file()):  # report.json is the last file a finished run writes
+        if out.exists():
+            print(f"{out.name}: trained again (it did not finish)", flush=True)
+        return None
+    changed = config_changes(json.loads(report.read_text())["config"], to_dict(cfg))
+    if changed:
+        print(f"{out.name}: trained again ({', '.join(changed[:3])} changed)", flush=True)
+        return None  # distill starts the folder afresh
+    if (out / ROW_FILE).is_file():
+        return {**json.loads((out / ROW_FILE).read_text()), "reused": True}
+    res = json.loads(result.read_text())
+    secs = [h["seconds"] for h in json.loads((out / "history.json").read_text())["history"]]
+    bpb = score(res["student_dir"], paths, cfg)
+    row = {"method": method, "regime": regime, "seed": seed, "bpb_validation": bpb["validation"],
+           "bpb_test": bpb["test"], "bpb_validation_by_distill": res["student_bpb_final"],
+           "bpb_initial_validation": res["student_bpb_initial"], "student_parameters": res.get("student_parameters"),
+           "steps": res["steps"], "tokens_per_step": res["tokens_per_step"], "train_spans": res.get("train_spans"),
+           "seconds_per_step": statistics.median(secs), "seconds_per_step_mean": statistics.fmean(secs),
+           "run_seconds": None, "cpu_seconds": None, "distill_seconds": res["seconds"]}
+    (out / ROW_FILE).write_text(json.dumps(row, indent=1) + "\n")
+    return {**row, "reused": True}
 
 
 def smollm2_bpb(paths: dict, cfg_eval: dict) -> dict:
@@ -289,6 +354,9 @@ def parse(argv):
     p.add_argument("--threads", type=int, help="torch threads per run (default: cores / jobs, at least 1)")
     p.add_argument("--work-dir", help="keep every run's folder here (default: a temporary folder, deleted)")
     p.add_argument("--out", help="JSON output (default benchmarks/results/quality.json; quick: quality_quick.json)")
+    p.add_argument("--resume", action="store_true", help="with --work-dir: runs already finished there with the "
+                   "same configuration are not trained again (their rows are read back, or their students scored "
+                   "again); the others run")
     p.add_argument("--verbose", action="store_true", help="print every run's log")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="extra config overrides for EVERY row, "
                    "applied last; recorded in the JSON")
@@ -330,6 +398,8 @@ def main(argv=None) -> int:
                     ("--jobs", a.jobs), ("--threads", a.threads)):
         if v is not None and v < 1:
             sys.exit(f"quality.py: error: {name}={v} must be >= 1")
+    if a.resume and not a.work_dir:
+        sys.exit("quality.py: error: --resume needs --work-dir (the folder of the runs to take up again)")
     if not 0 < a.limited_fraction <= 1:
         sys.exit(f"quality.py: error: --limited-fraction={a.limited_fraction} must be in (0, 1]")
     plan = {"full": _with_baselines(a.methods or DEFAULT_METHODS),
@@ -349,7 +419,8 @@ def main(argv=None) -> int:
 
         # configs/demo.yaml is read once: every run of the table uses the same base
         base = work / "demo.yaml"
-        base.write_bytes(Path(DEMO_CONFIG).read_bytes())
+        if not (a.resume and base.is_file()):  # a table taken up again keeps the base it started with
+            base.write_bytes(Path(DEMO_CONFIG).read_bytes())
         # train_full is always written: the configurations are checked (and the teacher scored) with it
         prep = prepare(work, a.eval_bytes, {"full": 1.0, **({"data_limited": a.limited_fraction}
                                                              if "data_limited" in regimes else {})})
@@ -405,7 +476,7 @@ def execute(a, tasks, n_steps, plan, work, base, paths, jobs, threads) -> dict:
         smol_f = pool.apply_async(smollm2_bpb, (paths, {"seq_len": e.seq_len, "batch_size": e.batch_size,
                                                         "context_bytes": e.context_bytes})) if a.smollm2 else None
         futures = [pool.apply_async(run_one, (m, r, s, n_steps[r], str(work), base, paths, a.eval_bytes, a.verbose,
-                                              tuple(a.set))) for m, r, s in tasks]
+                                              tuple(a.set), a.resume)) for m, r, s in tasks]
         failed = []
         for (m, reg, s), f in zip(tasks, futures):  # in submission order; each run printed when collected
             try:
@@ -415,9 +486,10 @@ def execute(a, tasks, n_steps, plan, work, base, paths, jobs, threads) -> dict:
                 print(f"{reg:<12} {m:<12} seed {s}: FAILED ({failed[-1]['error'][:200]})", flush=True)
                 continue
             runs.append(r)
+            took = ("reused" if r.get("reused") else "") + (
+                f" {r['run_seconds']:.0f} s ({r['cpu_seconds']:.0f} CPU s)" if r["run_seconds"] is not None else "")
             print(f"{r['regime']:<12} {r['method']:<12} seed {r['seed']}: validation {r['bpb_validation']:.4f}, "
-                  f"test {r['bpb_test']:.4f} bits/byte, {r['seconds_per_step']:.2f} s/step, {r['run_seconds']:.0f} s "
-                  f"({r['cpu_seconds']:.0f} CPU s)", flush=True)
+                  f"test {r['bpb_test']:.4f} bits/byte, {r['seconds_per_step']:.2f} s/step,{took}", flush=True)
         teacher = teacher_f.get()
         smol = smol_f.get() if smol_f is not None else None
         pool.close()  # let the workers exit on their own (leaving the block would terminate them)

@@ -39,7 +39,7 @@ def costs_from(path: Path) -> dict[str, float]:
 
     per: dict[str, list[float]] = {}
     for r in read_result(path)["runs"]:
-        if r.get("steps"):
+        if r.get("steps") and r.get("cpu_seconds") is not None:  # reused runs (--resume) have no CPU time
             per.setdefault(r["method"], []).append(max(0.0, r["cpu_seconds"] - RUN_FIXED_SECONDS) / r["steps"])
     return {m: statistics.median(v) for m, v in per.items()}
 
@@ -93,8 +93,9 @@ def summarise(runs: list[dict], methods: list[str]) -> tuple[float, float | None
                "gain_pct_mean": _mean_std(gains)[0], "gain_pct_std": _mean_std(gains)[1], "gain_pct_per_seed": gains,
                "gap_closed_pct": 100.0 * (ce_bpb - mean) / gap if gap > 0 else None,
                "seconds_per_step": statistics.median(r["seconds_per_step"] for r in rs),
-               "run_seconds_mean": statistics.fmean(r["run_seconds"] for r in rs),
-               "cpu_seconds_mean": statistics.fmean(r["cpu_seconds"] for r in rs)}
+               # over the runs that were timed (a run reused by --resume has no wall or CPU seconds)
+               "run_seconds_mean": _mean_std([r["run_seconds"] for r in rs if r.get("run_seconds") is not None])[0],
+               "cpu_seconds_mean": _mean_std([r["cpu_seconds"] for r in rs if r.get("cpu_seconds") is not None])[0]}
         rows.append(row)
     ceiling = next((r for r in rows if r["method"] == "ceiling_kd"), None)
     for row in rows:
