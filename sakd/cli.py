@@ -137,7 +137,19 @@ def cmd_distill(args) -> int:
     args._log_dir = cfg.train.output_dir
     from sakd.distill import distill
 
-    distill(cfg, resume=args.resume, progress=not args.no_progress)
+    result = distill(cfg, resume=args.resume, progress=not args.no_progress)
+    if cfg.eval.ce_only_baseline:
+        from sakd.compare import add_ce_only_to_report, run_ce_only
+
+        if result.get("stopped"):
+            print(f"cross-entropy-only run not started: the run stopped ({result['stopped']}); it follows the "
+                  "run's --resume", flush=True)
+            return 0
+        ce = run_ce_only(args.config, args.overrides, cfg.train.output_dir, progress=not args.no_progress)
+        if "student_bpb_final" in ce and "student_bpb_final" in result:  # the main process
+            add_ce_only_to_report(cfg.train.output_dir, cfg, result, ce)
+            print(f"held-out bits/byte: distilled {result['student_bpb_final']:.4f}, cross-entropy only "
+                  f"{ce['student_bpb_final']:.4f} (report: {cfg.train.output_dir}/report.md)", flush=True)
     return 0
 
 

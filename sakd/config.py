@@ -168,6 +168,9 @@ class EvalConfig:
     context_bytes: int = F(384, "Sliding windows: every scored token sees at least this many UTF-8 bytes of the "
                            "text before it (the same budget for teacher and student; 0 = independent windows).",
                            min=0)
+    ce_only_baseline: bool = F(False, "sakd distill: afterwards also train the same student with cross-entropy "
+                               "alone (same data, steps and seed) in <output_dir>/ce-only, and add its held-out "
+                               "bits per byte to the report (student_bpb_ce_only): what the teacher adds.")
 
 
 @dataclass

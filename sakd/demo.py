@@ -117,9 +117,9 @@ def run_demo(out: str | Path, steps: int | None = None, compare: bool = False, o
     }
     if compare:
         log("== the same student, cross-entropy only, same data and steps ==")
-        ce_over = ["loss.logit=none", "loss.kd_weight=0", "loss.ce_weight=1", "loss.chunk_weight=0",
-                   "loss.hidden.weight=0", "loss.attention.weight=0", "loss.contrastive.weight=0", "moe.mode=topk"]
-        ce_cfg = load_config(config, base + [f"train.output_dir={out / 'ce-only'}", *overrides, *ce_over])
+        from sakd.compare import CE_ONLY
+
+        ce_cfg = load_config(config, base + [f"train.output_dir={out / 'ce-only'}", *overrides, *CE_ONLY])
         _fresh(out / "ce-only")
         ce = distill(ce_cfg, log=log)
         report["student_bpb_ce_only"] = ce["student_bpb_final"]

@@ -139,3 +139,30 @@ def test_sakd_evaluate_on_conversations_scores_assistant_content(tiny_assets, ch
         m = out[side]
         # about the assistant's share of the contents (~60 %), not every byte of the rendering
         assert 0.4 * out["heldout_bytes"] < m["bytes"] < 0.8 * out["heldout_bytes"] and m["bits_per_byte"] > 0
+
+
+def test_sakd_distill_with_the_ce_only_baseline_reports_both_students(tiny_assets, tmp_path, chat_file):
+    """eval.ce_only_baseline: after the run, the same student with cross-entropy alone (same data, steps,
+    seed) in <out>/ce-only; its held-out bits per byte (assistant content) is the report's CE-only row."""
+    from sakd.cli import main
+
+    out = tmp_path / "out"
+    over = tiny_overrides(tiny_assets, out, **{"data.source": chat_file, "data.eval_source": chat_file,
+                                               "data.seq_len": 96, "loss.logit": "mapped_kl", "moe.mode": "ka",
+                                               "eval.ce_only_baseline": True})
+    assert main(["distill", "--no-progress", *over]) == 0
+    rep = json.loads((out / "report.json").read_text())
+    ce_res = json.loads((out / "ce-only" / "result.json").read_text())
+    ce_rep = json.loads((out / "ce-only" / "report.json").read_text())
+    assert rep["extra"]["student_bpb_ce_only"] == ce_res["student_bpb_final"] > 0
+    assert rep["student_bpb_final"] != ce_res["student_bpb_final"]  # the teacher changed the student
+    assert "assistant" in rep["units"]["teacher_bpb"]
+    # the same data, steps and seed; no teacher term
+    main_cfg, ce_cfg = rep["config"], ce_rep["config"]
+    assert ce_cfg["data"] == main_cfg["data"] and ce_cfg["train"]["seed"] == main_cfg["train"]["seed"]
+    assert ce_res["steps"] == rep["steps"] == 3
+    assert ce_cfg["loss"]["logit"] == "none" and ce_cfg["loss"]["kd_weight"] == 0 and ce_cfg["moe"]["mode"] == "topk"
+    hist = json.loads((out / "ce-only" / "history.json").read_text())["history"]
+    assert all("kd" not in h for h in hist) and all(h["w_ce"] == 1.0 for h in hist)
+    md = (out / "report.md").read_text()
+    assert f"| student, cross-entropy only | {ce_res['student_bpb_final']:.4f} |" in md

@@ -159,3 +159,27 @@ def test_benchmark_splits_are_disjoint_and_the_limited_text_is_a_leading_part_of
         assert 0.08 * len(full["train"][name]) < len(text) <= 0.1 * len(full["train"][name])
     assert leading_part("ab\n\ncd\n\nef", 0.8) == "ab\n\ncd\n"       # cut at the last paragraph break
     assert leading_part("ab\n\ncd\n\nef", 0.7) == "ab\n" and leading_part("abc", 1.0) == "abc"
+
+
+def test_resume_takes_a_finished_run_only_under_the_same_configuration(quality, tmp_path):
+    """--resume: asset paths of another checkout, and a key added since at its default, are no change; a
+    changed value is; a run reused without timings gives a row whose timing means skip it."""
+    from sakd.config import load_config, to_dict
+
+    cfg = to_dict(load_config(None, ["model.teacher=/a/checkout/assets/demo/teacher", "loss.logit=mapped_kl"]))
+    old = json.loads(json.dumps(cfg))
+    old["model"]["teacher"] = "/another/clone/assets/demo/teacher"
+    del old["loss"]["baseline"]                                   # the key did not exist then
+    assert quality.config_changes(old, cfg) == []
+    old["loss"]["logit"] = "shared_kl"
+    assert quality.config_changes(old, cfg) == ["loss.logit"]
+    new = json.loads(json.dumps(cfg))
+    new["loss"]["baseline"] = "uld"                               # added since, NOT at its default
+    assert quality.config_changes(json.loads(json.dumps(old)) | {"loss": {**old["loss"], "logit": "mapped_kl"}},
+                                  new) == ["loss.baseline"]
+    from quality_summary import summarise
+    runs = [_run("ce", 0, 3.0), _run("ce", 1, 3.2), {**_run("mapped_kl", 0, 2.9), "run_seconds": None,
+                                                      "cpu_seconds": None}, _run("mapped_kl", 1, 3.0)]
+    rows = {r["method"]: r for r in summarise(runs, ["ce", "mapped_kl"])[2]}
+    assert rows["mapped_kl"]["cpu_seconds_mean"] == 9.0 and rows["mapped_kl"]["run_seconds_mean"] == 10.0
+    assert rows["mapped_kl"]["bpb_mean"] == pytest.approx(2.95, abs=1e-12)
