@@ -125,19 +125,44 @@ def count_mapped(batch, tables: MappingTables) -> int:
 def _path_log_mass(t2, t_ids, pos: MappedPositions, e_idx, Lt: int, vt: int, tables: MappingTables,
                    temperature: float, dtype) -> torch.Tensor:
     """log of Π_{i<l<m} p_l(t_l) · Σ_{v starts with bytes(t_m)[:q]} p_m(v) for the extended positions
-    ``e_idx``: the realised path after teacher token i (the factor p_i(t_i)/Z is added by the caller)."""
-    out = torch.zeros(e_idx.numel(), dtype=dtype, device=t2.device)
-    sorted_ids = tables.sorted_ids.to(t2.device)
-    # the few integers each position needs, fetched in one transfer: no host sync inside the loop
+    ``e_idx``: the realised path after teacher token i (the factor p_i(t_i)/Z is added by the caller).
+
+    Teacher row r predicts token r + 1, so position n uses rows i..m-1: rows i..m-2 give the realised
+    tokens' log-probabilities, row m-1 the prefix mass of t_m's first q bytes. All positions at once:
+    the rows are gathered once, each row's log-normaliser computed once, and the variable-length prefix
+    ranges are flattened and reduced by segment (no loop, no host sync)."""
+    dev = t2.device
     b, i, m = pos.b[e_idx], pos.i[e_idx], pos.m[e_idx]
-    f = tables.offset.to(t2.device)[t_ids[b, m]] + pos.q[e_idx]
-    lo, hi = tables.lo.to(t2.device)[f], tables.hi.to(t2.device)[f]
-    for n, (b, i, m, lo, hi) in enumerate(zip(*torch.stack([b, i, m, lo, hi]).tolist())):
-        rows = t2[b * Lt + i: b * Lt + m, :vt].to(dtype) / temperature     # teacher rows i .. m-1
-        lse = torch.logsumexp(rows, -1)
-        path = (rows[:-1].gather(1, t_ids[b, i + 1:m, None]).squeeze(1) - lse[:-1]).sum()
-        out[n] = path + torch.logsumexp(rows[-1, sorted_ids[lo:hi]], 0) - lse[-1]
-    return out
+    n = e_idx.numel()
+    if n == 0:
+        return torch.zeros(0, dtype=dtype, device=dev)
+    # (position, row) pairs: rows i .. m-1 of each position
+    cnt = m - i                                                           # >= 1: the token runs past c_i
+    owner = torch.repeat_interleave(torch.arange(n, device=dev), cnt)
+    first = cnt.cumsum(0) - cnt
+    r = i[owner] + torch.arange(owner.numel(), device=dev) - first[owner]
+    rows = t2.index_select(0, b[owner] * Lt + r)[:, :vt].to(dtype) / temperature   # [P, vt]
+    lse = torch.logsumexp(rows, -1)
+    last = r == m[owner] - 1
+    # rows before the last: the realised next token's log-probability
+    mid = (~last).nonzero().squeeze(1)
+    nxt = t_ids[b[owner[mid]], r[mid] + 1]
+    out = torch.zeros(n, dtype=dtype, device=dev)
+    out.index_add_(0, owner[mid], rows[mid].gather(1, nxt[:, None]).squeeze(1) - lse[mid])
+    # the last row: log Σ over the teacher tokens starting with bytes(t_m)[:q] (one sorted range each)
+    f = tables.offset.to(dev)[t_ids[b, m]] + pos.q[e_idx]
+    lo, hi = tables.lo.to(dev)[f], tables.hi.to(dev)[f]
+    lens = hi - lo
+    seg = torch.repeat_interleave(torch.arange(n, device=dev), lens)
+    start = torch.repeat_interleave(lo - (lens.cumsum(0) - lens), lens)
+    tid = tables.sorted_ids.to(dev)[start + torch.arange(int(lens.sum()), device=dev)]
+    last_row = torch.empty(n, dtype=torch.long, device=dev)
+    last_row[owner[last]] = last.nonzero().squeeze(1)
+    vals = rows[last_row[seg], tid]
+    peak = torch.full((n,), -torch.inf, dtype=dtype, device=dev).scatter_reduce_(0, seg, vals, "amax")
+    peak = torch.where(torch.isfinite(peak), peak, torch.zeros_like(peak))
+    mass = torch.zeros(n, dtype=dtype, device=dev).index_add_(0, seg, (vals - peak[seg]).exp())
+    return out + mass.log() + peak - lse[last_row]
 
 
 class _Targets:

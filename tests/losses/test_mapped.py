@@ -159,6 +159,7 @@ def test_every_case_occurs(pair):
     batch = _batch(s_tok, t_tok)
     pos = mapped_positions(batch, build_tables(s_tok, t_tok))
     assert (pos.k == 0).any() and (pos.k > 0).any() and pos.ext.any()
+    assert int((pos.m - pos.i)[pos.ext].max()) >= 2  # a student token over 3 teacher tokens: a mid-path factor
     t_strs = token_strings(t_tok)
     assert any(b and b.endswith(b"\xc3") for b in (t_strs[i] for i in batch["t_ids"].flatten().tolist()))
     got, total = mapped_coverage(batch, build_tables(s_tok, t_tok))
