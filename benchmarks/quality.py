@@ -69,6 +69,10 @@ METHODS: dict[str, list[str]] = {
     "sar_mapped": [*COMMON, "loss.logit=mapped_kl", "moe.mode=sar"],
     "uld": [*COMMON, "loss.baseline=uld"],  # baselines: explicit key, a warning in the log
     "truncation": [*COMMON, "loss.baseline=truncation"],
+    # ablations of mapped_kl, on request: its targets at the 1:1 chunks only (the positions shared_kl uses),
+    # and without the realised-token move
+    "mapped_kl_o2o": [*COMMON, "loss.logit=mapped_kl", "loss.mapped_positions=one_to_one"],
+    "mapped_kl_noext": [*COMMON, "loss.logit=mapped_kl", "loss.mapped_extend=false"],
     # the rows of the earlier table (docs/benchmarks.md), on request
     "shared_kl+chunk": [*COMMON, "loss.logit=shared_kl", "loss.chunk_weight=0.5"],
     "ka": [*COMMON, "loss.logit=shared_kl", "moe.mode=ka"],

@@ -105,6 +105,9 @@ class LossConfig:
                       choices=("", "uld", "gold", "truncation"))
     mapped_extend: bool = F(True, "mapped_kl: where the realised student token runs past the teacher token, move "
                             "the realised path's probability to its cell (BPM); false keeps the first-token map.")
+    mapped_positions: str = F("all", "mapped_kl: the student positions that get a target: all; one_to_one (only "
+                              "those of 1:1 chunks, where shared_kl has its targets: an ablation that separates "
+                              "the vocabulary mapping from the extra positions).", choices=("all", "one_to_one"))
     divergence: str = F("forward_kl", "Divergence for the logit loss.", choices=("forward_kl", "reverse_kl", "jsd", "tvd"))
     beta: float = F(0.5, "Generalized JSD mixture weight (0 = forward KL, 1 = reverse KL).", min=0.0, max=1.0)
     temperature: float = F(1.0, "Softmax temperature for the logit loss (the loss is scaled by T^2).", gt=0.0)
@@ -221,6 +224,9 @@ class Config:
             raise UserError(f"moe.experts_end={self.moe.experts_end} is below moe.experts_start={self.moe.experts_start}")
         if self.train.max_time is not None:
             parse_duration(self.train.max_time, "train.max_time")
+        if self.loss.mapped_positions != "all" and self.model.teacher_cache:
+            raise UserError(f"loss.mapped_positions={self.loss.mapped_positions} with model.teacher_cache: a cache "
+                            "holds every position's target; use loss.mapped_positions=all, or the live teacher")
         return self
 
 

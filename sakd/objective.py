@@ -81,7 +81,7 @@ def count_targets(micro: list[dict], cfg: Config, mapping=None) -> dict[str, flo
     for b in micro:
         o2o = one_to_one(b)
         if cfg.loss.method == "mapped_kl":
-            c["kd"] += count_mapped(b, mapping)
+            c["kd"] += count_mapped(b, mapping, cfg.loss.mapped_positions == "one_to_one")
         elif cfg.loss.method == "shared_kl" or cfg.loss.method == "gold":
             c["kd"] += int(o2o.sum())
         elif cfg.loss.method == "uld":
@@ -109,7 +109,8 @@ def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc,
         raise ValueError(f"the fused output layer serves shared_kl/mapped_kl without gap weighting, not {name}")
     if name == "mapped_kl":
         return mapped_kd(s_logits, t_logits.detach(), batch, mapping, divergence=div, temperature=lc.temperature,
-                         beta=lc.beta, chunk_rows=lc.chunk_rows, extend=lc.mapped_extend, head_weight=head_weight)[0]
+                         beta=lc.beta, chunk_rows=lc.chunk_rows, extend=lc.mapped_extend, head_weight=head_weight,
+                         one_to_one_only=lc.mapped_positions == "one_to_one")[0]
     if name == "shared_kl" and lc.gap_weighting and not teacher_grad:
         return gap_weighted_kd(s_logits, t_logits.detach(), batch, shared_s, shared_t, div, lc.temperature,
                                lc.gap_clip)

@@ -42,6 +42,7 @@ import torch
 
 from sakd.align.mapping import MappingTables
 from sakd.errors import UserError
+from sakd.losses.batch import one_to_one
 from sakd.losses.divergences import (_ChunkedRowLoss, _check_settings, _kernel, _kl_rows, _log_softmax32,
                                      divergence_sum)
 
@@ -70,8 +71,9 @@ def _chunk_sums(chunk: torch.Tensor, values: torch.Tensor, C: int) -> torch.Tens
 
 
 @torch.no_grad()
-def mapped_positions(batch, tables: MappingTables) -> MappedPositions:
-    """The student positions that get a target, and where their bytes sit in the teacher's tokens.
+def mapped_positions(batch, tables: MappingTables, one_to_one_only: bool = False) -> MappedPositions:
+    """The student positions that get a target, and where their bytes sit in the teacher's tokens
+    (``one_to_one_only``: only the positions of 1:1 chunks, ``loss.mapped_positions=one_to_one``).
 
     Works on the batch format of sakd/data.py: token ids, the chunk of every token (-1: start
     token or padding) and the chunk table; byte lengths come from the tables (canonical bytes
@@ -101,6 +103,8 @@ def mapped_positions(batch, tables: MappingTables) -> MappedPositions:
     t_key = torch.cummax(t_key, dim=1).values
     text = s_chunk >= 0
     text[:, 0] = False
+    if one_to_one_only:
+        text &= one_to_one(batch).gather(1, s_chunk.clamp(min=0))
     if tables.identity:  # one tokenizer: the same tokens on both sides, every text position, plain KD
         b, j = text.nonzero(as_tuple=True)
         zero = torch.zeros_like(b)
@@ -117,8 +121,8 @@ def mapped_positions(batch, tables: MappingTables) -> MappedPositions:
                            q=ke - (t_key[b, m] - lt[b, m]))
 
 
-def count_mapped(batch, tables: MappingTables) -> int:
-    return len(mapped_positions(batch, tables))
+def count_mapped(batch, tables: MappingTables, one_to_one_only: bool = False) -> int:
+    return len(mapped_positions(batch, tables, one_to_one_only))
 
 
 @torch.no_grad()
@@ -240,7 +244,8 @@ class _Targets:
 def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: MappingTables, *,
               divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
               t_vocab_size: int | None = None, chunk_rows: int = 1024, extend: bool = True,
-              head_weight: torch.Tensor | None = None, positions: MappedPositions | None = None):
+              head_weight: torch.Tensor | None = None, positions: MappedPositions | None = None,
+              one_to_one_only: bool = False):
     """Σ_j D(Q_j ‖ q_j) over every student position with a target (module docstring), D the divergence
     ``divergence`` at temperature T (q_j = softmax(s_j / T); Q_j mapped from softmax(t_i / T)).
 
@@ -255,7 +260,7 @@ def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: Map
     if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1):
         raise UserError("loss.logit=mapped_kl needs a divergence that allows zeros in the target "
                         "(forward_kl, jsd with beta < 1, tvd), not reverse KL: set loss.divergence=forward_kl")
-    pos = mapped_positions(batch, tables) if positions is None else positions
+    pos = mapped_positions(batch, tables, one_to_one_only) if positions is None else positions
     vt = t_logits.shape[-1] if t_vocab_size is None else int(t_vocab_size)
     Ls, Lt = s_logits.shape[1], t_logits.shape[1]
     dev_s = s_logits.device

@@ -96,7 +96,7 @@ def _phi_ref(suffix: bytes, s_tok, s_strings) -> int:
     return best
 
 
-def reference(s_logits, t_logits, texts, s_tok, t_tok, extend=True):
+def reference(s_logits, t_logits, texts, s_tok, t_tok, extend=True, only_one_to_one=False):
     """Σ_j KL(Q_j ‖ q_j) in float64, enumerating teacher tokens for every student position."""
     s_str, t_str = token_strings(s_tok), token_strings(t_tok)
     t_ok = [i for i, b in enumerate(t_str) if b and i < len(t_tok)]
@@ -108,6 +108,8 @@ def reference(s_logits, t_logits, texts, s_tok, t_tok, extend=True):
         s = encode_with_bytes(s_tok, text, start_token=s_tok.bos_token_id)
         t = encode_with_bytes(t_tok, text, start_token=t_tok.eos_token_id)
         for (ss, se, ts, te) in align(s, t):
+            if only_one_to_one and (se - ss != 1 or te - ts != 1):
+                continue
             # a chunk gets targets only where each token's own bytes are its span (no synthetic space)
             if any(s_str[s.ids[q]] != data[s.byte_starts[q]:s.byte_ends[q]] for q in range(ss, se)) or any(
                     t_str[t.ids[q]] != data[t.byte_starts[q]:t.byte_ends[q]] for q in range(ts, te)):
@@ -249,3 +251,29 @@ def real_pair_tables():
 
     s_tok, t_tok = smollm2_tokenizer(), qwen_tokenizer()
     return build_tables(s_tok, t_tok), s_tok, t_tok
+
+
+def test_one_to_one_positions_only_match_the_reference_restricted_to_one_to_one_chunks(pair):
+    """loss.mapped_positions=one_to_one (the ablation): the same targets, at the 1:1 chunks only, which are
+    the positions shared_kl uses; against the float64 reference restricted the same way."""
+    from sakd.losses.batch import one_to_one_positions
+
+    s_tok, t_tok = pair
+    tables = build_tables(s_tok, t_tok)
+    batch = _batch(s_tok, t_tok)
+    vs, vt = len(s_tok), len(t_tok)
+    t_logits = _logits(batch, "t", vt, 1)
+    s_logits = _logits(batch, "s", vs, 0).requires_grad_()
+    pos = mapped_positions(batch, tables, one_to_one_only=True)
+    b, sp, _ = one_to_one_positions(batch)
+    mine, shared = set(zip(pos.b.tolist(), (pos.j - 1).tolist())), set(zip(b.tolist(), sp.tolist()))
+    # the same positions, but a chunk opening a text with a synthetic "▁" (its bytes are not the text's)
+    assert mine <= shared and len(shared - mine) <= len(TEXTS)
+    assert 0 < len(pos) < len(mapped_positions(batch, tables))
+    loss, n = mapped_kd(s_logits, t_logits, batch, tables, t_vocab_size=vt, chunk_rows=5, one_to_one_only=True)
+    loss.backward()
+    s64 = s_logits.detach().double().requires_grad_()
+    ref, n_ref = reference(s64, t_logits.double(), TEXTS, s_tok, t_tok, True, only_one_to_one=True)
+    ref.backward()
+    torch.testing.assert_close(s_logits.grad.double(), s64.grad, rtol=1e-6, atol=1e-7)
+    assert int(n) == n_ref and math.isclose(float(loss.detach()), float(ref.detach()), rel_tol=1e-6)
