@@ -472,7 +472,8 @@ CACHE_COMMON = ["loss.hidden.weight=0", "loss.attention.weight=0", "loss.contras
 
 def cache_section(steps: int, threads: int, work: Path) -> dict:
     """Demo pair, moe.mode=topk, one packed k = 64 cache: the student from the cache vs from the live teacher
-    with shared_kl (the demo's logit loss) and with mapped_kl, same steps and seed."""
+    with shared_kl and with mapped_kl (the demo's logit loss), same steps and seed. The logit loss is pinned
+    here, whatever configs/demo.yaml says."""
     from sakd.cache import build_cache
     from sakd.config import load_config
 
@@ -481,7 +482,7 @@ def cache_section(steps: int, threads: int, work: Path) -> dict:
     t0 = time.time()
     manifest = build_cache(cfg, work / "cache", k=64, log=lambda *a: None)
     build_s = time.time() - t0
-    shared = _cache_pair(steps, threads, work, "shared_kl", extra, work / "cache")
+    shared = _cache_pair(steps, threads, work, "shared_kl", extra + ["loss.logit=shared_kl"], work / "cache")
     mapped = _cache_pair(steps, threads, work, "mapped_kl", extra + ["loss.logit=mapped_kl"], work / "cache")
     return {"cache_bytes_per_token": manifest["bytes_per_token"], "cache_bpb_ratio": shared["bpb_ratio"],
             "cache_bpb_ratio_mapped": mapped["bpb_ratio"],
@@ -492,13 +493,14 @@ def cache_section(steps: int, threads: int, work: Path) -> dict:
 
 def cache_ka_section(steps: int, seeds: int, threads: int, work: Path) -> dict:
     """KA from a cache (M = 2 sampled routings stored per position) vs live KA, demo pair, one cache per seed
-    (the draws are seeded by train.seed), shared_kl; mean ratio over the seeds."""
+    (the draws are seeded by train.seed), mapped_kl (the demo's default, pinned); mean ratio over the seeds."""
     from sakd.cache import build_cache
     from sakd.config import load_config
 
     runs = []
     for seed in range(seeds):
-        extra = ["moe.mode=ka", *CACHE_COMMON, f"data.max_examples={steps * 8}", f"train.seed={seed}"]
+        extra = ["moe.mode=ka", "loss.logit=mapped_kl", *CACHE_COMMON, f"data.max_examples={steps * 8}",
+                 f"train.seed={seed}"]
         cfg = load_config(ROOT / "configs" / "demo.yaml", demo_overrides(work / f"ka-build-{seed}", steps, extra))
         t0 = time.time()
         build_cache(cfg, work / f"ka-cache-{seed}", k=64, log=lambda *a: None)
