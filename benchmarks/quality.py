@@ -217,8 +217,6 @@ def run_one(method: str, regime: str, seed: int, steps: int, work: str, base: st
             resume: bool = False) -> dict:
     """One distillation run in its own folder, its student scored on both splits; its row is also written
     to ROW_FILE there (``resume``: a finished run of the same configuration is not trained again)."""
-    import statistics
-
     from sakd.distill import distill
 
     out = Path(work) / f"{regime}-{method.replace('+', '_')}-seed{seed}"
@@ -242,14 +240,20 @@ def run_one(method: str, regime: str, seed: int, steps: int, work: str, base: st
     (out / "distill.log").write_text("\n".join(lines) + "\n")
     secs = [h["seconds"] for h in json.loads((out / "history.json").read_text())["history"]]
     bpb = score(res["student_dir"], paths, cfg)
-    row = {"method": method, "regime": regime, "seed": seed, "bpb_validation": bpb["validation"],
-           "bpb_test": bpb["test"], "bpb_validation_by_distill": res["student_bpb_final"],
-           "bpb_initial_validation": res["student_bpb_initial"], "student_parameters": res.get("student_parameters"),
-           "steps": res["steps"], "tokens_per_step": res["tokens_per_step"], "train_spans": res.get("train_spans"),
-           "seconds_per_step": statistics.median(secs), "seconds_per_step_mean": statistics.fmean(secs),
-           "run_seconds": time.time() - t0, "cpu_seconds": _cpu_seconds() - c0}
+    row = _row(method, regime, seed, res, bpb, secs, run_seconds=time.time() - t0, cpu_seconds=_cpu_seconds() - c0)
     (out / ROW_FILE).write_text(json.dumps(row, indent=1) + "\n")
     return row
+
+
+def _row(method: str, regime: str, seed: int, res: dict, bpb: dict, secs: list[float], **timing) -> dict:
+    """A run's row: its scores on both splits, distill's result, its step times."""
+    import statistics
+
+    return {"method": method, "regime": regime, "seed": seed, "bpb_validation": bpb["validation"],
+            "bpb_test": bpb["test"], "bpb_validation_by_distill": res["student_bpb_final"],
+            "bpb_initial_validation": res["student_bpb_initial"], "student_parameters": res.get("student_parameters"),
+            "steps": res["steps"], "tokens_per_step": res["tokens_per_step"], "train_spans": res.get("train_spans"),
+            "seconds_per_step": statistics.median(secs), "seconds_per_step_mean": statistics.fmean(secs), **timing}
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -277,8 +281,6 @@ def reused_row(out: Path, cfg, method: str, regime: str, seed: int, paths: dict)
     A run that wrote its row (ROW_FILE) is read back; a finished run without one (an earlier version of
     this script, or stopped while scoring) has its student scored again and its step times read from
     history.json; its wall and CPU seconds are not known (None)."""
-    import statistics
-
     from sakd.config import to_dict
 
     result, report = out / "result.json", out / "report.json"
@@ -295,12 +297,7 @@ def reused_row(out: Path, cfg, method: str, regime: str, seed: int, paths: dict)
     res = json.loads(result.read_text())
     secs = [h["seconds"] for h in json.loads((out / "history.json").read_text())["history"]]
     bpb = score(res["student_dir"], paths, cfg)
-    row = {"method": method, "regime": regime, "seed": seed, "bpb_validation": bpb["validation"],
-           "bpb_test": bpb["test"], "bpb_validation_by_distill": res["student_bpb_final"],
-           "bpb_initial_validation": res["student_bpb_initial"], "student_parameters": res.get("student_parameters"),
-           "steps": res["steps"], "tokens_per_step": res["tokens_per_step"], "train_spans": res.get("train_spans"),
-           "seconds_per_step": statistics.median(secs), "seconds_per_step_mean": statistics.fmean(secs),
-           "run_seconds": None, "cpu_seconds": None, "distill_seconds": res["seconds"]}
+    row = _row(method, regime, seed, res, bpb, secs, run_seconds=None, cpu_seconds=None, distill_seconds=res["seconds"])
     (out / ROW_FILE).write_text(json.dumps(row, indent=1) + "\n")
     return {**row, "reused": True}
 
