@@ -73,6 +73,7 @@ METHODS: dict[str, list[str]] = {
     # and without the realised-token move
     "mapped_kl_o2o": [*COMMON, "loss.logit=mapped_kl", "loss.mapped_positions=one_to_one"],
     "mapped_kl_noext": [*COMMON, "loss.logit=mapped_kl", "loss.mapped_extend=false"],
+    "mapped_kl_pw": [*COMMON, "loss.logit=mapped_kl", "loss.mapped_prefix_weight=true"],
     # the rows of the earlier table (docs/benchmarks.md), on request
     "shared_kl+chunk": [*COMMON, "loss.logit=shared_kl", "loss.chunk_weight=0.5"],
     "ka": [*COMMON, "loss.logit=shared_kl", "moe.mode=ka"],

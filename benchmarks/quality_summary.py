@@ -23,7 +23,8 @@ SELECTION_RULE = "lowest mean validation bits/byte over the seeds, full-data reg
 # load average ~3, so on the high side); ka_mapped / sar_mapped = mapped_kl + what ka / sar add to shared_kl.
 COST = {"ce": 0.25, "shared_kl": 0.6, "mapped_kl": 0.9, "ceiling_ce": 0.47, "ceiling_kd": 1.33, "ka_mapped": 1.4,
         "sar_mapped": 2.2, "uld": 1.5, "truncation": 0.6, "shared_kl+chunk": 0.65, "ka": 1.1, "sar": 1.9,
-        "gap_weighted": 0.55, "mapped_kl_o2o": 0.8, "mapped_kl_noext": 0.85}
+        "gap_weighted": 0.55, "mapped_kl_o2o": 0.8, "mapped_kl_noext": 0.85,
+        "mapped_kl_pw": 0.9}
 RUN_FIXED_SECONDS = 17.0  # CPU s per run: start-up, loading, teacher + student evaluations, report, both splits
 TEACHER_SECONDS = 15.0  # the teacher scored once on both splits
 

@@ -105,6 +105,10 @@ class LossConfig:
                       choices=("", "uld", "gold", "truncation"))
     mapped_extend: bool = F(True, "mapped_kl: where the realised student token runs past the teacher token, move "
                             "the realised path's probability to its cell (BPM); false keeps the first-token map.")
+    mapped_prefix_weight: bool = F(False, "mapped_kl: weight each position's term by the teacher's probability "
+                                   "of the bytes already seen inside its token (1 where a student token starts "
+                                   "a teacher token): targets conditioned on bytes the teacher did not expect "
+                                   "count less.")
     mapped_positions: str = F("all", "mapped_kl: the student positions that get a target: all; one_to_one (only "
                               "those of 1:1 chunks, where shared_kl has its targets: an ablation that separates "
                               "the vocabulary mapping from the extra positions).", choices=("all", "one_to_one"))

@@ -110,7 +110,8 @@ def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc,
     if name == "mapped_kl":
         return mapped_kd(s_logits, t_logits.detach(), batch, mapping, divergence=div, temperature=lc.temperature,
                          beta=lc.beta, chunk_rows=lc.chunk_rows, extend=lc.mapped_extend, head_weight=head_weight,
-                         one_to_one_only=lc.mapped_positions == "one_to_one")[0]
+                         one_to_one_only=lc.mapped_positions == "one_to_one",
+                         prefix_weight=lc.mapped_prefix_weight)[0]
     if name == "shared_kl" and lc.gap_weighting and not teacher_grad:
         return gap_weighted_kd(s_logits, t_logits.detach(), batch, shared_s, shared_t, div, lc.temperature,
                                lc.gap_clip)

@@ -223,6 +223,7 @@ class _Targets:
             Q.index_put_((row, sid), p[row, tid], accumulate=True)
         Q = Q[:, :vs]
         Z = Q.sum(-1)
+        self.last_mass = Z  # the teacher's probability of the bytes already seen inside token i (1 at k = 0)
         good = Z > 0
         Q.mul_(torch.where(good, Z, torch.ones_like(Z)).reciprocal_()[:, None])
         # Z = 0 only if the teacher's probability underflows on every candidate: the realised token then.
@@ -245,7 +246,7 @@ def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: Map
               divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
               t_vocab_size: int | None = None, chunk_rows: int = 1024, extend: bool = True,
               head_weight: torch.Tensor | None = None, positions: MappedPositions | None = None,
-              one_to_one_only: bool = False):
+              one_to_one_only: bool = False, prefix_weight: bool = False):
     """Σ_j D(Q_j ‖ q_j) over every student position with a target (module docstring), D the divergence
     ``divergence`` at temperature T (q_j = softmax(s_j / T); Q_j mapped from softmax(t_i / T)).
 
@@ -255,7 +256,10 @@ def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: Map
     in chunks of ``chunk_rows``; neither [N, Vt] nor [N, Vs] exists for all rows at once.
 
     One tokenizer on both sides (``tables.identity``): exactly plain full-vocabulary KD at every
-    position. Returns (loss_sum, n positions)."""
+    position. ``prefix_weight`` (``loss.mapped_prefix_weight``): each position's term times Z, the teacher's
+    probability that its token starts with the bytes already seen (1 where the student token starts a
+    teacher token): a target conditioned on bytes the teacher did not expect counts less.
+    Returns (loss_sum, n positions)."""
     _check_settings(temperature, "sum", chunk_rows)
     if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1):
         raise UserError("loss.logit=mapped_kl needs a divergence that allows zeros in the target "
@@ -280,13 +284,18 @@ def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: Map
     def kernel(parts, T, need):
         s, idx = parts
         log_target = target(idx).to(torch.float32)      # log Q [n, vs_tok], already at temperature T
+        w = target.last_mass.to(torch.float32) if prefix_weight else None
         if pad:
             log_target = torch.nn.functional.pad(log_target, (0, pad), value=-float("inf"))
         if divergence == "forward_kl" or (divergence == "jsd" and beta == 0):
             # KL(Q ‖ q) straight from the log-probabilities: Q is normalised, no second log-softmax
             loss, _, g_s = _kl_rows(log_target, _log_softmax32(s, T), False, need[0])
-            return loss, (g_s, None)
-        return base([s, log_target.mul_(T)], T, (need[0], False))  # the kernel divides by T again
+        else:
+            loss, (g_s, _) = base([s, log_target.mul_(T)], T, (need[0], False))  # the kernel divides by T again
+        if w is not None:
+            loss = loss * w
+            g_s = g_s.mul_(w[:, None]) if g_s is not None else None
+        return loss, (g_s, None)
 
     index = ((s_rows, None), (None, None))
     loss = _ChunkedRowLoss.apply(kernel, 1, index, len(pos), chunk_rows, float(temperature), head_weight,

@@ -96,7 +96,7 @@ def _phi_ref(suffix: bytes, s_tok, s_strings) -> int:
     return best
 
 
-def reference(s_logits, t_logits, texts, s_tok, t_tok, extend=True, only_one_to_one=False):
+def reference(s_logits, t_logits, texts, s_tok, t_tok, extend=True, only_one_to_one=False, prefix_weight=False):
     """Σ_j KL(Q_j ‖ q_j) in float64, enumerating teacher tokens for every student position."""
     s_str, t_str = token_strings(s_tok), token_strings(t_tok)
     t_ok = [i for i, b in enumerate(t_str) if b and i < len(t_tok)]
@@ -143,7 +143,8 @@ def reference(s_logits, t_logits, texts, s_tok, t_tok, extend=True, only_one_to_
                     Q[s.ids[j]] += mass
                 logq = torch.log_softmax(s_logits[x, j - 1], -1)
                 keep = Q > 0
-                total = total + (Q[keep] * (Q[keep].log() - logq[keep])).sum()
+                kl = (Q[keep] * (Q[keep].log() - logq[keep])).sum()
+                total = total + (Z * kl if prefix_weight else kl)
                 n += 1
     return total, n
 
@@ -277,3 +278,23 @@ def test_one_to_one_positions_only_match_the_reference_restricted_to_one_to_one_
     ref.backward()
     torch.testing.assert_close(s_logits.grad.double(), s64.grad, rtol=1e-6, atol=1e-7)
     assert int(n) == n_ref and math.isclose(float(loss.detach()), float(ref.detach()), rel_tol=1e-6)
+
+
+def test_prefix_weight_matches_the_float64_reference(pair):
+    """loss.mapped_prefix_weight: every position's KL times Z, the teacher's probability of the candidates
+    consistent with the bytes already seen (1 at k = 0): loss and gradient against the reference."""
+    s_tok, t_tok = pair
+    tables = build_tables(s_tok, t_tok)
+    batch = _batch(s_tok, t_tok)
+    vs, vt = len(s_tok), len(t_tok)
+    t_logits = _logits(batch, "t", vt, 1)
+    s_logits = _logits(batch, "s", vs, 0).requires_grad_()
+    loss, n = mapped_kd(s_logits, t_logits, batch, tables, t_vocab_size=vt, chunk_rows=5, prefix_weight=True)
+    loss.backward()
+    s64 = s_logits.detach().double().requires_grad_()
+    ref, n_ref = reference(s64, t_logits.double(), TEXTS, s_tok, t_tok, True, prefix_weight=True)
+    ref.backward()
+    torch.testing.assert_close(s_logits.grad.double(), s64.grad, rtol=1e-6, atol=1e-7)
+    assert int(n) == n_ref and math.isclose(float(loss.detach()), float(ref.detach()), rel_tol=1e-6)
+    plain, _ = mapped_kd(s_logits.detach(), t_logits, batch, tables, t_vocab_size=vt, chunk_rows=5)
+    assert float(loss.detach()) < float(plain)  # Z < 1 somewhere: the weighted sum is smaller
