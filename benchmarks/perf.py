@@ -472,7 +472,7 @@ CACHE_COMMON = ["loss.hidden.weight=0", "loss.attention.weight=0", "loss.contras
 
 def cache_section(steps: int, threads: int, work: Path) -> dict:
     """Demo pair, moe.mode=topk, one packed k = 64 cache: the student from the cache vs from the live teacher
-    with shared_kl and with mapped_kl (the demo's logit loss), same steps and seed. The logit loss is pinned
+    with shared_kl (the demo's logit loss) and with mapped_kl, same steps and seed. The logit loss is pinned
     here, whatever configs/demo.yaml says."""
     from sakd.cache import build_cache
     from sakd.config import load_config
@@ -493,7 +493,7 @@ def cache_section(steps: int, threads: int, work: Path) -> dict:
 
 def cache_ka_section(steps: int, seeds: int, threads: int, work: Path) -> dict:
     """KA from a cache (M = 2 sampled routings stored per position) vs live KA, demo pair, one cache per seed
-    (the draws are seeded by train.seed), mapped_kl (the demo's default, pinned); mean ratio over the seeds."""
+    (the draws are seeded by train.seed), mapped_kl (pinned); mean ratio over the seeds."""
     from sakd.cache import build_cache
     from sakd.config import load_config
 
