@@ -73,9 +73,13 @@ def test_resume_after_sigkill_is_byte_identical(tiny_assets, tmp_path, reference
     proc = subprocess.Popen(_cli(tiny_assets, tmp_path, out), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while not list(out.glob("shard-*.safetensors")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.01)
-    time.sleep(random.uniform(0, 0.3))  # a random moment after the first shard: possibly mid-write
+    # a random moment in the first half of the build (an idle machine writes a shard in ~10 ms, so a fixed
+    # delay after the first shard could outlast the whole build): after 1..12 of 24 shards, possibly mid-write
+    target = random.randint(1, 12)
+    while (len(list(out.glob("shard-*.safetensors"))) < target and time.time() < deadline
+           and proc.poll() is None):
+        time.sleep(0.002)
+    time.sleep(random.uniform(0, 0.01))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     n_written = len(list(out.glob("shard-*.safetensors")))
