@@ -254,47 +254,44 @@ def real_pair_tables():
     return build_tables(s_tok, t_tok), s_tok, t_tok
 
 
-def test_one_to_one_positions_only_match_the_reference_restricted_to_one_to_one_chunks(pair):
-    """loss.mapped_positions=one_to_one (the ablation): the same targets, at the 1:1 chunks only, which are
-    the positions shared_kl uses; against the float64 reference restricted the same way."""
-    from sakd.losses.batch import one_to_one_positions
-
+def _against_reference(pair, **option):
+    """mapped_kd with ``option`` (one_to_one_only / prefix_weight) against the float64 reference with the
+    same option: loss and gradient at rtol 1e-6. Returns (tables, batch, loss, logits)."""
     s_tok, t_tok = pair
     tables = build_tables(s_tok, t_tok)
     batch = _batch(s_tok, t_tok)
     vs, vt = len(s_tok), len(t_tok)
     t_logits = _logits(batch, "t", vt, 1)
     s_logits = _logits(batch, "s", vs, 0).requires_grad_()
+    loss, n = mapped_kd(s_logits, t_logits, batch, tables, t_vocab_size=vt, chunk_rows=5, **option)
+    loss.backward()
+    s64 = s_logits.detach().double().requires_grad_()
+    ref_option = {"only_one_to_one": option.get("one_to_one_only", False),
+                  "prefix_weight": option.get("prefix_weight", False)}
+    ref, n_ref = reference(s64, t_logits.double(), TEXTS, s_tok, t_tok, True, **ref_option)
+    ref.backward()
+    torch.testing.assert_close(s_logits.grad.double(), s64.grad, rtol=1e-6, atol=1e-7)
+    assert int(n) == n_ref > 0 and math.isclose(float(loss.detach()), float(ref.detach()), rel_tol=1e-6)
+    return tables, batch, loss.detach(), (s_logits.detach(), t_logits, vt)
+
+
+def test_one_to_one_positions_only_match_the_reference_restricted_to_one_to_one_chunks(pair):
+    """loss.mapped_positions=one_to_one (the ablation): the same targets, at the 1:1 chunks only, which are
+    the positions shared_kl uses; against the float64 reference restricted the same way."""
+    from sakd.losses.batch import one_to_one_positions
+
+    tables, batch, _, _ = _against_reference(pair, one_to_one_only=True)
     pos = mapped_positions(batch, tables, one_to_one_only=True)
     b, sp, _ = one_to_one_positions(batch)
     mine, shared = set(zip(pos.b.tolist(), (pos.j - 1).tolist())), set(zip(b.tolist(), sp.tolist()))
     # the same positions, but a chunk opening a text with a synthetic "▁" (its bytes are not the text's)
     assert mine <= shared and len(shared - mine) <= len(TEXTS)
     assert 0 < len(pos) < len(mapped_positions(batch, tables))
-    loss, n = mapped_kd(s_logits, t_logits, batch, tables, t_vocab_size=vt, chunk_rows=5, one_to_one_only=True)
-    loss.backward()
-    s64 = s_logits.detach().double().requires_grad_()
-    ref, n_ref = reference(s64, t_logits.double(), TEXTS, s_tok, t_tok, True, only_one_to_one=True)
-    ref.backward()
-    torch.testing.assert_close(s_logits.grad.double(), s64.grad, rtol=1e-6, atol=1e-7)
-    assert int(n) == n_ref and math.isclose(float(loss.detach()), float(ref.detach()), rel_tol=1e-6)
 
 
 def test_prefix_weight_matches_the_float64_reference(pair):
     """loss.mapped_prefix_weight: every position's KL times Z, the teacher's probability of the candidates
     consistent with the bytes already seen (1 at k = 0): loss and gradient against the reference."""
-    s_tok, t_tok = pair
-    tables = build_tables(s_tok, t_tok)
-    batch = _batch(s_tok, t_tok)
-    vs, vt = len(s_tok), len(t_tok)
-    t_logits = _logits(batch, "t", vt, 1)
-    s_logits = _logits(batch, "s", vs, 0).requires_grad_()
-    loss, n = mapped_kd(s_logits, t_logits, batch, tables, t_vocab_size=vt, chunk_rows=5, prefix_weight=True)
-    loss.backward()
-    s64 = s_logits.detach().double().requires_grad_()
-    ref, n_ref = reference(s64, t_logits.double(), TEXTS, s_tok, t_tok, True, prefix_weight=True)
-    ref.backward()
-    torch.testing.assert_close(s_logits.grad.double(), s64.grad, rtol=1e-6, atol=1e-7)
-    assert int(n) == n_ref and math.isclose(float(loss.detach()), float(ref.detach()), rel_tol=1e-6)
-    plain, _ = mapped_kd(s_logits.detach(), t_logits, batch, tables, t_vocab_size=vt, chunk_rows=5)
-    assert float(loss.detach()) < float(plain)  # Z < 1 somewhere: the weighted sum is smaller
+    tables, batch, loss, (s_logits, t_logits, vt) = _against_reference(pair, prefix_weight=True)
+    plain, _ = mapped_kd(s_logits, t_logits, batch, tables, t_vocab_size=vt, chunk_rows=5)
+    assert float(loss) < float(plain)  # Z < 1 somewhere: the weighted sum is smaller
