@@ -257,24 +257,19 @@ def _row(method: str, regime: str, seed: int, res: dict, bpb: dict, secs: list[f
             "seconds_per_step": statistics.median(secs), "seconds_per_step_mean": statistics.fmean(secs), **timing}
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    """{"loss.logit": ..., ...}; the checkout-specific asset paths reduced to their place under assets/."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = "assets/" + v.split("/assets/", 1)[1] if isinstance(v, str) and "/assets/" in v else v
-    return out
+def _assets_relative(tree):
+    """The config with checkout-specific asset paths reduced to their place under assets/."""
+    if isinstance(tree, dict):
+        return {k: _assets_relative(v) for k, v in tree.items()}
+    return "assets/" + tree.split("/assets/", 1)[1] if isinstance(tree, str) and "/assets/" in tree else tree
 
 
 def config_changes(saved: dict, current: dict) -> list[str]:
-    """The keys whose values differ between a finished run's config (report.json) and the planned one; a key
-    added to the configuration since the run, at its default, is no change (as for `sakd distill --resume`)."""
-    from sakd.config import Config, to_dict
+    """The keys whose values differ between a finished run's config (report.json) and the planned one, asset
+    paths compared under assets/ (sakd.config.changed_keys: keys added since, at their defaults, are no change)."""
+    from sakd.config import changed_keys
 
-    a, b, default = _flat(saved), _flat(current), _flat(to_dict(Config()))
-    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not (k not in a and b[k] == default.get(k))]
+    return changed_keys(_assets_relative(saved), _assets_relative(current))
 
 
 def reused_row(out: Path, cfg, method: str, regime: str, seed: int, paths: dict) -> dict | None:

@@ -382,6 +382,24 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """{"loss.logit": value, ...} from a nested config dict (``to_dict``)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def changed_keys(saved: dict, current: dict) -> list[str]:
+    """Dotted keys whose values differ between two config dicts; a key added to the configuration since
+    ``saved`` was written, at its default, is no change (e.g. loss.baseline in an older checkpoint)."""
+    a, b, default = flatten(saved), flatten(current), flatten(to_dict(Config()))
+    return [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and not (k not in a and b[k] == default.get(k))]
+
+
 def field_help(cls=Config, prefix: str = "") -> list[tuple[str, str, Any]]:
     """(dotted key, help, default) for every leaf field — the text of `sakd distill --help`."""
     rows = []

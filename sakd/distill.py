@@ -32,7 +32,7 @@ from sakd.align.mapping import mapping_tables
 from sakd.align.vocab import build_vocab_map
 from sakd import objective
 from sakd.checkpoint import list_checkpoints, load_latest, save_checkpoint
-from sakd.config import Config, parse_duration, to_dict
+from sakd.config import Config, changed_keys, flatten, parse_duration, to_dict
 from sakd.data import Collator, SpanDataset, pad_id, span_data
 from sakd.errors import UserError
 from sakd.evaluate import bits_per_byte
@@ -194,24 +194,13 @@ RESUME_MAY_CHANGE = ("train.max_steps", "train.max_time", "train.output_dir", "t
                      "logging.", "eval.")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _check_resume_config(path: Path, saved: dict | None, current: dict) -> None:
     """Refuse to resume a checkpoint written with a different training configuration."""
     if not saved:
         return  # a checkpoint from before configurations were stored
-    a, b, default = _flatten(saved), _flatten(current), _flatten(to_dict(Config()))
-    diff = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)
-            and not (k not in a and b.get(k) == default.get(k))  # a key added since (e.g. loss.baseline), at its default
-            and not any(k == m or (m.endswith(".") and k.startswith(m)) for m in RESUME_MAY_CHANGE)]
+    a, b = flatten(saved), flatten(current)
+    diff = [k for k in changed_keys(saved, current)
+            if not any(k == m or (m.endswith(".") and k.startswith(m)) for m in RESUME_MAY_CHANGE)]
     if diff:
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in diff[:3]) + (" ..." if len(diff) > 3 else "")
         raise UserError(f"checkpoint {str(path)!r} was written with another configuration ({shown}): resume with "

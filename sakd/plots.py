@@ -24,6 +24,15 @@ def _figure(path: Path, draw, size=(7.0, 4.2)) -> Path:
     return path
 
 
+def _step_axes(ax, ylabel: str, title: str) -> None:
+    """Labels, legend and grid of a plot against the optimizer step."""
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+
+
 def plot_loss_terms(history: list[dict], path: Path) -> Path | None:
     terms = sorted({k[2:] for rec in history for k in rec if k.startswith("w_") and k[2:] in rec})
     if not terms:
@@ -38,11 +47,7 @@ def plot_loss_terms(history: list[dict], path: Path) -> Path | None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], label=f"{t} ({TERM_UNITS.get(t, 'per target')})")
         if positive:
             ax.set_yscale("log")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss term value (unweighted; unit per term)")
-        ax.set_title("Distillation loss terms")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        _step_axes(ax, "loss term value (unweighted; unit per term)", "Distillation loss terms")
     return _figure(path, draw)
 
 
@@ -59,11 +64,7 @@ def plot_heldout_bpb(evals: list[dict], teacher_bpb: float | None, path: Path,
         if extra and extra.get("student_bpb_ce_only") is not None:
             ax.plot([evals[-1]["step"]], [extra["student_bpb_ce_only"]], "s", color="tab:green",
                     label=f"student, cross-entropy only ({extra['student_bpb_ce_only']:.3f})")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("held-out bits per UTF-8 byte (lower is better)")
-        ax.set_title("Held-out bits per byte")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        _step_axes(ax, "held-out bits per UTF-8 byte (lower is better)", "Held-out bits per byte")
     return _figure(path, draw)
 
 
@@ -117,9 +118,6 @@ def plot_router_shift(history: list[dict], path: Path) -> Path | None:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=_short(name))
         if mean:
             ax.plot([p[0] for p in mean], [p[1] for p in mean], "k--", lw=1, label="mean over layers (router step)")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("KL(original router || current router), nats per token")
-        ax.set_title("Router shift under student-aware routing (SAR)")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
+        _step_axes(ax, "KL(original router || current router), nats per token",
+                   "Router shift under student-aware routing (SAR)")
     return _figure(path, draw)

@@ -200,7 +200,8 @@ class _Targets:
 
     @torch.no_grad()
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        """idx [n]: positions; returns log Q [n, vs] (-inf where Q = 0)."""
+        """idx [n]: positions; returns (log Q [n, vs] (-inf where Q = 0), Z [n]: the teacher's probability of
+        the bytes already seen inside token i, 1 at k = 0)."""
         n, vs, tab = idx.numel(), self.vs, self.tab
         z = self.t2.index_select(0, self.t_row[idx])[:, :self.vt].to(self.dtype)
         if self.T != 1.0:
@@ -223,7 +224,6 @@ class _Targets:
             Q.index_put_((row, sid), p[row, tid], accumulate=True)
         Q = Q[:, :vs]
         Z = Q.sum(-1)
-        self.last_mass = Z  # the teacher's probability of the bytes already seen inside token i (1 at k = 0)
         good = Z > 0
         Q.mul_(torch.where(good, Z, torch.ones_like(Z)).reciprocal_()[:, None])
         # Z = 0 only if the teacher's probability underflows on every candidate: the realised token then.
@@ -239,7 +239,7 @@ class _Targets:
                 mass = torch.minimum(mass, Q[e, src])
                 Q[e, src] -= mass
                 Q[e, self.s_tok[idx[e]]] += mass
-        return Q.log_()
+        return Q.log_(), Z
 
 
 def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: MappingTables, *,
@@ -283,8 +283,9 @@ def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: Map
 
     def kernel(parts, T, need):
         s, idx = parts
-        log_target = target(idx).to(torch.float32)      # log Q [n, vs_tok], already at temperature T
-        w = target.last_mass.to(torch.float32) if prefix_weight else None
+        log_target, mass = target(idx)                   # log Q [n, vs_tok], already at temperature T
+        log_target = log_target.to(torch.float32)
+        w = mass.to(torch.float32) if prefix_weight else None
         if pad:
             log_target = torch.nn.functional.pad(log_target, (0, pad), value=-float("inf"))
         if divergence == "forward_kl" or (divergence == "jsd" and beta == 0):

@@ -215,7 +215,7 @@ def test_target_keeps_all_mass_and_prefers_the_realised_token(pair):
 
     pos = mapped_positions(batch, tables)
     tgt = _Targets(t_logits, batch, pos, tables, len(s_tok), vt, 1.0, True)
-    logq = tgt(torch.arange(len(pos)))
+    logq, _ = tgt(torch.arange(len(pos)))
     Q = logq.exp()
     torch.testing.assert_close(Q.sum(-1), torch.ones(len(pos)), rtol=0, atol=1e-5)
     realised = batch["s_ids"][pos.b, pos.j]
