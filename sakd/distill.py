@@ -16,6 +16,7 @@ import json
 import random
 import signal
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -211,8 +212,9 @@ def _output_dir(cfg: Config, resume: bool) -> Path:
     out = Path(cfg.train.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / ".write-test").write_text("ok")
-        (out / ".write-test").unlink()
+        # a probe of its own per process: under `accelerate launch` all of them check at once
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".write-test-"):
+            pass
     except OSError as e:
         raise UserError(f"train.output_dir {str(out)!r} is not writable ({e.strerror}): choose another folder") from None
     if not resume and list_checkpoints(out / "checkpoints"):

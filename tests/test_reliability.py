@@ -444,3 +444,34 @@ def test_read_only_output_dir_exits_2_with_one_line(tiny_assets, tmp_path):
     finally:
         parent.chmod(0o755)
     assert_user_error(r, "train.output_dir", "is not writable")
+
+
+def test_every_process_checks_the_shared_output_dir_at_once_without_tripping_over_the_others(tmp_path):
+    """Under `accelerate launch` every process checks train.output_dir at the same moment. A probe file
+    with one fixed name raced: one process unlinked the file another had just written, which then
+    reported the folder "not writable" and took the whole launch down (seen in CI, intermittently).
+    Here 4 threads check the same folder 200 times, released together by a barrier each time."""
+    import threading
+    from types import SimpleNamespace
+
+    from sakd.distill import _output_dir
+
+    cfg = SimpleNamespace(train=SimpleNamespace(output_dir=str(tmp_path / "run")))
+    errors: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def check() -> None:
+        for _ in range(200):
+            barrier.wait()
+            try:
+                _output_dir(cfg, False)
+            except UserError as e:
+                errors.append(str(e))
+
+    threads = [threading.Thread(target=check) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [], (len(errors), errors[:1])
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == []  # no probe left behind

@@ -76,8 +76,11 @@ def _checked_runs(tiny_assets, tmp_path_factory, name: str, extra: tuple = ()):
     one, two = r["one"][0], r["two"][0]
     assert one.returncode == 0, one.stderr[-3000:]
     if two.returncode != 0:
-        tail = [l for l in two.stderr.splitlines() if "error" in l.lower()][:3]
-        raise LaunchFailed(f"2-process launch exited {two.returncode}: {tail}")
+        # the child's own error line (sakd's one-line errors, or the exception of a traceback), not
+        # only the launcher's ChildFailedError around it
+        lines = two.stderr.splitlines()
+        own = [l for l in lines if "sakd distill: error" in l]
+        raise LaunchFailed(f"2-process launch exited {two.returncode}: {own[:4] or lines[-12:]}")
     assert "2 x 1 accumulation x 2 process(es)" in two.stdout, two.stdout[-2000:]  # really two processes
     return r
 
