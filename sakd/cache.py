@@ -2,7 +2,9 @@
 
 ``sakd cache-teacher`` (``sakd/cache_build.py``: resumable, data-parallel) runs the teacher over
 every training span of the run (``span_data``: the loop's own dataset, deterministic given the config
-and the tokenizers) and stores, per teacher position j of a span (the distribution that predicts
+and the tokenizers; on chat data every packed row, each example seen alone through the row's position ids,
+as in training; a cache is keyed by ``dataset.fingerprints``: the spans, or the rows' tokens, chunks, loss
+masks and positions) and stores, per teacher position j of a span (the distribution that predicts
 token j + 1, logits[j] in the loop), at the KD temperature T:
 
     top-k ids and log p_T     the k most likely teacher ids, coded by ``sakd/cache_codec.py``: ``packed``
@@ -90,6 +92,13 @@ def spans_sha256(spans: list[str]) -> str:
         h.update(len(b).to_bytes(8, "little"))
         h.update(b)
     return h.hexdigest()
+
+
+def heldout_sha256(texts: list[str]) -> str:
+    """``spans_sha256`` of held-out texts; a held-out conversation by its messages (the roles decide
+    which bytes are scored, see sakd/chat_eval.py)."""
+    return spans_sha256([json.dumps(t.messages, ensure_ascii=False) if hasattr(t, "messages") else t
+                         for t in texts])
 
 
 def tokenizer_sha256(tok) -> str:

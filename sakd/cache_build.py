@@ -27,8 +27,9 @@ from safetensors.torch import save_file
 from sakd import __version__, moe
 from sakd.align.mapping import mapping_tables
 from sakd.align.vocab import build_vocab_map
-from sakd.cache import DATA_INFO, FORMAT_VERSION, expected_manifest, spans_sha256, t_hash
+from sakd.cache import DATA_INFO, FORMAT_VERSION, expected_manifest, heldout_sha256, t_hash
 from sakd.cache_codec import CODECS, encode_packed, row_bytes
+from sakd.chat import model_inputs
 from sakd.checkpoint import fsync_path
 from sakd.config import Config, parse_duration
 from sakd.data import Collator, pad_id, span_data, teacher_seq_len
@@ -129,6 +130,7 @@ def mapped_fields(logits: torch.Tensor, batch, tables, *, vt: int, temperature: 
 
 def _teacher_logits(teacher, batch, cfg: Config, device, ka: dict | None, generator):
     t_ids, t_mask = batch["t_ids"].to(device), batch["t_mask"].to(device)
+    inputs = {k: v.to(device) if v is not None else None for k, v in model_inputs(batch, "t").items()}
     mode = cfg.moe.mode
     routed = moe.is_moe(teacher)
     kw = dict(experts=ka["experts"], sample_prob=ka["sample_prob"], generator=generator,
@@ -136,7 +138,7 @@ def _teacher_logits(teacher, batch, cfg: Config, device, ka: dict | None, genera
     with torch.no_grad(), (moe.routing(teacher, mode, **kw) if routed else nullcontext()) as r:
         if r is not None:
             r.set_token_mask(t_mask)
-        return teacher(input_ids=t_ids, attention_mask=t_mask.long()).logits
+        return teacher(input_ids=t_ids, **inputs, use_cache=False).logits
 
 
 def _batch_arrays(logits, batch, items, shared_mask, tables, *, k, vt, temperature, chunk_rows) -> list[dict] | None:
@@ -314,7 +316,7 @@ def build_cache(cfg: Config, out_dir, *, k: int = 64, codec: str = "packed", bat
     t_len = teacher_seq_len(cfg)
     bs = batch_size or cfg.eval.batch_size
     per_shard = shard_spans or max(bs, (1 << 19) // t_len // bs * bs)  # ~512k tokens a shard by default
-    manifest = expected_manifest(cfg, data.train.spans, student_tok=data.student_tok, teacher_tok=data.teacher_tok,
+    manifest = expected_manifest(cfg, data.train.fingerprints, student_tok=data.student_tok, teacher_tok=data.teacher_tok,
                                  vocab=vocab, k=k, codec=codec)
     building = {"expected": manifest, "batch_size": bs, "spans_per_shard": per_shard, "chunk_rows": chunk_rows}
     done = _prepare_folder(out, building, resume=resume, overwrite=overwrite, write=False)
@@ -422,7 +424,7 @@ def build_cache(cfg: Config, out_dir, *, k: int = 64, codec: str = "packed", bat
         "n_tokens": n_tokens, "shards": n_shards, "shard_bytes": shard_bytes,
         "bytes_per_token": shard_bytes / max(n_tokens, 1),
         "teacher_heldout_bpb": bits / n_bytes if n_bytes else None,
-        "heldout_sha256": spans_sha256(data.heldout),  # the bpb above is valid for this held-out text only
+        "heldout_sha256": heldout_sha256(data.heldout),  # the bpb above is valid for this held-out text only
         "eval": {"max_bytes": cfg.eval.max_bytes, "seq_len": cfg.eval.seq_len},
     })
     _write_json(out / "index.json", {"shards": [shard_name(s) for s in range(n_shards)],

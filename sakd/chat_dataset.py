@@ -7,6 +7,7 @@ columns) is a conversation format; the loop then sees a dataset with the same it
 
 from __future__ import annotations
 
+import json
 import random
 
 import torch
@@ -35,9 +36,11 @@ class ChatDataset(torch.utils.data.Dataset):
         return self.items[i]
 
     @property
-    def spans(self):
-        raise UserError("the teacher cache does not take chat data yet (data.format is a conversation format): "
-                        "train with the live teacher (no model.teacher_cache)")
+    def fingerprints(self) -> list[str]:
+        """One string per (packed) row: its token ids on both sides, chunks, loss mask and positions, i.e.
+        everything the teacher sees and every target a cached loss reads (a teacher cache is keyed by them)."""
+        keys = ("s_ids", "t_ids", "chunks", "s_loss", "s_pos", "t_pos")
+        return [json.dumps([x.get(k) for k in keys], separators=(",", ":")) for x in self.items]
 
 
 def refuse_unsupported(cfg) -> None:
@@ -49,9 +52,6 @@ def refuse_unsupported(cfg) -> None:
     if getattr(cfg.loss, key) in ("uld", "truncation"):
         raise UserError(f"loss.{key} {getattr(cfg.loss, key)} pairs positions by index, not by content: on chat "
                         "data use loss.logit mapped_kl or shared_kl (or loss.baseline gold)")
-    if cfg.model.teacher_cache:
-        raise UserError("model.teacher_cache: the teacher cache does not take chat data yet; train with the live "
-                        "teacher")
 
 
 def split_conversations(convs: list, fraction: float, seed: int) -> tuple[list, list]:

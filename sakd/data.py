@@ -278,6 +278,11 @@ class SpanDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.spans)
 
+    @property
+    def fingerprints(self) -> list[str]:
+        """One string per item that fixes what the teacher sees there (a teacher cache is keyed by them)."""
+        return self.spans
+
     def _encode(self, text: str) -> dict:
         return encode_pair(text, self.student_tok, self.teacher_tok, self.s_start, self.t_start,
                            self.seq_len, self.teacher_seq_len, self.chunk_mode)

@@ -125,7 +125,7 @@ def setup(cfg: Config, log=print) -> Run:
 
         tcache.check_cached_config(cfg)
         cache = tcache.TeacherCache(m.teacher_cache, tcache.expected_manifest(
-            cfg, data.train.spans, student_tok=data.student_tok, teacher_tok=data.teacher_tok, vocab=vocab))
+            cfg, data.train.fingerprints, student_tok=data.student_tok, teacher_tok=data.teacher_tok, vocab=vocab))
     else:
         teacher = load_teacher(m.teacher, device, m.teacher_dtype, attn=attn,
                                experts_implementation=m.experts_implementation)
@@ -274,9 +274,9 @@ def teacher_heldout_bpb(run: Run, cfg: Config) -> float:
     """The teacher's held-out bits/byte: from the cache's manifest (NaN if measured on other text), or
     measured under the routing the student sees at evaluation (SAR: all experts)."""
     if run.teacher is None:
-        from sakd.cache import spans_sha256
+        from sakd.cache import heldout_sha256
         m = run.teacher_cache.manifest
-        return m.get("teacher_heldout_bpb") if m.get("heldout_sha256") == spans_sha256(run.heldout) else float("nan")
+        return m.get("teacher_heldout_bpb") if m.get("heldout_sha256") == heldout_sha256(run.heldout) else float("nan")
     with moe.routing(run.teacher, "all" if cfg.moe.mode == "sar" else "topk") \
             if moe.is_moe(run.teacher) else nullcontext():
         return heldout_bits_per_byte(run.teacher, run, cfg, teacher=True)
