@@ -204,7 +204,7 @@ class ChatEncoder:
             loss[k] = True
         n_bytes = sum(s.enc.byte_ends[b - 1] - s.enc.byte_starts[a] for a, b, _, _ in chunks)
         return {"s_ids": s.enc.ids[:n_s], "t_ids": t.enc.ids[:n_t], "chunks": chunks, "n_bytes": n_bytes,
-                "s_loss": loss}
+                "s_loss": loss, "convs": [messages]}
 
 
 def _end_byte(enc: Encoded, n: int) -> int:
@@ -227,7 +227,7 @@ def pack(items: list[dict], seq_len: int, teacher_seq_len: int) -> list[dict]:
             cur = None
         if cur is None:
             cur = {"s_ids": [], "t_ids": [], "chunks": [], "n_bytes": 0, "s_loss": [], "s_pos": [], "t_pos": [],
-                   "examples": 0}
+                   "examples": 0, "convs": []}
         ds, dt = len(cur["s_ids"]), len(cur["t_ids"])
         cur["chunks"] += [(a + ds, b + ds, c + dt, d + dt) for a, b, c, d in x["chunks"]]
         for k in ("s_ids", "t_ids", "s_loss"):
@@ -236,6 +236,7 @@ def pack(items: list[dict], seq_len: int, teacher_seq_len: int) -> list[dict]:
         cur["t_pos"] += list(range(len(x["t_ids"])))
         cur["n_bytes"] += x["n_bytes"]
         cur["examples"] += 1
+        cur["convs"] += x.get("convs", [])
     if cur is not None:
         rows.append(cur)
     return rows

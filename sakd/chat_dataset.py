@@ -23,8 +23,10 @@ class ChatDataset(torch.utils.data.Dataset):
     rows that could not be used are in ``counts`` (by reason)."""
 
     def __init__(self, items: list[dict], student_tok, teacher_tok, seq_len: int, teacher_seq_len: int,
-                 counts: dict):
+                 counts: dict, encoder: ChatEncoder | None = None, normal_form: str = "NFC", packed: bool = False):
         self.items, self.counts = items, counts
+        # what on-policy generation needs to make rows like these from the student's own replies
+        self.encoder, self.normal_form, self.packed = encoder, normal_form, packed
         self.student_tok, self.teacher_tok = student_tok, teacher_tok
         self.seq_len, self.teacher_seq_len = seq_len, teacher_seq_len
         self.skipped: dict[int, str] = {}
@@ -44,10 +46,7 @@ class ChatDataset(torch.utils.data.Dataset):
 
 
 def refuse_unsupported(cfg) -> None:
-    """What does not work on chat data yet refuses with one line naming the setting."""
-    if cfg.loss.on_policy_prob > 0:
-        raise UserError("loss.on_policy_prob > 0 is not supported on chat data yet (the student would write the "
-                        "assistant turn): set loss.on_policy_prob=0")
+    """What does not work on chat data refuses with one line naming the setting."""
     key = "baseline" if getattr(cfg.loss, "baseline", None) else "logit"
     if getattr(cfg.loss, key) in ("uld", "truncation"):
         raise UserError(f"loss.{key} {getattr(cfg.loss, key)} pairs positions by index, not by content: on chat "
@@ -122,5 +121,5 @@ def chat_data(cfg, fmt: str, form: str, student_tok, teacher_tok, teacher_seq_le
             f"fraction {before:.1%} before, {pad_fraction(items, cfg.train.batch_size):.1%} after")
     else:
         log(f"data: student pad fraction {before:.1%} (data.pack off)")
-    return (ChatDataset(items, student_tok, teacher_tok, d.seq_len, teacher_seq_len, counts),
+    return (ChatDataset(items, student_tok, teacher_tok, d.seq_len, teacher_seq_len, counts, enc, form, d.pack),
             heldout_conversations(held, cfg.eval.max_bytes))

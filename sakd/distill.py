@@ -313,7 +313,8 @@ class StepData:
         if on_policy:  # GKD: the student writes the continuations, both models score that text
             micro = [self.collate(generate_items(acc.unwrap_model(student), self.run.train, ids,
                                                  new_tokens=cfg.loss.on_policy_tokens,
-                                                 temperature=cfg.loss.on_policy_temperature)) for ids in idx]
+                                                 temperature=cfg.loss.on_policy_temperature, counters=counters))
+                     for ids in idx]
         else:
             t_wait = time.time()
             micro = ready.result() if ready is not None else self._encode(idx)

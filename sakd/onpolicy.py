@@ -4,7 +4,8 @@ With probability ``lmbda`` per optimizer step, the student continues prompts tak
 batch's own text spans; the generated TEXT is then encoded by both tokenizers and byte-aligned
 exactly like any other span, so the teacher scores the very same characters the student wrote
 (re-tokenised for the teacher through the text, never by mapping ids). ``lmbda = 0`` keeps the
-cheap off-policy mode.
+cheap off-policy mode. On chat data the student writes the assistant's turn instead
+(``sakd/chat_onpolicy.py``).
 """
 
 from __future__ import annotations
@@ -21,8 +22,17 @@ def prompt_of(text: str, frac: float = 0.5) -> str:
 
 @torch.no_grad()
 def generate_items(student, dataset, indices: list[int], *, new_tokens: int, temperature: float,
-                   prompt_frac: float = 0.5) -> list[dict]:
-    """Encoded pairs (see ``sakd.data.encode_pair``) of prompt + student continuation, one per index."""
+                   prompt_frac: float = 0.5, counters: dict | None = None) -> list[dict]:
+    """Encoded pairs (see ``sakd.data.encode_pair``) of prompt + student continuation, one per index.
+    Chat data: the student writes the assistant's turns (``sakd/chat_onpolicy.py``); the conversations
+    that keep the data set's reply are added to ``counters["on_policy_dataset_replies"]``."""
+    if getattr(dataset, "encoder", None) is not None:
+        from sakd.chat_onpolicy import generate_chat_items
+
+        rows, kept = generate_chat_items(student, dataset, indices, new_tokens=new_tokens, temperature=temperature)
+        if counters is not None and kept:
+            counters["on_policy_dataset_replies"] = counters.get("on_policy_dataset_replies", 0) + kept
+        return rows
     tok = dataset.student_tok
     device = next(student.parameters()).device
     was_training = student.training

@@ -1,5 +1,5 @@
 """Chat data through the loop on the tiny models: packed rows, CE on the loss mask only, assistant-only
-held-out bits per byte, and what refuses on chat data."""
+held-out bits per byte, and what refuses on chat data (the baselines that pair positions by index)."""
 
 import json
 
@@ -59,8 +59,8 @@ def test_chat_run_trains_on_packed_rows_with_assistant_only_targets(tiny_assets,
 
 
 @pytest.mark.parametrize("override,fragment", [
-    ({"loss.on_policy_prob": 0.5}, "loss.on_policy_prob"),
     ({"loss.baseline": "uld"}, "loss.baseline uld"),
+    ({"loss.baseline": "truncation"}, "loss.baseline truncation"),
 ])
 def test_what_chat_data_refuses(tiny_assets, tmp_path, chat_file, override, fragment):
     with pytest.raises(UserError, match=fragment):
