@@ -122,7 +122,9 @@ class LossConfig:
     chunk_rows: int = F(1024, "Rows per chunk in the full-vocabulary losses (memory bound).", min=1)
     fused_head: bool = F(True, "Fuse the student's output layer into the shared-vocabulary KD and cross-entropy "
                          "losses (its [tokens, vocab] logits never exist). Used when those are the only logit "
-                         "terms (no chunk likelihood, gap weighting or baseline logit loss); else the logits path.")
+                         "terms (no chunk likelihood, gap weighting or baseline logit loss); else the logits path. "
+                         "Where shared_kl alone reads the teacher's logits, the teacher's output layer computes the "
+                         "shared vocabulary's columns only.")
     gap_weighting: bool = F(False, "Weight each position's logit loss by its current teacher-student gap "
                             "(normalised to mean 1, detached, clipped).")
     gap_clip: float = F(5.0, "Upper clip of the knowledge-gap weights.", gt=0.0)

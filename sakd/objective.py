@@ -13,6 +13,7 @@ Terms (each optional, weights from ``cfg.loss``):
 from __future__ import annotations
 
 from contextlib import nullcontext
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ from sakd.losses.contrastive import info_nce, mean_pool
 from sakd.losses.divergences import linear_cross_entropy_sum
 from sakd.losses.batch import one_to_one, one_to_one_positions
 from sakd.losses.baselines import gold_hybrid_loss, truncation_kd, uld_loss
-from sakd.losses.crosstok import chunk_likelihood_loss, shared_vocab_kd
+from sakd.losses.crosstok import _teacher_mass_outside, chunk_likelihood_loss, shared_vocab_kd
 from sakd.losses.hidden import HiddenProjector, hidden_state_loss, layer_map
 from sakd.losses.mapped import count_mapped, mapped_kd
 from sakd.chat import model_inputs  # chat data: packed rows give position ids instead of a 2-D mask
@@ -156,8 +157,10 @@ def gap_weighted_kd(s_logits, t_logits, batch, shared_s, shared_t, divergence: s
     return (w * per).sum()
 
 
-def _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden, need_attn):
-    """One teacher forward without gradient under the step's routing; (outputs, RoutingStats or None)."""
+def _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden, need_attn, head=None):
+    """One teacher forward without gradient under the step's routing; (outputs, RoutingStats or None).
+    ``head`` [S, H] (see ``teacher_head``): the body runs alone and the logits are ``h @ head.T`` on those
+    columns only; the outputs then hold ``last_hidden`` [B, Lt, H] as well."""
     routed = moe.is_moe(teacher)
     with torch.no_grad(), (moe.routing(teacher, mode, experts=sched.get("experts"),
                                        sample_prob=sched.get("sample_prob", 0.0), generator=ka_gen,
@@ -165,6 +168,10 @@ def _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hi
                            if routed else nullcontext()) as r:
         if r is not None:
             r.set_token_mask(batch["t_mask"])
+        if head is not None:
+            h = teacher.get_decoder()(input_ids=batch["t_ids"], **model_inputs(batch, "t"),
+                                      use_cache=False).last_hidden_state
+            return SimpleNamespace(logits=F.linear(h, head.to(h.dtype)), last_hidden=h), r
         out = teacher(input_ids=batch["t_ids"], **model_inputs(batch, "t"),
                       output_hidden_states=need_hidden, output_attentions=need_attn, use_cache=False)
     return out, r
@@ -185,13 +192,18 @@ def _teacher_mode(mode: str) -> str:
 
 def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Config, weights: dict,
                     counts: dict, acc, sched: dict, ka_gen, t_vocab: int, reference_router=None,
-                    log_mass: bool = False, mapping=None):
+                    log_mass: bool = False, mapping=None, t_head: tuple | None = None):
     """Loss of one micro-batch (already divided by the step's global counts), per-term values for the
-    log, and flags (non-finite teacher outputs)."""
+    log, and flags (non-finite teacher outputs). ``t_head``: ``teacher_head(...)``, used where
+    ``teacher_shared_only`` holds."""
     lc = cfg.loss
     need_hidden = "hidden" in weights or "contrastive" in weights
     need_attn = "attention" in weights
     head = fused_head_weight(student, cfg, weights, acc)
+    if t_head is not None and not teacher_shared_only(lc, weights):
+        t_head = None
+    # the teacher's logits on the shared columns only: shared_kl reads column c of them as shared_t[c]
+    kd_t_cols = shared_t if t_head is None else torch.arange(shared_t.numel(), device=shared_t.device)
     with acc.autocast():
         # Fused head: the model computes logits for one position only (logits_to_keep=1); the losses take
         # the final hidden state and the head weight instead of the [B, L, V] logits.
@@ -218,7 +230,8 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
     t_out = None
     for m in range(passes):
         g_state = ka_gen.get_state()  # to replay the same expert sampling if the pass is recomputed
-        t_out, r = _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden, need_attn)
+        t_out, r = _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden, need_attn,
+                                 t_head[1] if t_head is not None else None)
         if not _finite(t_out, t_vocab, need_hidden):
             # fp16 overflow in the teacher (Qwen-family models trained in bf16 can overflow): recompute this
             # micro-batch with the teacher in fp32, or skip its teacher terms (train.nonfinite_teacher).
@@ -228,7 +241,7 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
                 ka_gen.set_state(g_state)
                 with fp32_forward(teacher):
                     t_out, r = _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden,
-                                             need_attn)
+                                             need_attn, t_head[1] if t_head is not None else None)
                 flags["recomputed_fp32"] = 1
             if not _finite(t_out, t_vocab, need_hidden):
                 t_out = None
@@ -238,10 +251,14 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
         t_logits = t_out.logits[..., :t_vocab]  # padded head columns name no token
         # KA: the M divergences are averaged (Kim et al. 2025, eq. for L_KA); one teacher buffer at a time.
         if "kd" in weights:
-            kd_sum = logit_term_sum(lc.method, s_logits, t_logits, batch, shared_s, shared_t, lc,
-                                    mass_log=flags if (m == 0 and log_mass) else None, head_weight=head,
-                                    mapping=mapping)
+            kd_sum = logit_term_sum(lc.method, s_logits, t_logits, batch, shared_s, kd_t_cols, lc,
+                                    mass_log=flags if (m == 0 and log_mass and t_head is None) else None,
+                                    head_weight=head, mapping=mapping)
             add("kd", kd_sum / passes, lc.temperature ** 2)
+            if m == 0 and log_mass and t_head is not None:  # from the hidden state, chunk by chunk
+                b, _, t_pos = one_to_one_positions(batch)
+                flags["teacher_mass_outside_shared"] = float(_teacher_mass_outside(
+                    t_out.last_hidden, b, t_pos, shared_t, t_vocab, lc.chunk_rows, head_weight=t_head[0]))
         if "chunk" in weights:
             ch_sum, _ = chunk_likelihood_loss(s_logits, t_logits, batch, temperature=lc.chunk_temperature,
                                               chunk_rows=lc.chunk_rows)
@@ -309,18 +326,42 @@ def fused_head_terms(lc, *, kd: bool, chunk: bool) -> bool:
                 and not (kd and (lc.method not in ("shared_kl", "mapped_kl") or lc.gap_weighting)))
 
 
+def plain_head_weight(model) -> torch.Tensor | None:
+    """The output layer's weight [V, H] when the model's logits are a plain bias-free ``hidden @ weight.T``
+    (no logit scale or soft-capping), else None."""
+    head, mc = model.get_output_embeddings(), model.config
+    if not isinstance(head, nn.Linear) or head.bias is not None or any(
+            getattr(mc, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    return head.weight
+
+
+def teacher_shared_only(lc, weights: dict) -> bool:
+    """Whether shared_kl is the only reader of the teacher's logits (also read by ``sakd plan``): no chunk
+    likelihood, gap weighting, baseline, hidden-state or attention term."""
+    return bool(lc.fused_head and "kd" in weights and lc.method == "shared_kl" and not lc.gap_weighting
+                and not any(k in weights for k in ("chunk", "hidden", "attention", "contrastive")))
+
+
+def teacher_head(teacher, shared_t: torch.Tensor, fused: bool) -> tuple | None:
+    """(the teacher's output-layer weight [Vt_cols, H], its shared-vocabulary rows [S, H]) when ``loss.fused_head``
+    may fuse it, else None. shared_kl renormalises over the shared columns, so where it alone reads the
+    teacher's logits (``teacher_shared_only``) only those S columns are computed: [B, Lt, S] instead of
+    [B, Lt, Vt] (39,234 of 151,936 columns for Qwen3 -> SmolLM: 1.1 GiB less at 4 x 640 in fp32). The
+    [S, H] rows are gathered once (the teacher is frozen; SAR trains its routers only)."""
+    if not fused or teacher is None or not hasattr(teacher, "get_decoder"):
+        return None
+    w = plain_head_weight(teacher)
+    return None if w is None else (w, w.detach()[shared_t.to(w.device)].contiguous())
+
+
 def fused_head_weight(student, cfg: Config, weights: dict, acc) -> torch.Tensor | None:
     """The student's output-layer weight [V, H] when ``loss.fused_head`` applies to this step's terms: the
     logit terms are shared-vocabulary KD (no gap weighting) and/or cross-entropy, and the model's logits
     are a plain bias-free ``hidden @ weight.T`` (no logit scale or soft-capping). Else None."""
     if not fused_head_terms(cfg.loss, kd="kd" in weights, chunk="chunk" in weights):
         return None
-    model = getattr(acc, "unwrap_model", lambda m: m)(student)  # under DDP: the wrapped model's head
-    head, mc = model.get_output_embeddings(), model.config
-    if not isinstance(head, nn.Linear) or head.bias is not None or any(
-            getattr(mc, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
-        return None
-    return head.weight
+    return plain_head_weight(getattr(acc, "unwrap_model", lambda m: m)(student))  # under DDP: the wrapped model's
 
 
 def _ce_sum(s_logits, batch, head_weight=None) -> torch.Tensor:
@@ -380,6 +421,7 @@ class Objective:
         self.aux, self.vocab, self.t_vocab, self.ka_gen, self.sar = aux, vocab, t_vocab, ka_gen, sar
         self.shared_s = vocab.shared_s.to(acc.device)
         self.shared_t = vocab.shared_t.to(acc.device)
+        self.t_head = teacher_head(teacher, self.shared_t, cfg.loss.fused_head)
         ept = experts_per_token(teacher) if teacher is not None else None
         # KA default as in Kim et al. (2025) and their scripts (--num-selects 15 of 16): E - 1 experts per token.
         self.k_start = cfg.moe.experts_start or (max(ept[0], ept[1] - 1) if ept else 1)
@@ -421,5 +463,5 @@ class Objective:
                                self.weights, self.counts, self.acc, self.sched, self.ka_gen, self.t_vocab,
                                self.sar.initial if self.sar is not None else None,
                                log_mass=(index == 0 and ((self.step + 1) % log_every == 0 or self.step == 0)),
-                               mapping=self.vocab.mapping)
+                               mapping=self.vocab.mapping, t_head=self.t_head)
 

@@ -57,7 +57,7 @@ import torch
 
 from sakd.config import Config
 from sakd.errors import UserError
-from sakd.objective import fused_head_terms
+from sakd.objective import fused_head_terms, teacher_shared_only
 
 GiB = 2**30
 
@@ -228,7 +228,14 @@ def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[
     # take the final hidden state and the head weight, and return gradients of those: [N, H] + [Vs, H].
     c["student_logits"] = B * (1 if fused else Ls) * Vs * ab
     c["student_logits_grad"] = 0 if fused else B * Ls * Vs * ab
-    c["teacher_logits"] = B * Lt * Vt * tb
+    # fused teacher head (objective.teacher_head): where shared_kl alone reads the teacher's logits, only the
+    # shared columns are computed ([B, Lt, S]), from a gathered copy of the head's shared rows ([S, H])
+    readers = {"kd": kd, "chunk": alm, "hidden": lc.hidden.weight > 0, "attention": lc.attention.weight > 0,
+               "contrastive": lc.contrastive.weight > 0}
+    t_shared = not cached and teacher_shared_only(lc, {k: 1.0 for k, on in readers.items() if on})
+    c["teacher_head_shared"] = S * t["hidden"] * tb if t_shared else 0
+    t_logits_full = B * Lt * Vt * tb
+    c["teacher_logits"] = B * Lt * (S if t_shared else Vt) * tb
     c["teacher_forward"] = B * Lt * tb * (4 * t["hidden"] + 2 * t["hq"] + 2 * t["kvd"]
                                           + 3 * (t["moe_intermediate"] if t["experts"] else t["intermediate"])) \
         + B * Lt * Lt
@@ -245,7 +252,7 @@ def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[
     head_grad = B * Ls * H * ab + 2 * S * H * 4
     c["kd_grad_buffers"] = passes * (head_grad if fused else B * Ls * Vs * ab) if kd else 0
     c["kd_chunk_temporaries"] = (chunk * 4 * max(kernel * S, 2 * Vt + S)
-                                 + chunk * (Vt * tb + (0 if fused else Vs * ab))) if kd else 0
+                                 + chunk * ((S if t_shared else Vt) * tb + (0 if fused else Vs * ab))) if kd else 0
     if kd and lc.logit == "mapped_kl":
         # mapped_kl (sakd.losses.mapped): per chunk, the teacher rows' logits and probabilities ([chunk, Vt]
         # fp32, two buffers), the target Q and its log ([chunk, Vs + 1] fp32, two) and the forward-KL
@@ -295,8 +302,8 @@ def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[
         t_layer = B * Lt * _layer_bytes(t, Lt, half=tb == 2, eager=False, experts_run=t["experts"])
         t_saved = activation_bytes(t, B * Lt, Lt, half=tb == 2, eager=False, checkpointing=True) - t_layer
         # the KD gradient w.r.t. the teacher logits is computed in the loss forward (a logits-sized buffer)
-        router = B * Ls * Vs * 4 + t_saved + max(2 * c["teacher_logits"] + c["kd_chunk_temporaries"],
-                                                  2 * c["teacher_logits"] + t_layer)
+        router = B * Ls * Vs * 4 + t_saved + max(2 * t_logits_full + c["kd_chunk_temporaries"],
+                                                  2 * t_logits_full + t_layer)  # the full teacher head, with grad
     c["sar_router_step"] = m["router"] = router
     # fp16 overflow in the teacher (train.nonfinite_teacher=recompute): the micro-batch's teacher pass runs
     # again in fp32, one module's weights at a time (models.fp32_forward), with the 16-bit outputs dropped first;
@@ -331,7 +338,7 @@ def _cache_k(folder: str) -> int:
         return 64
 
 
-PERSISTENT = ("teacher_weights", "student_weights", "optimizer_states", "sar_router_state")
+PERSISTENT = ("teacher_weights", "student_weights", "optimizer_states", "sar_router_state", "teacher_head_shared")
 
 
 def _totals(cfg, t, s, B, device) -> dict:
@@ -424,6 +431,7 @@ ROWS = [  # (component, phase it counts in, label)
     ("student_weights", "persistent", "student weights (fp32)"),
     ("optimizer_states", "persistent", "AdamW states (2 x fp32)"),
     ("sar_router_state", "persistent", "SAR router master + AdamW"),
+    ("teacher_head_shared", "persistent", "teacher output layer, shared rows"),
     ("student_gradients", "backward", "student gradients (fp32)"),
     ("student_activations", "fwd+bwd", "student activations"),
     ("student_activations_other", "-", "  (same with checkpointing {other})"),
@@ -469,6 +477,8 @@ def format_plan(p: dict) -> str:
     for key, phase, label in ROWS:
         if key == "teacher_logits" and p.get("teacher_cache"):
             label = "teacher cache batch (top-k)"
+        elif key == "teacher_logits" and c.get("teacher_head_shared"):
+            label = "teacher logits [B, Lt, S] (fused head)"
         if key == "student_logits" and p.get("fused_head"):
             label = "student logits, last position (fused head)"
         if key in c and (c[key] or key in PERSISTENT[:3]):

@@ -66,19 +66,24 @@ def test_real_pair_offline_from_the_builtin_table():
     # shared_kl + full CE, no chunk term: the fused output layer (logits of the last position only)
     assert p["fused_head"]
     assert c["student_logits"] == 4 * 1 * 49152 * 2                    # autocast fp16, one position
-    assert c["teacher_logits"] == 4 * 640 * 151936 * 2
+    # shared_kl alone reads the teacher's logits: its head computes the shared columns only (S of them), from a
+    # gathered fp16 copy of the head's shared rows [S, H]
+    assert c["teacher_logits"] == 4 * 640 * 49152 * 2
+    assert c["teacher_head_shared"] == 49152 * 1024 * 2
     # KA M=2 passes, each holding d/d hidden [N, H] fp16 + d/d head and the gathered head [S, H] fp32,
     # S = min(Vs, Vt) (the shared vocabulary's upper bound)
     assert c["kd_grad_buffers"] == 2 * (4 * 512 * 576 * 2 + 2 * 49152 * 576 * 4)
     # per chunk of 512 rows: the larger of 3.25 [chunk, S] kernel temporaries and the teacher-mass log's
-    # [chunk, 2 Vt + S], fp32, + the fp16 teacher rows
-    assert c["kd_chunk_temporaries"] == 512 * 4 * max(3.25 * 49152, 2 * 151936 + 49152) + 512 * 151936 * 2
+    # [chunk, 2 Vt + S], fp32, + the fp16 teacher rows (shared columns)
+    assert c["kd_chunk_temporaries"] == 512 * 4 * max(3.25 * 49152, 2 * 151936 + 49152) + 512 * 49152 * 2
     mapped = plan(load_config(REAL, ["loss.logit=mapped_kl"]), card_gb=16)["components"]
+    assert mapped["teacher_logits"] == 4 * 640 * 151936 * 2 and mapped["teacher_head_shared"] == 0  # every column
     # mapped_kl per chunk: 2 [chunk, Vt] + 5 [chunk, Vs] fp32 buffers + the fp16 teacher rows
     assert mapped["kd_chunk_temporaries"] == 512 * 4 * (2 * 151936 + 5 * 49152) + 512 * 151936 * 2
     unfused = plan(load_config(REAL, ["loss.fused_head=false"]), card_gb=16)["components"]
     assert unfused["student_logits"] == 4 * 512 * 49152 * 2            # every position's fp16 logits
     assert unfused["kd_grad_buffers"] == 2 * (4 * 512) * 49152 * 2     # one fp16 logits gradient per KA pass
+    assert unfused["teacher_logits"] == 4 * 640 * 151936 * 2
     assert p["fits"] and p["max_micro_batch"] >= 4
     text = format_plan(p)
     assert "GiB" in text and "fits in 16 GiB" in text and "AdamW states" in text

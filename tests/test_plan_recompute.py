@@ -11,9 +11,9 @@ REAL = Path(__file__).resolve().parent.parent / "configs" / "huihui-moe-1b-to-sm
 def test_fp32_recompute_moment_by_hand():
     p = plan(load_config(str(REAL)), card_gb=16)
     c, m = p["components"], p["moments"]
-    # the teacher logits again in fp32 (4 - 2 bytes more = once more the fp16 size) and the largest module,
-    # the 151,936 x 1,024 embeddings (or the untied head), in fp32
-    assert c["fp32_recompute"] == 4 * 640 * 151936 * 2 + 4 * 151936 * 1024
+    # the teacher logits (the shared columns: shared_kl alone reads them) again in fp32 (4 - 2 bytes more = once
+    # more the fp16 size) and the largest module, the 151,936 x 1,024 embeddings (or the untied head), in fp32
+    assert c["fp32_recompute"] == 4 * 640 * 49152 * 2 + 4 * 151936 * 1024
     assert m["fp32_recompute"] == m["loss_forward"] + c["fp32_recompute"]
     assert p["peak_bytes"] == p["persistent_bytes"] + max(m.values()) + p["overhead_bytes"]
     assert "fp32 recompute" in format_plan(p)

@@ -82,11 +82,18 @@ def shared_vocab_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, share
 
 
 @torch.no_grad()
-def _teacher_mass_outside(t_logits, b, t_pos, shared_t, vt: int, chunk_rows: int) -> torch.Tensor:
-    """Mean over rows of 1 - Σ_shared p_T, from log-sum-exps: 1 - exp(lse_shared - lse_all)."""
+def _teacher_mass_outside(t_logits, b, t_pos, shared_t, vt: int, chunk_rows: int,
+                          head_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over rows of 1 - Σ_shared p_T, from log-sum-exps: 1 - exp(lse_shared - lse_all). With
+    ``head_weight`` [Vt_cols, H], ``t_logits`` is the teacher's last hidden state and each chunk's logits
+    are made from it (the teacher's full [B, Lt, Vt] logits need not exist)."""
     total = torch.zeros((), dtype=torch.float32, device=t_logits.device)
     for a in range(0, b.numel(), chunk_rows):
-        rows = t_logits[b[a:a + chunk_rows], t_pos[a:a + chunk_rows], :vt].float()   # [n, Vt]
+        if head_weight is not None:
+            h = t_logits[b[a:a + chunk_rows], t_pos[a:a + chunk_rows]]
+            rows = (h @ head_weight[:vt].to(h.dtype).T).float()                     # [n, Vt]
+        else:
+            rows = t_logits[b[a:a + chunk_rows], t_pos[a:a + chunk_rows], :vt].float()   # [n, Vt]
         log_in = torch.logsumexp(rows[:, shared_t], -1) - torch.logsumexp(rows, -1)
         total += (-torch.expm1(log_in)).sum()
     return total / max(b.numel(), 1)

@@ -1,0 +1,61 @@
+"""loss.fused_head on the teacher side: where shared_kl alone reads the teacher's logits, the teacher's
+output layer computes the shared vocabulary's columns only ([B, Lt, S], not [B, Lt, Vt]); shared_kl
+renormalises over those columns, so every term and the logged outside mass are unchanged."""
+
+import pytest
+import torch
+
+from sakd.data import Collator, pad_id
+from sakd.distill import setup
+from sakd.objective import _teacher_pass, count_targets, micro_step_loss, teacher_head, teacher_shared_only
+from sakd.config import load_config
+from tests.conftest import tiny_overrides
+
+QUIET = dict(log=lambda *_: None)
+
+
+def _terms(run, cfg, batch, weights, t_head, mode_sched=None):
+    counts = count_targets([batch], cfg, run.vocab.mapping)
+    gen = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        _, terms, flags = micro_step_loss(run.teacher, run.student, run.aux, batch, run.vocab.shared_s,
+                                          run.vocab.shared_t, cfg, weights, counts, run.accelerator,
+                                          mode_sched or {}, gen, len(run.teacher_tok), log_mass=True,
+                                          mapping=run.vocab.mapping, t_head=t_head)
+    return terms, flags
+
+
+@pytest.mark.parametrize("mode", ["topk", "ka"])
+def test_shared_columns_only_give_the_same_terms(tiny_assets, tmp_path, mode):
+    cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path / "o", **{
+        "loss.logit": "shared_kl", "loss.temperature": 2.0, "moe.mode": mode, "loss.ce_weight": 1.0}))
+    run = setup(cfg, **QUIET)
+    batch = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))([run.train[i] for i in range(4)])
+    weights = {"kd": 1.0, "ce": 1.0}
+    assert teacher_shared_only(cfg.loss, weights)
+    head = teacher_head(run.teacher, run.vocab.shared_t, True)
+    S, vt = run.vocab.shared_t.numel(), len(run.teacher_tok)
+    assert head[1].shape == (S, head[0].shape[1]) and S < vt
+    out, _ = _teacher_pass(run.teacher, batch, "topk", {}, None, None, False, False, head[1])
+    assert out.logits.shape == (*batch["t_ids"].shape, S)  # the [B, Lt, Vt] logits never exist
+    full = run.teacher(input_ids=batch["t_ids"], attention_mask=batch["t_mask"].long()).logits
+    torch.testing.assert_close(out.logits, full[..., run.vocab.shared_t], rtol=1e-5, atol=1e-5)
+    sched = {"experts": 2, "sample_prob": 0.5, "temperature": 1.0} if mode == "ka" else {}
+    ref, ref_flags = _terms(run, cfg, batch, weights, None, sched)
+    got, flags = _terms(run, cfg, batch, weights, head, sched)
+    assert ref["kd"] > 1e-3
+    for name in weights:
+        assert got[name] == pytest.approx(ref[name], rel=1e-5), name
+    assert flags["teacher_mass_outside_shared"] == pytest.approx(ref_flags["teacher_mass_outside_shared"], rel=1e-5)
+    assert 0.01 < flags["teacher_mass_outside_shared"] < 1
+
+
+@pytest.mark.parametrize("extra,weights", [
+    ({"loss.logit": "mapped_kl"}, {"kd": 1.0}),            # mapped_kl reads every teacher column
+    ({}, {"kd": 1.0, "chunk": 0.5}),                        # the chunk likelihood needs the full softmax
+    ({"loss.gap_weighting": True}, {"kd": 1.0}),
+    ({"loss.fused_head": False}, {"kd": 1.0}),
+])
+def test_other_readers_of_the_teacher_logits_keep_every_column(tiny_assets, tmp_path, extra, weights):
+    cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path / "o", **extra))
+    assert not teacher_shared_only(cfg.loss, weights)
