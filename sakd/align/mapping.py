@@ -70,6 +70,18 @@ class MappingTables:
         """φ(v, 0) for the sorted ordinary teacher ids, [n] (-1: no student token)."""
         return self.phi[self.offset[self.sorted_ids]]
 
+    def column_map(self, vt: int, vs: int) -> torch.Tensor:
+        """[vt] long: φ(v, 0) for every teacher column v < vt; special tokens and tokens without a student
+        image map to ``vs`` (a column the loss drops). Made once per (vt, vs) on this copy's device."""
+        maps = self.__dict__.setdefault("_column_maps", {})
+        if (vt, vs) not in maps:
+            out = torch.full((vt,), vs, dtype=torch.long, device=self.phi.device)
+            ids = self.sorted_ids[self.sorted_ids < vt]
+            img = self.phi[self.offset[ids]]
+            out[ids] = torch.where(img >= 0, img, torch.full_like(img, vs))
+            maps[(vt, vs)] = out
+        return maps[(vt, vs)]
+
     def nbytes(self) -> int:
         return sum(getattr(self, f).numel() * getattr(self, f).element_size()
                    for f in ("sorted_ids", "t_len", "s_len", "offset", "lo", "hi", "eq", "phi"))

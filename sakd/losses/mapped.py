@@ -186,11 +186,7 @@ class _Targets:
         self.t_tok = t_ids[p.b, p.i]
         self.t_row = p.b * self.Lt + p.i - 1
         # φ(v, 0) for every teacher column < vt; specials and tokens without a student image -> column vs (dropped)
-        phi0 = torch.full((vt,), vs, dtype=torch.long, device=dev)
-        ordinary = self.tab.sorted_ids
-        img = self.tab.phi[self.tab.offset[ordinary]]
-        phi0[ordinary] = torch.where(img >= 0, img, torch.full_like(img, vs))
-        self.phi0 = phi0
+        self.phi0 = self.tab.column_map(vt, vs)
         self.f_i = self.tab.offset[self.t_tok] + p.k          # flat index of (t_i, k)
         self.extend = extend
         self.path = torch.zeros(len(p), dtype=self.dtype, device=dev)
