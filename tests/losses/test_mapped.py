@@ -96,8 +96,10 @@ def _phi_ref(suffix: bytes, s_tok, s_strings) -> int:
     return best
 
 
-def reference(s_logits, t_logits, texts, s_tok, t_tok, extend=True, only_one_to_one=False, prefix_weight=False):
-    """Σ_j KL(Q_j ‖ q_j) in float64, enumerating teacher tokens for every student position."""
+def reference(s_logits, t_logits, texts, s_tok, t_tok, extend=True, only_one_to_one=False, prefix_weight=False,
+              divergence="forward_kl", beta=0.5):
+    """Σ_j D(Q_j ‖ q_j) in float64 (D: KL, or the generalized JSD / TVD written out), enumerating teacher tokens
+    for every student position."""
     s_str, t_str = token_strings(s_tok), token_strings(t_tok)
     t_ok = [i for i, b in enumerate(t_str) if b and i < len(t_tok)]
     t_logits = t_logits[..., :len(t_tok)]  # padding columns name no token
@@ -144,6 +146,12 @@ def reference(s_logits, t_logits, texts, s_tok, t_tok, extend=True, only_one_to_
                 logq = torch.log_softmax(s_logits[x, j - 1], -1)
                 keep = Q > 0
                 kl = (Q[keep] * (Q[keep].log() - logq[keep])).sum()
+                if divergence == "jsd":  # beta KL(Q || m) + (1 - beta) KL(q || m), m = beta Q + (1 - beta) q
+                    q = logq.exp()
+                    m = beta * Q + (1 - beta) * q
+                    kl = beta * (Q[keep] * (Q[keep] / m[keep]).log()).sum() + (1 - beta) * (q * (q / m).log()).sum()
+                elif divergence == "tvd":
+                    kl = 0.5 * (Q - logq.exp()).abs().sum()
                 total = total + (Z * kl if prefix_weight else kl)
                 n += 1
     return total, n
@@ -215,8 +223,7 @@ def test_target_keeps_all_mass_and_prefers_the_realised_token(pair):
 
     pos = mapped_positions(batch, tables)
     tgt = _Targets(t_logits, batch, pos, tables, len(s_tok), vt, 1.0, True)
-    logq, _ = tgt(torch.arange(len(pos)))
-    Q = logq.exp()
+    Q, _ = tgt(torch.arange(len(pos)))
     torch.testing.assert_close(Q.sum(-1), torch.ones(len(pos)), rtol=0, atol=1e-5)
     realised = batch["s_ids"][pos.b, pos.j]
     assert (Q.argmax(-1) == realised).float().mean() == 1.0
@@ -295,3 +302,23 @@ def test_prefix_weight_matches_the_float64_reference(pair):
     tables, batch, loss, (s_logits, t_logits, vt) = _against_reference(pair, prefix_weight=True)
     plain, _ = mapped_kd(s_logits, t_logits, batch, tables, t_vocab_size=vt, chunk_rows=5)
     assert float(loss) < float(plain)  # Z < 1 somewhere: the weighted sum is smaller
+
+
+@pytest.mark.parametrize("divergence", ["jsd", "tvd"])
+def test_other_divergences_match_the_float64_reference(pair, divergence):
+    """loss.divergence jsd (beta 0.5) and tvd on the mapped target: loss and gradient against the reference
+    with the same divergence written out (the target's zeros enter as -inf log-probabilities)."""
+    s_tok, t_tok = pair
+    tables = build_tables(s_tok, t_tok)
+    batch = _batch(s_tok, t_tok)
+    vs, vt = len(s_tok), len(t_tok)
+    t_logits = _logits(batch, "t", vt, 1)
+    s_logits = _logits(batch, "s", vs, 0).requires_grad_()
+    loss, n = mapped_kd(s_logits, t_logits, batch, tables, t_vocab_size=vt, chunk_rows=5, divergence=divergence,
+                        beta=0.5)
+    loss.backward()
+    s64 = s_logits.detach().double().requires_grad_()
+    ref, n_ref = reference(s64, t_logits.double(), TEXTS, s_tok, t_tok, True, divergence=divergence, beta=0.5)
+    ref.backward()
+    assert int(n) == n_ref > 20 and math.isclose(float(loss.detach()), float(ref.detach()), rel_tol=1e-6)
+    torch.testing.assert_close(s_logits.grad.double(), s64.grad, rtol=1e-6, atol=1e-7)
