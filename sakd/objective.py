@@ -101,7 +101,7 @@ def count_targets(micro: list[dict], cfg: Config, mapping=None) -> dict[str, flo
 
 def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc, *,
                    divergence: str | None = None, teacher_grad: bool = False, mass_log: dict | None = None,
-                   head_weight: torch.Tensor | None = None, mapping=None) -> torch.Tensor:
+                   head_weight: torch.Tensor | None = None, mapping=None, t_head: tuple | None = None) -> torch.Tensor:
     """Summed logit loss of one micro-batch: the default shared-vocabulary KD at 1:1 chunks, or a
     benchmark baseline (``loss.baseline``: ULD, GOLD hybrid, truncation; sakd/losses/baselines.py). With ``head_weight`` (shared_kl only),
     ``s_logits`` is the student's final hidden state and its output layer is fused into the loss."""
@@ -112,7 +112,8 @@ def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc,
         return mapped_kd(s_logits, t_logits.detach(), batch, mapping, divergence=div, temperature=lc.temperature,
                          beta=lc.beta, chunk_rows=lc.chunk_rows, extend=lc.mapped_extend, head_weight=head_weight,
                          one_to_one_only=lc.mapped_positions == "one_to_one",
-                         prefix_weight=lc.mapped_prefix_weight)[0]
+                         prefix_weight=lc.mapped_prefix_weight,
+                         t_head_weight=t_head[0] if t_head else None, t_vocab_size=t_head[1] if t_head else None)[0]
     if name == "shared_kl" and lc.gap_weighting and not teacher_grad:
         return gap_weighted_kd(s_logits, t_logits.detach(), batch, shared_s, shared_t, div, lc.temperature,
                                lc.gap_clip)
@@ -159,8 +160,8 @@ def gap_weighted_kd(s_logits, t_logits, batch, shared_s, shared_t, divergence: s
 
 def _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden, need_attn, head=None):
     """One teacher forward without gradient under the step's routing; (outputs, RoutingStats or None).
-    ``head`` [S, H] (see ``teacher_head``): the body runs alone and the logits are ``h @ head.T`` on those
-    columns only; the outputs then hold ``last_hidden`` [B, Lt, H] as well."""
+    ``head`` (see ``teacher_head``): the body runs alone and the outputs hold ``last_hidden`` [B, Lt, H];
+    a weight [S, H] gives ``logits = h @ head.T`` on those columns only, True no logits at all."""
     routed = moe.is_moe(teacher)
     with torch.no_grad(), (moe.routing(teacher, mode, experts=sched.get("experts"),
                                        sample_prob=sched.get("sample_prob", 0.0), generator=ka_gen,
@@ -171,7 +172,7 @@ def _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hi
         if head is not None:
             h = teacher.get_decoder()(input_ids=batch["t_ids"], **model_inputs(batch, "t"),
                                       use_cache=False).last_hidden_state
-            return SimpleNamespace(logits=F.linear(h, head.to(h.dtype)), last_hidden=h), r
+            return SimpleNamespace(logits=None if head is True else F.linear(h, head.to(h.dtype)), last_hidden=h), r
         out = teacher(input_ids=batch["t_ids"], **model_inputs(batch, "t"),
                       output_hidden_states=need_hidden, output_attentions=need_attn, use_cache=False)
     return out, r
@@ -180,7 +181,8 @@ def _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hi
 def _finite(t_out, t_vocab: int, need_hidden: bool) -> bool:
     """Whether the teacher's logits (and hidden states) hold no inf/NaN. By their min and max (NaN
     propagates through both): no [B, L, V] boolean copy per pass, one host sync per pass."""
-    tensors = [t_out.logits[..., :t_vocab]] + (list(t_out.hidden_states) if need_hidden else [])
+    logits = t_out.logits[..., :t_vocab] if t_out.logits is not None else t_out.last_hidden  # fused head: h
+    tensors = [logits] + (list(t_out.hidden_states) if need_hidden else [])
     ends = torch.stack([torch.stack(torch.aminmax(t)).float() for t in tensors])
     return bool(torch.isfinite(ends).all())
 
@@ -194,16 +196,16 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
                     counts: dict, acc, sched: dict, ka_gen, t_vocab: int, reference_router=None,
                     log_mass: bool = False, mapping=None, t_head: tuple | None = None):
     """Loss of one micro-batch (already divided by the step's global counts), per-term values for the
-    log, and flags (non-finite teacher outputs). ``t_head``: ``teacher_head(...)``, used where
-    ``teacher_shared_only`` holds."""
+    log, and flags (non-finite teacher outputs). ``t_head``: ``teacher_head(...)``, used as
+    ``teacher_head_use`` says."""
     lc = cfg.loss
     need_hidden = "hidden" in weights or "contrastive" in weights
     need_attn = "attention" in weights
     head = fused_head_weight(student, cfg, weights, acc)
-    if t_head is not None and not teacher_shared_only(lc, weights):
-        t_head = None
-    # the teacher's logits on the shared columns only: shared_kl reads column c of them as shared_t[c]
-    kd_t_cols = shared_t if t_head is None else torch.arange(shared_t.numel(), device=shared_t.device)
+    use = teacher_head_use(lc, weights, mapping is not None and mapping.identity) if t_head is not None else None
+    pass_head = {"shared": t_head[1], "rows": True}.get(use) if use else None
+    # "shared": the teacher's logits on the shared columns only, shared_kl reads column c of them as shared_t[c]
+    kd_t_cols = torch.arange(shared_t.numel(), device=shared_t.device) if use == "shared" else shared_t
     with acc.autocast():
         # Fused head: the model computes logits for one position only (logits_to_keep=1); the losses take
         # the final hidden state and the head weight instead of the [B, L, V] logits.
@@ -231,7 +233,7 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
     for m in range(passes):
         g_state = ka_gen.get_state()  # to replay the same expert sampling if the pass is recomputed
         t_out, r = _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden, need_attn,
-                                 t_head[1] if t_head is not None else None)
+                                 pass_head)
         if not _finite(t_out, t_vocab, need_hidden):
             # fp16 overflow in the teacher (Qwen-family models trained in bf16 can overflow): recompute this
             # micro-batch with the teacher in fp32, or skip its teacher terms (train.nonfinite_teacher).
@@ -241,21 +243,23 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
                 ka_gen.set_state(g_state)
                 with fp32_forward(teacher):
                     t_out, r = _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden,
-                                             need_attn, t_head[1] if t_head is not None else None)
+                                             need_attn, pass_head)
                 flags["recomputed_fp32"] = 1
             if not _finite(t_out, t_vocab, need_hidden):
                 t_out = None
                 break
         if r is not None and m == 0:
             flags["routing"] = r.stats()  # per layer: expert usage, router entropy, selected mass
-        t_logits = t_out.logits[..., :t_vocab]  # padded head columns name no token
+        # padded head columns name no token; "rows": the last hidden state, the loss applies the head
+        t_logits = t_out.last_hidden if use == "rows" else t_out.logits[..., :t_vocab]
         # KA: the M divergences are averaged (Kim et al. 2025, eq. for L_KA); one teacher buffer at a time.
         if "kd" in weights:
             kd_sum = logit_term_sum(lc.method, s_logits, t_logits, batch, shared_s, kd_t_cols, lc,
-                                    mass_log=flags if (m == 0 and log_mass and t_head is None) else None,
-                                    head_weight=head, mapping=mapping)
+                                    mass_log=flags if (m == 0 and log_mass and use is None) else None,
+                                    head_weight=head, mapping=mapping,
+                                    t_head=(t_head[0], t_vocab) if use == "rows" else None)
             add("kd", kd_sum / passes, lc.temperature ** 2)
-            if m == 0 and log_mass and t_head is not None:  # from the hidden state, chunk by chunk
+            if m == 0 and log_mass and use == "shared":  # from the hidden state, chunk by chunk
                 b, _, t_pos = one_to_one_positions(batch)
                 flags["teacher_mass_outside_shared"] = float(_teacher_mass_outside(
                     t_out.last_hidden, b, t_pos, shared_t, t_vocab, lc.chunk_rows, head_weight=t_head[0]))
@@ -336,19 +340,28 @@ def plain_head_weight(model) -> torch.Tensor | None:
     return head.weight
 
 
-def teacher_shared_only(lc, weights: dict) -> bool:
-    """Whether shared_kl is the only reader of the teacher's logits (also read by ``sakd plan``): no chunk
-    likelihood, gap weighting, baseline, hidden-state or attention term."""
-    return bool(lc.fused_head and "kd" in weights and lc.method == "shared_kl" and not lc.gap_weighting
-                and not any(k in weights for k in ("chunk", "hidden", "attention", "contrastive")))
+def teacher_head_use(lc, weights: dict, identity: bool = False) -> str | None:
+    """How much of the teacher's output layer a step needs when ``loss.fused_head`` fuses it (also read by
+    ``sakd plan``): "shared" where shared_kl alone reads the teacher's logits (its shared columns), "rows"
+    where mapped_kl alone does (its target multiplies out the rows it uses, every column); None where
+    anything else reads them (chunk likelihood, gap weighting, a baseline, hidden-state or attention
+    terms) or one tokenizer serves both sides (``identity``): the model's own logits then."""
+    if not (lc.fused_head and "kd" in weights) or lc.gap_weighting or any(
+            k in weights for k in ("chunk", "hidden", "attention", "contrastive")):
+        return None
+    if lc.method == "shared_kl":
+        return "shared"
+    return "rows" if lc.method == "mapped_kl" and not identity else None
 
 
 def teacher_head(teacher, shared_t: torch.Tensor, fused: bool) -> tuple | None:
     """(the teacher's output-layer weight [Vt_cols, H], its shared-vocabulary rows [S, H]) when ``loss.fused_head``
     may fuse it, else None. shared_kl renormalises over the shared columns, so where it alone reads the
-    teacher's logits (``teacher_shared_only``) only those S columns are computed: [B, Lt, S] instead of
+    teacher's logits (``teacher_head_use`` "shared") only those S columns are computed: [B, Lt, S] instead of
     [B, Lt, Vt] (39,234 of 151,936 columns for Qwen3 -> SmolLM: 1.1 GiB less at 4 x 640 in fp32). The
-    [S, H] rows are gathered once (the teacher is frozen; SAR trains its routers only)."""
+    [S, H] rows are gathered once (the teacher is frozen; SAR trains its routers only). Where mapped_kl
+    alone reads them ("rows"), the loss takes the last hidden state and the weight, and multiplies out
+    only the rows a chunk needs."""
     if not fused or teacher is None or not hasattr(teacher, "get_decoder"):
         return None
     w = plain_head_weight(teacher)

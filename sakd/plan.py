@@ -57,7 +57,7 @@ import torch
 
 from sakd.config import Config
 from sakd.errors import UserError
-from sakd.objective import fused_head_terms, teacher_shared_only
+from sakd.objective import fused_head_terms, teacher_head_use
 
 GiB = 2**30
 
@@ -186,6 +186,17 @@ def _experts_run(cfg: Config, shape: dict) -> int:
 KERNEL_TEMPORARIES = {"forward_kl": 3.25, "reverse_kl": 3.25, "jsd": 7.0, "tvd": 5.0}  # fp32 [chunk, S] each
 
 
+def _teacher_head_use(cfg: Config) -> str | None:
+    """objective.teacher_head_use for this configuration's terms (None with a teacher cache)."""
+    lc = cfg.loss
+    if cfg.model.teacher_cache:
+        return None
+    readers = {"kd": lc.kd_weight > 0 and lc.method != "none", "chunk": lc.chunk_weight > 0,
+               "hidden": lc.hidden.weight > 0, "attention": lc.attention.weight > 0,
+               "contrastive": lc.contrastive.weight > 0}
+    return teacher_head_use(lc, {k: 1.0 for k, on in readers.items() if on})
+
+
 def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[dict, dict]:
     """(components in bytes, moment totals) at micro-batch B. The moments follow the order in which
     ``objective.micro_step_loss`` builds, and autograd frees, each buffer."""
@@ -230,12 +241,12 @@ def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[
     c["student_logits_grad"] = 0 if fused else B * Ls * Vs * ab
     # fused teacher head (objective.teacher_head): where shared_kl alone reads the teacher's logits, only the
     # shared columns are computed ([B, Lt, S]), from a gathered copy of the head's shared rows ([S, H])
-    readers = {"kd": kd, "chunk": alm, "hidden": lc.hidden.weight > 0, "attention": lc.attention.weight > 0,
-               "contrastive": lc.contrastive.weight > 0}
-    t_shared = not cached and teacher_shared_only(lc, {k: 1.0 for k, on in readers.items() if on})
+    use = _teacher_head_use(cfg)
+    t_shared = use == "shared"
     c["teacher_head_shared"] = S * t["hidden"] * tb if t_shared else 0
     t_logits_full = B * Lt * Vt * tb
-    c["teacher_logits"] = B * Lt * (S if t_shared else Vt) * tb
+    # "rows" (mapped_kl): the last hidden state [B, Lt, H] instead; the loss multiplies out a chunk's rows
+    c["teacher_logits"] = B * Lt * {"shared": S, "rows": t["hidden"]}.get(use, Vt) * tb
     c["teacher_forward"] = B * Lt * tb * (4 * t["hidden"] + 2 * t["hq"] + 2 * t["kvd"]
                                           + 3 * (t["moe_intermediate"] if t["experts"] else t["intermediate"])) \
         + B * Lt * Lt
@@ -391,6 +402,7 @@ def plan(cfg: Config, *, card_gb: float = 16.0, micro_batch: int | None = None, 
         "activation_dtype": "16-bit autocast" if half else "float32",
         "teacher_dtype": cfg.model.teacher_dtype, "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "moe_mode": cfg.moe.mode, "teacher_cache": cfg.model.teacher_cache, "teacher": t, "student": s,
+        "teacher_head": _teacher_head_use(cfg),
         "fused_head": fused_head_terms(cfg.loss, kd=cfg.loss.kd_weight > 0 and cfg.loss.method != "none",
                                        chunk=cfg.loss.chunk_weight > 0),
         "components": {k: int(v) for k, v in tot["components"].items()},
@@ -477,8 +489,10 @@ def format_plan(p: dict) -> str:
     for key, phase, label in ROWS:
         if key == "teacher_logits" and p.get("teacher_cache"):
             label = "teacher cache batch (top-k)"
-        elif key == "teacher_logits" and c.get("teacher_head_shared"):
+        elif key == "teacher_logits" and p.get("teacher_head") == "shared":
             label = "teacher logits [B, Lt, S] (fused head)"
+        elif key == "teacher_logits" and p.get("teacher_head") == "rows":
+            label = "teacher last hidden state (fused head)"
         if key == "student_logits" and p.get("fused_head"):
             label = "student logits, last position (fused head)"
         if key in c and (c[key] or key in PERSISTENT[:3]):

@@ -77,7 +77,11 @@ def test_real_pair_offline_from_the_builtin_table():
     # [chunk, 2 Vt + S], fp32, + the fp16 teacher rows (shared columns)
     assert c["kd_chunk_temporaries"] == 512 * 4 * max(3.25 * 49152, 2 * 151936 + 49152) + 512 * 49152 * 2
     mapped = plan(load_config(REAL, ["loss.logit=mapped_kl"]), card_gb=16)["components"]
-    assert mapped["teacher_logits"] == 4 * 640 * 151936 * 2 and mapped["teacher_head_shared"] == 0  # every column
+    # mapped_kl alone reads the teacher: its last hidden state [B, Lt, H] fp16 is held, the rows multiplied out
+    # per chunk; with the chunk likelihood as well, the model's full logits
+    assert mapped["teacher_logits"] == 4 * 640 * 1024 * 2 and mapped["teacher_head_shared"] == 0
+    alm = plan(load_config(REAL, ["loss.logit=mapped_kl", "loss.chunk_weight=0.5"]), card_gb=16)["components"]
+    assert alm["teacher_logits"] == 4 * 640 * 151936 * 2
     # mapped_kl per chunk: 2 [chunk, Vt] + 5 [chunk, Vs] fp32 buffers + the fp16 teacher rows
     assert mapped["kd_chunk_temporaries"] == 512 * 4 * (2 * 151936 + 5 * 49152) + 512 * 151936 * 2
     unfused = plan(load_config(REAL, ["loss.fused_head=false"]), card_gb=16)["components"]

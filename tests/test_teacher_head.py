@@ -1,13 +1,14 @@
 """loss.fused_head on the teacher side: where shared_kl alone reads the teacher's logits, the teacher's
 output layer computes the shared vocabulary's columns only ([B, Lt, S], not [B, Lt, Vt]); shared_kl
-renormalises over those columns, so every term and the logged outside mass are unchanged."""
+renormalises over those columns, so every term and the logged outside mass are unchanged. Where mapped_kl
+alone reads them, the loss takes the teacher's last hidden state and multiplies out the rows it uses."""
 
 import pytest
 import torch
 
 from sakd.data import Collator, pad_id
 from sakd.distill import setup
-from sakd.objective import _teacher_pass, count_targets, micro_step_loss, teacher_head, teacher_shared_only
+from sakd.objective import _teacher_pass, count_targets, micro_step_loss, teacher_head, teacher_head_use
 from sakd.config import load_config
 from tests.conftest import tiny_overrides
 
@@ -32,7 +33,7 @@ def test_shared_columns_only_give_the_same_terms(tiny_assets, tmp_path, mode):
     run = setup(cfg, **QUIET)
     batch = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))([run.train[i] for i in range(4)])
     weights = {"kd": 1.0, "ce": 1.0}
-    assert teacher_shared_only(cfg.loss, weights)
+    assert teacher_head_use(cfg.loss, weights) == "shared"
     head = teacher_head(run.teacher, run.vocab.shared_t, True)
     S, vt = run.vocab.shared_t.numel(), len(run.teacher_tok)
     assert head[1].shape == (S, head[0].shape[1]) and S < vt
@@ -50,12 +51,35 @@ def test_shared_columns_only_give_the_same_terms(tiny_assets, tmp_path, mode):
     assert 0.01 < flags["teacher_mass_outside_shared"] < 1
 
 
-@pytest.mark.parametrize("extra,weights", [
-    ({"loss.logit": "mapped_kl"}, {"kd": 1.0}),            # mapped_kl reads every teacher column
-    ({}, {"kd": 1.0, "chunk": 0.5}),                        # the chunk likelihood needs the full softmax
-    ({"loss.gap_weighting": True}, {"kd": 1.0}),
-    ({"loss.fused_head": False}, {"kd": 1.0}),
+@pytest.mark.parametrize("extra,weights,use", [
+    ({"loss.logit": "mapped_kl"}, {"kd": 1.0, "ce": 1.0}, "rows"),  # every column, only the rows it uses
+    ({}, {"kd": 1.0, "chunk": 0.5}, None),                          # the chunk likelihood needs the logits
+    ({"loss.logit": "mapped_kl"}, {"kd": 1.0, "chunk": 0.5}, None),
+    ({"loss.gap_weighting": True}, {"kd": 1.0}, None),
+    ({"loss.fused_head": False}, {"kd": 1.0}, None),
+    ({}, {"kd": 1.0, "hidden": 0.5}, None),
 ])
-def test_other_readers_of_the_teacher_logits_keep_every_column(tiny_assets, tmp_path, extra, weights):
+def test_what_the_teacher_head_computes_follows_its_readers(tiny_assets, tmp_path, extra, weights, use):
     cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path / "o", **extra))
-    assert not teacher_shared_only(cfg.loss, weights)
+    assert teacher_head_use(cfg.loss, weights) == use
+    assert teacher_head_use(cfg.loss, weights, identity=True) == (None if use == "rows" else use)
+
+
+@pytest.mark.parametrize("mode", ["topk", "ka"])
+def test_mapped_kl_from_the_teacher_hidden_state_gives_the_same_terms(tiny_assets, tmp_path, mode):
+    """"rows": the teacher's body runs alone and mapped_kl multiplies out the rows it uses; the terms equal
+    those from the model's own logits."""
+    cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path / "o", **{
+        "loss.logit": "mapped_kl", "loss.temperature": 2.0, "moe.mode": mode, "loss.ce_weight": 1.0}))
+    run = setup(cfg, **QUIET)
+    batch = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))([run.train[i] for i in range(4)])
+    weights = {"kd": 1.0, "ce": 1.0}
+    head = teacher_head(run.teacher, run.vocab.shared_t, True)
+    out, _ = _teacher_pass(run.teacher, batch, "topk", {}, None, None, False, False, True)
+    assert out.logits is None and out.last_hidden.shape == (*batch["t_ids"].shape, head[0].shape[1])
+    sched = {"experts": 2, "sample_prob": 0.5, "temperature": 1.0} if mode == "ka" else {}
+    ref, _ = _terms(run, cfg, batch, weights, None, sched)
+    got, _ = _terms(run, cfg, batch, weights, head, sched)
+    assert ref["kd"] > 1e-3
+    for name in weights:
+        assert got[name] == pytest.approx(ref[name], rel=1e-5), name

@@ -126,8 +126,18 @@ def count_mapped(batch, tables: MappingTables, one_to_one_only: bool = False) ->
 
 
 @torch.no_grad()
+def _teacher_rows(t2: torch.Tensor, r: torch.Tensor, vt: int, dtype, head: torch.Tensor | None) -> torch.Tensor:
+    """Teacher rows ``r`` of the flattened [B * Lt, ·] teacher output, [len(r), vt] in ``dtype``: logits, or
+    with ``head`` [vt, H] the last hidden state times the output layer (in the hidden state's dtype, as the
+    model's own head would compute them)."""
+    x = t2.index_select(0, r)
+    if head is None:
+        return x[:, :vt].to(dtype)
+    return (x @ head.to(x.dtype).T).to(dtype)
+
+
 def _path_log_mass(t2, t_ids, pos: MappedPositions, e_idx, Lt: int, vt: int, tables: MappingTables,
-                   temperature: float, dtype) -> torch.Tensor:
+                   temperature: float, dtype, head: torch.Tensor | None = None) -> torch.Tensor:
     """log of Π_{i<l<m} p_l(t_l) · Σ_{v starts with bytes(t_m)[:q]} p_m(v) for the extended positions
     ``e_idx``: the realised path after teacher token i (the factor p_i(t_i)/Z is added by the caller).
 
@@ -145,7 +155,7 @@ def _path_log_mass(t2, t_ids, pos: MappedPositions, e_idx, Lt: int, vt: int, tab
     owner = torch.repeat_interleave(torch.arange(n, device=dev), cnt)
     first = cnt.cumsum(0) - cnt
     r = i[owner] + torch.arange(owner.numel(), device=dev) - first[owner]
-    rows = t2.index_select(0, b[owner] * Lt + r)[:, :vt].to(dtype) / temperature   # [P, vt]
+    rows = _teacher_rows(t2, b[owner] * Lt + r, vt, dtype, head) / temperature   # [P, vt]
     lse = torch.logsumexp(rows, -1)
     last = r == m[owner] - 1
     # rows before the last: the realised next token's log-probability
@@ -173,8 +183,9 @@ class _Targets:
     """Builds log Q (times T, see ``mapped_kd``) for a chunk of positions, from the teacher logits."""
 
     def __init__(self, t_logits, batch, pos: MappedPositions, tables: MappingTables, vs: int, vt: int,
-                 temperature: float, extend: bool):
+                 temperature: float, extend: bool, t_head: torch.Tensor | None = None):
         self.t2 = t_logits.detach().flatten(0, 1)
+        self.head = t_head.detach()[:vt] if t_head is not None else None  # t_logits: the last hidden state then
         self.Lt, self.vs, self.vt, self.T = t_logits.shape[1], vs, vt, float(temperature)
         self.dtype = torch.promote_types(t_logits.dtype, torch.float32)
         self.tab = tables.to(t_logits.device)
@@ -192,7 +203,8 @@ class _Targets:
         self.path = torch.zeros(len(p), dtype=self.dtype, device=dev)
         if self.extend and bool(p.ext.any()):
             e_idx = p.ext.nonzero().squeeze(1)
-            self.path[e_idx] = _path_log_mass(self.t2, t_ids, p, e_idx, self.Lt, vt, self.tab, self.T, self.dtype)
+            self.path[e_idx] = _path_log_mass(self.t2, t_ids, p, e_idx, self.Lt, vt, self.tab, self.T, self.dtype,
+                                              self.head)
 
     @torch.no_grad()
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
@@ -202,7 +214,7 @@ class _Targets:
         # The student tokens inside one teacher token share its row: each distinct row's softmax once
         # (about a quarter fewer rows on Shakespeare); p[u] is row u, position x reads p[inv[x]].
         rows, inv = torch.unique(self.t_row[idx], return_inverse=True)
-        z = self.t2.index_select(0, rows)[:, :self.vt].to(self.dtype)
+        z = _teacher_rows(self.t2, rows, self.vt, self.dtype, self.head)
         if self.T != 1.0:
             z = z.div_(self.T)
         p = torch.softmax(z, -1)
@@ -255,14 +267,17 @@ def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: Map
               divergence: str = "forward_kl", temperature: float = 1.0, beta: float = 0.5,
               t_vocab_size: int | None = None, chunk_rows: int = 1024, extend: bool = True,
               head_weight: torch.Tensor | None = None, positions: MappedPositions | None = None,
-              one_to_one_only: bool = False, prefix_weight: bool = False):
+              one_to_one_only: bool = False, prefix_weight: bool = False,
+              t_head_weight: torch.Tensor | None = None):
     """Σ_j D(Q_j ‖ q_j) over every student position with a target (module docstring), D the divergence
     ``divergence`` at temperature T (q_j = softmax(s_j / T); Q_j mapped from softmax(t_i / T)).
 
     s_logits [B, Ls, Vs] (or, with ``head_weight`` [Vs, H], the student's last hidden state [B, Ls, H]:
     the output layer is fused in); t_logits [B, Lt, Vt_cols], treated as a constant (the student is
-    trained); ``t_vocab_size`` bounds the teacher columns that name tokens. Memory: rows are walked
-    in chunks of ``chunk_rows``; neither [N, Vt] nor [N, Vs] exists for all rows at once.
+    trained); ``t_vocab_size`` bounds the teacher columns that name tokens. With ``t_head_weight``
+    [Vt_cols, H] (the teacher's output layer), t_logits is the teacher's last hidden state [B, Lt, H] and
+    only the rows a chunk needs are multiplied out: the teacher's [B, Lt, Vt] logits never exist. Memory:
+    rows are walked in chunks of ``chunk_rows``; neither [N, Vt] nor [N, Vs] exists for all rows at once.
 
     One tokenizer on both sides (``tables.identity``): exactly plain full-vocabulary KD at every
     position. ``prefix_weight`` (``loss.mapped_prefix_weight``): each position's term times Z, the teacher's
@@ -274,6 +289,10 @@ def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: Map
         raise UserError("loss.logit=mapped_kl needs a divergence that allows zeros in the target "
                         "(forward_kl, jsd with beta < 1, tvd), not reverse KL: set loss.divergence=forward_kl")
     pos = mapped_positions(batch, tables, one_to_one_only) if positions is None else positions
+    if t_head_weight is not None and t_vocab_size is None:
+        raise ValueError("t_head_weight needs t_vocab_size")
+    if t_head_weight is not None and tables.identity:  # plain KD over every row: the logits, then
+        t_logits, t_head_weight = t_logits.detach() @ t_head_weight.detach().to(t_logits.dtype).T, None
     vt = t_logits.shape[-1] if t_vocab_size is None else int(t_vocab_size)
     Ls, Lt = s_logits.shape[1], t_logits.shape[1]
     dev_s = s_logits.device
@@ -286,7 +305,7 @@ def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: Map
                               beta=beta, chunk_rows=chunk_rows), n
     vs = head_weight.shape[0] if head_weight is not None else s_logits.shape[-1]
     vs_tok = int(tables.s_len.numel())
-    target = _Targets(t_logits, batch, pos, tables, min(vs, vs_tok), vt, temperature, extend)
+    target = _Targets(t_logits, batch, pos, tables, min(vs, vs_tok), vt, temperature, extend, t_head_weight)
     base = _kernel(divergence, beta)
     pad = vs - min(vs, vs_tok)  # student head columns past its tokenizer: target 0
 

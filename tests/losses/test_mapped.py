@@ -322,3 +322,24 @@ def test_other_divergences_match_the_float64_reference(pair, divergence):
     ref.backward()
     assert int(n) == n_ref > 20 and math.isclose(float(loss.detach()), float(ref.detach()), rel_tol=1e-6)
     torch.testing.assert_close(s_logits.grad.double(), s64.grad, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("extend", [True, False])
+def test_teacher_hidden_state_and_head_give_the_logits_loss(pair, extend):
+    """t_head_weight: the teacher's last hidden state and output layer instead of its logits (only the rows a
+    chunk needs are multiplied out): the same loss and gradient as from h @ W.T, padding columns included."""
+    s_tok, t_tok = pair
+    tables = build_tables(s_tok, t_tok)
+    batch = _batch(s_tok, t_tok)
+    vs, vt = len(s_tok), len(t_tok)
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(*batch["t_ids"].shape, 16, generator=g)
+    w = 0.8 * torch.randn(vt + 5, 16, generator=g)  # 5 padding columns past the tokenizer
+    s_logits = _logits(batch, "s", vs, 0).requires_grad_()
+    ref, n_ref = mapped_kd(s_logits, h @ w.T, batch, tables, t_vocab_size=vt, chunk_rows=4, extend=extend)
+    (g_ref,) = torch.autograd.grad(ref, s_logits)
+    got, n = mapped_kd(s_logits, h, batch, tables, t_vocab_size=vt, chunk_rows=4, extend=extend, t_head_weight=w)
+    (g_got,) = torch.autograd.grad(got, s_logits)
+    assert int(n) == int(n_ref) > 20 and int(mapped_positions(batch, tables).ext.sum()) > 0
+    assert math.isclose(float(got), float(ref), rel_tol=1e-5)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-7)
