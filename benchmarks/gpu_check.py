@@ -18,7 +18,8 @@ has native bf16, sm_80+):
   tokens_per_s, seconds_per_step           student tokens per second over the steps after the first
   skipped_steps                            optimizer steps the GradScaler skipped (counted by the loop)
   overflow (fp16 only)                     an fp16 overflow injected into one teacher pass (inf in its
-                                           logits): the loop's counters nonfinite_teacher / recomputed_fp32
+                                           last hidden state, the final norm's output: what its logits, or
+                                           the fused head, read): the loop's counters nonfinite_teacher / recomputed_fp32
                                            and whether every logged loss stayed finite
 and once: sigterm_to_checkpoint_s, the seconds from SIGTERM (sent mid-run) to the saved checkpoint.
 With --tiny (CPU): tiny hidden sizes with the real vocabularies; on CPU both precisions train in fp32
@@ -90,9 +91,11 @@ def overrides(models: dict, out: Path, steps: int, precision: str, tiny: bool, *
 
 
 class InjectOverflow:
-    """Puts +inf into the teacher's logits on its ``at``-th 16-bit forward of the training loop (once, armed
-    when the loop starts: the start-up evaluation is left alone): what a bf16-trained Qwen overflowing in
-    fp16 looks like to the loop. The fp32 recompute is left alone."""
+    """Puts +inf into the teacher's last hidden state (its final norm's output) on its ``at``-th 16-bit forward
+    of the training loop (once, armed when the loop starts: the start-up evaluation is left alone): what a
+    bf16-trained Qwen overflowing in fp16 looks like to the loop. The final norm runs whether the loss reads
+    the model's logits or fuses the teacher's head (``objective.teacher_head``), so both paths see it. The
+    fp32 recompute is left alone."""
 
     def __init__(self, at: int = 2):
         self.at, self.calls, self.injected, self.armed = at, 0, 0, False
@@ -118,7 +121,8 @@ class InjectOverflow:
 
         def load_teacher(*a, **kw):
             model = original(*a, **kw)
-            model.get_output_embeddings().register_forward_hook(self.hook)
+            norm = getattr(model.get_decoder(), "norm", None)  # Llama / Qwen families: the final RMSNorm
+            (norm if norm is not None else model.get_output_embeddings()).register_forward_hook(self.hook)
             return model
 
         loop.load_teacher = load_teacher

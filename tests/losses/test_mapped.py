@@ -341,5 +341,5 @@ def test_teacher_hidden_state_and_head_give_the_logits_loss(pair, extend):
     got, n = mapped_kd(s_logits, h, batch, tables, t_vocab_size=vt, chunk_rows=4, extend=extend, t_head_weight=w)
     (g_got,) = torch.autograd.grad(got, s_logits)
     assert int(n) == int(n_ref) > 20 and int(mapped_positions(batch, tables).ext.sum()) > 0
-    assert math.isclose(float(got), float(ref), rel_tol=1e-5)
+    assert math.isclose(float(got.detach()), float(ref.detach()), rel_tol=1e-5)
     torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-7)
