@@ -26,6 +26,18 @@ def _terms(run, cfg, batch, weights, t_head, mode_sched=None):
     return terms, flags
 
 
+def _same_terms_as_the_logits_path(run, cfg, batch, weights, head, mode) -> tuple[dict, dict]:
+    """The terms with the fused teacher head equal those from the model's own logits (rtol 1e-5), under the
+    same KA draws; returns both runs' flags."""
+    sched = {"experts": 2, "sample_prob": 0.5, "temperature": 1.0} if mode == "ka" else {}
+    ref, ref_flags = _terms(run, cfg, batch, weights, None, sched)
+    got, flags = _terms(run, cfg, batch, weights, head, sched)
+    assert ref["kd"] > 1e-3
+    for name in weights:
+        assert got[name] == pytest.approx(ref[name], rel=1e-5), name
+    return flags, ref_flags
+
+
 @pytest.mark.parametrize("mode", ["topk", "ka"])
 def test_shared_columns_only_give_the_same_terms(tiny_assets, tmp_path, mode):
     cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path / "o", **{
@@ -41,12 +53,7 @@ def test_shared_columns_only_give_the_same_terms(tiny_assets, tmp_path, mode):
     assert out.logits.shape == (*batch["t_ids"].shape, S)  # the [B, Lt, Vt] logits never exist
     full = run.teacher(input_ids=batch["t_ids"], attention_mask=batch["t_mask"].long()).logits
     torch.testing.assert_close(out.logits, full[..., run.vocab.shared_t], rtol=1e-5, atol=1e-5)
-    sched = {"experts": 2, "sample_prob": 0.5, "temperature": 1.0} if mode == "ka" else {}
-    ref, ref_flags = _terms(run, cfg, batch, weights, None, sched)
-    got, flags = _terms(run, cfg, batch, weights, head, sched)
-    assert ref["kd"] > 1e-3
-    for name in weights:
-        assert got[name] == pytest.approx(ref[name], rel=1e-5), name
+    flags, ref_flags = _same_terms_as_the_logits_path(run, cfg, batch, weights, head, mode)
     assert flags["teacher_mass_outside_shared"] == pytest.approx(ref_flags["teacher_mass_outside_shared"], rel=1e-5)
     assert 0.01 < flags["teacher_mass_outside_shared"] < 1
 
@@ -77,9 +84,4 @@ def test_mapped_kl_from_the_teacher_hidden_state_gives_the_same_terms(tiny_asset
     head = teacher_head(run.teacher, run.vocab.shared_t, True)
     out, _ = _teacher_pass(run.teacher, batch, "topk", {}, None, None, False, False, True)
     assert out.logits is None and out.last_hidden.shape == (*batch["t_ids"].shape, head[0].shape[1])
-    sched = {"experts": 2, "sample_prob": 0.5, "temperature": 1.0} if mode == "ka" else {}
-    ref, _ = _terms(run, cfg, batch, weights, None, sched)
-    got, _ = _terms(run, cfg, batch, weights, head, sched)
-    assert ref["kd"] > 1e-3
-    for name in weights:
-        assert got[name] == pytest.approx(ref[name], rel=1e-5), name
+    _same_terms_as_the_logits_path(run, cfg, batch, weights, head, mode)
