@@ -74,6 +74,12 @@ METHODS: dict[str, list[str]] = {
     "mapped_kl_o2o": [*COMMON, "loss.logit=mapped_kl", "loss.mapped_positions=one_to_one"],
     "mapped_kl_noext": [*COMMON, "loss.logit=mapped_kl", "loss.mapped_extend=false"],
     "mapped_kl_pw": [*COMMON, "loss.logit=mapped_kl", "loss.mapped_prefix_weight=true"],
+    # the KD weight of each logit loss, on request: mapped_kl's KL per position is larger (it keeps the mass
+    # outside the shared vocabulary), so kd_weight=1 may weight the two unequally
+    "shared_kl_kd05": [*COMMON, "loss.logit=shared_kl", "loss.kd_weight=0.5"],
+    "mapped_kl_kd05": [*COMMON, "loss.logit=mapped_kl", "loss.kd_weight=0.5"],
+    "shared_kl_kd2": [*COMMON, "loss.logit=shared_kl", "loss.kd_weight=2"],
+    "mapped_kl_kd2": [*COMMON, "loss.logit=mapped_kl", "loss.kd_weight=2"],
     # the rows of the earlier table (docs/benchmarks.md), on request
     "shared_kl+chunk": [*COMMON, "loss.logit=shared_kl", "loss.chunk_weight=0.5"],
     "ka": [*COMMON, "loss.logit=shared_kl", "moe.mode=ka"],

@@ -27,7 +27,7 @@ from sakd.losses.contrastive import info_nce, mean_pool
 from sakd.losses.divergences import linear_cross_entropy_sum
 from sakd.losses.batch import one_to_one, one_to_one_positions
 from sakd.losses.baselines import gold_hybrid_loss, truncation_kd, uld_loss
-from sakd.losses.crosstok import _teacher_mass_outside, chunk_likelihood_loss, shared_vocab_kd
+from sakd.losses.crosstok import chunk_likelihood_loss, shared_vocab_kd, teacher_mass_outside
 from sakd.losses.hidden import HiddenProjector, hidden_state_loss, layer_map
 from sakd.losses.mapped import count_mapped, mapped_kd
 from sakd.chat import model_inputs  # chat data: packed rows give position ids instead of a 2-D mask
@@ -261,7 +261,7 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
             add("kd", kd_sum / passes, lc.temperature ** 2)
             if m == 0 and log_mass and use == "shared":  # from the hidden state, chunk by chunk
                 b, _, t_pos = one_to_one_positions(batch)
-                flags["teacher_mass_outside_shared"] = float(_teacher_mass_outside(
+                flags["teacher_mass_outside_shared"] = float(teacher_mass_outside(
                     t_out.last_hidden, b, t_pos, shared_t, t_vocab, lc.chunk_rows, head_weight=t_head[0]))
         if "chunk" in weights:
             ch_sum, _ = chunk_likelihood_loss(s_logits, t_logits, batch, temperature=lc.chunk_temperature,

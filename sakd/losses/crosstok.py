@@ -77,12 +77,12 @@ def shared_vocab_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, share
     loss_sum = divergence_sum(divergence, s_logits.flatten(0, 1), t_logits.flatten(0, 1), s_rows=s_rows,
                               t_rows=t_rows, s_cols=shared_s, t_cols=shared_t, head_weight=head_weight,
                               temperature=temperature, beta=beta, chunk_rows=chunk_rows)
-    outside = _teacher_mass_outside(t_logits, b, t_pos, shared_t, vt, chunk_rows) if outside_mass else None
+    outside = teacher_mass_outside(t_logits, b, t_pos, shared_t, vt, chunk_rows) if outside_mass else None
     return loss_sum, _count(b.numel(), s_logits), outside
 
 
 @torch.no_grad()
-def _teacher_mass_outside(t_logits, b, t_pos, shared_t, vt: int, chunk_rows: int,
+def teacher_mass_outside(t_logits, b, t_pos, shared_t, vt: int, chunk_rows: int,
                           head_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over rows of 1 - Σ_shared p_T, from log-sum-exps: 1 - exp(lse_shared - lse_all). With
     ``head_weight`` [Vt_cols, H], ``t_logits`` is the teacher's last hidden state and each chunk's logits
