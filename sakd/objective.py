@@ -203,6 +203,8 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
     need_attn = "attention" in weights
     head = fused_head_weight(student, cfg, weights, acc)
     use = teacher_head_use(lc, weights, mapping is not None and mapping.identity) if t_head is not None else None
+    if use == "shared" and t_head[1] is None:
+        use = None
     pass_head = {"shared": t_head[1], "rows": True}.get(use) if use else None
     # "shared": the teacher's logits on the shared columns only, shared_kl reads column c of them as shared_t[c]
     kd_t_cols = torch.arange(shared_t.numel(), device=shared_t.device) if use == "shared" else shared_t
@@ -354,9 +356,9 @@ def teacher_head_use(lc, weights: dict, identity: bool = False) -> str | None:
     return "rows" if lc.method == "mapped_kl" and not identity else None
 
 
-def teacher_head(teacher, shared_t: torch.Tensor, fused: bool) -> tuple | None:
-    """(the teacher's output-layer weight [Vt_cols, H], its shared-vocabulary rows [S, H]) when ``loss.fused_head``
-    may fuse it, else None. shared_kl renormalises over the shared columns, so where it alone reads the
+def teacher_head(teacher, shared_t: torch.Tensor | None, fused: bool) -> tuple | None:
+    """(the teacher's output-layer weight [Vt_cols, H], its shared-vocabulary rows [S, H] or None without
+    ``shared_t``) when ``loss.fused_head`` may fuse it, else None. shared_kl renormalises over the shared columns, so where it alone reads the
     teacher's logits (``teacher_head_use`` "shared") only those S columns are computed: [B, Lt, S] instead of
     [B, Lt, Vt] (39,234 of 151,936 columns for Qwen3 -> SmolLM: 1.1 GiB less at 4 x 640 in fp32). The
     [S, H] rows are gathered once (the teacher is frozen; SAR trains its routers only). Where mapped_kl
@@ -365,7 +367,9 @@ def teacher_head(teacher, shared_t: torch.Tensor, fused: bool) -> tuple | None:
     if not fused or teacher is None or not hasattr(teacher, "get_decoder"):
         return None
     w = plain_head_weight(teacher)
-    return None if w is None else (w, w.detach()[shared_t.to(w.device)].contiguous())
+    if w is None:
+        return None
+    return w, (w.detach()[shared_t.to(w.device)].contiguous() if shared_t is not None else None)
 
 
 def fused_head_weight(student, cfg: Config, weights: dict, acc) -> torch.Tensor | None:
@@ -434,7 +438,9 @@ class Objective:
         self.aux, self.vocab, self.t_vocab, self.ka_gen, self.sar = aux, vocab, t_vocab, ka_gen, sar
         self.shared_s = vocab.shared_s.to(acc.device)
         self.shared_t = vocab.shared_t.to(acc.device)
-        self.t_head = teacher_head(teacher, self.shared_t, cfg.loss.fused_head)
+        # the shared rows' copy only where shared_kl is the logit loss (mapped_kl reads the head itself)
+        self.t_head = teacher_head(teacher, self.shared_t if cfg.loss.method == "shared_kl" else None,
+                                   cfg.loss.fused_head)
         ept = experts_per_token(teacher) if teacher is not None else None
         # KA default as in Kim et al. (2025) and their scripts (--num-selects 15 of 16): E - 1 experts per token.
         self.k_start = cfg.moe.experts_start or (max(ept[0], ept[1] - 1) if ept else 1)
