@@ -27,8 +27,11 @@ _MARK = "\u2063SAKD-REPLY\u2063"
 def turn_end_marker(tok) -> str:
     """The text the student's template writes right after an assistant content (first line, stripped), or
     the tokenizer's EOS string when it writes nothing there."""
-    text = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": _MARK}],
-                                   tokenize=False)
+    try:
+        text = tok.apply_chat_template([{"role": "user", "content": "q"}, {"role": "assistant", "content": _MARK}],
+                                       tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that refuses this probe conversation: EOS then
+        text = ""
     after = text.split(_MARK, 1)[1].strip().split("\n")[0].strip() if _MARK in text else ""
     return after or (tok.eos_token or "")
 
@@ -50,8 +53,12 @@ def split_prompt(messages: list[dict]) -> tuple[list[dict], list[dict]] | None:
 @torch.no_grad()
 def student_reply(student, tok, prompt: list[dict], *, start: int, max_len: int, new_tokens: int,
                   temperature: float, stop_ids: list[int], stops: list[str], normal_form: str) -> str | None:
-    """The student's sampled reply to ``prompt`` (None when the prompt leaves no room for ``new_tokens``)."""
-    text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    """The student's sampled reply to ``prompt`` (None when the prompt leaves no room for ``new_tokens``, or
+    the template refuses it)."""
+    try:
+        text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+    except Exception:  # noqa: BLE001 - e.g. "roles must alternate" on this prompt: the data set's reply stays
+        return None
     ids = tok(text, add_special_tokens=False)["input_ids"]
     if not ids or ids[0] not in tokenizer_info(tok).added_ids:
         ids = [start] + ids  # as sakd.chat.encode_side renders a row
@@ -93,7 +100,7 @@ def generate_chat_items(student, dataset, indices: list[int], *, new_tokens: int
                     item = None
             if item is None:
                 kept += 1
-                item = enc.encode(messages)  # encoded once already at start-up: cannot fail now
+                item = enc.encode(messages)  # the same conversation as at start-up: the same item
             examples.append(item)
         # the row's examples packed again (the replies' lengths changed); what overflows the row is dropped
         rows.append(pack(examples, dataset.seq_len, dataset.teacher_seq_len)[0] if dataset.packed else examples[0])

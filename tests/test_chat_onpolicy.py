@@ -94,3 +94,22 @@ def test_sakd_distill_trains_on_policy_on_chat_data(tiny_assets, tmp_path, chat_
     hist = __import__("json").loads((tmp_path / "out" / "history.json").read_text())["history"]
     assert res["steps"] == 2 and all(r["on_policy"] for r in hist)
     assert res["student_bpb_final"] != res["student_bpb_initial"]
+
+
+def test_a_template_that_refuses_the_prompt_keeps_the_data_set_reply(tiny_assets, tmp_path, chat_file, monkeypatch):
+    """A template that raises on a generation prompt or on the marker probe (e.g. "roles must alternate") must
+    not stop a run hours in: the data set's reply stays, counted; the end-of-turn marker falls back to EOS."""
+    cfg, run = _run(tiny_assets, tmp_path, chat_file)
+    ds = run.train
+
+    render = ds.student_tok.apply_chat_template
+
+    def refuse(messages, *a, **kw):
+        if kw.get("add_generation_prompt") or "SAKD-REPLY" in messages[-1]["content"]:
+            raise ValueError("Conversation roles must alternate user/assistant/user/assistant/...")
+        return render(messages, *a, **kw)
+
+    monkeypatch.setattr(ds.student_tok, "apply_chat_template", refuse)
+    assert turn_end_marker(ds.student_tok) == ds.student_tok.eos_token
+    rows, kept = generate_chat_items(run.student, ds, [0], new_tokens=8, temperature=1.0)
+    assert kept == 2 and {k: rows[0][k] for k in ROW} == {k: ds[0][k] for k in ROW}
