@@ -76,8 +76,8 @@ class MappingTables:
         maps = self.__dict__.setdefault("_column_maps", {})
         if (vt, vs) not in maps:
             out = torch.full((vt,), vs, dtype=torch.long, device=self.phi.device)
-            ids = self.sorted_ids[self.sorted_ids < vt]
-            img = self.phi[self.offset[ids]]
+            keep = self.sorted_ids < vt
+            ids, img = self.sorted_ids[keep], self.phi0[keep]
             out[ids] = torch.where(img >= 0, img, torch.full_like(img, vs))
             maps[(vt, vs)] = out
         return maps[(vt, vs)]

@@ -25,7 +25,7 @@ import torch
 
 from sakd.errors import UserError
 from sakd.losses.batch import count as _count, field as _field, one_to_one_positions  # noqa: F401 (re-exported)
-from sakd.losses.divergences import divergence_sum, kd_loss
+from sakd.losses.divergences import divergence_sum, head_rows, kd_loss
 
 
 def mean_loss(loss_sum: torch.Tensor, n) -> torch.Tensor:
@@ -88,12 +88,9 @@ def teacher_mass_outside(t_logits, b, t_pos, shared_t, vt: int, chunk_rows: int,
     ``head_weight`` [Vt_cols, H], ``t_logits`` is the teacher's last hidden state and each chunk's logits
     are made from it (the teacher's full [B, Lt, Vt] logits need not exist)."""
     total = torch.zeros((), dtype=torch.float32, device=t_logits.device)
+    flat, r = t_logits.flatten(0, 1), b.to(t_logits.device) * t_logits.shape[1] + t_pos.to(t_logits.device)
     for a in range(0, b.numel(), chunk_rows):
-        if head_weight is not None:
-            h = t_logits[b[a:a + chunk_rows], t_pos[a:a + chunk_rows]]
-            rows = (h @ head_weight[:vt].to(h.dtype).T).float()                     # [n, Vt]
-        else:
-            rows = t_logits[b[a:a + chunk_rows], t_pos[a:a + chunk_rows], :vt].float()   # [n, Vt]
+        rows = head_rows(flat, r[a:a + chunk_rows], vt, torch.float32, head_weight)   # [n, Vt]
         log_in = torch.logsumexp(rows[:, shared_t], -1) - torch.logsumexp(rows, -1)
         total += (-torch.expm1(log_in)).sum()
     return total / max(b.numel(), 1)

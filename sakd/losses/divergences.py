@@ -52,13 +52,14 @@ def _log_softmax32(x: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(x.to(torch.float32, copy=True).div_(temperature), dim=-1)
 
 
-def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor, need_a: bool, need_b: bool):
-    """KL(a || b) per row from log-probs (both consumed: overwritten in place to save memory).
+def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor, need_a: bool, need_b: bool, a: torch.Tensor | None = None):
+    """KL(a || b) per row from log-probs (both consumed: overwritten in place to save memory); ``a``: the
+    probabilities themselves when the caller has them (else exp(log_a)).
 
     dKL/dz_a = a * (log a - log b - KL)   (softmax Jacobian applied to log a - log b + 1)
     dKL/dz_b = b - a
     Entries with a == 0 contribute 0 (0 log 0 = 0; this also covers -inf logits on both sides)."""
-    a = log_a.exp()
+    a = log_a.exp() if a is None else a
     r = log_a.sub_(log_b)  # r = log a - log b, reusing log_a's storage
     r.masked_fill_(a == 0, 0.0)
     if need_a:
@@ -166,6 +167,16 @@ def _cross_entropy_kernel(parts, temperature, need):
 # ---------------------------------------------------------------------------------------------
 # The chunked autograd Functions shared by all losses.
 # ---------------------------------------------------------------------------------------------
+
+def head_rows(x2: torch.Tensor, rows: torch.Tensor, vt: int, dtype, head: torch.Tensor | None) -> torch.Tensor:
+    """Rows ``rows`` of a flattened [N, ·] model output as logits [len(rows), vt] in ``dtype``: ``x2`` holds the
+    logits, or with ``head`` [V_cols, H] the last hidden state, multiplied by the output layer here (in the
+    hidden state's dtype, as the model's own head would): a fused head computes only the rows asked for."""
+    x = x2.index_select(0, rows)
+    if head is None:
+        return x[:, :vt].to(dtype)
+    return (x @ head[:vt].to(x.dtype).T).to(dtype)
+
 
 def _chunks(n_rows: int, chunk_rows: int):
     for a in range(0, n_rows, chunk_rows):

@@ -43,8 +43,8 @@ import torch
 from sakd.align.mapping import MappingTables
 from sakd.errors import UserError
 from sakd.losses.batch import one_to_one
-from sakd.losses.divergences import (_ChunkedRowLoss, _check_settings, _kernel, _log_softmax32,
-                                     divergence_sum)
+from sakd.losses.divergences import (_ChunkedRowLoss, _check_settings, _kernel, _kl_rows, _log_softmax32,
+                                     divergence_sum, head_rows)
 
 _BIG = 1 << 32  # chunk index * _BIG + byte offset inside the chunk: one sortable key per token end
 
@@ -126,16 +126,6 @@ def count_mapped(batch, tables: MappingTables, one_to_one_only: bool = False) ->
 
 
 @torch.no_grad()
-def _teacher_rows(t2: torch.Tensor, r: torch.Tensor, vt: int, dtype, head: torch.Tensor | None) -> torch.Tensor:
-    """Teacher rows ``r`` of the flattened [B * Lt, ·] teacher output, [len(r), vt] in ``dtype``: logits, or
-    with ``head`` [vt, H] the last hidden state times the output layer (in the hidden state's dtype, as the
-    model's own head would compute them)."""
-    x = t2.index_select(0, r)
-    if head is None:
-        return x[:, :vt].to(dtype)
-    return (x @ head.to(x.dtype).T).to(dtype)
-
-
 def _path_log_mass(t2, t_ids, pos: MappedPositions, e_idx, Lt: int, vt: int, tables: MappingTables,
                    temperature: float, dtype, head: torch.Tensor | None = None) -> torch.Tensor:
     """log of Π_{i<l<m} p_l(t_l) · Σ_{v starts with bytes(t_m)[:q]} p_m(v) for the extended positions
@@ -155,7 +145,7 @@ def _path_log_mass(t2, t_ids, pos: MappedPositions, e_idx, Lt: int, vt: int, tab
     owner = torch.repeat_interleave(torch.arange(n, device=dev), cnt)
     first = cnt.cumsum(0) - cnt
     r = i[owner] + torch.arange(owner.numel(), device=dev) - first[owner]
-    rows = _teacher_rows(t2, b[owner] * Lt + r, vt, dtype, head) / temperature   # [P, vt]
+    rows = head_rows(t2, b[owner] * Lt + r, vt, dtype, head) / temperature   # [P, vt]
     lse = torch.logsumexp(rows, -1)
     last = r == m[owner] - 1
     # rows before the last: the realised next token's log-probability
@@ -214,7 +204,7 @@ class _Targets:
         # The student tokens inside one teacher token share its row: each distinct row's softmax once
         # (about a quarter fewer rows on Shakespeare); p[u] is row u, position x reads p[inv[x]].
         rows, inv = torch.unique(self.t_row[idx], return_inverse=True)
-        z = _teacher_rows(self.t2, rows, self.vt, self.dtype, self.head)
+        z = head_rows(self.t2, rows, self.vt, self.dtype, self.head)
         if self.T != 1.0:
             z = z.div_(self.T)
         p = torch.softmax(z, -1)
@@ -317,13 +307,8 @@ def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: Map
         if pad:
             Q = torch.nn.functional.pad(Q, (0, pad))
         if divergence == "forward_kl" or (divergence == "jsd" and beta == 0):
-            # KL(Q ‖ q) = Σ_v Q_v (log Q_v - log q_v), 0 log 0 = 0; d/dz_s = (q - Q) / T (the 1/T is applied
-            # by _ChunkedRowLoss). Q is normalised: no second log-softmax, no exp of log Q.
-            log_q = _log_softmax32(s, T)
-            r = Q.clamp_min(torch.finfo(Q.dtype).tiny).log_().sub_(log_q).mul_(Q)
-            loss = r.masked_fill_(Q == 0, 0.0).sum(-1)   # 0 log 0 = 0, even where log q = -inf
-            del r
-            g_s = log_q.exp_().sub_(Q) if need[0] else None
+            # KL(Q ‖ q) from Q itself: Q is normalised (no second log-softmax) and at hand (no exp of log Q)
+            loss, _, g_s = _kl_rows(_log_with_zeros(Q), _log_softmax32(s, T), False, need[0], a=Q)
         else:
             log_target = _log_with_zeros(Q)
             loss, (g_s, _) = base([s, log_target.mul_(T)], T, (need[0], False))  # the kernel divides by T again
