@@ -57,7 +57,7 @@ import torch
 
 from sakd.config import Config
 from sakd.errors import UserError
-from sakd.objective import fused_head_terms, teacher_head_use
+from sakd.objective import fused_head_terms, teacher_head_use, term_weights
 
 GiB = 2**30
 
@@ -188,13 +188,7 @@ KERNEL_TEMPORARIES = {"forward_kl": 3.25, "reverse_kl": 3.25, "jsd": 7.0, "tvd":
 
 def _teacher_head_use(cfg: Config) -> str | None:
     """objective.teacher_head_use for this configuration's terms (None with a teacher cache)."""
-    lc = cfg.loss
-    if cfg.model.teacher_cache:
-        return None
-    readers = {"kd": lc.kd_weight > 0 and lc.method != "none", "chunk": lc.chunk_weight > 0,
-               "hidden": lc.hidden.weight > 0, "attention": lc.attention.weight > 0,
-               "contrastive": lc.contrastive.weight > 0}
-    return teacher_head_use(lc, {k: 1.0 for k, on in readers.items() if on})
+    return None if cfg.model.teacher_cache else teacher_head_use(cfg.loss, term_weights(cfg, 0))
 
 
 def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[dict, dict]:
