@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sakd.checkpoint import list_checkpoints  # noqa: E402
+from sakd.train.checkpoint import list_checkpoints  # noqa: E402
 from sakd.config import load_config  # noqa: E402
 from sakd.plan import BUILTIN_CONFIGS, GiB, plan  # noqa: E402
 
@@ -115,7 +115,7 @@ class InjectOverflow:
         return output
 
     def patch(self):
-        import sakd.distill as loop
+        import sakd.train.distill as loop
 
         original = loop.load_teacher
 
@@ -130,9 +130,9 @@ class InjectOverflow:
 
 
 def run_precision(models, work: Path, steps: int, precision: str, tiny: bool, cuda: bool) -> dict:
-    from sakd.distill import distill
+    from sakd.train.distill import distill
 
-    import sakd.distill as loop
+    import sakd.train.distill as loop
 
     cfg = load_config(str(CONFIG), overrides(models, work / precision, steps, precision, tiny))
     p = plan(cfg, card_gb=1024, device="cuda" if cuda else "cpu")
@@ -174,7 +174,7 @@ def run_precision(models, work: Path, steps: int, precision: str, tiny: bool, cu
 def sigterm_check(models, work: Path, tiny: bool, cuda: bool, after_s: float) -> dict:
     """SIGTERM ``after_s`` seconds into training (after the start-up evaluation): the loop finishes its step,
     saves, and stops. Reports the seconds from the signal to the checkpoint's COMPLETE marker."""
-    from sakd.distill import distill
+    from sakd.train.distill import distill
 
     precision = "fp16"
     out = work / "sigterm"
@@ -217,7 +217,7 @@ def main(argv=None) -> dict:
               "tiny": args.tiny, "steps": args.steps, "config": str(CONFIG.relative_to(ROOT)), "runs": {}}
     models = build_models(work, args.tiny, device)
     report["build_models_s"] = round(time.time() - t0, 1)
-    from sakd.distill import native_bf16
+    from sakd.train.distill import native_bf16
 
     for precision in ("fp16", "bf16"):
         if cuda and precision == "bf16" and not native_bf16():

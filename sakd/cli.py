@@ -135,11 +135,11 @@ def cmd_distill(args) -> int:
 
     cfg = load_config(args.config, args.overrides)  # before importing torch: a typo fails in a fraction of a second
     args._log_dir = cfg.train.output_dir
-    from sakd.distill import distill
+    from sakd.train.distill import distill
 
     result = distill(cfg, resume=args.resume, progress=not args.no_progress)
     if cfg.eval.ce_only_baseline:
-        from sakd.compare import add_ce_only_to_report, run_ce_only
+        from sakd.train.ce_only import add_ce_only_to_report, run_ce_only
 
         if result.get("stopped"):
             print(f"cross-entropy-only run not started: the run stopped ({result['stopped']}); it follows the "
@@ -154,10 +154,10 @@ def cmd_distill(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from sakd.demo import run_demo
+    from sakd.demo.run import run_demo
 
     args._log_dir = args.out
-    from sakd.demo import DEMO_CONFIG
+    from sakd.demo.run import DEMO_CONFIG
 
     run_demo(args.out, steps=args.steps, compare=args.compare, overrides=args.overrides,
              config=args.config or DEMO_CONFIG)
@@ -165,7 +165,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_align(args) -> int:
-    from sakd.align.report import align_report
+    from sakd.evaluate.alignment import align_report
 
     path = Path(args.text)
     if not path.is_file():
@@ -182,19 +182,19 @@ def cmd_align(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from sakd.report import evaluate_command
+    from sakd.report.run import evaluate_command
 
     result = evaluate_command(args.student, args.teacher, args.data, max_bytes=args.max_bytes, seq_len=args.seq_len)
     if args.json:
         print(json.dumps(result))
     else:
-        from sakd.report import format_evaluation
+        from sakd.report.run import format_evaluation
         print(format_evaluation(result))
     return 0
 
 
 def cmd_cache_teacher(args) -> int:
-    from sakd.cache import build_cache
+    from sakd.teacher_cache.reader import build_cache
     from sakd.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -207,7 +207,7 @@ def cmd_cache_teacher(args) -> int:
                            shard_spans=args.shard_spans, batch_size=args.batch_size,
                            progress=not args.no_progress and sys.stderr.isatty())
     if manifest is None:
-        from sakd.cache_build import INCOMPLETE
+        from sakd.teacher_cache.builder import INCOMPLETE
         return INCOMPLETE  # stopped by train.max_time: the message says how to resume
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"teacher cache: {manifest['bytes_per_token']:.1f} bytes per teacher token (k={args.k}, {args.codec}) "
@@ -226,7 +226,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from sakd.pretrain import pretrain
+    from sakd.demo.pretrain import pretrain
 
     for name in ("model_config", "tokenizer", "train", "heldout"):
         if not Path(getattr(args, name)).exists():

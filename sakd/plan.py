@@ -57,7 +57,7 @@ import torch
 
 from sakd.config import Config
 from sakd.errors import UserError
-from sakd.objective import fused_head_terms, teacher_head_use, term_weights
+from sakd.train.objective import fused_head_terms, teacher_head_use, term_weights
 
 GiB = 2**30
 
@@ -86,7 +86,7 @@ def load_model_config(name: str, role: str):
     """(transformers config, where it came from): a local folder / cached hub id, else the built-in table."""
     from transformers import AutoConfig, CONFIG_MAPPING
 
-    from sakd.models import _looks_local
+    from sakd.models.load import _looks_local
 
     if _looks_local(name) and not (Path(name).expanduser() / "config.json").is_file():
         raise UserError(f"model.{role}={name!r}: no config.json there; give a model folder or a hub id")
@@ -417,7 +417,7 @@ def plan(cfg: Config, *, card_gb: float = 16.0, micro_batch: int | None = None, 
 
 
 def _aux_parameters(cfg: Config, s_cfg, t_cfg) -> int:
-    from sakd.objective import build_aux_modules
+    from sakd.train.objective import build_aux_modules
 
     with torch.device("meta"):
         aux = build_aux_modules(cfg, s_cfg.get_text_config(), t_cfg.get_text_config())

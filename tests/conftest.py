@@ -21,9 +21,9 @@ def tiny_assets(tmp_path_factory):
     with a byte-level BPE tokenizer and a Llama student with a SentencePiece-style tokenizer."""
     from transformers import AutoModelForCausalLM
 
-    from sakd.corpus import load_plays
-    from sakd.demo_tokenizers import train_student_tokenizer, train_teacher_tokenizer
-    from sakd.tiny import llama_config, qwen3_moe_config
+    from sakd.data.corpus import load_plays
+    from sakd.demo.tokenizers import train_student_tokenizer, train_teacher_tokenizer
+    from sakd.models.tiny import llama_config, qwen3_moe_config
 
     d = tmp_path_factory.mktemp("tiny")
     plays = load_plays()

@@ -7,7 +7,7 @@ import pytest
 
 from sakd.config import load_config
 from sakd.errors import UserError
-from sakd.runlog import RunLogger
+from sakd.train.runlog import RunLogger
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,7 +36,7 @@ def test_quality_benchmark_rows_uld_and_truncation_still_load():
 
 
 def _logger(tmp_path, monkeypatch, tty: bool, lines: list):
-    monkeypatch.setattr("sakd.runlog._is_terminal", lambda: tty)
+    monkeypatch.setattr("sakd.train.runlog._is_terminal", lambda: tty)
     return RunLogger(tmp_path, log_every=5, total=12, initial=0, progress=True, main=True, log=lines.append)
 
 
@@ -66,6 +66,6 @@ def test_on_a_terminal_the_progress_bar(tmp_path, monkeypatch):
 
 def test_no_progress_no_lines(tmp_path, monkeypatch):
     lines = []
-    monkeypatch.setattr("sakd.runlog._is_terminal", lambda: False)
+    monkeypatch.setattr("sakd.train.runlog._is_terminal", lambda: False)
     _steps(RunLogger(tmp_path, log_every=1, total=3, initial=0, progress=False, main=True, log=lines.append), 3)
     assert lines == []

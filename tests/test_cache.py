@@ -8,13 +8,13 @@ import math
 import pytest
 import torch
 
-from sakd import cache as tc
+from sakd.teacher_cache import reader as tc
 from sakd.config import load_config
-from sakd.data import Collator, pad_id
+from sakd.data.text import Collator, pad_id
 from sakd.errors import UserError
 from sakd.losses.cached import cached_chunk_likelihood, cached_shared_kd
 from sakd.losses.crosstok import chunk_likelihood_loss, one_to_one_positions, shared_vocab_kd
-from sakd.models import load_teacher
+from sakd.models.load import load_teacher
 from tests.conftest import tiny_overrides
 
 T = 2.0  # a KD temperature != 1, so that T reaching the wrong quantity would show
@@ -177,8 +177,8 @@ def test_batches_stay_sparse_padded_and_checked(built):
 def test_bytes_per_token_at_k64(built):
     """On disk = the format's arithmetic (+ a few bytes of offsets and headers per span); for the
     real pair's 151,936-column teacher the arithmetic gives <= 160 bytes per teacher token."""
-    from sakd.cache_build import bytes_per_token
-    from sakd.cache_codec import row_bytes
+    from sakd.teacher_cache.builder import bytes_per_token
+    from sakd.teacher_cache.codec import row_bytes
 
     m = built["manifest"]
     files = sorted(built["dir"].glob("shard-*.safetensors"))
@@ -255,7 +255,7 @@ def test_refusals(built, tiny_assets, tmp_path):
 
 
 def test_span_data_is_the_loops_dataset(built):
-    from sakd.distill import setup
+    from sakd.train.distill import setup
 
     run = setup(built["cfg"], log=lambda *_: None)
     assert run.train.spans == built["data"].train.spans
@@ -279,7 +279,7 @@ def test_cached_shared_kd_is_the_bucketed_kl_written_out(tmp_path):
     s_logits = 2 * torch.randn(B, batch["s_ids"].shape[1], vs, generator=g, dtype=torch.float64)
     mask = torch.zeros(vt, dtype=torch.bool)
     mask[shared_t] = True
-    from sakd.cache_build import sparse_rows
+    from sakd.teacher_cache.builder import sparse_rows
 
     r = sparse_rows(t_logits.reshape(-1, vt), torch.zeros(B * Lt, dtype=torch.long), mask, k=k, temperature=T)
     cb = {"topk_ids": r["topk_ids"].reshape(B, Lt, k), "topk_logprobs": r["topk_logprobs"].reshape(B, Lt, k),

@@ -15,8 +15,8 @@ import time
 import pytest
 import torch
 
-from sakd import cache as tc
-from sakd.cache_codec import decode_packed, encode_packed
+from sakd.teacher_cache import reader as tc
+from sakd.teacher_cache.codec import decode_packed, encode_packed
 from sakd.config import load_config
 from sakd.errors import UserError
 from tests.conftest import ROOT, tiny_overrides
@@ -136,7 +136,7 @@ def test_a_cache_that_does_not_fit_is_refused(tiny_assets, tmp_path, monkeypatch
 
 
 def test_ka_cache_holds_m_routings(tiny_assets, tmp_path):
-    from sakd.data import Collator, pad_id
+    from sakd.data.text import Collator, pad_id
 
     cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path / "run", **{
         "data.max_examples": 8, "moe.mode": "ka", "moe.ka_samples": 2, "moe.sample_prob": 1.0}))

@@ -5,13 +5,13 @@ top-64; the cached loss through ``cached_step_loss`` and a KA cache's sampled ro
 import pytest
 import torch
 
-from sakd import cache as tc
+from sakd.teacher_cache import reader as tc
 from sakd.align.mapping import mapping_tables
 from sakd.config import load_config
-from sakd.data import Collator, pad_id
+from sakd.data.text import Collator, pad_id
 from sakd.losses.cached_mapped import cached_mapped_kd
 from sakd.losses.mapped import mapped_kd, mapped_positions
-from sakd.models import load_teacher
+from sakd.models.load import load_teacher
 from tests.conftest import tiny_overrides
 
 T = 2.0
@@ -82,7 +82,7 @@ def test_cached_step_loss_reads_mapped_kl_from_the_cache(setup):
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
-    from sakd import objective
+    from sakd.train import objective
 
     cfg = setup["cfg"]
     idx = [9, 10]

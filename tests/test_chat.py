@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from sakd.align.tokens import start_token_id
-from sakd.chat import ChatEncoder, RowSkipped, collate_chat, configure_template, pack, render
-from sakd.chat_dataset import encode_all
+from sakd.data.chat import ChatEncoder, RowSkipped, collate_chat, configure_template, pack, render
+from sakd.data.chat_dataset import encode_all
 
 pytestmark = pytest.mark.real_tokenizers
 
@@ -27,7 +27,7 @@ CONVS = {
 
 @pytest.fixture(scope="module")
 def toks():
-    from sakd.align.real import load_tokenizer
+    from sakd.models.tokenizers import load_tokenizer
 
     teacher, student = load_tokenizer("qwen-real"), load_tokenizer("smollm2-real")
     configure_template(teacher, "chatml", "teacher")
@@ -62,7 +62,7 @@ def covered(enc_ids_starts_ends, ks) -> set[int]:
 
 
 def _encoded(tok, messages):
-    from sakd.chat import encode_side
+    from sakd.data.chat import encode_side
 
     side = encode_side(tok, messages, start_token_id(tok))
     return side.enc
@@ -157,7 +157,7 @@ def test_packing_keeps_examples_apart(toks):
 def _per_example_logprobs(model, rows, side: str, packed: bool):
     """Log-probabilities of every token the losses read, per example, from packed or unpacked rows: the CE
     targets on the student side, the chunked tokens on the teacher side."""
-    from sakd.data import collate
+    from sakd.data.text import collate
 
     out = []
     for r in rows:
@@ -183,7 +183,7 @@ def test_packing_equals_unpacked_per_example(toks, side):
     attention across examples)."""
     from transformers import AutoModelForCausalLM
 
-    from sakd.tiny import llama_config, qwen3_moe_config
+    from sakd.models.tiny import llama_config, qwen3_moe_config
 
     torch.manual_seed(0)
     config = (llama_config(len(toks[0]), hidden=32, layers=2, heads=4, intermediate=64) if side == "s" else

@@ -5,11 +5,11 @@ losses as the live teacher; the teacher's assistant-only held-out bits per byte 
 import pytest
 import torch
 
-from sakd import cache as tc
-from sakd.data import Collator, pad_id
-from sakd.distill import distill, setup, teacher_heldout_bpb
+from sakd.teacher_cache import reader as tc
+from sakd.data.text import Collator, pad_id
+from sakd.train.distill import distill, setup, teacher_heldout_bpb
 from sakd.errors import UserError
-from sakd.objective import cached_step_loss, count_targets, micro_step_loss
+from sakd.train.objective import cached_step_loss, count_targets, micro_step_loss
 from tests.test_chat_loop import _cfg, chat_file  # noqa: F401  (the fixture)
 
 QUIET = dict(log=lambda *_: None)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from sakd.chat_formats import (Conversation, detect_format, read_conversations, source_format, to_messages)
+from sakd.data.chat_formats import (Conversation, detect_format, read_conversations, source_format, to_messages)
 from sakd.errors import UserError
 from tests.conftest import ROOT, assert_user_error, tiny_overrides
 

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from sakd import objective
+from sakd.train import objective
 from sakd.config import load_config
-from sakd.data import Collator, pad_id
-from sakd.distill import distill, setup
+from sakd.data.text import Collator, pad_id
+from sakd.train.distill import distill, setup
 from sakd.errors import UserError
 from tests.conftest import tiny_overrides
 
@@ -70,11 +70,11 @@ def test_what_chat_data_refuses(tiny_assets, tmp_path, chat_file, override, frag
 def test_heldout_bits_per_byte_count_assistant_content_only(tiny_assets, chat_file):
     from transformers import AutoModelForCausalLM
 
-    from sakd.chat import configure_template
-    from sakd.chat_dataset import heldout_conversations
-    from sakd.chat_formats import read_conversations
-    from sakd.evaluate import nll_bits
-    from sakd.models import load_tokenizer
+    from sakd.data.chat import configure_template
+    from sakd.data.chat_dataset import heldout_conversations
+    from sakd.data.chat_formats import read_conversations
+    from sakd.evaluate.bpb import nll_bits
+    from sakd.models.load import load_tokenizer
 
     tok = load_tokenizer(str(tiny_assets["teacher"]), "teacher")
     configure_template(tok, "chatml", "teacher")
@@ -130,7 +130,7 @@ def test_mapped_kl_on_a_packed_row_equals_the_sum_over_its_examples(tiny_assets,
 
 
 def test_sakd_evaluate_on_conversations_scores_assistant_content(tiny_assets, chat_file):
-    from sakd.report import evaluate_command
+    from sakd.report.run import evaluate_command
 
     out = evaluate_command(str(tiny_assets["student"]), str(tiny_assets["teacher"]), chat_file, max_bytes=3000,
                            seq_len=128, device="cpu")

@@ -1,14 +1,14 @@
-"""On-policy generation on chat data (sakd/chat_onpolicy.py): the student writes the assistant's turn, the
+"""On-policy generation on chat data (sakd/train/chat_onpolicy.py): the student writes the assistant's turn, the
 conversation with that reply is encoded like any data set row, and what cannot be used keeps the data
 set's reply, counted."""
 
 import pytest
 import torch
 
-from sakd.chat import configure_template, pack
-from sakd.chat_onpolicy import generate_chat_items, reply_text, split_prompt, student_reply, turn_end_marker
-from sakd.distill import distill, setup
-from sakd.models import load_tokenizer
+from sakd.data.chat import configure_template, pack
+from sakd.train.chat_onpolicy import generate_chat_items, reply_text, split_prompt, student_reply, turn_end_marker
+from sakd.train.distill import distill, setup
+from sakd.models.load import load_tokenizer
 from tests.test_chat_loop import _cfg, chat_file  # noqa: F401  (the fixture)
 
 QUIET = dict(log=lambda *_: None)
@@ -79,7 +79,7 @@ def test_a_prompt_that_leaves_no_room_keeps_the_data_set_reply_counted(tiny_asse
     assert kept == 4  # 2 rows x 2 conversations
     for i, row in zip([1, 2], rows):
         assert {k: row[k] for k in ROW} == {k: ds[i][k] for k in ROW}
-    from sakd.onpolicy import generate_items  # the loop's entry point counts them for result.json
+    from sakd.train.onpolicy import generate_items  # the loop's entry point counts them for result.json
 
     counters = {"on_policy_dataset_replies": 1}
     generate_items(run.student, ds, [1, 2], new_tokens=ds.seq_len, temperature=1.0, counters=counters)

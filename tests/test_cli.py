@@ -59,7 +59,7 @@ def test_align_teacher_mass_on_the_shared_vocabulary(tiny_assets):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sakd.align.report import align_report
+    from sakd.evaluate.alignment import align_report
     from sakd.align.tokens import align, encode_with_bytes
     from sakd.align.vocab import build_vocab_map
 

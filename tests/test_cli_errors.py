@@ -68,7 +68,7 @@ def bad(tiny_assets, tmp_path_factory):
     # the tiny student with one layer instead of two (same tensor shapes, fewer tensors)
     from transformers import AutoModelForCausalLM
 
-    from sakd.tiny import llama_config
+    from sakd.models.tiny import llama_config
 
     tok.save_pretrained(d / "one_layer_student")
     AutoModelForCausalLM.from_config(llama_config(len(tok), hidden=32, layers=1, heads=4, intermediate=64)

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from sakd.data import cut_spans, heldout_texts, read_source, read_with_fallback, split_heldout
+from sakd.data.text import cut_spans, heldout_texts, read_source, read_with_fallback, split_heldout
 from sakd.errors import UserError
 
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sakd import objective
+from sakd.train import objective
 from sakd.config import load_config
-from sakd.data import Collator, pad_id
-from sakd.distill import EpochOrder, distill, setup
+from sakd.data.text import Collator, pad_id
+from sakd.train.distill import EpochOrder, distill, setup
 from sakd.losses import forward_kl
 from tests.conftest import tiny_overrides
 
@@ -67,7 +67,7 @@ def test_every_trainable_parameter_gets_a_finite_nonzero_gradient(tiny_assets, t
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
     assert all(p.grad is None for p in run.teacher.parameters())
     if mode == "sar":
-        from sakd import moe
+        from sakd.models import moe
         sar = moe.SARRouter(run.teacher, lr=1e-2)
         objective.sar_router_step(sar, run.teacher, run.student, batch, run.vocab.shared_s, run.vocab.shared_t,
                                   cfg, CpuAcc, len(run.teacher_tok))
@@ -147,7 +147,7 @@ def test_epoch_order_is_resumable_and_sharded():
 
 def test_gap_weighting_against_float64_reference():
     """w_i = D_i / mean(D) (detached, clipped), loss = sum_i w_i D_i; uniform gaps give plain KD."""
-    from sakd.objective import gap_weighted_kd
+    from sakd.train.objective import gap_weighted_kd
 
     torch.manual_seed(0)
     B, L, V = 1, 4, 5
@@ -172,7 +172,7 @@ def test_gap_weighting_against_float64_reference():
 
 
 def test_on_policy_items_encode_the_generated_text_on_both_sides(tiny_assets, tmp_path):
-    from sakd.onpolicy import generate_items, prompt_of
+    from sakd.train.onpolicy import generate_items, prompt_of
 
     assert prompt_of("To be or not to be", 0.5) == "To be or"
     cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path))

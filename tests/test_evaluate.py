@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sakd.align.tokens import encode_with_bytes
 from sakd.config import EvalConfig
-from sakd.evaluate import (DEFAULT_CONTEXT_BYTES, nll_bits, pad_windows, scoring_windows, sliding_nll, start_token_id,
+from sakd.evaluate.bpb import (DEFAULT_CONTEXT_BYTES, nll_bits, pad_windows, scoring_windows, sliding_nll, start_token_id,
                            token_byte_starts, window_plan)
 
 TEXT_TAIL = "Naïve café — 東京 🙂 über straße\n"
@@ -119,7 +119,7 @@ def test_batched_sliding_nll_equals_a_slow_float64_reference(tiny, tiny_assets, 
     models, texts = tiny
     model, tok = models[side]
     if not keep:
-        monkeypatch.setattr("sakd.evaluate._keeps_logits", lambda m: False)
+        monkeypatch.setattr("sakd.evaluate.bpb._keeps_logits", lambda m: False)
     r = sliding_nll(model, tok, texts, max_len, batch, "cpu", budget)
     ref_bits, ref_n = _reference_bits(tiny_assets[side], tok, texts, max_len, budget)
     assert r["tokens"] == ref_n == sum(len(tok(t, add_special_tokens=False)["input_ids"]) for t in texts)
@@ -149,8 +149,8 @@ def test_zero_budget_is_the_old_independent_windows(tiny):
 def test_context_lowers_the_demo_teachers_bits_per_byte():
     """The committed demo teacher is a trained model: with 384 bytes of context before every scored
     token it predicts the held-out plays better than with windows restarted after a start token."""
-    from sakd.data import heldout_texts, read_source
-    from sakd.demo import ASSETS
+    from sakd.data.text import heldout_texts, read_source
+    from sakd.demo.run import ASSETS
 
     texts = heldout_texts(read_source("sakd:shakespeare-heldout").texts, 12_000)
     tok = AutoTokenizer.from_pretrained(ASSETS / "teacher")

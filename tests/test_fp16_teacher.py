@@ -4,10 +4,10 @@ cache, on CPU (CPU fp16 kernels exist): the values must match the fp32 teacher's
 import pytest
 import torch
 
-from sakd import objective
+from sakd.train import objective
 from sakd.config import load_config
-from sakd.data import Collator, pad_id
-from sakd.distill import distill, setup
+from sakd.data.text import Collator, pad_id
+from sakd.train.distill import distill, setup
 from tests.conftest import tiny_overrides
 
 ALL_TERMS = {"loss.ce_weight": 0.5, "loss.chunk_weight": 0.5, "loss.hidden.weight": 0.5,
@@ -30,7 +30,7 @@ def _terms(tiny_assets, tmp_path, dtype: str, mode: str):
     weights = objective.term_weights(cfg, 10)
     router = {}
     if mode == "sar":
-        from sakd import moe
+        from sakd.models import moe
 
         sar = moe.SARRouter(run.teacher, lr=1e-2)
         before = {k: v.detach().clone() for k, v in sar.master.items()}
@@ -64,7 +64,7 @@ def test_fp16_teacher_gives_the_fp32_teachers_terms(tiny_assets, tmp_path, mode)
 def test_fp16_teacher_cache_matches_fp32_and_trains(tiny_assets, tmp_path):
     """Cached: a top-k cache built from the fp16 teacher holds the fp32 teacher's log-probs (to fp16
     precision), and a run trains from it."""
-    from sakd.cache import TeacherCache, build_cache
+    from sakd.teacher_cache.reader import TeacherCache, build_cache
 
     caches = {}
     for dtype in ("float16", "float32"):

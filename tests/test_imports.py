@@ -51,15 +51,15 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_no_import_cycle_in_sakd():
     graph = _graph()
-    assert "sakd.distill" in graph and "sakd.objective" in graph
+    assert "sakd.train.distill" in graph and "sakd.train.objective" in graph
     assert _cycle(graph) is None, " -> ".join(_cycle(graph))
 
 
 def test_objective_does_not_import_the_loop():
-    """The objective (and the schedules) stand below the loop: nothing imports sakd.distill but the CLI/demo."""
+    """The objective (and the schedules) stand below the loop: nothing imports sakd.train.distill but the CLI/demo."""
     graph = _graph()
-    users = sorted(m for m, deps in graph.items() if "sakd.distill" in deps)
-    assert set(users) <= {"sakd.cli", "sakd.demo"}, users
+    users = sorted(m for m, deps in graph.items() if "sakd.train.distill" in deps)
+    assert set(users) <= {"sakd.cli", "sakd.demo.run"}, users
 
 
 def test_the_cycle_finder_finds_a_cycle():

@@ -8,12 +8,13 @@ import shutil
 import pytest
 import torch
 
-from sakd import moe, objective
+from sakd.models import moe
+from sakd.train import objective
 from sakd.config import load_config
-from sakd.data import Collator, pad_id
-from sakd.distill import distill, optimizer_update, setup
-from sakd.models import fp32_forward
-from sakd.moe import ka_select
+from sakd.data.text import Collator, pad_id
+from sakd.train.distill import distill, optimizer_update, setup
+from sakd.models.load import fp32_forward
+from sakd.models.moe import ka_select
 from tests.conftest import tiny_overrides
 
 
@@ -192,7 +193,7 @@ def test_fused_output_layer_runs_in_fp32_under_autocast():
     fp32 residual stream -- while the model's own head gives 16-bit logits."""
     from transformers import AutoModelForCausalLM
 
-    from sakd.tiny import llama_config
+    from sakd.models.tiny import llama_config
 
     model = AutoModelForCausalLM.from_config(llama_config(100, hidden=32, layers=1, heads=2, intermediate=32))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -205,7 +206,7 @@ def test_on_policy_text_is_normalised_like_the_spans(tiny_assets, tmp_path, monk
     text must be normalised as the spans were, not stop the run."""
     import unicodedata
 
-    from sakd.onpolicy import generate_items
+    from sakd.train.onpolicy import generate_items
 
     run = setup(load_config(None, tiny_overrides(tiny_assets, tmp_path)), log=lambda *_: None)
     written = unicodedata.normalize("NFD", " the café was naïve")

@@ -1,4 +1,4 @@
-"""Routing control on real Hugging Face MoE blocks (sakd/moe.py).
+"""Routing control on real Hugging Face MoE blocks (sakd/models/moe.py).
 
 Tiny Qwen3-MoE (3 experts, 1 active, like the demo teacher) and Qwen2-MoE (4 experts,
 2 active, shared expert) built from config, saved and loaded back with from_pretrained."""
@@ -14,9 +14,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from sakd.errors import UserError
-from sakd.moe import (SARRouter, find_moe_blocks, is_moe, ka_select, load_balance_loss,
+from sakd.models.moe import (SARRouter, find_moe_blocks, is_moe, ka_select, load_balance_loss,
                       load_router_state, router_parameters, router_state, routing, routing_schedule)
-from sakd.tiny import llama_config, qwen2_moe_config, qwen3_moe_config
+from sakd.models.tiny import llama_config, qwen2_moe_config, qwen3_moe_config
 
 VOCAB = 64
 

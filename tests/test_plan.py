@@ -22,7 +22,7 @@ if str(ROOT) not in sys.path:
 from sakd.config import load_config  # noqa: E402
 from sakd.errors import UserError  # noqa: E402
 from sakd.plan import GiB, _layer_bytes, activation_bytes, format_plan, model_shape, plan  # noqa: E402
-from sakd.tiny import llama_config, qwen3_moe_config  # noqa: E402
+from sakd.models.tiny import llama_config, qwen3_moe_config  # noqa: E402
 
 REAL = ROOT / "configs" / "huihui-moe-1b-to-smollm-135m.yaml"
 
@@ -221,7 +221,7 @@ def measure_step(overrides: list[str]) -> int:
     states; the same code as the loop: objective.micro_step_loss, backward, clip, AdamW, zero_grad."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sakd import objective
+    from sakd.train import objective
 
     cfg = load_config(None, overrides)
     torch.manual_seed(0)

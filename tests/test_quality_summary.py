@@ -109,7 +109,7 @@ def test_every_row_pins_its_method_and_the_ceiling_student_is_the_demo_shape(qua
     a, b = load_file(f"{path}/model.safetensors"), load_file(f"{again}/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)          # deterministic
     assert info["vocab_size"] == 8192 and info["extra_parameters"] == (8192 - 2048) * 128
-    from sakd.demo import DEMO_CONFIG
+    from sakd.demo.run import DEMO_CONFIG
     bad = quality.check_methods(list(quality.METHODS), str(DEMO_CONFIG), paths, ())
     assert set(bad) <= {"mapped_kl", "ka_mapped", "sar_mapped"}, bad                  # until mapped_kl exists
     for m in quality.METHODS:
@@ -147,7 +147,7 @@ def test_summarise_mode_reads_old_and_new_files_and_refuses_others(quality, tmp_
 
 
 def test_benchmark_splits_are_disjoint_and_the_limited_text_is_a_leading_part_of_every_play():
-    from sakd.corpus import HELD_OUT_PLAYS, VALIDATION_PLAYS, benchmark_splits, leading_part, load_plays
+    from sakd.data.corpus import HELD_OUT_PLAYS, VALIDATION_PLAYS, benchmark_splits, leading_part, load_plays
 
     full, small = benchmark_splits(), benchmark_splits(0.1)
     assert tuple(full["test"]) == HELD_OUT_PLAYS and tuple(full["validation"]) == VALIDATION_PLAYS

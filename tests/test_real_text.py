@@ -7,7 +7,7 @@ import unicodedata
 import pytest
 
 from sakd.align.tokens import start_token_id, text_normal_form, unicode_form
-from sakd.data import SpanDataset, collate, cut_spans, read_source, span_budget
+from sakd.data.text import SpanDataset, collate, cut_spans, read_source, span_budget
 
 pytestmark = pytest.mark.real_tokenizers
 
@@ -16,7 +16,7 @@ NFD_TEXT = unicodedata.normalize("NFD", "Café, naïve résumé — Ångström. 
 
 @pytest.fixture(scope="module")
 def pair():
-    from sakd.align.real import qwen_tokenizer, smollm2_tokenizer
+    from sakd.models.tokenizers import qwen_tokenizer, smollm2_tokenizer
 
     return smollm2_tokenizer(), qwen_tokenizer(chat=True)
 
@@ -28,7 +28,7 @@ def test_chat_checkpoint_windows_start_with_the_document_separator(pair):
     assert qwen_chat.pad_token == "<|endoftext|>"
     assert start_token_id(qwen_chat) == qwen_chat.convert_tokens_to_ids("<|endoftext|>") == 151643
     assert start_token_id(smol) == smol.bos_token_id  # a BOS wins where there is one
-    from sakd.evaluate import start_token_id as reexported
+    from sakd.evaluate.bpb import start_token_id as reexported
     assert reexported is start_token_id
 
 

@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from sakd.checkpoint import list_checkpoints, load_latest, save_checkpoint
+from sakd.train.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from sakd.errors import UserError
 from tests.conftest import ROOT, assert_user_error, tiny_overrides
 
@@ -190,7 +190,7 @@ def test_sigterm_finishes_the_step_saves_exits_0_and_resume_is_exact(tiny_assets
 
 def test_max_time_stops_cleanly_with_a_checkpoint(tiny_assets, tmp_path):
     from sakd.config import load_config
-    from sakd.distill import distill
+    from sakd.train.distill import distill
 
     out = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(tiny_assets, out, **{"train.max_steps": 1000, "train.max_time": "1s"}))
@@ -280,7 +280,7 @@ def test_disk_full_while_saving_exits_2_and_keeps_earlier_checkpoints(tiny_asset
 
 @pytest.mark.parametrize("fault", ["OSError", "SafetensorError", "torch.save RuntimeError", "not a write failure"])
 def test_failed_save_leaves_no_trace_and_the_previous_checkpoint_intact(tmp_path, monkeypatch, fault):
-    import sakd.checkpoint as ck
+    import sakd.train.checkpoint as ck
     from safetensors import SafetensorError
 
     ckpt = tmp_path / "checkpoints"
@@ -373,7 +373,7 @@ def test_resume_with_another_configuration_is_refused_and_keeps_the_checkpoints(
     assert_user_error(r, "was written with another configuration", "loss.kd_weight", "-> 0.25", "train.output_dir")
     assert {p: p.read_bytes() for p in (out / "checkpoints").rglob("*") if p.is_file()} == before
     # what a resumed run may change (how long it runs, how often it saves and evaluates) is accepted
-    from sakd.distill import _check_resume_config
+    from sakd.train.distill import _check_resume_config
     from sakd.config import load_config, to_dict
 
     saved = to_dict(load_config(None, tiny_overrides(tiny_assets, out, **CONFIGS["sar+hidden"], **EXACT)))
@@ -409,7 +409,7 @@ def _poisoned_teacher(tiny_assets, folder: Path, token: str = "Ġnot") -> Path:
 def test_non_finite_teacher_outputs_are_skipped_counted_and_never_reach_the_student(tiny_assets, tmp_path,
                                                                                    ce_weight):
     from sakd.config import load_config
-    from sakd.distill import distill
+    from sakd.train.distill import distill
 
     assets = dict(tiny_assets, teacher=_poisoned_teacher(tiny_assets, tmp_path / "teacher"))
     out = tmp_path / "run"
@@ -454,7 +454,7 @@ def test_every_process_checks_the_shared_output_dir_at_once_without_tripping_ove
     import threading
     from types import SimpleNamespace
 
-    from sakd.distill import _output_dir
+    from sakd.train.distill import _output_dir
 
     cfg = SimpleNamespace(train=SimpleNamespace(output_dir=str(tmp_path / "run")))
     errors: list[str] = []

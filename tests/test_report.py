@@ -9,12 +9,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sakd import moe
+from sakd.models import moe
 from sakd.config import load_config
-from sakd.data import heldout_texts, read_source
+from sakd.data.text import heldout_texts, read_source
 from sakd.errors import UserError
-from sakd.evaluate import start_token_id
-from sakd.report import (evaluate_command, format_evaluation, lm_eval_tasks, measure_expert_usage, write_model_card,
+from sakd.evaluate.bpb import start_token_id
+from sakd.report.run import (evaluate_command, format_evaluation, lm_eval_tasks, measure_expert_usage, write_model_card,
                          write_run_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -24,7 +24,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _direct_nats(model_dir, texts, seq_len):
     """Summed NLL (nats) and token count: the default sliding windows (eval.context_bytes), one window
     at a time, no padding, float64 log-softmax over the window's scored tokens only."""
-    from sakd.evaluate import DEFAULT_CONTEXT_BYTES, token_byte_starts, window_plan
+    from sakd.evaluate.bpb import DEFAULT_CONTEXT_BYTES, token_byte_starts, window_plan
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()

@@ -9,9 +9,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sakd.align.tokens import encode_with_bytes
 from sakd.align.vocab import build_vocab_map
-from sakd.data import collate, encode_pair, pad_id
-from sakd.evaluate import start_token_id
-from sakd.retention import one_to_one_stats, retention
+from sakd.data.text import collate, encode_pair, pad_id
+from sakd.evaluate.bpb import start_token_id
+from sakd.evaluate.retention import one_to_one_stats, retention
 
 # Short enough to be ONE span at seq_len=256 (spans are ~0.9 x 255 tokens of text).
 TEXT = ("MACBETH. So foul and fair a day I have not seen.\nBANQUO. How far is't call'd to Forres? "

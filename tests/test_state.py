@@ -7,12 +7,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from sakd.checkpoint import load_checkpoint, save_checkpoint
-from sakd.schedule import EpochOrder, lr_lambda
-from sakd.state import TrainState
+from sakd.train.checkpoint import load_checkpoint, save_checkpoint
+from sakd.train.schedule import EpochOrder, lr_lambda
+from sakd.train.state import TrainState
 
 # Fields a checkpoint saves but does not load back: the configuration is THIS run's (resume compares
-# the saved one with it, sakd.distill._check_resume_config), and the SAR router is round-tripped by
+# the saved one with it, sakd.train.distill._check_resume_config), and the SAR router is round-tripped by
 # tests/test_moe.py (SARRouter.state_dict) and the SAR resume test in tests/test_reliability.py.
 NOT_LOADED = {"config", "sar"}
 
@@ -113,7 +113,7 @@ def test_resume_accepts_a_checkpoint_from_before_a_key_was_added_at_its_default(
     import pytest
 
     from sakd.config import load_config, to_dict
-    from sakd.distill import _check_resume_config
+    from sakd.train.distill import _check_resume_config
     from sakd.errors import UserError
 
     saved = to_dict(load_config(None, []))

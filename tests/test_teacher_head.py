@@ -6,9 +6,9 @@ alone reads them, the loss takes the teacher's last hidden state and multiplies 
 import pytest
 import torch
 
-from sakd.data import Collator, pad_id
-from sakd.distill import setup
-from sakd.objective import _teacher_pass, count_targets, micro_step_loss, teacher_head, teacher_head_use
+from sakd.data.text import Collator, pad_id
+from sakd.train.distill import setup
+from sakd.train.objective import _teacher_pass, count_targets, micro_step_loss, teacher_head, teacher_head_use
 from sakd.config import load_config
 from tests.conftest import tiny_overrides
 

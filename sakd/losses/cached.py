@@ -1,4 +1,4 @@
-"""Logit losses from a sparse teacher cache (``sakd/cache.py``) instead of live teacher logits.
+"""Logit losses from a sparse teacher cache (``sakd/teacher_cache/reader.py``) instead of live teacher logits.
 
 The cache holds, per teacher position j (the distribution that predicts token j + 1):
 

@@ -1,4 +1,4 @@
-"""``loss.logit=mapped_kl`` from a teacher cache (sakd/cache.py) instead of live teacher logits.
+"""``loss.logit=mapped_kl`` from a teacher cache (sakd/teacher_cache/reader.py) instead of live teacher logits.
 
 The live loss (sakd/losses/mapped.py, ``mapped_kd``) builds, at every student position j with a
 target, Q_j(u) = Σ_{v ∈ S, φ(v, k) = u} p_i(v) / Z_j over the candidates S (k = 0: every teacher
@@ -20,7 +20,7 @@ the same buckets: the hit cells and "every other student token",
 Approximation: only how R spreads over the student's cells is lost (the loss treats it as one
 bucket, so by the data-processing inequality it is <= the live KL when R would land outside the hit
 cells); with k = V_teacher, R = 0 and the loss equals the live ``mapped_kd`` (tested). Packed caches
-add the quantisation of the log-probs (sakd/cache_codec.py) and fp16 rounding of the scalars.
+add the quantisation of the log-probs (sakd/teacher_cache/codec.py) and fp16 rounding of the scalars.
 Forward KL only (the divergence the cache supports; ``check_cached_config``).
 """
 

@@ -1,7 +1,7 @@
 """Logit losses between a student and a teacher with different tokenizers.
 
 Positions and vocabularies never meet by id. Positions meet through byte-aligned
-chunks (batch format: sakd/data.py): chunk c covers student tokens
+chunks (batch format: sakd/data/text.py): chunk c covers student tokens
 [chunk_s_start, chunk_s_end) and teacher tokens [chunk_t_start, chunk_t_end), and
 token k is predicted by the logits at position k - 1. Vocabularies meet through the
 string-level map shared_s[i] ↔ shared_t[i] (sakd/align/vocab.py).

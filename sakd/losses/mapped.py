@@ -75,7 +75,7 @@ def mapped_positions(batch, tables: MappingTables, one_to_one_only: bool = False
     """The student positions that get a target, and where their bytes sit in the teacher's tokens
     (``one_to_one_only``: only the positions of 1:1 chunks, ``loss.mapped_positions=one_to_one``).
 
-    Works on the batch format of sakd/data.py: token ids, the chunk of every token (-1: start
+    Works on the batch format of sakd/data/text.py: token ids, the chunk of every token (-1: start
     token or padding) and the chunk table; byte lengths come from the tables (canonical bytes
     of each id), so every offset is exact inside a chunk whose two sides spell the same bytes."""
     s_ids, t_ids, s_chunk, t_chunk = batch["s_ids"], batch["t_ids"], batch["s_chunk"], batch["t_chunk"]
@@ -98,7 +98,7 @@ def mapped_positions(batch, tables: MappingTables, one_to_one_only: bool = False
     huge = torch.iinfo(torch.long).max // 2
     t_key = torch.where(t_chunk >= 0, t_chunk * _BIG + t_end,
                         torch.where(batch["t_mask"], torch.full_like(t_end, -1), torch.full_like(t_end, huge)))
-    # Chat rows (sakd/chat.py): template tokens between two contents lie in no chunk; they take the key of the
+    # Chat rows (sakd/data/chat.py): template tokens between two contents lie in no chunk; they take the key of the
     # token before them, so that the keys stay sorted for searchsorted (a no-op on text rows).
     t_key = torch.cummax(t_key, dim=1).values
     text = s_chunk >= 0

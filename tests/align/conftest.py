@@ -20,7 +20,7 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def train_paragraphs() -> list[str]:
-    from sakd.corpus import load_plays
+    from sakd.data.corpus import load_plays
 
     plays = load_plays()
     text = "\n".join(plays[name][:20_000] for name in _TRAIN_PLAYS)
@@ -30,7 +30,7 @@ def train_paragraphs() -> list[str]:
 @pytest.fixture(scope="session")
 def demo_pair(train_paragraphs):
     """(student, teacher): SentencePiece-style BPE with byte fallback vs byte-level BPE."""
-    from sakd.demo_tokenizers import train_student_tokenizer, train_teacher_tokenizer
+    from sakd.demo.tokenizers import train_student_tokenizer, train_teacher_tokenizer
 
     student = train_student_tokenizer(iter(train_paragraphs), vocab_size=600)
     teacher = train_teacher_tokenizer(iter(train_paragraphs), vocab_size=700)
@@ -41,6 +41,6 @@ def demo_pair(train_paragraphs):
 @pytest.fixture(scope="session")
 def real_pair():
     """(student, teacher) = (SmolLM2, Qwen3), the real vocabularies."""
-    from sakd.align.real import qwen_tokenizer, smollm2_tokenizer
+    from sakd.models.tokenizers import qwen_tokenizer, smollm2_tokenizer
 
     return smollm2_tokenizer(), qwen_tokenizer()

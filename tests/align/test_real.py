@@ -6,9 +6,9 @@ import unicodedata
 
 import pytest
 
-from sakd.align.real import _last_merge, load_tiktoken_ranks, load_tokenizer, qwen_tokenizer, _package_file
+from sakd.models.tokenizers import _last_merge, load_tiktoken_ranks, load_tokenizer, qwen_tokenizer, _package_file
 from sakd.align.tokens import AlignmentError, align, chunk_stats, encode_with_bytes
-from sakd.demo_tokenizers import QWEN_SPLIT
+from sakd.models.tokenizers import QWEN_SPLIT
 from sakd.errors import UserError
 
 pytestmark = pytest.mark.real_tokenizers
@@ -84,7 +84,7 @@ def test_load_tokenizer_specs(real_pair):
 
 def test_hamlet_figures_in_docs(real_pair):
     """The numbers quoted in docs/cross-tokenizer.md."""
-    from sakd.corpus import load_plays
+    from sakd.data.corpus import load_plays
 
     smol, qwen = real_pair
     text = load_plays()["hamlet"]

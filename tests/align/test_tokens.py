@@ -15,7 +15,7 @@ from transformers import PreTrainedTokenizerFast
 
 from sakd.align.tokens import AlignmentError, Encoded, align, chunk_stats, encode_with_bytes, tokenizer_info
 from sakd.align.vocab import token_strings
-from sakd.demo_tokenizers import train_teacher_tokenizer
+from sakd.demo.tokenizers import train_teacher_tokenizer
 from sakd.errors import UserError
 
 # Pieces that stress the alignment: multi-byte characters that byte-level BPE

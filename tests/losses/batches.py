@@ -1,10 +1,10 @@
-"""Hand-built collated batches in the format of sakd/data.py, for the loss tests.
+"""Hand-built collated batches in the format of sakd/data/text.py, for the loss tests.
 
 The losses only read the chunk tables and the token→chunk maps, so a batch can be
 described by its chunk structure alone: per example, a list of chunks given as
 (student tokens, teacher tokens). Token ids are drawn at random (never 0, which is
 used as the start token of both sides and as padding). No tokenizer is involved;
-this keeps the loss tests independent of sakd/data.py."""
+this keeps the loss tests independent of sakd/data/text.py."""
 
 from __future__ import annotations
 

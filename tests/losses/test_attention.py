@@ -124,7 +124,7 @@ def test_with_a_tiny_hugging_face_model():
     """The real input format: eager attentions of a tiny Llama on a padded batch."""
     from transformers import AutoModelForCausalLM
 
-    from sakd.tiny import llama_config
+    from sakd.models.tiny import llama_config
 
     batch = identity_batch([6, 3])
     torch.manual_seed(0)

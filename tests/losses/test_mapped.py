@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerFast
 from sakd.align.mapping import build_tables
 from sakd.align.tokens import align, bytes_to_unicode, encode_with_bytes
 from sakd.align.vocab import token_strings
-from sakd.data import collate, encode_pair
+from sakd.data.text import collate, encode_pair
 from sakd.losses.divergences import forward_kl
 from sakd.losses.mapped import mapped_coverage, mapped_kd, mapped_positions
 
@@ -255,7 +255,7 @@ def test_real_pair_tables_cover_the_teacher(real_pair_tables):
 
 @pytest.fixture(scope="module")
 def real_pair_tables():
-    from sakd.align.real import qwen_tokenizer, smollm2_tokenizer
+    from sakd.models.tokenizers import qwen_tokenizer, smollm2_tokenizer
 
     s_tok, t_tok = smollm2_tokenizer(), qwen_tokenizer()
     return build_tables(s_tok, t_tok), s_tok, t_tok

@@ -1,0 +1,2 @@
+"""Evaluation: bits per byte for text and chat, retention, expert usage, the ``sakd evaluate`` and
+``sakd align`` commands."""

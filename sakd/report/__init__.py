@@ -1,0 +1,1 @@
+"""The run report (report.json / report.md), its plots and the model card."""

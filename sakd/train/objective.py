@@ -1,0 +1,486 @@
+"""The distillation objective of one micro-batch: every loss term as a sum, normalised by
+the step's global target count (computed before any forward, from the batch metadata).
+
+Terms (each optional, weights from ``cfg.loss``):
+  kd          logit transfer at 1:1 chunks over the shared vocabulary (or a named baseline), x T^2
+  ce          cross-entropy on the student's own next tokens
+  chunk       chunk-likelihood (ALM) on multi-token chunks
+  hidden      projected hidden states at chunk ends
+  attention   chunk x chunk attention rows
+  contrastive InfoNCE between pooled student and projected teacher states (per example)
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sakd.models import moe
+from sakd.config import Config
+from sakd.errors import UserError
+from sakd.losses.attention import attention_transfer_loss
+from sakd.losses.contrastive import info_nce, mean_pool
+from sakd.losses.divergences import linear_cross_entropy_sum
+from sakd.losses.batch import one_to_one, one_to_one_positions
+from sakd.losses.baselines import gold_hybrid_loss, truncation_kd, uld_loss
+from sakd.losses.crosstok import chunk_likelihood_loss, shared_vocab_kd, teacher_mass_outside
+from sakd.losses.hidden import HiddenProjector, hidden_state_loss, layer_map
+from sakd.losses.mapped import count_mapped, mapped_kd
+from sakd.data.chat import model_inputs  # chat data: packed rows give position ids instead of a 2-D mask
+from sakd.models.load import experts_per_token, fp32_forward
+from sakd.train.schedule import ramp
+
+
+def ce_targets(batch: dict) -> torch.Tensor:
+    """[B, L-1] bool: the student's cross-entropy targets (token k+1 predicted at k). Chat data: the batch's
+    ``s_loss_mask`` (assistant content and the end-of-turn token, sakd/data/chat.py); text: every real token."""
+    return batch.get("s_loss_mask", batch["s_mask"])[:, 1:]
+
+
+def hidden_pairs(cfg: Config, s_layers: int, t_layers: int) -> list[tuple[int, int]]:
+    h = cfg.loss.hidden
+    return layer_map(s_layers, t_layers, pairs=h.pairs or None, n_pairs=min(h.n_pairs, s_layers))
+
+
+def attention_pairs(cfg: Config, s_layers: int, t_layers: int) -> list[tuple[int, int]]:
+    # hidden_states numbering (layer i reads attentions[i - 1]); default: the last layer of each model
+    return [tuple(p) for p in cfg.loss.attention.pairs] or [(s_layers, t_layers)]
+
+
+def build_aux_modules(cfg: Config, s_config, t_config) -> nn.ModuleDict:
+    """Trainable distillation parts: hidden-state projectors and the contrastive projector.
+
+    They are saved in checkpoints, never in the exported student."""
+    aux = nn.ModuleDict()
+    s_dim, t_dim = s_config.hidden_size, t_config.hidden_size
+    if cfg.loss.hidden.weight > 0:
+        pairs = hidden_pairs(cfg, s_config.num_hidden_layers, t_config.num_hidden_layers)
+        aux["hidden"] = HiddenProjector(s_dim, t_dim, pairs)
+    if cfg.loss.contrastive.weight > 0:
+        aux["contrastive"] = nn.Linear(t_dim, s_dim)
+    return aux
+
+
+def term_weights(cfg: Config, step: int) -> dict[str, float]:
+    lc = cfg.loss
+    w = {"kd": lc.kd_weight if lc.method != "none" else 0.0, "ce": lc.ce_weight, "chunk": lc.chunk_weight,
+         "hidden": ramp(lc.hidden.weight, lc.hidden.ramp_steps, step),
+         "attention": ramp(lc.attention.weight, lc.attention.ramp_steps, step),
+         "contrastive": ramp(lc.contrastive.weight, lc.contrastive.ramp_steps, step)}
+    return {k: v for k, v in w.items() if v > 0 or k in ("hidden", "attention", "contrastive")
+            and getattr(lc, k).weight > 0}
+
+
+def count_targets(micro: list[dict], cfg: Config, mapping=None) -> dict[str, float]:
+    """Targets of each term over the micro-batches of one step (this process). ``mapping``: the
+    mapped_kl tables (sakd/align/mapping.py), needed when loss.logit is mapped_kl."""
+    c = {"kd": 0, "ce": 0, "chunk": 0, "hidden": 0, "attention": 0, "contrastive": 0}
+    for b in micro:
+        o2o = one_to_one(b)
+        if cfg.loss.method == "mapped_kl":
+            c["kd"] += count_mapped(b, mapping, cfg.loss.mapped_positions == "one_to_one")
+        elif cfg.loss.method == "shared_kl" or cfg.loss.method == "gold":
+            c["kd"] += int(o2o.sum())
+        elif cfg.loss.method == "uld":
+            ns, nt = b["s_mask"].sum(1), b["t_mask"].sum(1)
+            c["kd"] += int((torch.minimum(ns, nt) - 1).clamp_min(0).sum())
+        else:  # truncation: every student position
+            c["kd"] += int(b["s_mask"][:, 1:].sum())
+        c["ce"] += int(ce_targets(b).sum())
+        multi = b["chunk_mask"] & ~o2o
+        c["chunk"] += int(((b["chunk_s_end"] - b["chunk_s_start"]) * multi).sum())
+        c["hidden"] += int(b["chunk_mask"].sum())
+        c["attention"] += int(b["chunk_mask"].sum())
+        c["contrastive"] += int(b["s_mask"].shape[0])
+    return {k: float(v) for k, v in c.items()}
+
+
+def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc, *,
+                   divergence: str | None = None, teacher_grad: bool = False, mass_log: dict | None = None,
+                   head_weight: torch.Tensor | None = None, mapping=None, t_head: tuple | None = None) -> torch.Tensor:
+    """Summed logit loss of one micro-batch: the default shared-vocabulary KD at 1:1 chunks, or a
+    benchmark baseline (``loss.baseline``: ULD, GOLD hybrid, truncation; sakd/losses/baselines.py). With ``head_weight`` (shared_kl only),
+    ``s_logits`` is the student's final hidden state and its output layer is fused into the loss."""
+    div = divergence or lc.divergence
+    if head_weight is not None and (name not in ("shared_kl", "mapped_kl") or lc.gap_weighting):
+        raise ValueError(f"the fused output layer serves shared_kl/mapped_kl without gap weighting, not {name}")
+    if name == "mapped_kl":
+        return mapped_kd(s_logits, t_logits.detach(), batch, mapping, divergence=div, temperature=lc.temperature,
+                         beta=lc.beta, chunk_rows=lc.chunk_rows, extend=lc.mapped_extend, head_weight=head_weight,
+                         one_to_one_only=lc.mapped_positions == "one_to_one",
+                         prefix_weight=lc.mapped_prefix_weight,
+                         t_head_weight=t_head[0] if t_head else None, t_vocab_size=t_head[1] if t_head else None)[0]
+    if name == "shared_kl" and lc.gap_weighting and not teacher_grad:
+        return gap_weighted_kd(s_logits, t_logits.detach(), batch, shared_s, shared_t, div, lc.temperature,
+                               lc.gap_clip)
+    if name == "shared_kl":
+        out = shared_vocab_kd(s_logits, t_logits if teacher_grad else t_logits.detach(), batch, shared_s, shared_t,
+                              divergence=div, temperature=lc.temperature, beta=lc.beta, chunk_rows=lc.chunk_rows,
+                              outside_mass=mass_log is not None, head_weight=head_weight)
+        if mass_log is not None and out[2] is not None:
+            # the teacher's probability on tokens outside the shared vocabulary at 1:1 positions
+            mass_log["teacher_mass_outside_shared"] = float(out[2])
+    elif name == "gold":
+        out = gold_hybrid_loss(s_logits, t_logits.detach(), batch, shared_s, shared_t,
+                               temperature=lc.temperature, beta=lc.beta, chunk_rows=min(lc.chunk_rows, 256))
+    elif name == "uld":
+        out = uld_loss(s_logits, t_logits.detach(), batch["s_mask"], batch["t_mask"], temperature=lc.temperature)
+    elif name == "truncation":
+        out = truncation_kd(s_logits, t_logits.detach(), batch["s_mask"], temperature=lc.temperature)
+    else:
+        raise ValueError(name)
+    return out[0]
+
+
+def gap_weighted_kd(s_logits, t_logits, batch, shared_s, shared_t, divergence: str, temperature: float,
+                    clip: float) -> torch.Tensor:
+    """Knowledge-gap weighting: each 1:1 position's divergence weighted by its own current value
+    (detached, normalised to mean 1 over the micro-batch, clipped at ``clip``), so positions where the
+    student is furthest from the teacher count more. Sum over positions of w_i * D_i.
+
+    Materialises the [N, S] shared-vocabulary rows (off by default; not for 150k vocabularies)."""
+    b, sp, tp = one_to_one_positions(batch)
+    dtype = torch.promote_types(s_logits.dtype, torch.float32)  # fp16/bf16 -> fp32, fp64 stays
+    logq = F.log_softmax(s_logits[b, sp][:, shared_s].to(dtype) / temperature, dim=-1)  # [N, S]
+    logp = F.log_softmax(t_logits[b, tp][:, shared_t].to(dtype) / temperature, dim=-1)
+    if divergence == "forward_kl":
+        per = (logp.exp() * (logp - logq)).sum(-1)
+    elif divergence == "reverse_kl":
+        per = (logq.exp() * (logq - logp)).sum(-1)
+    else:
+        raise UserError(f"loss.gap_weighting supports loss.divergence forward_kl or reverse_kl, not {divergence}")
+    w = per.detach()
+    w = (w / w.mean().clamp_min(1e-12)).clamp(max=clip)
+    return (w * per).sum()
+
+
+def _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden, need_attn, head=None):
+    """One teacher forward without gradient under the step's routing; (outputs, RoutingStats or None).
+    ``head`` (see ``teacher_head``): the body runs alone and the outputs hold ``last_hidden`` [B, Lt, H];
+    a weight [S, H] gives ``logits = h @ head.T`` on those columns only, True no logits at all."""
+    routed = moe.is_moe(teacher)
+    with torch.no_grad(), (moe.routing(teacher, mode, experts=sched.get("experts"),
+                                       sample_prob=sched.get("sample_prob", 0.0), generator=ka_gen,
+                                       temperature=sched.get("temperature", 1.0), reference_weights=reference_router)
+                           if routed else nullcontext()) as r:
+        if r is not None:
+            r.set_token_mask(batch["t_mask"])
+        if head is not None:
+            h = teacher.get_decoder()(input_ids=batch["t_ids"], **model_inputs(batch, "t"),
+                                      use_cache=False).last_hidden_state
+            return SimpleNamespace(logits=None if head is True else F.linear(h, head.to(h.dtype)), last_hidden=h), r
+        out = teacher(input_ids=batch["t_ids"], **model_inputs(batch, "t"),
+                      output_hidden_states=need_hidden, output_attentions=need_attn, use_cache=False)
+    return out, r
+
+
+def _finite(t_out, t_vocab: int, need_hidden: bool) -> bool:
+    """Whether the teacher's logits (and hidden states) hold no inf/NaN. By their min and max (NaN
+    propagates through both): no [B, L, V] boolean copy per pass, one host sync per pass."""
+    logits = t_out.logits[..., :t_vocab] if t_out.logits is not None else t_out.last_hidden  # fused head: h
+    tensors = [logits] + (list(t_out.hidden_states) if need_hidden else [])
+    ends = torch.stack([torch.stack(torch.aminmax(t)).float() for t in tensors])
+    return bool(torch.isfinite(ends).all())
+
+
+def _teacher_mode(mode: str) -> str:
+    # The student step sees the SAR teacher with all experts (router already updated), no gradient.
+    return "all" if mode == "sar" else mode
+
+
+def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Config, weights: dict,
+                    counts: dict, acc, sched: dict, ka_gen, t_vocab: int, reference_router=None,
+                    log_mass: bool = False, mapping=None, t_head: tuple | None = None):
+    """Loss of one micro-batch (already divided by the step's global counts), per-term values for the
+    log, and flags (non-finite teacher outputs). ``t_head``: ``teacher_head(...)``, used as
+    ``teacher_head_use`` says."""
+    lc = cfg.loss
+    need_hidden = "hidden" in weights or "contrastive" in weights
+    need_attn = "attention" in weights
+    head = fused_head_weight(student, cfg, weights, acc)
+    use = teacher_head_use(lc, weights, mapping is not None and mapping.identity) if t_head is not None else None
+    if use == "shared" and t_head[1] is None:
+        use = None
+    pass_head = {"shared": t_head[1], "rows": True}.get(use) if use else None
+    # "shared": the teacher's logits on the shared columns only, shared_kl reads column c of them as shared_t[c]
+    kd_t_cols = torch.arange(shared_t.numel(), device=shared_t.device) if use == "shared" else shared_t
+    with acc.autocast():
+        # Fused head: the model computes logits for one position only (logits_to_keep=1); the losses take
+        # the final hidden state and the head weight instead of the [B, L, V] logits.
+        s_out = student(input_ids=batch["s_ids"], **model_inputs(batch, "s"),
+                        output_hidden_states=need_hidden or head is not None, output_attentions=need_attn,
+                        use_cache=False, **({"logits_to_keep": 1} if head is not None else {}))
+    s_logits = s_out.logits if head is None else s_out.hidden_states[-1]  # [B, L, V] or [B, L, H]
+    mode = _teacher_mode(cfg.moe.mode)
+    needs_teacher = any(k in weights for k in ("kd", "chunk", "hidden", "attention", "contrastive"))
+    passes = (cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1) if needs_teacher else 0
+    # Zero, but attached to the student's graph: when every term of this micro-batch is skipped (non-finite
+    # teacher), backward() still runs (a plain zero tensor has no grad_fn) and, under DDP, every process
+    # still joins the gradient all-reduce (a process that skipped backward would hang the others).
+    total = 0.0 * s_logits[..., 0].float().sum()
+    terms: dict[str, float] = {}
+    flags: dict = {"nonfinite_teacher": 0}
+
+    def add(name: str, value_sum: torch.Tensor, scale: float = 1.0):
+        nonlocal total
+        contrib = value_sum.float() / counts[name]
+        total = total + weights[name] * scale * contrib
+        terms[name] = terms.get(name, 0.0) + float(contrib.detach())
+
+    t_out = None
+    for m in range(passes):
+        g_state = ka_gen.get_state()  # to replay the same expert sampling if the pass is recomputed
+        t_out, r = _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden, need_attn,
+                                 pass_head)
+        if not _finite(t_out, t_vocab, need_hidden):
+            # fp16 overflow in the teacher (Qwen-family models trained in bf16 can overflow): recompute this
+            # micro-batch with the teacher in fp32, or skip its teacher terms (train.nonfinite_teacher).
+            flags["nonfinite_teacher"] = 1
+            if cfg.train.nonfinite_teacher == "recompute" and next(teacher.parameters()).dtype != torch.float32:
+                t_out = r = None  # the 16-bit outputs go before the fp32 ones are made
+                ka_gen.set_state(g_state)
+                with fp32_forward(teacher):
+                    t_out, r = _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden,
+                                             need_attn, pass_head)
+                flags["recomputed_fp32"] = 1
+            if not _finite(t_out, t_vocab, need_hidden):
+                t_out = None
+                break
+        if r is not None and m == 0:
+            flags["routing"] = r.stats()  # per layer: expert usage, router entropy, selected mass
+        # padded head columns name no token; "rows": the last hidden state, the loss applies the head
+        t_logits = t_out.last_hidden if use == "rows" else t_out.logits[..., :t_vocab]
+        # KA: the M divergences are averaged (Kim et al. 2025, eq. for L_KA); one teacher buffer at a time.
+        if "kd" in weights:
+            kd_sum = logit_term_sum(lc.method, s_logits, t_logits, batch, shared_s, kd_t_cols, lc,
+                                    mass_log=flags if (m == 0 and log_mass and use is None) else None,
+                                    head_weight=head, mapping=mapping,
+                                    t_head=(t_head[0], t_vocab) if use == "rows" else None)
+            add("kd", kd_sum / passes, lc.temperature ** 2)
+            if m == 0 and log_mass and use == "shared":  # from the hidden state, chunk by chunk
+                b, _, t_pos = one_to_one_positions(batch)
+                flags["teacher_mass_outside_shared"] = float(teacher_mass_outside(
+                    t_out.last_hidden, b, t_pos, shared_t, t_vocab, lc.chunk_rows, head_weight=t_head[0]))
+        if "chunk" in weights:
+            ch_sum, _ = chunk_likelihood_loss(s_logits, t_logits, batch, temperature=lc.chunk_temperature,
+                                              chunk_rows=lc.chunk_rows)
+            add("chunk", ch_sum / passes)
+    if "ce" in weights:
+        add("ce", _ce_sum(s_logits, batch, head))
+    if t_out is not None and "hidden" in weights:
+        proj = aux["hidden"]
+        pairs = [tuple(map(int, k[1:].split("_t"))) for k in proj.proj.keys()]
+        h_sum, _ = hidden_state_loss(s_out.hidden_states, t_out.hidden_states, batch, proj, pairs, lc.hidden.kind)
+        add("hidden", h_sum)
+    if t_out is not None and "attention" in weights:
+        pairs = attention_pairs(cfg, len(s_out.attentions), len(t_out.attentions))
+        a_sum, _ = attention_transfer_loss(s_out.attentions, t_out.attentions, batch, pairs)
+        add("attention", a_sum)
+    if t_out is not None and "contrastive" in weights:
+        s_pool = mean_pool(s_out.hidden_states[-1], batch["s_chunk"] >= 0)
+        t_pool = mean_pool(t_out.hidden_states[-1], batch["t_chunk"] >= 0)
+        c_sum, _ = info_nce(s_pool, t_pool, aux["contrastive"], lc.contrastive.temperature)
+        add("contrastive", c_sum)
+    return total, terms, flags
+
+
+def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Config, weights: dict, counts: dict,
+                     acc, mapping=None):
+    """Like ``micro_step_loss`` with the teacher read from a top-k cache (sakd.teacher_cache.reader): KD (shared_kl at 1:1
+    chunks, or mapped_kl at every position) and the chunk likelihood from the sparse teacher, never densified
+    to [rows, V]. A KA cache holds several routings per position: the terms average over them, as over the
+    live teacher passes. ``mapping``: the mapped_kl tables (else the cache loads them)."""
+    from sakd.losses.cached import cached_chunk_likelihood, cached_shared_kd
+    from sakd.losses.cached_mapped import cached_mapped_kd
+
+    lc = cfg.loss
+    with acc.autocast():
+        s_logits = student(input_ids=batch["s_ids"], **model_inputs(batch, "s"), use_cache=False).logits
+    total = s_logits.new_zeros((), dtype=torch.float32)
+    terms: dict[str, float] = {}
+    views = cache_batch.get("samples") or [cache_batch]
+
+    def kd(cb):
+        if lc.logit == "mapped_kl":
+            tables = mapping if mapping is not None else cache_batch["mapping"]()
+            return cached_mapped_kd(s_logits, cb, batch, tables, temperature=lc.temperature,
+                                    chunk_rows=lc.chunk_rows, extend=lc.mapped_extend)[0]
+        return cached_shared_kd(s_logits, cb, batch, shared_s, shared_t, temperature=lc.temperature,
+                                chunk_rows=lc.chunk_rows)[0]
+
+    for name, value_sum, scale in (
+            ("kd", lambda: sum(kd(cb) for cb in views) / len(views), lc.temperature ** 2),
+            ("chunk", lambda: sum(cached_chunk_likelihood(s_logits, cb, batch, temperature=lc.chunk_temperature,
+                                                          chunk_rows=lc.chunk_rows)[0] for cb in views) / len(views),
+             1.0),
+            ("ce", lambda: _ce_sum(s_logits, batch), 1.0)):
+        if name in weights:
+            contrib = value_sum().float() / counts[name]
+            total = total + weights[name] * scale * contrib
+            terms[name] = float(contrib.detach())
+    return total, terms, {"nonfinite_teacher": 0}
+
+
+def fused_head_terms(lc, *, kd: bool, chunk: bool) -> bool:
+    """Whether ``loss.fused_head`` serves these logit terms (also read by ``sakd plan``): shared-vocabulary
+    KD without gap weighting and/or cross-entropy; the chunk likelihood and the baselines need logits."""
+    return bool(lc.fused_head and not chunk
+                and not (kd and (lc.method not in ("shared_kl", "mapped_kl") or lc.gap_weighting)))
+
+
+def plain_head_weight(model) -> torch.Tensor | None:
+    """The output layer's weight [V, H] when the model's logits are a plain bias-free ``hidden @ weight.T``
+    (no logit scale or soft-capping), else None."""
+    head, mc = model.get_output_embeddings(), model.config
+    if not isinstance(head, nn.Linear) or head.bias is not None or any(
+            getattr(mc, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")):
+        return None
+    return head.weight
+
+
+def teacher_head_use(lc, weights: dict, identity: bool = False) -> str | None:
+    """How much of the teacher's output layer a step needs when ``loss.fused_head`` fuses it (also read by
+    ``sakd plan``): "shared" where shared_kl alone reads the teacher's logits (its shared columns), "rows"
+    where mapped_kl alone does (its target multiplies out the rows it uses, every column); None where
+    anything else reads them (chunk likelihood, gap weighting, a baseline, hidden-state or attention
+    terms) or one tokenizer serves both sides (``identity``): the model's own logits then."""
+    if not (lc.fused_head and "kd" in weights) or lc.gap_weighting or any(
+            k in weights for k in ("chunk", "hidden", "attention", "contrastive")):
+        return None
+    if lc.method == "shared_kl":
+        return "shared"
+    return "rows" if lc.method == "mapped_kl" and not identity else None
+
+
+def teacher_head(teacher, shared_t: torch.Tensor | None, fused: bool) -> tuple | None:
+    """(the teacher's output-layer weight [Vt_cols, H], its shared-vocabulary rows [S, H] or None without
+    ``shared_t``) when ``loss.fused_head`` may fuse it, else None. shared_kl renormalises over the shared columns, so where it alone reads the
+    teacher's logits (``teacher_head_use`` "shared") only those S columns are computed: [B, Lt, S] instead of
+    [B, Lt, Vt] (39,234 of 151,936 columns for Qwen3 -> SmolLM: 1.1 GiB less at 4 x 640 in fp32). The
+    [S, H] rows are gathered once (the teacher is frozen; SAR trains its routers only). Where mapped_kl
+    alone reads them ("rows"), the loss takes the last hidden state and the weight, and multiplies out
+    only the rows a chunk needs."""
+    if not fused or teacher is None or not hasattr(teacher, "get_decoder"):
+        return None
+    w = plain_head_weight(teacher)
+    if w is None:
+        return None
+    return w, (w.detach()[shared_t.to(w.device)].contiguous() if shared_t is not None else None)
+
+
+def fused_head_weight(student, cfg: Config, weights: dict, acc) -> torch.Tensor | None:
+    """The student's output-layer weight [V, H] when ``loss.fused_head`` applies to this step's terms: the
+    logit terms are shared-vocabulary KD (no gap weighting) and/or cross-entropy, and the model's logits
+    are a plain bias-free ``hidden @ weight.T`` (no logit scale or soft-capping). Else None."""
+    if not fused_head_terms(cfg.loss, kd="kd" in weights, chunk="chunk" in weights):
+        return None
+    return plain_head_weight(getattr(acc, "unwrap_model", lambda m: m)(student))  # under DDP: the wrapped model's
+
+
+def _ce_sum(s_logits, batch, head_weight=None) -> torch.Tensor:
+    """Cross-entropy of the student's own next tokens, summed over target tokens. With ``head_weight``,
+    ``s_logits`` is the final hidden state [B, L, H] and the output layer is fused into the loss."""
+    if head_weight is not None:
+        keep = ce_targets(batch)
+        b, pos = keep.nonzero(as_tuple=True)
+        rows = b * s_logits.shape[1] + pos  # position pos predicts token pos + 1
+        return linear_cross_entropy_sum(s_logits.flatten(0, 1), head_weight, batch["s_ids"][b, pos + 1], rows)
+    logits = s_logits[:, :-1].float()
+    targets = batch["s_ids"][:, 1:].masked_fill(~ce_targets(batch), -100)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+def sar_router_step(sar, teacher, student, batch, shared_s, shared_t, cfg: Config, acc, t_vocab: int) -> dict:
+    """Student-Aware Router step (Kim et al. 2025): minimise KL(p_teacher || q_student) w.r.t. the
+    teacher's router weights only, on the same batch, student logits without gradient."""
+    lc = cfg.loss
+    with torch.no_grad(), acc.autocast():
+        s_logits = student(input_ids=batch["s_ids"], **model_inputs(batch, "s"), use_cache=False).logits.float()
+    # Normalised by the 1:1 count of the GLOBAL batch, times the number of processes: SARRouter averages
+    # the router gradients across processes, so that the step equals one process's on the whole batch.
+    n_local = one_to_one(batch).sum()
+    world = getattr(acc, "num_processes", 1)
+    n_global = acc.reduce(n_local.to(acc.device), "sum") if world > 1 else n_local
+    n = max(1, int(n_global)) / world
+
+    def loss_fn(t):
+        t_logits = t(input_ids=batch["t_ids"], **model_inputs(batch, "t"), use_cache=False).logits[..., :t_vocab]
+        kl_sum = logit_term_sum("shared_kl", s_logits, t_logits, batch, shared_s, shared_t, lc,
+                                divergence="forward_kl", teacher_grad=True)
+        return kl_sum / n
+
+    stats = sar.step(loss_fn, token_mask=batch["t_mask"])  # padding out of the balance loss and telemetry
+    return {f"sar_{k}": float(v) for k, v in stats.items()}
+
+
+class Objective:
+    """The distillation objective of one run, built once from the configuration and the models.
+
+    It owns the parts a loss needs: the teacher (live, or a top-k cache), the student, the projectors,
+    the vocabulary map (shared ids and, for mapped_kl, ``vocab.mapping``), the KA routing schedule and
+    its expert-draw generator, the SAR router. Per optimizer step::
+
+        logs = objective.begin_step(step, micro, span_ids, horizon)  # counts, weights, schedule, [SAR]
+        for i, batch in enumerate(micro):
+            loss, terms, flags = objective.loss(batch, i)           # live or cached teacher, same call
+
+    ``loss`` is already divided by the step's GLOBAL target counts (summed over processes before any
+    forward), so batch 8 x accumulation 1 == batch 2 x accumulation 4."""
+
+    def __init__(self, cfg: Config, acc, student, *, teacher=None, teacher_cache=None, aux=None, vocab,
+                 t_vocab: int, ka_gen=None, sar=None):
+        self.cfg, self.acc, self.student, self.teacher, self.cache = cfg, acc, student, teacher, teacher_cache
+        self.aux, self.vocab, self.t_vocab, self.ka_gen, self.sar = aux, vocab, t_vocab, ka_gen, sar
+        self.shared_s = vocab.shared_s.to(acc.device)
+        self.shared_t = vocab.shared_t.to(acc.device)
+        # the shared rows' copy only where shared_kl is the logit loss (mapped_kl reads the head itself)
+        self.t_head = teacher_head(teacher, self.shared_t if cfg.loss.method == "shared_kl" else None,
+                                   cfg.loss.fused_head)
+        ept = experts_per_token(teacher) if teacher is not None else None
+        # KA default as in Kim et al. (2025) and their scripts (--num-selects 15 of 16): E - 1 experts per token.
+        self.k_start = cfg.moe.experts_start or (max(ept[0], ept[1] - 1) if ept else 1)
+        self.step, self.counts, self.weights, self.sched, self.span_ids = 0, {}, {}, {}, []
+
+    def routing_schedule(self, step: int, horizon: int) -> dict:
+        """KA's experts per token, router temperature and sampling probability at ``step`` ({} otherwise)."""
+        m = self.cfg.moe
+        if m.mode != "ka":
+            return {}
+        return moe.routing_schedule(step, horizon, experts_start=self.k_start, experts_end=m.experts_end or self.k_start,
+                                temp_start=m.router_temperature_start, temp_end=m.router_temperature_end,
+                                prob_start=m.sample_prob,
+                                prob_end=m.sample_prob if m.sample_prob_end is None else m.sample_prob_end)
+
+    def begin_step(self, step: int, micro: list[dict], span_ids: list[list[int]], horizon: int) -> dict:
+        """Count every term's targets over the step (all processes), fix the weights and the routing
+        schedule, and [SAR] take the router step on the first micro-batch. Returns the SAR log values."""
+        acc = self.acc
+        self.step, self.span_ids = step, span_ids
+        self.sched = self.routing_schedule(step, horizon)
+        counts = count_targets(micro, self.cfg, self.vocab.mapping)
+        self.counts = {k: max(1.0, float(acc.reduce(torch.tensor(v, device=acc.device, dtype=torch.float64),
+                                                    reduction="sum"))) for k, v in counts.items()}
+        self.weights = term_weights(self.cfg, step)
+        if self.sar is None:
+            return {}
+        return sar_router_step(self.sar, self.teacher, self.student, micro[0], self.shared_s, self.shared_t,
+                               self.cfg, acc, self.t_vocab)
+
+    def loss(self, batch: dict, index: int = 0):
+        """(loss, per-term values, flags) of micro-batch ``index`` of the current step."""
+        if self.cache is not None:
+            cb = self.cache.batch(self.span_ids[index], batch["t_ids"].shape[1], device=self.acc.device, check=batch)
+            return cached_step_loss(self.student, cb, batch, self.shared_s, self.shared_t, self.cfg, self.weights,
+                                    self.counts, self.acc)
+        log_every = self.cfg.train.log_every
+        return micro_step_loss(self.teacher, self.student, self.aux, batch, self.shared_s, self.shared_t, self.cfg,
+                               self.weights, self.counts, self.acc, self.sched, self.ka_gen, self.t_vocab,
+                               self.sar.initial if self.sar is not None else None,
+                               log_mass=(index == 0 and ((self.step + 1) % log_every == 0 or self.step == 0)),
+                               mapping=self.vocab.mapping, t_head=self.t_head)
+

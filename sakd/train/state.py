@@ -1,0 +1,98 @@
+"""What a checkpoint holds: the training state, one dataclass that saves and loads itself.
+
+``TrainState.state_dict()`` gives ``{"tensors": {file stem: flat tensors}, "state": {...}}``, the two
+halves that ``sakd.train.checkpoint.save_checkpoint`` writes (``*.safetensors`` and ``state.pt``);
+``load_state_dict`` reads them back. Checkpoint and resume are these two calls: a field added here is
+saved and loaded in one place (tests/test_state.py round-trips every field).
+
+The plain values (step, history, ...) are held by value; the parts with a state of their own (the
+student, the projectors, the optimizer, ...) by reference, and saved through their ``state_dict``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sakd.train.checkpoint import rng_state, set_rng_state
+
+
+def _fresh_counters() -> dict:
+    return {"nonfinite_teacher": 0, "skipped_steps": 0}
+
+
+@dataclass
+class TrainState:
+    # ---- progress, by value
+    step: int = 0                      # optimizer steps taken (the clock of LR, KA, checkpoints)
+    horizon: int = 0                   # the step count the LR and KA schedules are drawn over
+    history: list = field(default_factory=list)   # one record per step (loss terms, lr, timing, MoE telemetry)
+    evals: list = field(default_factory=list)     # held-out student bits/byte: [{"step", "student_bpb"}]
+    counters: dict = field(default_factory=_fresh_counters)  # skipped steps/spans, non-finite teacher passes
+    teacher_bpb: float | None = None   # held-out teacher bits/byte (measured once, before step 1)
+    config: dict = field(default_factory=dict)    # this run's configuration (saved; on resume, checked, not loaded)
+    # ---- parts with a state_dict, by reference
+    student: nn.Module | None = None   # unwrapped (not the DDP wrapper); the tied lm_head is stored once
+    aux: nn.Module | None = None       # projectors (hidden, contrastive): saved, never exported
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: object = None           # LambdaLR
+    scaler: object = None              # GradScaler (fp16) or None
+    sar: object = None                 # moe.SARRouter (its fp32 master router weights) or None
+    ka_gen: torch.Generator | None = None  # KA's expert draws (on the teacher's device)
+    order: object = None               # schedule.EpochOrder: the data position is saved, not the order
+    data: dict = field(default_factory=dict)  # the data position after THIS step's spans (set by the loop)
+    # (the Python / NumPy / torch / CUDA RNG states are global: saved and restored as "rng")
+
+    def state_dict(self) -> dict:
+        student = self.student.state_dict()
+        if getattr(self.student.config, "tie_word_embeddings", False):
+            # the tied lm_head shares storage with the embeddings: safetensors refuses shared tensors
+            student = {k: v for k, v in student.items() if k != "lm_head.weight"}
+        tensors = {"student": student}
+        if self.aux is not None and len(list(self.aux.parameters())):
+            tensors["aux"] = self.aux.state_dict()
+        state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(),
+                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                 "data": self.data, "rng": rng_state(), "ka_rng": self.ka_gen.get_state(),
+                 "history": self.history, "evals": self.evals, "counters": self.counters,
+                 "teacher_bpb": self.teacher_bpb, "config": self.config, "horizon": self.horizon}
+        if self.sar is not None:
+            sd = self.sar.state_dict()
+            tensors["router"] = sd.pop("master")
+            state["sar"] = sd
+        return {"tensors": tensors, "state": state}
+
+    def load_state_dict(self, sd: dict, log=print) -> None:
+        """Restore everything ``state_dict`` saved. The student is loaded non-strictly for the tied
+        lm_head only: call ``student_mismatch`` first to refuse another architecture with a message."""
+        tensors, state = sd["tensors"], sd["state"]
+        self.student.load_state_dict(tensors.get("student", {}), strict=False)
+        if "aux" in tensors:
+            self.aux.load_state_dict(tensors["aux"])
+        if self.sar is not None and "router" in tensors:
+            self.sar.load_state_dict({"master": tensors["router"], **state["sar"]})
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.order.load(state["data"])
+        self.data = dict(state["data"])
+        set_rng_state(state["rng"])
+        try:
+            self.ka_gen.set_state(state["ka_rng"])
+        except (RuntimeError, ValueError):  # a CPU generator's state, saved before draws moved to the device
+            log("resume: the KA sampling stream restarts (checkpoint saved with a CPU generator)")
+        # checkpoints from before the horizon was stored: the max_steps they were written with
+        self.horizon = int(state.get("horizon") or ((state.get("config") or {}).get("train") or {}).get("max_steps")
+                           or self.horizon)
+        self.step, self.history, self.evals = state["step"], state["history"], state["evals"]
+        self.counters, self.teacher_bpb = state["counters"], state["teacher_bpb"]
+
+    def student_mismatch(self, tensors: dict) -> tuple[list[str], list[str]]:
+        """(missing, unexpected) student tensor names of a checkpoint, the tied lm_head excepted."""
+        have = set(self.student.state_dict())
+        saved = set(tensors.get("student", {}))
+        return sorted(k for k in have - saved if k != "lm_head.weight"), sorted(saved - have)
