@@ -55,6 +55,21 @@ def routing_schedule(step: int, total_steps: int, *, experts_start: int, experts
 MODES = ("topk", "ka", "all", "sar")
 
 
+def student_step_mode(mode: str) -> str:
+    """The routing the teacher runs under when it teaches a student step: the run's ``moe.mode``, except SAR,
+    whose student step sees the teacher with all experts (its router updated by the router step before)."""
+    return "all" if mode == "sar" else mode
+
+
+def evaluation_mode(mode: str) -> str:
+    """The one rule for the routing the teacher is EVALUATED under (its held-out bits/byte in the live run and
+    in the cache build, its expert usage at report time): the routing it teaches with, without KA's random
+    sampling: ``topk`` for topk and ka, ``all`` for all and sar."""
+    if mode not in MODES:
+        raise UserError(f"moe.mode={mode!r} is unknown: use one of {', '.join(MODES)}")
+    return "all" if mode in ("all", "sar") else "topk"
+
+
 # --------------------------------------------------------------------------- discovery
 def find_moe_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """(qualified name, block) for every module with a router ``.gate`` whose ``weight`` is

@@ -65,7 +65,15 @@ def build_aux_modules(cfg: Config, s_config, t_config) -> nn.ModuleDict:
     return aux
 
 
+# The terms that read the teacher's outputs (every term but ce).
+TEACHER_TERMS = frozenset({"kd", "chunk", "hidden", "attention", "contrastive"})
+
+
 def term_weights(cfg: Config, step: int) -> dict[str, float]:
+    """{term: weight at ``step``} for the run's active terms: kd (the logit loss; off under loss.logit=none),
+    ce, chunk (chunk likelihood) with their configured weights, hidden/attention/contrastive ramped (kept,
+    at weight 0 early in a ramp, so that their modules and counts exist from step 0). The one rule for which
+    terms are active: see ``active_terms``."""
     lc = cfg.loss
     w = {"kd": lc.kd_weight if lc.method != "none" else 0.0, "ce": lc.ce_weight, "chunk": lc.chunk_weight,
          "hidden": ramp(lc.hidden.weight, lc.hidden.ramp_steps, step),
@@ -73,6 +81,11 @@ def term_weights(cfg: Config, step: int) -> dict[str, float]:
          "contrastive": ramp(lc.contrastive.weight, lc.contrastive.ramp_steps, step)}
     return {k: v for k, v in w.items() if v > 0 or k in ("hidden", "attention", "contrastive")
             and getattr(lc, k).weight > 0}
+
+
+def active_terms(cfg: Config) -> frozenset[str]:
+    """The terms the run trains with (at any step)."""
+    return frozenset(term_weights(cfg, 0))
 
 
 def count_targets(micro: list[dict], cfg: Config, mapping=None) -> dict[str, float]:
@@ -187,9 +200,97 @@ def _finite(t_out, t_vocab: int, need_hidden: bool) -> bool:
     return bool(torch.isfinite(ends).all())
 
 
-def _teacher_mode(mode: str) -> str:
-    # The student step sees the SAR teacher with all experts (router already updated), no gradient.
-    return "all" if mode == "sar" else mode
+class TermSum:
+    """The micro-batch's loss as its terms are added: ``total`` (weighted, each term divided by the step's global
+    count of its targets) and ``terms`` (each term's unweighted value, for the log).
+
+    ``total`` starts as a zero attached to the student's graph: when every term of a micro-batch is skipped
+    (non-finite teacher), backward() still runs (a plain zero tensor has no grad_fn) and, under DDP, every
+    process still joins the gradient all-reduce (a process that skipped backward would hang the others)."""
+
+    def __init__(self, anchor: torch.Tensor, weights: dict, counts: dict):
+        self.total = 0.0 * anchor[..., 0].float().sum()
+        self.terms: dict[str, float] = {}
+        self.weights, self.counts = weights, counts
+
+    def add(self, name: str, value_sum: torch.Tensor, scale: float = 1.0) -> None:
+        contrib = value_sum.float() / self.counts[name]
+        self.total = self.total + self.weights[name] * scale * contrib
+        self.terms[name] = self.terms.get(name, 0.0) + float(contrib.detach())
+
+
+def student_forward(student, batch, acc, *, need_hidden: bool, need_attn: bool, head):
+    """The student's forward under autocast: (outputs, what the losses read). With the fused head the model
+    computes logits for one position only (logits_to_keep=1) and the losses take the final hidden state
+    [B, L, H] and the head weight instead of the [B, L, V] logits."""
+    with acc.autocast():
+        s_out = student(input_ids=batch["s_ids"], **model_inputs(batch, "s"),
+                        output_hidden_states=need_hidden or head is not None, output_attentions=need_attn,
+                        use_cache=False, **({"logits_to_keep": 1} if head is not None else {}))
+    return s_out, (s_out.logits if head is None else s_out.hidden_states[-1])
+
+
+def checked_teacher_pass(teacher, batch, cfg: Config, sched, ka_gen, reference_router, flags: dict, *,
+                         t_vocab: int, need_hidden: bool, need_attn: bool, head):
+    """One teacher pass whose outputs are finite, or (None, stats): an fp16 overflow in the teacher
+    (Qwen-family models trained in bf16 can overflow) recomputes the micro-batch with the teacher in fp32, or
+    skips its teacher terms (``train.nonfinite_teacher``); ``flags`` records which."""
+    mode = moe.student_step_mode(cfg.moe.mode)
+    g_state = ka_gen.get_state()  # to replay the same expert sampling if the pass is recomputed
+    t_out, r = _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden, need_attn, head)
+    if _finite(t_out, t_vocab, need_hidden):
+        return t_out, r
+    flags["nonfinite_teacher"] = 1
+    if cfg.train.nonfinite_teacher == "recompute" and next(teacher.parameters()).dtype != torch.float32:
+        t_out = r = None  # the 16-bit outputs go before the fp32 ones are made
+        ka_gen.set_state(g_state)
+        with fp32_forward(teacher):
+            t_out, r = _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden, need_attn,
+                                     head)
+        flags["recomputed_fp32"] = 1
+    return (t_out, r) if _finite(t_out, t_vocab, need_hidden) else (None, r)
+
+
+def add_logit_terms(acc_terms: TermSum, s_logits, t_logits, t_out, batch, shared_s, kd_t_cols, shared_t,
+                    lc, *, passes: int, flags: dict | None, use: str | None, head, mapping, t_head, t_vocab: int):
+    """The terms read from the teacher's logits, for one teacher pass (KA: the M divergences are averaged,
+    Kim et al. 2025, eq. for L_KA): ``kd`` (the logit loss, scaled by T^2) and ``chunk`` (chunk likelihood).
+    ``flags`` (first pass, when the step logs the teacher's mass outside the shared vocabulary) takes it."""
+    weights = acc_terms.weights
+    if "kd" in weights:
+        kd_sum = logit_term_sum(lc.method, s_logits, t_logits, batch, shared_s, kd_t_cols, lc,
+                                mass_log=flags if (flags is not None and use is None) else None,
+                                head_weight=head, mapping=mapping,
+                                t_head=(t_head[0], t_vocab) if use == "rows" else None)
+        acc_terms.add("kd", kd_sum / passes, lc.temperature ** 2)
+        if flags is not None and use == "shared":  # from the hidden state, chunk by chunk
+            b, _, t_pos = one_to_one_positions(batch)
+            flags["teacher_mass_outside_shared"] = float(teacher_mass_outside(
+                t_out.last_hidden, b, t_pos, shared_t, t_vocab, lc.chunk_rows, head_weight=t_head[0]))
+    if "chunk" in weights:
+        ch_sum, _ = chunk_likelihood_loss(s_logits, t_logits, batch, temperature=lc.chunk_temperature,
+                                          chunk_rows=lc.chunk_rows)
+        acc_terms.add("chunk", ch_sum / passes)
+
+
+def add_representation_terms(acc_terms: TermSum, s_out, t_out, batch, aux, cfg: Config) -> None:
+    """The terms read from the two models' layers: ``hidden`` (projected hidden states), ``attention``
+    (attention maps), ``contrastive`` (InfoNCE between the span embeddings)."""
+    weights, lc = acc_terms.weights, cfg.loss
+    if "hidden" in weights:
+        proj = aux["hidden"]
+        pairs = [tuple(map(int, k[1:].split("_t"))) for k in proj.proj.keys()]
+        h_sum, _ = hidden_state_loss(s_out.hidden_states, t_out.hidden_states, batch, proj, pairs, lc.hidden.kind)
+        acc_terms.add("hidden", h_sum)
+    if "attention" in weights:
+        pairs = attention_pairs(cfg, len(s_out.attentions), len(t_out.attentions))
+        a_sum, _ = attention_transfer_loss(s_out.attentions, t_out.attentions, batch, pairs)
+        acc_terms.add("attention", a_sum)
+    if "contrastive" in weights:
+        s_pool = mean_pool(s_out.hidden_states[-1], batch["s_chunk"] >= 0)
+        t_pool = mean_pool(t_out.hidden_states[-1], batch["t_chunk"] >= 0)
+        c_sum, _ = info_nce(s_pool, t_pool, aux["contrastive"], lc.contrastive.temperature)
+        acc_terms.add("contrastive", c_sum)
 
 
 def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Config, weights: dict,
@@ -208,84 +309,28 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
     pass_head = {"shared": t_head[1], "rows": True}.get(use) if use else None
     # "shared": the teacher's logits on the shared columns only, shared_kl reads column c of them as shared_t[c]
     kd_t_cols = torch.arange(shared_t.numel(), device=shared_t.device) if use == "shared" else shared_t
-    with acc.autocast():
-        # Fused head: the model computes logits for one position only (logits_to_keep=1); the losses take
-        # the final hidden state and the head weight instead of the [B, L, V] logits.
-        s_out = student(input_ids=batch["s_ids"], **model_inputs(batch, "s"),
-                        output_hidden_states=need_hidden or head is not None, output_attentions=need_attn,
-                        use_cache=False, **({"logits_to_keep": 1} if head is not None else {}))
-    s_logits = s_out.logits if head is None else s_out.hidden_states[-1]  # [B, L, V] or [B, L, H]
-    mode = _teacher_mode(cfg.moe.mode)
-    needs_teacher = any(k in weights for k in ("kd", "chunk", "hidden", "attention", "contrastive"))
-    passes = (cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1) if needs_teacher else 0
-    # Zero, but attached to the student's graph: when every term of this micro-batch is skipped (non-finite
-    # teacher), backward() still runs (a plain zero tensor has no grad_fn) and, under DDP, every process
-    # still joins the gradient all-reduce (a process that skipped backward would hang the others).
-    total = 0.0 * s_logits[..., 0].float().sum()
-    terms: dict[str, float] = {}
+    s_out, s_logits = student_forward(student, batch, acc, need_hidden=need_hidden, need_attn=need_attn, head=head)
+    passes = (cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1) if TEACHER_TERMS & set(weights) else 0
+    out = TermSum(s_logits, weights, counts)
     flags: dict = {"nonfinite_teacher": 0}
-
-    def add(name: str, value_sum: torch.Tensor, scale: float = 1.0):
-        nonlocal total
-        contrib = value_sum.float() / counts[name]
-        total = total + weights[name] * scale * contrib
-        terms[name] = terms.get(name, 0.0) + float(contrib.detach())
-
     t_out = None
     for m in range(passes):
-        g_state = ka_gen.get_state()  # to replay the same expert sampling if the pass is recomputed
-        t_out, r = _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden, need_attn,
-                                 pass_head)
-        if not _finite(t_out, t_vocab, need_hidden):
-            # fp16 overflow in the teacher (Qwen-family models trained in bf16 can overflow): recompute this
-            # micro-batch with the teacher in fp32, or skip its teacher terms (train.nonfinite_teacher).
-            flags["nonfinite_teacher"] = 1
-            if cfg.train.nonfinite_teacher == "recompute" and next(teacher.parameters()).dtype != torch.float32:
-                t_out = r = None  # the 16-bit outputs go before the fp32 ones are made
-                ka_gen.set_state(g_state)
-                with fp32_forward(teacher):
-                    t_out, r = _teacher_pass(teacher, batch, mode, sched, ka_gen, reference_router, need_hidden,
-                                             need_attn, pass_head)
-                flags["recomputed_fp32"] = 1
-            if not _finite(t_out, t_vocab, need_hidden):
-                t_out = None
-                break
+        t_out, r = checked_teacher_pass(teacher, batch, cfg, sched, ka_gen, reference_router, flags, t_vocab=t_vocab,
+                                        need_hidden=need_hidden, need_attn=need_attn, head=pass_head)
+        if t_out is None:
+            break
         if r is not None and m == 0:
             flags["routing"] = r.stats()  # per layer: expert usage, router entropy, selected mass
         # padded head columns name no token; "rows": the last hidden state, the loss applies the head
         t_logits = t_out.last_hidden if use == "rows" else t_out.logits[..., :t_vocab]
-        # KA: the M divergences are averaged (Kim et al. 2025, eq. for L_KA); one teacher buffer at a time.
-        if "kd" in weights:
-            kd_sum = logit_term_sum(lc.method, s_logits, t_logits, batch, shared_s, kd_t_cols, lc,
-                                    mass_log=flags if (m == 0 and log_mass and use is None) else None,
-                                    head_weight=head, mapping=mapping,
-                                    t_head=(t_head[0], t_vocab) if use == "rows" else None)
-            add("kd", kd_sum / passes, lc.temperature ** 2)
-            if m == 0 and log_mass and use == "shared":  # from the hidden state, chunk by chunk
-                b, _, t_pos = one_to_one_positions(batch)
-                flags["teacher_mass_outside_shared"] = float(teacher_mass_outside(
-                    t_out.last_hidden, b, t_pos, shared_t, t_vocab, lc.chunk_rows, head_weight=t_head[0]))
-        if "chunk" in weights:
-            ch_sum, _ = chunk_likelihood_loss(s_logits, t_logits, batch, temperature=lc.chunk_temperature,
-                                              chunk_rows=lc.chunk_rows)
-            add("chunk", ch_sum / passes)
+        add_logit_terms(out, s_logits, t_logits, t_out, batch, shared_s, kd_t_cols, shared_t, lc, passes=passes,
+                        flags=flags if (m == 0 and log_mass) else None, use=use, head=head, mapping=mapping,
+                        t_head=t_head, t_vocab=t_vocab)
     if "ce" in weights:
-        add("ce", _ce_sum(s_logits, batch, head))
-    if t_out is not None and "hidden" in weights:
-        proj = aux["hidden"]
-        pairs = [tuple(map(int, k[1:].split("_t"))) for k in proj.proj.keys()]
-        h_sum, _ = hidden_state_loss(s_out.hidden_states, t_out.hidden_states, batch, proj, pairs, lc.hidden.kind)
-        add("hidden", h_sum)
-    if t_out is not None and "attention" in weights:
-        pairs = attention_pairs(cfg, len(s_out.attentions), len(t_out.attentions))
-        a_sum, _ = attention_transfer_loss(s_out.attentions, t_out.attentions, batch, pairs)
-        add("attention", a_sum)
-    if t_out is not None and "contrastive" in weights:
-        s_pool = mean_pool(s_out.hidden_states[-1], batch["s_chunk"] >= 0)
-        t_pool = mean_pool(t_out.hidden_states[-1], batch["t_chunk"] >= 0)
-        c_sum, _ = info_nce(s_pool, t_pool, aux["contrastive"], lc.contrastive.temperature)
-        add("contrastive", c_sum)
-    return total, terms, flags
+        out.add("ce", _ce_sum(s_logits, batch, head))
+    if t_out is not None:
+        add_representation_terms(out, s_out, t_out, batch, aux, cfg)
+    return out.total, out.terms, flags
 
 
 def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Config, weights: dict, counts: dict,
