@@ -55,18 +55,18 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
-def optimizer_update(acc, optimizer, scheduler, grad_clip: float, counters: dict) -> tuple[float | None, bool]:
-    """Unscale and clip, step, advance the schedule: (gradient norm before clipping or None, skipped).
+def optimizer_update(acc, optimizer, scheduler, grad_clip: float, counters: dict) -> tuple[float, bool]:
+    """Unscale and clip (``grad_clip`` 0: no clipping), step, advance the schedule: (gradient norm before
+    clipping, skipped).
 
-    A step is SKIPPED when its gradients are not finite: in fp32 here (the gradients are dropped), under
-    fp16 by the GradScaler (which then lowers the loss scale). Both are counted in
-    ``counters["skipped_steps"]``. The LR schedule advances either way: the step number is the clock of
-    the LR and KA schedules, of checkpoints and of resume."""
-    grad_norm = None
-    if grad_clip > 0:
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        grad_norm = float(acc.clip_grad_norm_(params, grad_clip))
-    if grad_norm is not None and not math.isfinite(grad_norm) and acc.scaler is None:
+    A step is SKIPPED when its gradients are not finite, whatever ``grad_clip`` is: in fp32 here (the
+    gradients are dropped before the optimizer sees them), under fp16 by the GradScaler (which then lowers
+    the loss scale). Both are counted in ``counters["skipped_steps"]``. The LR schedule advances either way:
+    the step number is the clock of the LR and KA schedules, of checkpoints and of resume."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    # The norm is needed to see a non-finite step even without clipping (max_norm=inf scales by 1).
+    grad_norm = float(acc.clip_grad_norm_(params, grad_clip if grad_clip > 0 else math.inf))
+    if not math.isfinite(grad_norm) and acc.scaler is None:
         optimizer.zero_grad(set_to_none=True)  # fp32: a non-finite gradient never reaches the weights
         skipped = True
     else:
