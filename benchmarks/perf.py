@@ -476,7 +476,7 @@ def cache_section(steps: int, threads: int, work: Path) -> dict:
     """Demo pair, moe.mode=topk, one packed k = 64 cache: the student from the cache vs from the live teacher
     with shared_kl (the demo's logit loss) and with mapped_kl, same steps and seed. The logit loss is pinned
     here, whatever configs/demo.yaml says."""
-    from sakd.teacher_cache.reader import build_cache
+    from sakd.teacher_cache.builder import build_cache
     from sakd.config import load_config
 
     extra = ["moe.mode=topk", *CACHE_COMMON, f"data.max_examples={steps * 8}"]
@@ -496,7 +496,7 @@ def cache_section(steps: int, threads: int, work: Path) -> dict:
 def cache_ka_section(steps: int, seeds: int, threads: int, work: Path) -> dict:
     """KA from a cache (M = 2 sampled routings stored per position) vs live KA, demo pair, one cache per seed
     (the draws are seeded by train.seed), mapped_kl (pinned); mean ratio over the seeds."""
-    from sakd.teacher_cache.reader import build_cache
+    from sakd.teacher_cache.builder import build_cache
     from sakd.config import load_config
 
     runs = []
@@ -523,7 +523,7 @@ def cache_real_section(examples: int, work: Path) -> dict:
     from transformers import AutoModelForCausalLM
 
     from sakd.models.tokenizers import load_tokenizer as real_tokenizer
-    from sakd.teacher_cache.reader import build_cache
+    from sakd.teacher_cache.builder import build_cache
     from sakd.config import load_config
     from sakd.models.tiny import llama_config, qwen3_moe_config
 

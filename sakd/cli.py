@@ -194,7 +194,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_cache_teacher(args) -> int:
-    from sakd.teacher_cache.reader import build_cache
+    from sakd.teacher_cache.builder import build_cache
     from sakd.config import load_config
 
     cfg = load_config(args.config, args.overrides)

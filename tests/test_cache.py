@@ -8,7 +8,10 @@ import math
 import pytest
 import torch
 
+from sakd.data.text import span_data
+from sakd.teacher_cache import manifest as tm
 from sakd.teacher_cache import reader as tc
+from sakd.teacher_cache.builder import build_cache
 from sakd.config import load_config
 from sakd.data.text import Collator, pad_id
 from sakd.errors import UserError
@@ -30,8 +33,8 @@ def built(tiny_assets, tmp_path_factory):
     """k=64, packed, several shards (small shard_spans) so that shard boundaries are crossed."""
     d = tmp_path_factory.mktemp("cache")
     cfg = _cfg(tiny_assets, d / "run")
-    manifest = tc.build_cache(cfg, d / "c64", k=64, shard_spans=12, **QUIET)
-    data = tc.span_data(cfg, **QUIET)
+    manifest = build_cache(cfg, d / "c64", k=64, shard_spans=12, **QUIET)
+    data = span_data(cfg, **QUIET)
     teacher = load_teacher(str(tiny_assets["teacher"]), torch.device("cpu"), "float32")
     return {"cfg": cfg, "dir": d / "c64", "manifest": manifest, "data": data, "teacher": teacher}
 
@@ -41,7 +44,7 @@ def built_full(built, tmp_path_factory):
     """k = the whole teacher vocabulary, float32: nothing is cut or rounded."""
     d = tmp_path_factory.mktemp("cache_full")
     vt = len(built["data"].teacher_tok)
-    tc.build_cache(built["cfg"], d / "full", k=vt, codec="float32", **QUIET)
+    build_cache(built["cfg"], d / "full", k=vt, codec="float32", **QUIET)
     return d / "full"
 
 
@@ -216,18 +219,18 @@ def test_old_format_and_unfinished_builds_are_refused(built, tmp_path):
 def test_manifest_mismatch_is_refused_naming_the_key(built, tiny_assets, tmp_path):
     cfg, data = built["cfg"], built["data"]
     spans = data.train.spans
-    ok = tc.expected_manifest(cfg, spans, k=64, codec="packed")
+    ok = tm.expected_manifest(cfg, spans, k=64, codec="packed")
     tc.TeacherCache(built["dir"], ok)  # the run it was built for: accepted
     other_tok = _cfg(tiny_assets, tmp_path, **{"model.teacher_tokenizer": tiny_assets["student"]})
     seq = _cfg(tiny_assets, tmp_path, **{"data.seq_len": 40})
     cases = [
-        (tc.expected_manifest(other_tok, spans), "model.teacher_tokenizer"),
-        (tc.expected_manifest(seq, tc.span_data(seq, **QUIET).train.spans), "data.seq_len"),
-        (tc.expected_manifest(cfg, spans, k=32), "built for k = 64"),
-        (tc.expected_manifest(cfg, spans, codec="float32"), "codec"),
-        (tc.expected_manifest(_cfg(tiny_assets, tmp_path, **{"loss.temperature": 1.0}), spans), "loss.temperature"),
-        (tc.expected_manifest(cfg, spans[:-1]), "n_spans"),
-        (tc.expected_manifest(cfg, spans[:-1] + [spans[-1] + "x"]), "spans_sha256"),
+        (tm.expected_manifest(other_tok, spans), "model.teacher_tokenizer"),
+        (tm.expected_manifest(seq, span_data(seq, **QUIET).train.spans), "data.seq_len"),
+        (tm.expected_manifest(cfg, spans, k=32), "built for k = 64"),
+        (tm.expected_manifest(cfg, spans, codec="float32"), "codec"),
+        (tm.expected_manifest(_cfg(tiny_assets, tmp_path, **{"loss.temperature": 1.0}), spans), "loss.temperature"),
+        (tm.expected_manifest(cfg, spans[:-1]), "n_spans"),
+        (tm.expected_manifest(cfg, spans[:-1] + [spans[-1] + "x"]), "spans_sha256"),
     ]
     for expect, key in cases:
         with pytest.raises(UserError, match=key) as e:
@@ -245,13 +248,13 @@ def test_refusals(built, tiny_assets, tmp_path):
                        ({"loss.baseline": "uld"}, "loss.baseline"), ({"loss.hidden.weight": 0.5}, "loss.hidden.weight"),
                        ({"loss.on_policy_prob": 0.5}, "loss.on_policy_prob")):
         with pytest.raises(UserError, match=key):
-            tc.check_cached_config(_cfg(tiny_assets, tmp_path, **extra))
-    tc.check_cached_config(built["cfg"])
-    tc.check_cached_config(_cfg(tiny_assets, tmp_path, **{"loss.logit": "mapped_kl", "moe.mode": "ka"}))
+            tm.check_cached_config(_cfg(tiny_assets, tmp_path, **extra))
+    tm.check_cached_config(built["cfg"])
+    tm.check_cached_config(_cfg(tiny_assets, tmp_path, **{"loss.logit": "mapped_kl", "moe.mode": "ka"}))
     with pytest.raises(UserError, match="moe.mode=sar"):
-        tc.build_cache(_cfg(tiny_assets, tmp_path, **{"moe.mode": "sar"}), tmp_path / "x", **QUIET)
+        build_cache(_cfg(tiny_assets, tmp_path, **{"moe.mode": "sar"}), tmp_path / "x", **QUIET)
     with pytest.raises(UserError, match="already holds a finished cache"):
-        tc.build_cache(built["cfg"], built["dir"], **QUIET)
+        build_cache(built["cfg"], built["dir"], **QUIET)
 
 
 def test_span_data_is_the_loops_dataset(built):

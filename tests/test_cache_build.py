@@ -15,7 +15,10 @@ import time
 import pytest
 import torch
 
+from sakd.data.text import span_data
+from sakd.teacher_cache import manifest as tm
 from sakd.teacher_cache import reader as tc
+from sakd.teacher_cache.builder import build_cache
 from sakd.teacher_cache.codec import decode_packed, encode_packed
 from sakd.config import load_config
 from sakd.errors import UserError
@@ -110,20 +113,20 @@ def test_two_processes_write_the_same_cache_as_one(tiny_assets, tmp_path, refere
 def test_max_time_stops_between_shards_then_resumes(tiny_assets, tmp_path, reference):
     cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path / "run", **EXTRA, **{"train.max_time": "0s"}))
     kw = dict(shard_spans=4, batch_size=2, **QUIET)
-    assert tc.build_cache(cfg, tmp_path / "cache", **kw) is None  # the deadline has passed at once
+    assert build_cache(cfg, tmp_path / "cache", **kw) is None  # the deadline has passed at once
     assert not (tmp_path / "cache" / "manifest.json").exists()
     cfg.train.max_time = None
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the reference's process: bytes equal for the same kernels and thread count
     try:
-        assert tc.build_cache(cfg, tmp_path / "cache", resume=True, **kw)["n_spans"] == 96
+        assert build_cache(cfg, tmp_path / "cache", resume=True, **kw)["n_spans"] == 96
     finally:
         torch.set_num_threads(threads)
     _same_cache(tmp_path / "cache", reference)
     cfg.train.max_time = "0s"
-    assert tc.build_cache(cfg, tmp_path / "c2", **kw) is None
+    assert build_cache(cfg, tmp_path / "c2", **kw) is None
     with pytest.raises(UserError, match="spans_per_shard = 4, but this run has 3"):  # other options: refused
-        tc.build_cache(cfg, tmp_path / "c2", resume=True, **dict(kw, shard_spans=3))
+        build_cache(cfg, tmp_path / "c2", resume=True, **dict(kw, shard_spans=3))
 
 
 def test_a_cache_that_does_not_fit_is_refused(tiny_assets, tmp_path, monkeypatch):
@@ -132,7 +135,7 @@ def test_a_cache_that_does_not_fit_is_refused(tiny_assets, tmp_path, monkeypatch
     cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path / "run", **EXTRA))
     monkeypatch.setattr(sh, "disk_usage", lambda p: sh._ntuple_diskusage(10**9, 10**9 - 1000, 1000))
     with pytest.raises(UserError, match="only 0.00 GiB are free"):
-        tc.build_cache(cfg, tmp_path / "cache", **QUIET)
+        build_cache(cfg, tmp_path / "cache", **QUIET)
 
 
 def test_ka_cache_holds_m_routings(tiny_assets, tmp_path):
@@ -140,12 +143,12 @@ def test_ka_cache_holds_m_routings(tiny_assets, tmp_path):
 
     cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path / "run", **{
         "data.max_examples": 8, "moe.mode": "ka", "moe.ka_samples": 2, "moe.sample_prob": 1.0}))
-    m = tc.build_cache(cfg, tmp_path / "ka", shard_spans=4, **QUIET)
+    m = build_cache(cfg, tmp_path / "ka", shard_spans=4, **QUIET)
     assert m["samples"] == 2 and m["ka"]["sample_prob"] == 1.0
-    data = tc.span_data(cfg, **QUIET)
+    data = span_data(cfg, **QUIET)
     idx = [0, 1, 2]
     batch = Collator(pad_id(data.student_tok), pad_id(data.teacher_tok))([data.train[i] for i in idx])
-    expect = tc.expected_manifest(cfg, data.train.spans)
+    expect = tm.expected_manifest(cfg, data.train.spans)
     cb = tc.TeacherCache(tmp_path / "ka", expect).batch(idx, batch["t_ids"].shape[1], check=batch)
     a, b = cb["samples"]
     assert a["topk_logprobs"].shape == b["topk_logprobs"].shape == (3, batch["t_ids"].shape[1], 64)
@@ -153,4 +156,4 @@ def test_ka_cache_holds_m_routings(tiny_assets, tmp_path):
     with pytest.raises(UserError, match="moe.ka_samples"):
         other = load_config(None, tiny_overrides(tiny_assets, tmp_path / "run", **{
             "data.max_examples": 8, "moe.mode": "ka", "moe.ka_samples": 3, "moe.sample_prob": 1.0}))
-        tc.TeacherCache(tmp_path / "ka", tc.expected_manifest(other, data.train.spans))
+        tc.TeacherCache(tmp_path / "ka", tm.expected_manifest(other, data.train.spans))

@@ -5,7 +5,9 @@ top-64; the cached loss through ``cached_step_loss`` and a KA cache's sampled ro
 import pytest
 import torch
 
+from sakd.data.text import span_data
 from sakd.teacher_cache import reader as tc
+from sakd.teacher_cache.builder import build_cache
 from sakd.align.mapping import mapping_tables
 from sakd.config import load_config
 from sakd.data.text import Collator, pad_id
@@ -23,11 +25,11 @@ def setup(tiny_assets, tmp_path_factory):
     d = tmp_path_factory.mktemp("cache_mapped")
     cfg = load_config(None, tiny_overrides(tiny_assets, d / "run", **{"loss.temperature": T,
                                                                       "loss.logit": "mapped_kl"}))
-    data = tc.span_data(cfg, **QUIET)
+    data = span_data(cfg, **QUIET)
     vt = len(data.teacher_tok)
-    tc.build_cache(cfg, d / "full", k=vt, codec="float32", **QUIET)
-    tc.build_cache(cfg, d / "c64", k=64, **QUIET)
-    tc.build_cache(cfg, d / "f64", k=64, codec="float32", **QUIET)
+    build_cache(cfg, d / "full", k=vt, codec="float32", **QUIET)
+    build_cache(cfg, d / "c64", k=64, **QUIET)
+    build_cache(cfg, d / "f64", k=64, codec="float32", **QUIET)
     teacher = load_teacher(str(tiny_assets["teacher"]), torch.device("cpu"), "float32")
     tables = mapping_tables(data.student_tok, data.teacher_tok)
     return {"cfg": cfg, "data": data, "dir": d, "teacher": teacher, "tables": tables, "vt": vt}

@@ -5,7 +5,9 @@ losses as the live teacher; the teacher's assistant-only held-out bits per byte 
 import pytest
 import torch
 
+from sakd.teacher_cache import manifest as tm
 from sakd.teacher_cache import reader as tc
+from sakd.teacher_cache.builder import build_cache
 from sakd.data.text import Collator, pad_id
 from sakd.train.distill import distill, setup, teacher_heldout_bpb
 from sakd.errors import UserError
@@ -37,8 +39,8 @@ def test_a_full_cache_of_packed_chat_rows_gives_the_live_losses(tiny_assets, tmp
                                                            "data.seq_len": 256})
     run = setup(cfg, **QUIET)
     vt = len(run.teacher_tok)
-    tc.build_cache(cfg, tmp_path / "cache", k=vt, codec="float32", **QUIET)
-    cache = tc.TeacherCache(tmp_path / "cache", tc.expected_manifest(
+    build_cache(cfg, tmp_path / "cache", k=vt, codec="float32", **QUIET)
+    cache = tc.TeacherCache(tmp_path / "cache", tm.expected_manifest(
         cfg, run.train.fingerprints, student_tok=run.student_tok, teacher_tok=run.teacher_tok, vocab=run.vocab))
     assert len(cache) == len(run.train)
     idx = [1, 0]
@@ -68,7 +70,7 @@ def test_chat_cache_serves_a_run_and_is_refused_for_other_rows(tiny_assets, tmp_
     run whose rows differ (here: losses on the user turns too, so other loss masks) is refused, naming
     the rows' fingerprint."""
     cfg = _cfg(tiny_assets, tmp_path, chat_file, **{"loss.logit": "mapped_kl"})
-    manifest = tc.build_cache(cfg, tmp_path / "cache", k=16, **QUIET)
+    manifest = build_cache(cfg, tmp_path / "cache", k=16, **QUIET)
     run = setup(cfg, **QUIET)
     assert manifest["teacher_heldout_bpb"] == pytest.approx(teacher_heldout_bpb(run, cfg), rel=1e-5)
     cached_cfg = _cfg(tiny_assets, tmp_path / "c", chat_file, **{"loss.logit": "mapped_kl",

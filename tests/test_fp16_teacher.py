@@ -64,7 +64,8 @@ def test_fp16_teacher_gives_the_fp32_teachers_terms(tiny_assets, tmp_path, mode)
 def test_fp16_teacher_cache_matches_fp32_and_trains(tiny_assets, tmp_path):
     """Cached: a top-k cache built from the fp16 teacher holds the fp32 teacher's log-probs (to fp16
     precision), and a run trains from it."""
-    from sakd.teacher_cache.reader import TeacherCache, build_cache
+    from sakd.teacher_cache.builder import build_cache
+    from sakd.teacher_cache.reader import TeacherCache
 
     caches = {}
     for dtype in ("float16", "float32"):

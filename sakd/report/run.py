@@ -228,18 +228,14 @@ def usage_from_history(history: list[dict], mode: str) -> tuple[list[tuple[str, 
 @torch.no_grad()
 def measure_expert_usage(teacher, tokenizer, texts: list[str], cfg, *, router_state: dict | None = None,
                          max_batches: int = 4) -> tuple[dict[str, list[float]], str]:
-    """Run the teacher over a few held-out batches inside ``moe.routing`` (the run's mode; SAR's
-    student step uses "all") and return ({layer: [E] fractions}, what they are). Under all/sar
+    """Run the teacher over a few held-out batches inside ``moe.routing`` under the teacher's evaluation
+    routing (``moe.evaluation_mode``: topk for topk/ka, all for all/sar) and return ({layer: [E] fractions}, what they are). Under all/sar
     the router's first-choice share is returned (every expert is used, slot shares are uniform).
     ``router_state`` (e.g. router.safetensors of a SAR run) is loaded for the measurement only."""
     from sakd.models import moe
     from sakd.evaluate.bpb import pad_windows, scoring_windows
 
-    mode = "all" if cfg.moe.mode == "sar" else cfg.moe.mode
-    kw = {}
-    if mode == "ka":
-        kw = {"experts": cfg.moe.experts_start, "sample_prob": cfg.moe.sample_prob,
-              "generator": torch.Generator().manual_seed(cfg.train.seed)}
+    mode = moe.evaluation_mode(cfg.moe.mode)
     dev = next(teacher.parameters()).device
     L, B = cfg.eval.seq_len, cfg.eval.batch_size
     windows = scoring_windows(tokenizer, texts, L)[:B * max_batches]
@@ -249,7 +245,7 @@ def measure_expert_usage(teacher, tokenizer, texts: list[str], cfg, *, router_st
     try:
         if router_state:
             moe.load_router_state(teacher, router_state)
-        with moe.routing(teacher, mode, **kw) as r:
+        with moe.routing(teacher, mode) as r:
             for a in range(0, len(windows), B):
                 ids, mask = pad_windows(windows[a:a + B])
                 r.set_token_mask(mask.to(dev))

@@ -28,10 +28,10 @@ from sakd import __version__
 from sakd.models import moe
 from sakd.align.mapping import mapping_tables
 from sakd.align.vocab import build_vocab_map
-from sakd.teacher_cache.reader import DATA_INFO, FORMAT_VERSION, expected_manifest, heldout_sha256, t_hash
+from sakd.teacher_cache.manifest import DATA_INFO, FORMAT_VERSION, expected_manifest, heldout_sha256, t_hash
 from sakd.teacher_cache.codec import CODECS, encode_packed, row_bytes
 from sakd.data.chat import model_inputs
-from sakd.train.checkpoint import fsync_path
+from sakd.files import fsync_path, write_atomic, write_json
 from sakd.config import Config, parse_duration
 from sakd.data.text import Collator, pad_id, span_data, teacher_seq_len
 from sakd.errors import UserError
@@ -204,18 +204,6 @@ def _encode(parts: list[dict], codec: str, vt: int, samples: int) -> dict:
 
 # ----------------------------------------------------------------------------- the build
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    fsync_path(tmp)
-    os.replace(tmp, path)
-    fsync_path(path.parent)
-
-
-def _write_json(path: Path, obj) -> None:
-    _write_atomic(path, lambda p: p.write_text(json.dumps(obj, indent=1) + "\n"))
-
-
 def _ka_settings(cfg: Config, teacher) -> dict | None:
     m = cfg.moe
     if m.mode != "ka":
@@ -276,7 +264,7 @@ def _prepare_folder(out: Path, building: dict, *, resume: bool, overwrite: bool,
     if not write:
         return None
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "building.json", building)
+    write_json(out / "building.json", building)
     return None
 
 
@@ -288,6 +276,16 @@ def _check_disk(out: Path, n_left_spans: int, t_len: int, per_token: float, log)
     if need > free:
         raise UserError(f"cache folder {str(out)!r}: the cache needs up to {need / 2**30:.2f} GiB but only "
                         f"{free / 2**30:.2f} GiB are free: free space, choose another --out, or lower --k")
+
+
+def teacher_heldout_bits(teacher, tokenizer, heldout: list, cfg: Config, device) -> tuple[float, int]:
+    """(bits, UTF-8 bytes) of the teacher on the held-out text, under its evaluation routing
+    (``moe.evaluation_mode``, as in the live run): the manifest's ``teacher_heldout_bpb``."""
+    if not heldout:
+        return 0.0, 0
+    with moe.routing(teacher, moe.evaluation_mode(cfg.moe.mode)) if moe.is_moe(teacher) else nullcontext():
+        bits, n_bytes, _ = nll_bits(teacher, tokenizer, heldout, cfg.eval.seq_len, cfg.eval.batch_size, device)
+    return bits, n_bytes
 
 
 @torch.no_grad()
@@ -392,7 +390,7 @@ def build_cache(cfg: Config, out_dir, *, k: int = 64, codec: str = "packed", bat
         arrays["t_offsets"] = torch.tensor([0] + [len(p[0]["token_logprob"]) for p in parts]).cumsum(0)
         arrays["s_offsets"] = torch.tensor([0] + [len(p[0]["mapped_logz"]) for p in parts]).cumsum(0)
         arrays["t_hash"] = torch.tensor(hashes, dtype=torch.int64)
-        _write_atomic(out / shard_name(s), lambda p: save_file(arrays, str(p), metadata={"format": "sakd-cache-2"}))
+        write_atomic(out / shard_name(s), lambda p: save_file(arrays, str(p), metadata={"format": "sakd-cache-2"}))
         if bar is None and main:
             n_done = mine.index(s) + 1
             el = time.time() - t0
@@ -410,9 +408,7 @@ def build_cache(cfg: Config, out_dir, *, k: int = 64, codec: str = "packed", bat
     if not main:
         barrier()
         return json.loads((out / "manifest.json").read_text())
-    with moe.routing(teacher, "topk" if ka else cfg.moe.mode) if moe.is_moe(teacher) else nullcontext():
-        bits, n_bytes, _ = nll_bits(teacher, data.teacher_tok, data.heldout, cfg.eval.seq_len,
-                                    cfg.eval.batch_size, device) if data.heldout else (0.0, 0, 0)
+    bits, n_bytes = teacher_heldout_bits(teacher, data.teacher_tok, data.heldout, cfg, device)
     n_tokens = 0
     for s in range(n_shards):
         with safe_open(str(out / shard_name(s)), framework="pt") as f:
@@ -428,11 +424,11 @@ def build_cache(cfg: Config, out_dir, *, k: int = 64, codec: str = "packed", bat
         "heldout_sha256": heldout_sha256(data.heldout),  # the bpb above is valid for this held-out text only
         "eval": {"max_bytes": cfg.eval.max_bytes, "seq_len": cfg.eval.seq_len},
     })
-    _write_json(out / "index.json", {"shards": [shard_name(s) for s in range(n_shards)],
+    write_json(out / "index.json", {"shards": [shard_name(s) for s in range(n_shards)],
                                      "spans_per_shard": per_shard, "n_spans": n_spans})
-    _write_json(out / "build.json", {"seconds_last_session": time.time() - t0, "processes": world,
+    write_json(out / "build.json", {"seconds_last_session": time.time() - t0, "processes": world,
                                      "refp32_batches_last_session": refp32, "format_version": FORMAT_VERSION})
-    _write_json(out / "manifest.json", manifest)  # last: from here on the folder is a cache
+    write_json(out / "manifest.json", manifest)  # last: from here on the folder is a cache
     (out / "building.json").unlink(missing_ok=True)
     fsync_path(out)
     barrier()

@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from sakd.errors import UserError
+from sakd.files import fsync_path
 
 COMPLETE = "COMPLETE"
 _STEP = re.compile(r"step-(\d{6,})")
@@ -54,15 +55,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def fsync_path(path: Path) -> None:
-    """fsync a file or a folder (a folder: so that renames and new entries in it are durable)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _fsync_tree(path: Path) -> None:

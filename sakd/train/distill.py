@@ -121,10 +121,11 @@ def setup(cfg: Config, log=print) -> Run:
     attn = "eager" if needs_attention_maps(cfg) else None  # sdpa returns no attention maps
     teacher, cache = None, None
     if m.teacher_cache:
-        from sakd.teacher_cache import reader as tcache
+        from sakd.teacher_cache.manifest import check_cached_config, expected_manifest
+        from sakd.teacher_cache.reader import TeacherCache
 
-        tcache.check_cached_config(cfg)
-        cache = tcache.TeacherCache(m.teacher_cache, tcache.expected_manifest(
+        check_cached_config(cfg)
+        cache = TeacherCache(m.teacher_cache, expected_manifest(
             cfg, data.train.fingerprints, student_tok=data.student_tok, teacher_tok=data.teacher_tok, vocab=vocab))
     else:
         teacher = load_teacher(m.teacher, device, m.teacher_dtype, attn=attn,
@@ -272,12 +273,12 @@ def heldout_bits_per_byte(model, run: Run, cfg: Config, teacher: bool = False) -
 
 def teacher_heldout_bpb(run: Run, cfg: Config) -> float:
     """The teacher's held-out bits/byte: from the cache's manifest (NaN if measured on other text), or
-    measured under the routing the student sees at evaluation (SAR: all experts)."""
+    measured under the teacher's evaluation routing (``moe.evaluation_mode``)."""
     if run.teacher is None:
-        from sakd.teacher_cache.reader import heldout_sha256
+        from sakd.teacher_cache.manifest import heldout_sha256
         m = run.teacher_cache.manifest
         return m.get("teacher_heldout_bpb") if m.get("heldout_sha256") == heldout_sha256(run.heldout) else float("nan")
-    with moe.routing(run.teacher, "all" if cfg.moe.mode == "sar" else "topk") \
+    with moe.routing(run.teacher, moe.evaluation_mode(cfg.moe.mode)) \
             if moe.is_moe(run.teacher) else nullcontext():
         return heldout_bits_per_byte(run.teacher, run, cfg, teacher=True)
 
