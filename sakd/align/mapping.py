@@ -34,9 +34,10 @@ from pathlib import Path
 
 import torch
 
+from sakd import files
 from sakd.align.vocab import _index, _strings
 
-_VERSION = 1
+_VERSION = 2  # 2: non-special added tokens spell their content (issue 19, item 6)
 
 
 @dataclass
@@ -88,7 +89,8 @@ class MappingTables:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("SAKD_CACHE", Path.home() / ".cache" / "sakd")) / "mapping"
+    """Where the mapping tables are cached: ``mapping/`` under ``$SAKD_CACHE_DIR`` (sakd.files.cache_dir)."""
+    return files.cache_dir() / "mapping"
 
 
 def _vocab_digest(tok) -> str:
@@ -122,8 +124,8 @@ def _first_student_tokens(student_tok, suffixes: list[bytes], s_bytes: list[byte
 
 def build_tables(student_tok, teacher_tok) -> MappingTables:
     """Build the tables (no disk cache; see ``mapping_tables``)."""
-    s_bytes, s_fallback = _strings(student_tok)
-    t_bytes, _ = _strings(teacher_tok)
+    s_bytes, s_fallback = _strings(student_tok, added_text=True)
+    t_bytes, _ = _strings(teacher_tok, added_text=True)
     vt = len(teacher_tok)
     t_bytes = [b if (i < vt and b) else None for i, b in enumerate(t_bytes)]
     s_bytes = [b if (i < len(student_tok) and b) else None for i, b in enumerate(s_bytes)]

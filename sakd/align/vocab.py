@@ -20,15 +20,24 @@ import torch
 from sakd.align.tokens import tokenizer_info
 
 
-def _strings(tokenizer) -> tuple[list[bytes | None], list[bool]]:
+def _strings(tokenizer, added_text: bool = False) -> tuple[list[bytes | None], list[bool]]:
     """Canonical bytes of every id (None: added/special token or a hole) and
-    whether the id is a ``<0xNN>`` byte-fallback token."""
+    whether the id is a ``<0xNN>`` byte-fallback token.
+
+    ``added_text``: an added token that is not special stands for its content's UTF-8 bytes (it is matched
+    on the raw text: Gemma 3's ``"\n"`` and ``"\n\n"`` tokens, Qwen3's ``<think>``); the mapping tables
+    (sakd/align/mapping.py) use this, so that text spelt by such tokens gets a target (issue 19, item 6)."""
     info = tokenizer_info(tokenizer)
     vocab = tokenizer.get_vocab()  # token string -> id, added tokens included
     size = max(len(tokenizer), max(vocab.values(), default=-1) + 1)
     strings: list[bytes | None] = [None] * size
     fallback = [False] * size
+    text_added = {int(i): a.content for i, a in tokenizer.added_tokens_decoder.items()
+                  if added_text and not a.special and a.content}
     for tok, i in vocab.items():
+        if i in text_added:
+            strings[i] = text_added[i].encode("utf-8")
+            continue
         if i in info.added_ids:
             continue
         strings[i] = info.canonical(tok)

@@ -248,7 +248,8 @@ def test_real_pair_tables_cover_the_teacher(real_pair_tables):
     tables, s_tok, t_tok = real_pair_tables
     from sakd.align.mapping import teacher_coverage
 
-    assert tables.sorted_ids.numel() == 151_643  # ordinary Qwen tokens: no added/special ones
+    # ordinary Qwen tokens and its 12 non-special added ones (<think>, <tool_call>, ...: they spell their text)
+    assert tables.sorted_ids.numel() == 151_643 + 12
     assert teacher_coverage(tables) > 0.999
     assert tables.nbytes() < 200 * 2**20
 
