@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Callable
 
 
+def cache_dir() -> Path:
+    """The folder of sakd's own caches (real tokenizers, mapping tables): ``$SAKD_CACHE_DIR``, else
+    ``~/.cache/sakd``."""
+    return Path(os.environ.get("SAKD_CACHE_DIR") or Path.home() / ".cache" / "sakd")
+
+
 def fsync_path(path: Path) -> None:
     """fsync a file or a folder (a folder: so that renames and new entries in it are durable)."""
     fd = os.open(path, os.O_RDONLY)

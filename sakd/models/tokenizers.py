@@ -18,7 +18,6 @@ import base64
 import functools
 import hashlib
 import importlib.util
-import os
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -26,7 +25,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from sakd.align.tokens import bytes_to_unicode
 from sakd.errors import UserError
-from sakd.files import write_atomic
+from sakd.files import cache_dir, write_atomic
 
 # Qwen2/Qwen3's split regex (tokenizer.json of Qwen/Qwen3-*): contractions, letters
 # with one optional leading non-letter, single digits, punctuation runs, newlines.
@@ -50,10 +49,6 @@ QWEN3_ADDED = [
 QWEN_FIRST_ADDED_ID = 151643
 SMOLLM2_VOCAB = 49152
 _CACHE_VERSION = "1"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SAKD_CACHE_DIR") or Path.home() / ".cache" / "sakd")
 
 
 def _package_file(package: str, relative: str, install: str) -> Path:
