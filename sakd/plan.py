@@ -86,9 +86,9 @@ def load_model_config(name: str, role: str):
     """(transformers config, where it came from): a local folder / cached hub id, else the built-in table."""
     from transformers import AutoConfig, CONFIG_MAPPING
 
-    from sakd.models.load import _looks_local
+    from sakd.models.load import looks_local
 
-    if _looks_local(name) and not (Path(name).expanduser() / "config.json").is_file():
+    if looks_local(name) and not (Path(name).expanduser() / "config.json").is_file():
         raise UserError(f"model.{role}={name!r}: no config.json there; give a model folder or a hub id")
     try:
         return AutoConfig.from_pretrained(name, local_files_only=True), "config.json"

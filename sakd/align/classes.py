@@ -14,7 +14,7 @@ class of the LONGEST prefix of its bytes that is spelt by a token of I,
 
 so ``"\\nThe"`` is in the class of ``"\\n"``: the event "the next bytes start with \\n" is what the teacher's
 ``"\\n"`` token predicts, whatever the student then merges it with. Classes are labelled by a
-representative student id (the id ``_index`` keeps for those bytes among I's tokens: an ordinary token over
+representative student id (the id ``byte_index`` keeps for those bytes among I's tokens: an ordinary token over
 a byte-fallback one, then the lowest id), so ``cls(c) = c`` for a representative and ``cls`` is one
 [Vs] table, the same at every position. ``cls(u) = -1``: no prefix of u is in I (or u names no bytes,
 a special token): the target can never give u mass, whatever the teacher predicts.
@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from sakd.align.mapping import MappingTables
-from sakd.align.vocab import _index, _strings
+from sakd.align.vocab import byte_index, token_bytes
 
 
 @dataclass
@@ -81,14 +81,14 @@ class ClassTables:
 
 def build_classes(student_tok, tables: MappingTables) -> ClassTables:
     """Class tables of a tokenizer pair from its mapping tables (a few seconds for 49k x 1.1M entries)."""
-    s_bytes, s_fallback = _strings(student_tok, added_text=True)
+    s_bytes, s_fallback = token_bytes(student_tok, added_text=True)
     vs = max(int(tables.s_len.numel()), len(s_bytes))
     s_bytes = [b if (i < len(student_tok) and b) else None for i, b in enumerate(s_bytes)] + [None] * (vs - len(s_bytes))
     if tables.identity:
         ids = torch.arange(vs, dtype=torch.long)
         return ClassTables(ids, tables.phi.clone(), identity=True)
     image = set(int(u) for u in torch.unique(tables.phi[tables.phi >= 0]).tolist())
-    rep = _index([b if i in image else None for i, b in enumerate(s_bytes)],
+    rep = byte_index([b if i in image else None for i, b in enumerate(s_bytes)],
                  s_fallback + [False] * (vs - len(s_fallback)))   # bytes -> representative id in I
     longest = max((len(b) for b in rep), default=0)
     cls = [-1] * vs

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from sakd import files
-from sakd.align.vocab import _index, _strings
+from sakd.align.vocab import byte_index, token_bytes
 
 _VERSION = 2  # 2: non-special added tokens spell their content (issue 19, item 6)
 
@@ -124,8 +124,8 @@ def _first_student_tokens(student_tok, suffixes: list[bytes], s_bytes: list[byte
 
 def build_tables(student_tok, teacher_tok) -> MappingTables:
     """Build the tables (no disk cache; see ``mapping_tables``)."""
-    s_bytes, s_fallback = _strings(student_tok, added_text=True)
-    t_bytes, _ = _strings(teacher_tok, added_text=True)
+    s_bytes, s_fallback = token_bytes(student_tok, added_text=True)
+    t_bytes, _ = token_bytes(teacher_tok, added_text=True)
     vt = len(teacher_tok)
     t_bytes = [b if (i < vt and b) else None for i, b in enumerate(t_bytes)]
     s_bytes = [b if (i < len(student_tok) and b) else None for i, b in enumerate(s_bytes)]
@@ -146,7 +146,7 @@ def build_tables(student_tok, teacher_tok) -> MappingTables:
             r = prefix_range[p] = (lo, hi, eq)
         return r
 
-    s_index = _index(s_bytes, s_fallback)
+    s_index = byte_index(s_bytes, s_fallback)
     s_max = max((len(b) for b in s_index), default=0)
     suffix_ids: dict[bytes, int] = {}
     for b in t_bytes:

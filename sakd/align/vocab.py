@@ -20,7 +20,7 @@ import torch
 from sakd.align.tokens import tokenizer_info
 
 
-def _strings(tokenizer, added_text: bool = False) -> tuple[list[bytes | None], list[bool]]:
+def token_bytes(tokenizer, added_text: bool = False) -> tuple[list[bytes | None], list[bool]]:
     """Canonical bytes of every id (None: added/special token or a hole) and
     whether the id is a ``<0xNN>`` byte-fallback token.
 
@@ -48,10 +48,10 @@ def _strings(tokenizer, added_text: bool = False) -> tuple[list[bytes | None], l
 def token_strings(tokenizer) -> list[bytes | None]:
     """Canonical bytes per id: byte-level tokens through GPT-2's byte table, ``▁`` as
     a space, ``<0xNN>`` as the byte NN; special and other added tokens: None."""
-    return _strings(tokenizer)[0]
+    return token_bytes(tokenizer)[0]
 
 
-def _index(strings: list[bytes | None], fallback: list[bool]) -> dict[bytes, int]:
+def byte_index(strings: list[bytes | None], fallback: list[bool]) -> dict[bytes, int]:
     """bytes -> one id. Within a vocabulary several ids may name the same bytes
     (``<0x41>`` and ``A``, ``<0x20>`` and ``▁``): keep the ordinary token over the
     byte-fallback one, then the lowest id, so that the map is one-to-one."""
@@ -91,8 +91,8 @@ def build_vocab_map(student_tok, teacher_tok) -> VocabMap:
     if student_tok.get_vocab() == teacher_tok.get_vocab():
         ids = torch.arange(len(student_tok), dtype=torch.long)
         return VocabMap(ids, ids.clone(), len(student_tok), len(teacher_tok))
-    s_index = _index(*_strings(student_tok))
-    t_index = _index(*_strings(teacher_tok))
+    s_index = byte_index(*token_bytes(student_tok))
+    t_index = byte_index(*token_bytes(teacher_tok))
     pairs = sorted((s_index[b], t_index[b]) for b in s_index.keys() & t_index.keys())
     shared_s = torch.tensor([p[0] for p in pairs], dtype=torch.long)
     shared_t = torch.tensor([p[1] for p in pairs], dtype=torch.long)

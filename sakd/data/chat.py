@@ -100,7 +100,7 @@ def encode_side(tok, messages: list[dict], start: int) -> Side:
     return Side(enc, _byte_ranges(text, ranges))
 
 
-def _inside(enc: Encoded, a: int, b: int) -> list[int]:
+def tokens_inside(enc: Encoded, a: int, b: int) -> list[int]:
     """Token indices lying wholly inside bytes [a, b) (a zero-width token at a or inside counts)."""
     lo = 1 if enc.has_start_token else 0
     return [k for k in range(lo, len(enc.ids)) if enc.byte_starts[k] >= a and enc.byte_ends[k] <= b
@@ -116,7 +116,7 @@ def content_chunks(s: Encoded, sr: tuple[int, int], t: Encoded, tr: tuple[int, i
     """Chunks (s_start, s_end, t_start, t_end), in token indices of the whole renderings, over one content
     that sits at bytes ``sr`` of the student rendering and ``tr`` of the teacher's (same length): the tokens
     inside it on each side, from the first to the last byte where both sides have a token edge."""
-    ks, kt = _inside(s, *sr), _inside(t, *tr)
+    ks, kt = tokens_inside(s, *sr), tokens_inside(t, *tr)
     edges_s = {s.byte_starts[k] - sr[0] for k in ks} | {s.byte_ends[k] - sr[0] for k in ks}
     edges_t = {t.byte_starts[k] - tr[0] for k in kt} | {t.byte_ends[k] - tr[0] for k in kt}
     common = edges_s & edges_t

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from sakd.align.tokens import start_token_id
-from sakd.data.chat import RowSkipped, _inside, encode_side
+from sakd.data.chat import RowSkipped, tokens_inside, encode_side
 
 
 def scored_rows(tokenizer, conversations, max_len: int) -> list[tuple[list[int], list[int], int]]:
@@ -32,7 +32,7 @@ def scored_rows(tokenizer, conversations, max_len: int) -> list[tuple[list[int],
         ks = []
         for m, r in zip(conv.messages, side.ranges):
             if m["role"] == "assistant" and r is not None:
-                ks += [k for k in _inside(enc, *r) if 0 < k < n]
+                ks += [k for k in tokens_inside(enc, *r) if 0 < k < n]
         n_bytes = sum(enc.byte_ends[k] - enc.byte_starts[k] for k in ks)
         if ks:
             rows.append((enc.ids[:n], ks, n_bytes))

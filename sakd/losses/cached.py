@@ -18,9 +18,9 @@ import math
 
 import torch
 
-from sakd.losses.crosstok import (_field, alm_from_chunk_logprobs, alm_selection, chunk_logprobs,
+from sakd.losses.batch import count as _count, field as _field
+from sakd.losses.crosstok import (alm_from_chunk_logprobs, alm_selection, chunk_logprobs,
                                   one_to_one_positions)
-from sakd.losses.batch import count as _count
 from sakd.losses.divergences import sparse_forward_kl
 
 

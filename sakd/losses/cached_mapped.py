@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from sakd.align.mapping import MappingTables
-from sakd.losses.divergences import _check_settings, _ChunkedRowLoss, _sparse_forward_kl_kernel
+from sakd.losses.divergences import check_settings, ChunkedRowLoss, sparse_forward_kl_kernel
 from sakd.losses.mapped import MappedPositions, mapped_positions
 
 
@@ -106,7 +106,7 @@ def cached_mapped_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables: M
     view); the positions and their count are those of ``mapped_kd`` (same ``mapped_positions``).
     Never builds [N, V_teacher]; the student rows are walked in chunks of ``chunk_rows``.
     Returns (loss_sum, n positions)."""
-    _check_settings(temperature, "sum", chunk_rows)
+    check_settings(temperature, "sum", chunk_rows)
     pos = mapped_positions(batch, tables) if positions is None else positions
     dev = s_logits.device
     n = torch.tensor(len(pos), dtype=torch.long, device=dev)
@@ -120,11 +120,11 @@ def cached_mapped_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables: M
     def kernel(parts, T, need):
         s, c, lq, lr = parts
         s = F.pad(s.float(), (0, pad), value=-math.inf)
-        loss, (g,) = _sparse_forward_kl_kernel([s, c, lq, lr], T, need)
+        loss, (g,) = sparse_forward_kl_kernel([s, c, lq, lr], T, need)
         return loss, (g[:, :vs] if g is not None else None,)
 
     s_rows = (pos.b * Ls + pos.j - 1).to(dev)
     none = (None, None)
-    loss = _ChunkedRowLoss.apply(kernel, 1, ((s_rows, None), none, none, none), len(pos), chunk_rows,
+    loss = ChunkedRowLoss.apply(kernel, 1, ((s_rows, None), none, none, none), len(pos), chunk_rows,
                                  float(temperature), None, s_logits.flatten(0, 1), cols, log_q, log_rest)
     return loss, n

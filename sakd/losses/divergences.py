@@ -39,7 +39,7 @@ Kernel = Callable[[Sequence[torch.Tensor], float, Sequence[bool]], tuple]
 # not needed). They may overwrite their own float32 temporaries but never their inputs.
 # ---------------------------------------------------------------------------------------------
 
-def _log_softmax32(x: torch.Tensor, temperature: float) -> torch.Tensor:
+def log_softmax32(x: torch.Tensor, temperature: float) -> torch.Tensor:
     """log_softmax(x / T) in float32, in a fresh tensor (the kernels overwrite it; the caller's input
     is never modified) -- except for a chunk of logits this module computed itself (marked
     ``_owned``), which is overwritten in place."""
@@ -52,7 +52,7 @@ def _log_softmax32(x: torch.Tensor, temperature: float) -> torch.Tensor:
     return torch.log_softmax(x.to(torch.float32, copy=True).div_(temperature), dim=-1)
 
 
-def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor, need_a: bool, need_b: bool, a: torch.Tensor | None = None):
+def kl_rows(log_a: torch.Tensor, log_b: torch.Tensor, need_a: bool, need_b: bool, a: torch.Tensor | None = None):
     """KL(a || b) per row from log-probs (both consumed: overwritten in place to save memory); ``a``: the
     probabilities themselves when the caller has them (else exp(log_a)).
 
@@ -74,13 +74,13 @@ def _kl_rows(log_a: torch.Tensor, log_b: torch.Tensor, need_a: bool, need_b: boo
 
 def _forward_kl_kernel(parts, temperature, need):
     s, t = parts
-    loss, g_t, g_s = _kl_rows(_log_softmax32(t, temperature), _log_softmax32(s, temperature), need[1], need[0])
+    loss, g_t, g_s = kl_rows(log_softmax32(t, temperature), log_softmax32(s, temperature), need[1], need[0])
     return loss, (g_s, g_t)
 
 
 def _reverse_kl_kernel(parts, temperature, need):
     s, t = parts
-    loss, g_s, g_t = _kl_rows(_log_softmax32(s, temperature), _log_softmax32(t, temperature), need[0], need[1])
+    loss, g_s, g_t = kl_rows(log_softmax32(s, temperature), log_softmax32(t, temperature), need[0], need[1])
     return loss, (g_s, g_t)
 
 
@@ -91,8 +91,8 @@ def _jsd_kernel(parts, temperature, need, *, beta: float):
     beta*sum p log p + (1-beta)*sum q log q - sum m log m, whence dL/dq_j = (1-beta)(log q_j - log m_j)
     and dL/dz_s = (1-beta) * q * (log q - log m - KL(q||m)); symmetrically for the teacher."""
     s, t = parts
-    log_q = _log_softmax32(s, temperature)
-    log_p = _log_softmax32(t, temperature)
+    log_q = log_softmax32(s, temperature)
+    log_p = log_softmax32(t, temperature)
     # log m via logaddexp: exp-then-log would turn beta*p underflowing to 0 into log m = -inf.
     log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
     p, q = log_p.exp(), log_q.exp()
@@ -111,8 +111,8 @@ def _tvd_kernel(parts, temperature, need):
     """0.5 * sum |p - q|. With g = sign(p - q) (0 where equal: the zero subgradient),
     dL/dq = -g/2, so dL/dz_s = -q * (g - <q, g>) / 2 and dL/dz_t = p * (g - <p, g>) / 2."""
     s, t = parts
-    q = _log_softmax32(s, temperature).exp_()
-    p = _log_softmax32(t, temperature).exp_()
+    q = log_softmax32(s, temperature).exp_()
+    p = log_softmax32(t, temperature).exp_()
     diff = p - q
     loss = 0.5 * diff.abs().sum(-1)
     g = diff.sign_()
@@ -124,7 +124,7 @@ def _tvd_kernel(parts, temperature, need):
     return loss, (g_s, g_t)
 
 
-def _sparse_forward_kl_kernel(parts, temperature, need):
+def sparse_forward_kl_kernel(parts, temperature, need):
     """KL between (k+1)-bucket distributions: the teacher's top-k ids plus the rest; see
     ``sparse_forward_kl``. With P = sum of the teacher's bucket masses (1 up to rounding),
     dL/dz_j = P*q_j - p_j on the top-k ids, and P*q_j - p_rest * q_j / q_rest off them."""
@@ -155,7 +155,7 @@ def _sparse_forward_kl_kernel(parts, temperature, need):
 def _cross_entropy_kernel(parts, temperature, need):
     """-log softmax(s / T)[target] per row; d/dz = softmax(z) - onehot(target). Targets are ids."""
     s, target = parts
-    z = _log_softmax32(s, temperature)
+    z = log_softmax32(s, temperature)
     loss = -z.gather(1, target[:, None]).squeeze(1)
     g = None
     if need[0]:
@@ -211,7 +211,7 @@ def _grad_buffer(x: torch.Tensor, index, n_rows: int) -> torch.Tensor:
     return torch.empty_like(x) if full else torch.zeros_like(x)
 
 
-class _ChunkedRowLoss(torch.autograd.Function):
+class ChunkedRowLoss(torch.autograd.Function):
     """Sum over N selected rows of a per-row loss, computed chunk by chunk.
 
     ``tensors`` are 2-D/1-D with the row first; ``index[i] = (rows, cols)`` selects from tensor i its N
@@ -279,7 +279,7 @@ class _ChunkedRowLoss(torch.autograd.Function):
         return (None, None, None, None, None, None, *grads)
 
 
-def _check_settings(temperature: float, reduction: str, chunk_rows: int) -> None:
+def check_settings(temperature: float, reduction: str, chunk_rows: int) -> None:
     if not (isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0):
         raise UserError(f"KD temperature {temperature!r} is not a positive number: set it to e.g. 1.0 or 2.0")
     if reduction not in ("mean", "sum"):
@@ -306,13 +306,13 @@ def _reduce(total: torch.Tensor, n: int, reduction: str) -> torch.Tensor:
 
 
 def _dense(kernel: Kernel, student_logits, teacher_logits, mask, temperature, reduction, chunk_rows):
-    _check_settings(temperature, reduction, chunk_rows)
+    check_settings(temperature, reduction, chunk_rows)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student logits {tuple(student_logits.shape)} and teacher logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape [..., V]")
     vocab = student_logits.shape[-1]
     rows, n = _select_rows(student_logits.shape[:-1], mask, student_logits.device)
-    total = _ChunkedRowLoss.apply(kernel, 2, ((rows, None), (rows, None)), n, chunk_rows, float(temperature),
+    total = ChunkedRowLoss.apply(kernel, 2, ((rows, None), (rows, None)), n, chunk_rows, float(temperature),
                                   None, student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab))
     return _reduce(total, n, reduction)
 
@@ -353,7 +353,7 @@ def generalized_jsd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     reverse KL(q_S || p_T). (Taken literally the formula tends to 0 at both ends; the convention
     makes beta interpolate between the two KL directions, and ``beta`` is validated in [0, 1].)
     Shapes, reduction and gradients as in ``forward_kl``."""
-    return _dense(_kernel("jsd", beta), student_logits, teacher_logits, mask, temperature, reduction, chunk_rows)
+    return _dense(divergence_kernel("jsd", beta), student_logits, teacher_logits, mask, temperature, reduction, chunk_rows)
 
 
 def tvd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor | None = None, *,
@@ -383,7 +383,7 @@ def sparse_forward_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk
     TEMPERATURE (the cache writer applies T; here T divides the student logits only).
     Buckets with p = 0 (log-prob -inf, e.g. padding) contribute 0. Gradient: student only
     (the cache is a constant). Returns a float32 scalar: mean or sum over unmasked positions."""
-    _check_settings(temperature, reduction, chunk_rows)
+    check_settings(temperature, reduction, chunk_rows)
     lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     k = topk_ids.shape[-1]
     if topk_ids.shape[:-1] != lead or topk_logprobs.shape != topk_ids.shape or rest_logprob.shape != lead:
@@ -393,7 +393,7 @@ def sparse_forward_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk
     if k > vocab:
         raise ValueError(f"top-k of {k} ids exceeds the student vocabulary of {vocab}")
     rows, n = _select_rows(lead, mask, student_logits.device)
-    total = _ChunkedRowLoss.apply(_sparse_forward_kl_kernel, 1, ((rows, None),) * 4, n, chunk_rows, float(temperature),
+    total = ChunkedRowLoss.apply(sparse_forward_kl_kernel, 1, ((rows, None),) * 4, n, chunk_rows, float(temperature),
                                   None,
                                   student_logits.reshape(-1, vocab), topk_ids.reshape(-1, k).long(),
                                   topk_logprobs.detach().reshape(-1, k), rest_logprob.detach().reshape(-1))
@@ -405,7 +405,7 @@ _KERNELS: dict[str, Kernel] = {"forward_kl": _forward_kl_kernel, "reverse_kl": _
                                "jsd": _jsd_kernel, "tvd": _tvd_kernel}
 
 
-def _kernel(name: str, beta: float) -> Kernel:
+def divergence_kernel(name: str, beta: float) -> Kernel:
     """The per-chunk kernel of the divergence ``name``; JSD's ends are the two KL directions."""
     if name not in _KERNELS:
         raise UserError(f"KD loss {name!r} is unknown: use one of {', '.join(_KERNELS)}")
@@ -422,7 +422,7 @@ def kd_loss(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tenso
             mask: torch.Tensor | None = None, *, temperature: float = 1.0, beta: float = 0.5,
             reduction: str = "mean", chunk_rows: int = 1024) -> torch.Tensor:
     """The divergence named ``name`` (one of forward_kl, reverse_kl, jsd, tvd); see those functions."""
-    return _dense(_kernel(name, beta), student_logits, teacher_logits, mask, temperature, reduction, chunk_rows)
+    return _dense(divergence_kernel(name, beta), student_logits, teacher_logits, mask, temperature, reduction, chunk_rows)
 
 
 def _is_arange(cols: torch.Tensor | None, size: int) -> bool:
@@ -438,12 +438,12 @@ def divergence_sum(name: str, student: torch.Tensor, teacher: torch.Tensor, *, s
     and its gradient scattered back in one pass.
 
     student: logits [R_s, V_s], or with ``head_weight`` [V_s, H] the student's last hidden state
-    [R_s, H] (the output layer is then fused in, see ``_ChunkedRowLoss``); teacher: logits [R_t, V_t].
+    [R_s, H] (the output layer is then fused in, see ``ChunkedRowLoss``); teacher: logits [R_t, V_t].
     Row indices: long [N] of distinct rows, or None for rows 0..N-1; column indices: long [S] (the
     same S on both sides, matched in order), or None for all columns. Gradients reach the student
     (logits, or hidden state and weight) and the teacher's logits when they require them."""
-    _check_settings(temperature, "sum", chunk_rows)
-    kernel = _kernel(name, beta)
+    check_settings(temperature, "sum", chunk_rows)
+    kernel = divergence_kernel(name, beta)
     n = (s_rows.numel() if s_rows is not None else t_rows.numel() if t_rows is not None
          else min(student.shape[0], teacher.shape[0]))
     width_s = head_weight.shape[0] if head_weight is not None else student.shape[-1]
@@ -451,7 +451,7 @@ def divergence_sum(name: str, student: torch.Tensor, teacher: torch.Tensor, *, s
     t_cols = None if _is_arange(t_cols, teacher.shape[-1]) else t_cols
     if head_weight is not None and s_cols is not None:  # the head's rows ARE the student's columns
         head_weight, s_cols = head_weight.index_select(0, s_cols), None
-    return _ChunkedRowLoss.apply(kernel, 2, ((s_rows, s_cols), (t_rows, t_cols)), n, chunk_rows, float(temperature),
+    return ChunkedRowLoss.apply(kernel, 2, ((s_rows, s_cols), (t_rows, t_cols)), n, chunk_rows, float(temperature),
                                  head_weight, student, teacher)
 
 
@@ -460,7 +460,7 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, head_weight: torch.Tensor, ta
     """Sum over rows of -log softmax(hidden[r] @ head_weight.T)[targets[i]] with the output layer fused
     in (the [rows, V] logits never exist at once). hidden [R, H], head_weight [V, H], targets long [N],
     rows long [N] or None (rows 0..N-1)."""
-    _check_settings(1.0, "sum", chunk_rows)
+    check_settings(1.0, "sum", chunk_rows)
     n = targets.numel()
-    return _ChunkedRowLoss.apply(_cross_entropy_kernel, 1, ((rows, None), (None, None)), n, chunk_rows, 1.0,
+    return ChunkedRowLoss.apply(_cross_entropy_kernel, 1, ((rows, None), (None, None)), n, chunk_rows, 1.0,
                                  head_weight, hidden, targets)

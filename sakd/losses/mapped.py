@@ -43,7 +43,7 @@ import torch
 from sakd.align.mapping import MappingTables
 from sakd.errors import UserError
 from sakd.losses.batch import one_to_one
-from sakd.losses.divergences import (_ChunkedRowLoss, _check_settings, _kernel, _kl_rows, _log_softmax32,
+from sakd.losses.divergences import (ChunkedRowLoss, check_settings, divergence_kernel, kl_rows, log_softmax32,
                                      divergence_sum, head_rows)
 
 _BIG = 1 << 32  # chunk index * _BIG + byte offset inside the chunk: one sortable key per token end
@@ -126,7 +126,7 @@ def count_mapped(batch, tables: MappingTables, one_to_one_only: bool = False) ->
 
 
 @torch.no_grad()
-def _path_log_mass(t2, t_ids, pos: MappedPositions, e_idx, Lt: int, vt: int, tables: MappingTables,
+def path_log_mass(t2, t_ids, pos: MappedPositions, e_idx, Lt: int, vt: int, tables: MappingTables,
                    temperature: float, dtype, head: torch.Tensor | None = None) -> torch.Tensor:
     """log of Π_{i<l<m} p_l(t_l) · Σ_{v starts with bytes(t_m)[:q]} p_m(v) for the extended positions
     ``e_idx``: the realised path after teacher token i (the factor p_i(t_i)/Z is added by the caller).
@@ -169,7 +169,7 @@ def _path_log_mass(t2, t_ids, pos: MappedPositions, e_idx, Lt: int, vt: int, tab
     return out + mass.log() + peak - lse[last_row]
 
 
-class _Targets:
+class MappedTargets:
     """Builds log Q (times T, see ``mapped_kd``) for a chunk of positions, from the teacher logits."""
 
     def __init__(self, t_logits, batch, pos: MappedPositions, tables: MappingTables, vs: int, vt: int,
@@ -193,7 +193,7 @@ class _Targets:
         self.path = torch.zeros(len(p), dtype=self.dtype, device=dev)
         if self.extend and bool(p.ext.any()):
             e_idx = p.ext.nonzero().squeeze(1)
-            self.path[e_idx] = _path_log_mass(self.t2, t_ids, p, e_idx, self.Lt, vt, self.tab, self.T, self.dtype,
+            self.path[e_idx] = path_log_mass(self.t2, t_ids, p, e_idx, self.Lt, vt, self.tab, self.T, self.dtype,
                                               self.head)
 
     @torch.no_grad()
@@ -246,7 +246,7 @@ class _Targets:
         return Q, Z
 
 
-def _log_with_zeros(x: torch.Tensor) -> torch.Tensor:
+def log_with_zeros(x: torch.Tensor) -> torch.Tensor:
     """log x with log 0 = -inf. torch's log is ~10x slower on zero entries (about half of a mapped
     target's), so the zeros are lifted to the smallest normal number for the log and set back after."""
     zero = x == 0
@@ -274,7 +274,7 @@ def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: Map
     probability that its token starts with the bytes already seen (1 where the student token starts a
     teacher token): a target conditioned on bytes the teacher did not expect counts less.
     Returns (loss_sum, n positions)."""
-    _check_settings(temperature, "sum", chunk_rows)
+    check_settings(temperature, "sum", chunk_rows)
     if divergence == "reverse_kl" or (divergence == "jsd" and beta == 1):
         raise UserError("loss.logit=mapped_kl needs a divergence that allows zeros in the target "
                         "(forward_kl, jsd with beta < 1, tvd), not reverse KL: set loss.divergence=forward_kl")
@@ -295,8 +295,8 @@ def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: Map
                               beta=beta, chunk_rows=chunk_rows), n
     vs = head_weight.shape[0] if head_weight is not None else s_logits.shape[-1]
     vs_tok = int(tables.s_len.numel())
-    target = _Targets(t_logits, batch, pos, tables, min(vs, vs_tok), vt, temperature, extend, t_head_weight)
-    base = _kernel(divergence, beta)
+    target = MappedTargets(t_logits, batch, pos, tables, min(vs, vs_tok), vt, temperature, extend, t_head_weight)
+    base = divergence_kernel(divergence, beta)
     pad = vs - min(vs, vs_tok)  # student head columns past its tokenizer: target 0
 
     def kernel(parts, T, need):
@@ -308,9 +308,9 @@ def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: Map
             Q = torch.nn.functional.pad(Q, (0, pad))
         if divergence == "forward_kl" or (divergence == "jsd" and beta == 0):
             # KL(Q ‖ q) from Q itself: Q is normalised (no second log-softmax) and at hand (no exp of log Q)
-            loss, _, g_s = _kl_rows(_log_with_zeros(Q), _log_softmax32(s, T), False, need[0], a=Q)
+            loss, _, g_s = kl_rows(log_with_zeros(Q), log_softmax32(s, T), False, need[0], a=Q)
         else:
-            log_target = _log_with_zeros(Q)
+            log_target = log_with_zeros(Q)
             loss, (g_s, _) = base([s, log_target.mul_(T)], T, (need[0], False))  # the kernel divides by T again
         if w is not None:
             loss = loss * w
@@ -318,7 +318,7 @@ def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: Map
         return loss, (g_s, None)
 
     index = ((s_rows, None), (None, None))
-    loss = _ChunkedRowLoss.apply(kernel, 1, index, len(pos), chunk_rows, float(temperature), head_weight,
+    loss = ChunkedRowLoss.apply(kernel, 1, index, len(pos), chunk_rows, float(temperature), head_weight,
                                  s_logits.flatten(0, 1), torch.arange(len(pos), device=t_logits.device))
     return loss, n
 

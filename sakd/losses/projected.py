@@ -62,8 +62,8 @@ from sakd.align.mapping import MappingTables
 from sakd.errors import UserError
 from sakd.losses.batch import field, one_to_one
 from sakd.losses.cached_mapped import cached_mapped_targets
-from sakd.losses.divergences import _check_settings, _ChunkedRowLoss, _log_softmax32
-from sakd.losses.mapped import MappedPositions, _log_with_zeros, _Targets, mapped_kd, mapped_positions
+from sakd.losses.divergences import check_settings, ChunkedRowLoss, log_softmax32
+from sakd.losses.mapped import MappedPositions, log_with_zeros, MappedTargets, mapped_kd, mapped_positions
 
 KINDS = ("one_to_one", "chunk_first", "inside")  # 1:1 chunk; k = 0 in a longer chunk; k > 0
 
@@ -95,7 +95,7 @@ def _split_rows(smap: torch.Tensor, tj: torch.Tensor, has_mass: torch.Tensor) ->
 
 def _student_buckets(s, T, smap, tj, e):
     """q [n, V], q̄ [n, V + 1] (column V: tokens without a class; column t_j of a split row: {t_j})."""
-    q = _log_softmax32(s, T).exp_()
+    q = log_softmax32(s, T).exp_()
     n, vs = q.shape
     qt = q[e, tj[e]]
     q[e, tj[e]] = 0
@@ -133,7 +133,7 @@ def projected_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: 
     hidden state; rows walked in chunks of ``chunk_rows``). ``log``: a dict that receives, per position kind
     (``KINDS``), the sum of the terms (detached tensors) and the count (``<kind>_n``).
     Returns (loss_sum, n positions)."""
-    _check_settings(temperature, "sum", chunk_rows)
+    check_settings(temperature, "sum", chunk_rows)
     pos = mapped_positions(batch, tables) if positions is None else positions
     if tables.identity:  # one tokenizer: plain full-vocabulary KD at every position (w = 1, one class per token)
         return mapped_kd(s_logits, t_logits, batch, tables, temperature=temperature, t_vocab_size=t_vocab_size,
@@ -150,7 +150,7 @@ def projected_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: 
     vs = head_weight.shape[0] if head_weight is not None else s_logits.shape[-1]
     vs_tok = min(vs, int(tables.s_len.numel()))
     lab = label_tables(tables.to(t_logits.device), classes)
-    target = _Targets(t_logits, batch, pos, lab, vs_tok, vt, temperature, True, t_head_weight)
+    target = MappedTargets(t_logits, batch, pos, lab, vs_tok, vt, temperature, True, t_head_weight)
     smap = classes.to(dev_s).student_map(vs)
     tj_all = batch["s_ids"].to(dev_s)[pos.b.to(dev_s), pos.j.to(dev_s)]
     inside = (pos.k > 0).to(dev_s)
@@ -166,7 +166,7 @@ def projected_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: 
         e = _split_rows(smap, tj, P.gather(1, tj[:, None]).squeeze(1) > 0)
         q, qb = _student_buckets(s, T, smap, tj, e)
         keep = P > 0
-        log_p = _log_with_zeros(P)
+        log_p = log_with_zeros(P)
         r = (log_p - qb.log()).masked_fill_(~keep, 0.0)
         w = torch.where(inside[idx_s], Z.to(torch.float32).to(dev_s), torch.ones_like(Z, dtype=torch.float32,
                                                                                     device=dev_s))
@@ -180,7 +180,7 @@ def projected_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: 
 
     s_rows = (pos.b * Ls + pos.j - 1).to(dev_s)
     index = ((s_rows, None), (None, None))
-    loss = _ChunkedRowLoss.apply(kernel, 1, index, len(pos), chunk_rows, float(temperature), head_weight,
+    loss = ChunkedRowLoss.apply(kernel, 1, index, len(pos), chunk_rows, float(temperature), head_weight,
                                  s_logits.flatten(0, 1), torch.arange(len(pos), device=t_logits.device))
     _result(rows_out, kinds, log)
     return loss, n
@@ -195,7 +195,7 @@ def cached_projected_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables
     bucket no top-k id hits (sakd/losses/cached_mapped.py, with labels in place of student ids). By the
     data-processing inequality this is <= the live loss; with k = V_teacher it equals it (tested).
     s_logits [B, Ls, Vs]. Returns (loss_sum, n positions)."""
-    _check_settings(temperature, "sum", chunk_rows)
+    check_settings(temperature, "sum", chunk_rows)
     pos = mapped_positions(batch, tables) if positions is None else positions
     dev = s_logits.device
     n = torch.tensor(len(pos), dtype=torch.long, device=dev)
@@ -245,7 +245,7 @@ def cached_projected_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables
 
     s_rows = (pos.b * Ls + pos.j - 1).to(dev)
     none = (None, None)
-    loss = _ChunkedRowLoss.apply(kernel, 1, ((s_rows, None), none, none, none, none), len(pos), chunk_rows,
+    loss = ChunkedRowLoss.apply(kernel, 1, ((s_rows, None), none, none, none, none), len(pos), chunk_rows,
                                  float(temperature), None, s_logits.flatten(0, 1), cols, log_q, log_rest,
                                  torch.arange(len(pos), device=dev))
     _result(rows_out, kinds, log)

@@ -12,7 +12,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from sakd.errors import UserError
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 2)[-1] or Path(name).exists()
 
 
@@ -29,7 +29,7 @@ def load_tokenizer(name: str, role: str):
             raise UserError(f"{role} tokenizer {name!r} does not exist")
         tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
     else:
-        if _looks_local(name) and not Path(name).expanduser().exists():
+        if looks_local(name) and not Path(name).expanduser().exists():
             raise UserError(f"{role} tokenizer path {name!r} does not exist")
         try:
             tok = AutoTokenizer.from_pretrained(name)
@@ -52,7 +52,7 @@ def teacher_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def load_causal_lm(name: str, role: str, *, dtype: torch.dtype = torch.float32, attn: str | None = None,
                    experts_implementation: str | None = None):
-    if _looks_local(name) and not Path(name).expanduser().exists():
+    if looks_local(name) and not Path(name).expanduser().exists():
         raise UserError(f"{role} path {name!r} does not exist: give a hub id or an existing folder")
     try:
         config = AutoConfig.from_pretrained(name)

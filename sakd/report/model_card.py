@@ -11,7 +11,7 @@ import torch
 from sakd.errors import UserError
 
 
-def _fmt(v, spec: str = ",.4f") -> str:
+def format_number(v, spec: str = ",.4f") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "n/a"
     if isinstance(v, int):
@@ -52,7 +52,7 @@ def write_model_card(student_dir, *, teacher: str, data: str, method: str, metri
             value, unit = v
         else:
             value, unit = v, _unit_for(name)
-        rows.append(f"| {name} | {_fmt(value, '.4f')} | {unit} |")
+        rows.append(f"| {name} | {format_number(value, '.4f')} | {unit} |")
     card = "\n".join([
         "---", "library_name: transformers", "pipeline_tag: text-generation",
         "tags:", "- knowledge-distillation", "- sakd", "---", "",

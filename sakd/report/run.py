@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from sakd.errors import UserError
-from sakd.report.model_card import _fmt, lm_eval_tasks, write_model_card  # noqa: F401 (sakd.report.run's public names)
+from sakd.report.model_card import format_number, lm_eval_tasks, write_model_card  # noqa: F401 (sakd.report.run's public names)
 from sakd.report.plots import (TERM_UNITS, plot_expert_usage, plot_heldout_bpb, plot_loss_terms,  # noqa: F401
                         plot_router_shift)
 
@@ -186,7 +186,7 @@ def format_evaluation(result: dict) -> str:
         for s in sides:
             m = result[s]
             v = m["weights_bytes"] / 1e6 if key == "weights_mb" and m.get("weights_bytes") else m.get(key)
-            vals.append(_fmt(v, spec) if not isinstance(v, int) else f"{v:,}")
+            vals.append(format_number(v, spec) if not isinstance(v, int) else f"{v:,}")
         lines.append(f"{label:<30} {unit:<18}" + "".join(f" {v:>14}" for v in vals))
     dts = "   ".join(f"{s}: {','.join(result[s]['stored_dtypes']) or 'n/a'}" for s in sides)
     lines += [f"stored dtypes: {dts}",
@@ -203,7 +203,7 @@ def format_evaluation(result: dict) -> str:
                 ("chunk log-likelihood gap", "chunk_gap_bits_per_byte", "bits / byte of those chunks"),
                 ("student tokens in 1:1 chunks", "frac_student_tokens_one_to_one", "fraction"),
                 ("1:1 positions / multi-token chunks", None, "count")]:
-            v = f"{r['one_to_one_positions']:,} / {r['multi_token_chunks']:,}" if key is None else _fmt(r[key])
+            v = f"{r['one_to_one_positions']:,} / {r['multi_token_chunks']:,}" if key is None else format_number(r[key])
             lines.append(f"  {label:<40} {v:>14}  {unit}")
     return "\n".join(lines)
 
@@ -408,7 +408,7 @@ def _report_markdown(out: Path, cfg, rep: dict, terms: list[str]) -> str:
     for k in terms + ["lr", "tokens_per_s", "grad_norm"]:
         if k in m["start"] or k in m["end"]:
             unit = rep["units"].get(k, "")
-            lines.append(f"| {k} | {unit} | {_fmt(m['start'].get(k), '.4g')} | {_fmt(m['end'].get(k), '.4g')} |")
+            lines.append(f"| {k} | {unit} | {format_number(m['start'].get(k), '.4g')} | {format_number(m['end'].get(k), '.4g')} |")
     titles = {"loss_terms": "Loss terms", "heldout_bpb": "Held-out bits per byte",
               "expert_usage": "Teacher expert usage per layer", "router_shift": "Router shift (SAR)"}
     if rep["plots"]:
@@ -419,6 +419,6 @@ def _report_markdown(out: Path, cfg, rep: dict, terms: list[str]) -> str:
         lines += ["", "## Notes", ""] + [f"- {x}" for x in rep["notes"]]
     if rep["extra"]:
         lines += ["", "## Extra", "", "| key | value |", "|---|---|"]
-        lines += [f"| {k} | {_fmt(v, '.4f')} |" for k, v in rep["extra"].items()]
+        lines += [f"| {k} | {format_number(v, '.4f')} |" for k, v in rep["extra"].items()]
     lines += ["", "Full configuration and raw numbers: [report.json](report.json).", ""]
     return "\n".join(lines)

@@ -36,7 +36,7 @@ from sakd.config import Config, parse_duration
 from sakd.data.text import Collator, pad_id, span_data, teacher_seq_len
 from sakd.errors import UserError
 from sakd.evaluate.bpb import nll_bits
-from sakd.losses.mapped import _path_log_mass, mapped_positions
+from sakd.losses.mapped import path_log_mass, mapped_positions
 from sakd.models.load import experts_per_token, fp32_forward, load_teacher
 
 INCOMPLETE = 3  # the CLI's exit code when a build stopped (max_time) before its last shard
@@ -81,7 +81,7 @@ def mapped_fields(logits: torch.Tensor, batch, tables, *, vt: int, temperature: 
     """Per student token with a mapped_kl target: log Z (the candidates' mass at T) and log p_T(t_i) +
     the realised path's log-mass (0 when the student token ends inside t_i) where the realised mass
     moves (-inf elsewhere), as ``mapped_kd`` builds them from the live logits (sakd/losses/mapped.py:
-    ``_Targets``). Returns ([B, Ls], [B, Ls]) float32."""
+    ``MappedTargets``). Returns ([B, Ls], [B, Ls]) float32."""
     dev = logits.device
     B, Ls = batch["s_ids"].shape
     Lt = logits.shape[1]
@@ -123,7 +123,7 @@ def mapped_fields(logits: torch.Tensor, batch, tables, *, vt: int, temperature: 
             val = logp[e, t_tok[idx[e]]]
             x = pos.ext[idx[e]].nonzero().squeeze(1)
             if x.numel():
-                val[x] += _path_log_mass(logits.flatten(0, 1), t_ids, pos, idx[e[x]], Lt, vt, tab, temperature,
+                val[x] += path_log_mass(logits.flatten(0, 1), t_ids, pos, idx[e[x]], Lt, vt, tab, temperature,
                                          torch.float32)
             path[pos.b[idx[e]], pos.j[idx[e]]] = val
     return logz, path

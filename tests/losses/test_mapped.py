@@ -219,10 +219,10 @@ def test_target_keeps_all_mass_and_prefers_the_realised_token(pair):
     vt = len(t_tok)
     t_logits = torch.zeros(*batch["t_ids"].shape, vt)
     t_logits[:, :-1].scatter_(2, batch["t_ids"][:, 1:, None], 40.0)  # row i-1 puts its mass on token i
-    from sakd.losses.mapped import _Targets
+    from sakd.losses.mapped import MappedTargets
 
     pos = mapped_positions(batch, tables)
-    tgt = _Targets(t_logits, batch, pos, tables, len(s_tok), vt, 1.0, True)
+    tgt = MappedTargets(t_logits, batch, pos, tables, len(s_tok), vt, 1.0, True)
     Q, _ = tgt(torch.arange(len(pos)))
     torch.testing.assert_close(Q.sum(-1), torch.ones(len(pos)), rtol=0, atol=1e-5)
     realised = batch["s_ids"][pos.b, pos.j]
