@@ -97,9 +97,12 @@ class ContrastiveLossConfig:
 
 @dataclass
 class LossConfig:
-    logit: str = F("shared_kl", "Logit transfer: mapped_kl (the teacher's distribution mapped onto the student's "
+    logit: str = F("shared_kl", "Logit transfer: projected_kl (at every student position, the teacher's distribution "
+                   "and the student's compared on the classes the teacher can name: each student token in the class "
+                   "of the longest prefix of its bytes that a teacher token's mass reaches; forward KL; "
+                   "sakd/losses/projected.py); mapped_kl (the teacher's distribution mapped onto the student's "
                    "vocabulary by bytes, at every student position); shared_kl (1:1 chunks over the shared "
-                   "vocabulary); none.", choices=("mapped_kl", "shared_kl", "none"))
+                   "vocabulary); none.", choices=("projected_kl", "mapped_kl", "shared_kl", "none"))
     baseline: str = F("", "Benchmark only (benchmarks/quality.py), never for a real run: a baseline logit loss "
                       "that replaces loss.logit, with a warning: uld, gold or truncation (sakd/losses/baselines.py).",
                       choices=("", "uld", "gold", "truncation"))
@@ -230,6 +233,9 @@ class Config:
             raise UserError(f"moe.experts_end={self.moe.experts_end} is below moe.experts_start={self.moe.experts_start}")
         if self.train.max_time is not None:
             parse_duration(self.train.max_time, "train.max_time")
+        if self.loss.method == "projected_kl" and self.loss.kd_weight > 0 and self.loss.divergence != "forward_kl":
+            raise UserError(f"loss.logit=projected_kl is a forward KL on the teacher's classes, not "
+                            f"loss.divergence={self.loss.divergence}: set loss.divergence=forward_kl")
         if self.loss.mapped_positions != "all" and self.model.teacher_cache:
             raise UserError(f"loss.mapped_positions={self.loss.mapped_positions} with model.teacher_cache: a cache "
                             "holds every position's target; use loss.mapped_positions=all, or the live teacher")

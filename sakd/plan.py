@@ -258,7 +258,7 @@ def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[
     c["kd_grad_buffers"] = passes * (head_grad if fused else B * Ls * Vs * ab) if kd else 0
     c["kd_chunk_temporaries"] = (chunk * 4 * max(kernel * S, 2 * Vt + S)
                                  + chunk * ((S if t_shared else Vt) * tb + (0 if fused else Vs * ab))) if kd else 0
-    if kd and lc.logit == "mapped_kl":
+    if kd and lc.logit in ("mapped_kl", "projected_kl"):  # projected_kl: the same buffers, plus its bucket sums
         # mapped_kl (sakd.losses.mapped): per chunk, the teacher rows' logits and probabilities ([chunk, Vt]
         # fp32, two buffers), the target Q and its log ([chunk, Vs + 1] fp32, two) and the forward-KL
         # kernel's student temporaries ([chunk, Vs], three); no [chunk, S] gathers

@@ -46,7 +46,9 @@ def test_accumulation_invariance(tiny_assets, tmp_path, logit):
     init = load_file(str(tiny_assets["student"] / "model.safetensors"))
     moved = 0
     for k in wa:
-        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6)
+        # atol 2e-6: Adam divides a near-zero gradient by its own root mean square, which turns float32
+        # summation-order noise (one batch of 8 against four of 2) into ~1e-6 on a few weights
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=2e-6)
         moved += int(not torch.equal(wa[k], init[k]))
     assert moved > 0
 
@@ -229,8 +231,8 @@ def test_background_encoding_gives_the_same_run(tiny_assets, tmp_path):
 
 
 def test_mapped_kl_counts_every_student_position_that_gets_a_target(tiny_assets, tmp_path):
-    """The step's KD count is the number of mapped positions, and nearly every student position has one:
-    only chunks opening a span with a synthetic "▁" (one per example at most) go without."""
+    """Nearly every student position has a mapped target: only chunks opening a span with a synthetic "▁"
+    (one per example at most) go without. The step's KD count is cross-entropy's (one normaliser)."""
     from sakd.losses.mapped import mapped_positions
 
     cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path, **{"loss.logit": "mapped_kl", "loss.ce_weight": 1}))
@@ -238,7 +240,7 @@ def test_mapped_kl_counts_every_student_position_that_gets_a_target(tiny_assets,
     batch, weights, loss, terms, _ = _micro_step(run, cfg, 6)
     counts = objective.count_targets([batch], cfg, run.vocab.mapping)
     n = len(mapped_positions(batch, run.vocab.mapping))
-    assert counts["kd"] == n
+    assert counts["kd"] == counts["ce"]
     pos = mapped_positions(batch, run.vocab.mapping)
     text = batch["s_chunk"] >= 0
     text[:, 0] = False

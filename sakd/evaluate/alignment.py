@@ -66,8 +66,10 @@ def _teacher_shared_mass(model_name: str, t_tok, t, chunks, shared_t: torch.Tens
 
 
 def _mapped_stats(s_tok, t_tok, text: str, chunk_mode: str) -> dict:
-    """What ``loss.logit=mapped_kl`` reaches on this text: the share of student positions that get a
-    target (shared_kl: only those in 1:1 chunks), and the share of the teacher's ordinary vocabulary
+    """What ``loss.logit=mapped_kl`` / ``projected_kl`` reach on this text: the share of student positions that
+    get a target (shared_kl: only those in 1:1 chunks), the share of the text's student tokens the target can
+    never give mass to (``mapped_unsupported_student_tokens``: projected_kl, sakd/losses/projected.py), and
+    the share of the teacher's ordinary vocabulary
     whose probability lands on a student token (the rest: specials, padding columns, never mass)."""
     from sakd.align.mapping import mapping_tables, teacher_coverage
     from sakd.data.text import collate, encode_pair, start_token_id
@@ -76,8 +78,17 @@ def _mapped_stats(s_tok, t_tok, text: str, chunk_mode: str) -> dict:
     tables = mapping_tables(s_tok, t_tok)
     big = 1 << 30
     item = encode_pair(text, s_tok, t_tok, start_token_id(s_tok), start_token_id(t_tok), big, big, chunk_mode)
-    got, total = mapped_coverage(collate([item], 0, 0), tables)
+    from sakd.align.classes import build_classes
+    from sakd.losses.projected import unsupported_tokens
+
+    batch = collate([item], 0, 0)
+    got, total = mapped_coverage(batch, tables)
+    # tokens the every-position target can never give mass to (issue 19): projected_kl's, and mapped_kl's
+    # first-token map (tokens outside φ's image)
+    un = unsupported_tokens(batch, tables, build_classes(s_tok, tables))
     return {"mapped_positions_with_target": got / max(total, 1),
+            "mapped_unsupported_student_tokens": un["projected"] / max(un["total"], 1),
+            "mapped_kl_student_tokens_outside_image": un["outside_image"] / max(un["total"], 1),
             "mapped_teacher_vocab_reaching_student": teacher_coverage(tables),
             "mapped_table_entries": int(tables.phi.numel()),
             "mapped_table_mib": round(tables.nbytes() / 2**20, 1)}

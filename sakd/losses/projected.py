@@ -252,6 +252,28 @@ def cached_projected_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables
     return loss, n
 
 
+@torch.no_grad()
+def unsupported_tokens(batch, tables: MappingTables, classes: ClassTables) -> dict:
+    """Student tokens that predict text (the count of ``mapped_coverage``) whose target can never give them
+    mass, whatever the teacher predicts: ``projected``: no target position, or neither a class (no prefix in
+    φ's image) nor the realised path (φ(t_i, k) missing) reaches them; ``outside_image``: no target
+    position, or the token is not in φ's image (mapped_kl's first-token map never names it; its extension
+    still moves the realised path's mass there). Returns {"projected", "outside_image", "total"} (ints)."""
+    total = int(((field(batch, "s_chunk") >= 0)[:, 1:]).sum())
+    pos = mapped_positions(batch, tables)
+    cls = classes.to(pos.b.device)
+    tab = tables.to(pos.b.device)
+    tj = field(batch, "s_ids").to(pos.b.device)[pos.b, pos.j]
+    ti = field(batch, "t_ids").to(pos.b.device)[pos.b, pos.i]
+    src = cls.cell[tab.offset[ti] + pos.k]
+    c_j = cls.cls[tj.clamp(max=cls.cls.numel() - 1)]
+    image = torch.zeros(max(int(cls.cls.numel()), int(tab.phi.max()) + 1), dtype=torch.bool, device=tj.device)
+    image[tab.phi[tab.phi >= 0]] = True
+    missing = total - len(pos)
+    return {"projected": missing + int(((c_j < 0) & (src < 0)).sum()),
+            "outside_image": missing + int((~image[tj.clamp(max=image.numel() - 1)]).sum()), "total": total}
+
+
 def check_divergence(divergence: str) -> None:
     if divergence != "forward_kl":
         raise UserError(f"loss.logit=projected_kl is a forward KL on the teacher's classes; loss.divergence="

@@ -208,10 +208,10 @@ def check_cached_config(cfg: Config) -> None:
     if cfg.moe.mode == "sar":
         raise UserError("moe.mode=sar trains the teacher's router during distillation and needs the live teacher: "
                         "use moe.mode=topk, all or ka with model.teacher_cache, or drop the cache")
-    if lc.kd_weight > 0 and lc.method not in ("shared_kl", "mapped_kl", "none"):
+    if lc.kd_weight > 0 and lc.method not in ("shared_kl", "mapped_kl", "projected_kl", "none"):
         key = "loss.baseline" if lc.baseline else "loss.logit"
-        raise UserError(f"{key}={lc.method} needs the teacher's full logits: use loss.logit=shared_kl or "
-                        "mapped_kl with model.teacher_cache, or drop the cache")
+        raise UserError(f"{key}={lc.method} needs the teacher's full logits: use loss.logit=shared_kl, "
+                        "mapped_kl or projected_kl with model.teacher_cache, or drop the cache")
     if lc.kd_weight > 0 and lc.method != "none" and lc.divergence != "forward_kl":
         raise UserError(f"loss.divergence={lc.divergence} needs the teacher's probability of every token; a top-k "
                         "cache supports forward_kl only: set loss.divergence=forward_kl or drop the cache")

@@ -30,6 +30,7 @@ from transformers import AutoConfig
 
 from sakd.models import moe
 from sakd.align.mapping import mapping_tables
+from sakd.align.classes import class_tables
 from sakd.align.vocab import build_vocab_map
 from sakd.train import objective
 from sakd.train.checkpoint import list_checkpoints, load_latest, save_checkpoint
@@ -117,7 +118,9 @@ def setup(cfg: Config, log=print) -> Run:
     vocab = build_vocab_map(data.student_tok, data.teacher_tok)
     # mapped_kl: where every teacher token's mass lands in the student vocabulary (built once, cached on disk)
     vocab.mapping = (mapping_tables(data.student_tok, data.teacher_tok, log=log)
-                     if cfg.loss.method == "mapped_kl" else None)
+                     if cfg.loss.method in ("mapped_kl", "projected_kl") else None)
+    # projected_kl: the class of every student token (sakd/align/classes.py; built once per run, seconds)
+    vocab.classes = (class_tables(data.student_tok, vocab.mapping) if cfg.loss.method == "projected_kl" else None)
     attn = "eager" if needs_attention_maps(cfg) else None  # sdpa returns no attention maps
     teacher, cache = None, None
     if m.teacher_cache:

@@ -2,7 +2,9 @@
 the step's global target count (computed before any forward, from the batch metadata).
 
 Terms (each optional, weights from ``cfg.loss``):
-  kd          logit transfer at 1:1 chunks over the shared vocabulary (or a named baseline), x T^2
+  kd          logit transfer (shared_kl at 1:1 chunks, mapped_kl / projected_kl at every position, or a named
+              baseline), x T^2; whatever the method, divided by the step's count of student target tokens
+              (cross-entropy's count), so that loss.kd_weight means the same for every method
   ce          cross-entropy on the student's own next tokens
   chunk       chunk-likelihood (ALM) on multi-token chunks
   hidden      projected hidden states at chunk ends
@@ -29,7 +31,8 @@ from sakd.losses.batch import one_to_one, one_to_one_positions
 from sakd.losses.baselines import gold_hybrid_loss, truncation_kd, uld_loss
 from sakd.losses.crosstok import chunk_likelihood_loss, shared_vocab_kd, teacher_mass_outside
 from sakd.losses.hidden import HiddenProjector, hidden_state_loss, layer_map
-from sakd.losses.mapped import count_mapped, mapped_kd
+from sakd.losses.mapped import mapped_kd
+from sakd.losses.projected import KINDS, projected_kd
 from sakd.data.chat import model_inputs  # chat data: packed rows give position ids instead of a 2-D mask
 from sakd.models.load import experts_per_token, fp32_forward
 from sakd.train.schedule import ramp
@@ -89,21 +92,17 @@ def active_terms(cfg: Config) -> frozenset[str]:
 
 
 def count_targets(micro: list[dict], cfg: Config, mapping=None) -> dict[str, float]:
-    """Targets of each term over the micro-batches of one step (this process). ``mapping``: the
-    mapped_kl tables (sakd/align/mapping.py), needed when loss.logit is mapped_kl."""
+    """Targets of each term over the micro-batches of one step (this process). ``mapping`` is unused (kept for
+    the callers). The KD term of EVERY method is divided by the student's target tokens, the count
+    cross-entropy uses (issue 19, item 4): shared_kl's terms at 1:1 chunks and projected_kl's at every
+    position then weigh the same per position for one loss.kd_weight, and a method with fewer target
+    positions contributes less, as it teaches less of the text."""
     c = {"kd": 0, "ce": 0, "chunk": 0, "hidden": 0, "attention": 0, "contrastive": 0}
     for b in micro:
         o2o = one_to_one(b)
-        if cfg.loss.method == "mapped_kl":
-            c["kd"] += count_mapped(b, mapping, cfg.loss.mapped_positions == "one_to_one")
-        elif cfg.loss.method == "shared_kl" or cfg.loss.method == "gold":
-            c["kd"] += int(o2o.sum())
-        elif cfg.loss.method == "uld":
-            ns, nt = b["s_mask"].sum(1), b["t_mask"].sum(1)
-            c["kd"] += int((torch.minimum(ns, nt) - 1).clamp_min(0).sum())
-        else:  # truncation: every student position
-            c["kd"] += int(b["s_mask"][:, 1:].sum())
-        c["ce"] += int(ce_targets(b).sum())
+        n_ce = int(ce_targets(b).sum())
+        c["ce"] += n_ce
+        c["kd"] += n_ce
         multi = b["chunk_mask"] & ~o2o
         c["chunk"] += int(((b["chunk_s_end"] - b["chunk_s_start"]) * multi).sum())
         c["hidden"] += int(b["chunk_mask"].sum())
@@ -114,13 +113,21 @@ def count_targets(micro: list[dict], cfg: Config, mapping=None) -> dict[str, flo
 
 def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc, *,
                    divergence: str | None = None, teacher_grad: bool = False, mass_log: dict | None = None,
-                   head_weight: torch.Tensor | None = None, mapping=None, t_head: tuple | None = None) -> torch.Tensor:
+                   head_weight: torch.Tensor | None = None, mapping=None, t_head: tuple | None = None,
+                   classes=None, kind_log: dict | None = None) -> torch.Tensor:
     """Summed logit loss of one micro-batch: the default shared-vocabulary KD at 1:1 chunks, or a
     benchmark baseline (``loss.baseline``: ULD, GOLD hybrid, truncation; sakd/losses/baselines.py). With ``head_weight`` (shared_kl only),
-    ``s_logits`` is the student's final hidden state and its output layer is fused into the loss."""
+    ``s_logits`` is the student's final hidden state and its output layer is fused into the loss. projected_kl
+    needs ``classes`` (sakd/align/classes.py); ``kind_log`` receives its sums per position kind."""
     div = divergence or lc.divergence
-    if head_weight is not None and (name not in ("shared_kl", "mapped_kl") or lc.gap_weighting):
-        raise ValueError(f"the fused output layer serves shared_kl/mapped_kl without gap weighting, not {name}")
+    if head_weight is not None and (name not in ("shared_kl", "mapped_kl", "projected_kl") or lc.gap_weighting):
+        raise ValueError(f"the fused output layer serves shared_kl/mapped_kl/projected_kl without gap weighting, "
+                         f"not {name}")
+    if name == "projected_kl":
+        return projected_kd(s_logits, t_logits.detach(), batch, mapping, classes, temperature=lc.temperature,
+                            chunk_rows=lc.chunk_rows, head_weight=head_weight, log=kind_log,
+                            t_head_weight=t_head[0] if t_head else None,
+                            t_vocab_size=t_head[1] if t_head else None)[0]
     if name == "mapped_kl":
         return mapped_kd(s_logits, t_logits.detach(), batch, mapping, divergence=div, temperature=lc.temperature,
                          beta=lc.beta, chunk_rows=lc.chunk_rows, extend=lc.mapped_extend, head_weight=head_weight,
@@ -252,17 +259,22 @@ def checked_teacher_pass(teacher, batch, cfg: Config, sched, ka_gen, reference_r
 
 
 def add_logit_terms(acc_terms: TermSum, s_logits, t_logits, t_out, batch, shared_s, kd_t_cols, shared_t,
-                    lc, *, passes: int, flags: dict | None, use: str | None, head, mapping, t_head, t_vocab: int):
+                    lc, *, passes: int, flags: dict | None, use: str | None, head, mapping, t_head, t_vocab: int,
+                    classes=None):
     """The terms read from the teacher's logits, for one teacher pass (KA: the M divergences are averaged,
     Kim et al. 2025, eq. for L_KA): ``kd`` (the logit loss, scaled by T^2) and ``chunk`` (chunk likelihood).
     ``flags`` (first pass, when the step logs the teacher's mass outside the shared vocabulary) takes it."""
     weights = acc_terms.weights
     if "kd" in weights:
+        kinds = {} if lc.method == "projected_kl" else None
         kd_sum = logit_term_sum(lc.method, s_logits, t_logits, batch, shared_s, kd_t_cols, lc,
                                 mass_log=flags if (flags is not None and use is None) else None,
                                 head_weight=head, mapping=mapping,
-                                t_head=(t_head[0], t_vocab) if use == "rows" else None)
+                                t_head=(t_head[0], t_vocab) if use == "rows" else None, classes=classes,
+                                kind_log=kinds)
         acc_terms.add("kd", kd_sum / passes, lc.temperature ** 2)
+        if kinds:
+            add_kind_terms(acc_terms.terms, kinds, acc_terms.counts["kd"] * passes)
         if flags is not None and use == "shared":  # from the hidden state, chunk by chunk
             b, _, t_pos = one_to_one_positions(batch)
             flags["teacher_mass_outside_shared"] = float(teacher_mass_outside(
@@ -271,6 +283,15 @@ def add_logit_terms(acc_terms: TermSum, s_logits, t_logits, t_out, batch, shared
         ch_sum, _ = chunk_likelihood_loss(s_logits, t_logits, batch, temperature=lc.chunk_temperature,
                                           chunk_rows=lc.chunk_rows)
         acc_terms.add("chunk", ch_sum / passes)
+
+
+def add_kind_terms(terms: dict, kinds: dict, count: float) -> None:
+    """The KD term split by position kind for the log (projected_kl): ``kd_one_to_one`` (1:1 chunks),
+    ``kd_chunk_first`` (the first student token of a longer chunk), ``kd_inside`` (inside a teacher token),
+    each on the KD term's normaliser, so that the three add up to ``kd``."""
+    vals = torch.stack([torch.as_tensor(kinds[k]).float() for k in KINDS]).tolist()  # one host sync
+    for k, v in zip(KINDS, vals):
+        terms[f"kd_{k}"] = terms.get(f"kd_{k}", 0.0) + v / count
 
 
 def add_representation_terms(acc_terms: TermSum, s_out, t_out, batch, aux, cfg: Config) -> None:
@@ -295,7 +316,7 @@ def add_representation_terms(acc_terms: TermSum, s_out, t_out, batch, aux, cfg: 
 
 def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Config, weights: dict,
                     counts: dict, acc, sched: dict, ka_gen, t_vocab: int, reference_router=None,
-                    log_mass: bool = False, mapping=None, t_head: tuple | None = None):
+                    log_mass: bool = False, mapping=None, t_head: tuple | None = None, classes=None):
     """Loss of one micro-batch (already divided by the step's global counts), per-term values for the
     log, and flags (non-finite teacher outputs). ``t_head``: ``teacher_head(...)``, used as
     ``teacher_head_use`` says."""
@@ -325,7 +346,7 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
         t_logits = t_out.last_hidden if use == "rows" else t_out.logits[..., :t_vocab]
         add_logit_terms(out, s_logits, t_logits, t_out, batch, shared_s, kd_t_cols, shared_t, lc, passes=passes,
                         flags=flags if (m == 0 and log_mass) else None, use=use, head=head, mapping=mapping,
-                        t_head=t_head, t_vocab=t_vocab)
+                        t_head=t_head, t_vocab=t_vocab, classes=classes)
     if "ce" in weights:
         out.add("ce", _ce_sum(s_logits, batch, head))
     if t_out is not None:
@@ -334,13 +355,14 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
 
 
 def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Config, weights: dict, counts: dict,
-                     acc, mapping=None):
+                     acc, mapping=None, classes=None):
     """Like ``micro_step_loss`` with the teacher read from a top-k cache (sakd.teacher_cache.reader): KD (shared_kl at 1:1
     chunks, or mapped_kl at every position) and the chunk likelihood from the sparse teacher, never densified
     to [rows, V]. A KA cache holds several routings per position: the terms average over them, as over the
     live teacher passes. ``mapping``: the mapped_kl tables (else the cache loads them)."""
     from sakd.losses.cached import cached_chunk_likelihood, cached_shared_kd
     from sakd.losses.cached_mapped import cached_mapped_kd
+    from sakd.losses.projected import cached_projected_kd
 
     lc = cfg.loss
     with acc.autocast():
@@ -349,7 +371,13 @@ def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Confi
     terms: dict[str, float] = {}
     views = cache_batch.get("samples") or [cache_batch]
 
+    kinds = {} if lc.logit == "projected_kl" else None
+
     def kd(cb):
+        if lc.logit == "projected_kl":
+            tables = mapping if mapping is not None else cache_batch["mapping"]()
+            return cached_projected_kd(s_logits, cb, batch, tables, classes, temperature=lc.temperature,
+                                       chunk_rows=lc.chunk_rows, log=kinds)[0]
         if lc.logit == "mapped_kl":
             tables = mapping if mapping is not None else cache_batch["mapping"]()
             return cached_mapped_kd(s_logits, cb, batch, tables, temperature=lc.temperature,
@@ -367,6 +395,8 @@ def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Confi
             contrib = value_sum().float() / counts[name]
             total = total + weights[name] * scale * contrib
             terms[name] = float(contrib.detach())
+    if kinds and "kd" in weights:
+        add_kind_terms(terms, kinds, counts["kd"] * len(views))
     return total, terms, {"nonfinite_teacher": 0}
 
 
@@ -374,7 +404,7 @@ def fused_head_terms(lc, *, kd: bool, chunk: bool) -> bool:
     """Whether ``loss.fused_head`` serves these logit terms (also read by ``sakd plan``): shared-vocabulary
     KD without gap weighting and/or cross-entropy; the chunk likelihood and the baselines need logits."""
     return bool(lc.fused_head and not chunk
-                and not (kd and (lc.method not in ("shared_kl", "mapped_kl") or lc.gap_weighting)))
+                and not (kd and (lc.method not in ("shared_kl", "mapped_kl", "projected_kl") or lc.gap_weighting)))
 
 
 def plain_head_weight(model) -> torch.Tensor | None:
@@ -398,7 +428,7 @@ def teacher_head_use(lc, weights: dict, identity: bool = False) -> str | None:
         return None
     if lc.method == "shared_kl":
         return "shared"
-    return "rows" if lc.method == "mapped_kl" and not identity else None
+    return "rows" if lc.method in ("mapped_kl", "projected_kl") and not identity else None
 
 
 def teacher_head(teacher, shared_t: torch.Tensor | None, fused: bool) -> tuple | None:
@@ -521,11 +551,13 @@ class Objective:
         if self.cache is not None:
             cb = self.cache.batch(self.span_ids[index], batch["t_ids"].shape[1], device=self.acc.device, check=batch)
             return cached_step_loss(self.student, cb, batch, self.shared_s, self.shared_t, self.cfg, self.weights,
-                                    self.counts, self.acc)
+                                    self.counts, self.acc, mapping=self.vocab.mapping,
+                                    classes=getattr(self.vocab, "classes", None))
         log_every = self.cfg.train.log_every
         return micro_step_loss(self.teacher, self.student, self.aux, batch, self.shared_s, self.shared_t, self.cfg,
                                self.weights, self.counts, self.acc, self.sched, self.ka_gen, self.t_vocab,
                                self.sar.initial if self.sar is not None else None,
                                log_mass=(index == 0 and ((self.step + 1) % log_every == 0 or self.step == 0)),
-                               mapping=self.vocab.mapping, t_head=self.t_head)
+                               mapping=self.vocab.mapping, t_head=self.t_head,
+                               classes=getattr(self.vocab, "classes", None))
 

@@ -1,0 +1,88 @@
+"""loss.logit=projected_kl in the loop's objective (live and cached teacher), the one KD normaliser, and the
+KD term split by position kind in the log."""
+
+import math
+
+import pytest
+import torch
+
+from sakd.config import load_config
+from sakd.data.text import Collator, pad_id
+from sakd.errors import UserError
+from sakd.losses.projected import cached_projected_kd, projected_kd
+from sakd.teacher_cache.builder import mapped_fields
+from sakd.train import objective
+from sakd.train.distill import distill, setup
+from tests.conftest import tiny_overrides
+
+
+class CpuAcc:
+    autocast = staticmethod(lambda: torch.autocast("cpu", enabled=False))
+    unwrap_model = staticmethod(lambda m: m)
+
+
+def _run(tiny_assets, tmp_path, logit, **extra):
+    cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path, **{"loss.logit": logit, "loss.ce_weight": 1,
+                                                                      "moe.mode": "topk", **extra}))
+    return cfg, setup(cfg, log=lambda *_: None)
+
+
+def _logits(run, batch):
+    with torch.no_grad():
+        s = run.student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long()).logits
+        t = run.teacher(input_ids=batch["t_ids"], attention_mask=batch["t_mask"].long()).logits
+    return s, t[..., :len(run.teacher_tok)]
+
+
+@pytest.mark.parametrize("logit", ["shared_kl", "mapped_kl", "projected_kl"])
+def test_every_kd_term_is_divided_by_the_student_target_tokens(tiny_assets, tmp_path, logit):
+    """kd = (the logit loss's sum) / (cross-entropy's count), whatever the method: loss.kd_weight weighs a
+    position's term the same for every method."""
+    cfg, run = _run(tiny_assets, tmp_path, logit, **{"loss.fused_head": False})
+    batch = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))([run.train[i] for i in range(4)])
+    counts = objective.count_targets([batch], cfg, run.vocab.mapping)
+    assert counts["kd"] == counts["ce"] == float(batch["s_mask"][:, 1:].sum())
+    weights = objective.term_weights(cfg, 10)
+    _, terms, _ = objective.micro_step_loss(
+        run.teacher, run.student, run.aux, batch, run.vocab.shared_s, run.vocab.shared_t, cfg, weights, counts,
+        CpuAcc, {}, torch.Generator().manual_seed(0), len(run.teacher_tok), mapping=run.vocab.mapping,
+        classes=run.vocab.classes)
+    s, t = _logits(run, batch)
+    direct = objective.logit_term_sum(logit, s, t, batch, run.vocab.shared_s, run.vocab.shared_t, cfg.loss,
+                                      mapping=run.vocab.mapping, classes=run.vocab.classes)
+    assert terms["kd"] == pytest.approx(float(direct) / counts["ce"], rel=1e-4)
+    if logit == "projected_kl":  # the log splits it by position kind, and the parts add up
+        parts = [terms[f"kd_{k}"] for k in ("one_to_one", "chunk_first", "inside")]
+        assert all(p > 0 for p in parts)
+        assert sum(parts) == pytest.approx(terms["kd"], rel=1e-5)
+
+
+def test_cached_step_reads_projected_kl_from_the_cache_fields(tiny_assets, tmp_path):
+    """cached_step_loss with loss.logit=projected_kl: a full-vocabulary cache view gives the live loss."""
+    cfg, run = _run(tiny_assets, tmp_path, "projected_kl")
+    batch = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))([run.train[i] for i in range(3)])
+    s, t = _logits(run, batch)
+    vt = t.shape[-1]
+    lp = torch.log_softmax(t.float(), -1)
+    logz, path = mapped_fields(t, batch, run.vocab.mapping, vt=vt, temperature=1.0)
+    vals, ids = lp.topk(vt, -1)
+    cb = {"topk_ids": ids, "topk_logprobs": vals, "mapped_logz": logz, "mapped_path": path}
+    counts = objective.count_targets([batch], cfg, run.vocab.mapping)
+    _, terms, _ = objective.cached_step_loss(run.student, cb, batch, None, None, cfg, {"kd": 1.0}, counts, CpuAcc,
+                                             mapping=run.vocab.mapping, classes=run.vocab.classes)
+    live, n = projected_kd(s, t, batch, run.vocab.mapping, run.vocab.classes)
+    assert int(n) > 0.9 * counts["ce"]
+    assert terms["kd"] == pytest.approx(float(live) / counts["ce"], rel=1e-4)
+    got, _ = cached_projected_kd(s, cb, batch, run.vocab.mapping, run.vocab.classes)
+    assert math.isclose(float(got), float(live), rel_tol=1e-4)
+    assert sum(terms[f"kd_{k}"] for k in ("one_to_one", "chunk_first", "inside")) == pytest.approx(terms["kd"])
+
+
+def test_projected_kl_trains_and_refuses_other_divergences(tiny_assets, tmp_path):
+    cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path, **{"loss.logit": "projected_kl",
+                                                                      "train.max_steps": 2}))
+    distill(cfg, progress=False, log=lambda *_: None)
+    assert (tmp_path / "student" / "model.safetensors").is_file()
+    with pytest.raises(UserError, match="loss.divergence=forward_kl"):
+        load_config(None, tiny_overrides(tiny_assets, tmp_path, **{"loss.logit": "projected_kl",
+                                                                   "loss.divergence": "jsd"}))
