@@ -78,7 +78,7 @@ def teacher_folder() -> Path:
     from transformers import AutoModelForCausalLM
 
     from sakd.files import cache_dir
-    from sakd.models.tokenizers import _package_file as package_file, smollm2_tokenizer
+    from sakd.models.tokenizers import package_file, smollm2_tokenizer
 
     out = cache_dir() / "smollm2-135m"
     if (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file():
@@ -255,10 +255,12 @@ def format_table(rows: list[dict], title: str) -> str:
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", help="data, the teacher cache and every run go here (reused)")
-    p.add_argument("--seeds", type=int, default=12, help="seeds 0..N-1 for the test rows")
+    p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for the test rows")
     p.add_argument("--grid-seeds", type=int, default=3, help="seeds 0..N-1 that choose the KD weight on validation")
-    p.add_argument("--weights", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0], help="the KD-weight grid")
+    p.add_argument("--weights", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="the KD-weight grid")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--grid-methods", nargs="+", default=["shared_kl", EVERY_POSITION_METHOD], choices=list(METHODS),
+                   help="the KD methods whose weight the grid chooses (the others run at kd_weight 1)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, each with --threads torch threads")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--pilot", action="store_true", help="ce, shared_kl, mapped_kl at kd_weight 1 over --seeds: the "
@@ -309,8 +311,9 @@ def main(argv=None) -> int:
 
     # 1. the KD-weight grid on the first seeds (validation chooses), 2. every row at kd 1 and its chosen weight
     runs = execute([task("ce", 0.0, s) for s in grid_seeds]
-                   + [task(m, w, s) for m in kd_methods for w in weights for s in grid_seeds])
-    selection = choose_weights(runs, kd_methods, weights, grid_seeds)
+                   + [task(m, w, s) for m in kd_methods for w in (weights if m in a.grid_methods else [1.0])
+                      for s in grid_seeds])
+    selection = choose_weights(runs, [m for m in kd_methods if m in a.grid_methods], weights, grid_seeds)
     final = {("ce", 0.0)} | {(m, 1.0) for m in kd_methods} | {(m, w) for m, w in selection["chosen"].items()}
     runs += execute([task(m, w, s) for m, w in sorted(final) for s in seeds if s not in grid_seeds])
     rows = [("ce", 0.0, "ce (cross-entropy only)")]
