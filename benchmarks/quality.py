@@ -7,6 +7,7 @@ Every row trains a student of the demo's shape from the 3-expert / 1-active Qwen
     ce            cross-entropy only (no teacher signal)
     shared_kl     + forward KL over the shared vocabulary at 1:1 chunks
     mapped_kl     + the teacher's distribution mapped onto the student vocabulary at every position
+    projected_kl  + every position, the student projected onto the classes the teacher can speak about
     ceiling_ce    a student of the same shape on the TEACHER's tokenizer, cross-entropy only
     ceiling_kd    that student + plain same-tokenizer KD (the same-tokenizer ceiling)
     ka_mapped     mapped_kl, teacher routed by Knowledge Augmentation (moe.mode=ka)
@@ -61,6 +62,8 @@ METHODS: dict[str, list[str]] = {
     "ce": [*COMMON, "loss.logit=none", "loss.kd_weight=0"],
     "shared_kl": [*COMMON, "loss.logit=shared_kl"],
     "mapped_kl": [*COMMON, "loss.logit=mapped_kl"],
+    # the rebuilt every-position loss (issue 19): the student projected onto the teacher's classes
+    "projected_kl": [*COMMON, "loss.logit=projected_kl"],
     "ceiling_ce": [*COMMON, "loss.logit=none", "loss.kd_weight=0", CEILING],
     # one tokenizer on both sides: every chunk is 1:1 and the shared vocabulary is the whole vocabulary,
     # so shared_kl is plain full-vocabulary KD at every position

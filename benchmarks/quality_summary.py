@@ -13,7 +13,7 @@ from pathlib import Path
 BASELINE = {"ceiling_kd": "ceiling_ce"}
 NOT_KD = ("ce", "ceiling_ce")  # baselines, no gain of their own
 # What the validation split chooses, and among which rows (full-data regime).
-CHOICES = {"loss.logit": {"shared_kl": "shared_kl", "mapped_kl": "mapped_kl"},
+CHOICES = {"loss.logit": {"shared_kl": "shared_kl", "mapped_kl": "mapped_kl", "projected_kl": "projected_kl"},
            "moe.mode": {"topk": "mapped_kl", "ka": "ka_mapped", "sar": "sar_mapped"}}
 SELECTION_RULE = "lowest mean validation bits/byte over the seeds, full-data regime"
 
@@ -21,7 +21,7 @@ SELECTION_RULE = "lowest mean validation bits/byte over the seeds, full-data reg
 # ce, shared_kl, uld, truncation, ka, sar, gap_weighted from docs/benchmarks.md ("Cost", idle-ish);
 # mapped_kl (the lead's first version), ceiling_ce and ceiling_kd measured under load (3 -> 33 steps,
 # load average ~3, so on the high side); ka_mapped / sar_mapped = mapped_kl + what ka / sar add to shared_kl.
-COST = {"ce": 0.25, "shared_kl": 0.6, "mapped_kl": 0.9, "ceiling_ce": 0.47, "ceiling_kd": 1.33, "ka_mapped": 1.4,
+COST = {"ce": 0.25, "shared_kl": 0.6, "mapped_kl": 0.9, "projected_kl": 0.75, "ceiling_ce": 0.47, "ceiling_kd": 1.33, "ka_mapped": 1.4,
         "sar_mapped": 2.2, "uld": 1.5, "truncation": 0.6, "shared_kl+chunk": 0.65, "ka": 1.1, "sar": 1.9,
         "gap_weighted": 0.55, "mapped_kl_o2o": 0.8, "mapped_kl_noext": 0.85,
         "mapped_kl_pw": 0.9}
