@@ -83,7 +83,8 @@ def build_classes(student_tok, tables: MappingTables) -> ClassTables:
     """Class tables of a tokenizer pair from its mapping tables (a few seconds for 49k x 1.1M entries)."""
     s_bytes, s_fallback = token_bytes(student_tok, added_text=True)
     vs = max(int(tables.s_len.numel()), len(s_bytes))
-    s_bytes = [b if (i < len(student_tok) and b) else None for i, b in enumerate(s_bytes)] + [None] * (vs - len(s_bytes))
+    s_bytes = [b if (i < len(student_tok) and b) else None for i, b in enumerate(s_bytes)]
+    s_bytes += [None] * (vs - len(s_bytes))
     if tables.identity:
         ids = torch.arange(vs, dtype=torch.long)
         return ClassTables(ids, tables.phi.clone(), identity=True)

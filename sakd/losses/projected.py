@@ -59,7 +59,6 @@ import torch
 
 from sakd.align.classes import ClassTables
 from sakd.align.mapping import MappingTables
-from sakd.errors import UserError
 from sakd.losses.batch import field, one_to_one
 from sakd.losses.cached_mapped import cached_mapped_targets
 from sakd.losses.divergences import check_settings, ChunkedRowLoss, log_softmax32
@@ -274,10 +273,4 @@ def unsupported_tokens(batch, tables: MappingTables, classes: ClassTables) -> di
             "outside_image": missing + int((~image[tj.clamp(max=image.numel() - 1)]).sum()), "total": total}
 
 
-def check_divergence(divergence: str) -> None:
-    if divergence != "forward_kl":
-        raise UserError(f"loss.logit=projected_kl is a forward KL on the teacher's classes; loss.divergence="
-                        f"{divergence} is not defined for it: set loss.divergence=forward_kl")
-
-
-__all__ = ["KINDS", "projected_kd", "cached_projected_kd", "label_tables", "position_kinds", "check_divergence"]
+__all__ = ["KINDS", "projected_kd", "cached_projected_kd", "label_tables", "position_kinds", "unsupported_tokens"]

@@ -74,7 +74,8 @@ def gemma_style_tokenizer() -> PreTrainedTokenizerFast:
     prefix space, and ``"\\n"`` / ``"\\n\\n"`` as added (not special) tokens, which have no vocabulary bytes."""
     chars = list("abcdefghijklmnopqrstuvwxyzATE") + ["▁", "é", "ï", ",", ".", "N", "d"]
     words = ["▁the", "th", "▁ca", "fé", "▁sa", "id", "The", "▁me", "And", "▁end", "re"]
-    spec = _bpe(words, [f"<0x{b:02X}>" for b in range(256)] + list(dict.fromkeys(chars)), ["<pad>", "<bos>", "<eos>"])
+    base = [f"<0x{b:02X}>" for b in range(256)] + list(dict.fromkeys(chars))
+    spec = _bpe(words, base, ["<pad>", "<bos>", "<eos>"])
     tok = Tokenizer(models.BPE(vocab=spec["vocab"], merges=spec["merges"], byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
@@ -387,3 +388,24 @@ def test_every_text_position_gets_a_target_on_every_family(family):
         assert t_tok.convert_tokens_to_ids("\n") in batch["t_ids"].flatten().tolist()  # the added "\n" is used
         got, total = mapped_coverage(batch, build_tables(s_tok, t_tok))
         assert total - got == 4  # the student's two synthetic "▁" openings (3 + 1 tokens), as checked above
+
+
+def test_unsupported_tokens_counts_what_no_target_can_reach(pair):
+    """``sakd align``'s mapped_unsupported_student_tokens: tokens outside φ's image (``"\\nT"``, ``" me."``) are
+    reached by their class; only positions without a target stay unsupported here."""
+    from sakd.losses.projected import unsupported_tokens
+
+    s_tok, t_tok, tables, classes = pair
+    batch = _batch(s_tok, t_tok)
+    got, total = mapped_coverage(batch, tables)
+    un = unsupported_tokens(batch, tables, classes)
+    assert un["total"] == total
+    assert un["projected"] == total - got
+    assert un["outside_image"] >= total - got + 5
+    # a student token none of whose prefixes the teacher can name is unsupported
+    cut = classes.cls.clone()
+    tj = batch["s_ids"][1, 1:].tolist()
+    cut[[u for u in range(cut.numel()) if u in tj]] = -1
+    cell = torch.where(tables.phi >= 0, cut[tables.phi.clamp(min=0)], torch.full_like(tables.phi, -1))
+    from sakd.align.classes import ClassTables
+    assert unsupported_tokens(batch, tables, ClassTables(cut, cell))["projected"] > un["projected"]
