@@ -257,7 +257,7 @@ def parse(argv):
     p.add_argument("--work-dir", help="data, the teacher cache and every run go here (reused)")
     p.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 for the test rows")
     p.add_argument("--grid-seeds", type=int, default=3, help="seeds 0..N-1 that choose the KD weight on validation")
-    p.add_argument("--weights", type=float, nargs="+", default=[1.0, 2.0, 4.0], help="the KD-weight grid")
+    p.add_argument("--weights", type=float, nargs="+", default=[1.0, 2.0], help="the KD-weight grid")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--grid-methods", nargs="+", default=["shared_kl", EVERY_POSITION_METHOD], choices=list(METHODS),
                    help="the KD methods whose weight the grid chooses (the others run at kd_weight 1)")
@@ -310,12 +310,12 @@ def main(argv=None) -> int:
             return done
 
     # 1. the KD-weight grid on the first seeds (validation chooses), 2. every row at kd 1 and its chosen weight
-    runs = execute([task("ce", 0.0, s) for s in grid_seeds]
-                   + [task(m, w, s) for m in kd_methods for w in (weights if m in a.grid_methods else [1.0])
-                      for s in grid_seeds])
+    # seed by seed, so that a stopped benchmark leaves whole seeds (--work-dir keeps every finished run)
+    runs = execute([t for s in grid_seeds for t in [task("ce", 0.0, s)] + [
+        task(m, w, s) for m in kd_methods for w in (weights if m in a.grid_methods else [1.0])]])
     selection = choose_weights(runs, [m for m in kd_methods if m in a.grid_methods], weights, grid_seeds)
     final = {("ce", 0.0)} | {(m, 1.0) for m in kd_methods} | {(m, w) for m, w in selection["chosen"].items()}
-    runs += execute([task(m, w, s) for m, w in sorted(final) for s in seeds if s not in grid_seeds])
+    runs += execute([task(m, w, s) for s in seeds if s not in grid_seeds for m, w in sorted(final)])
     rows = [("ce", 0.0, "ce (cross-entropy only)")]
     for m in kd_methods:
         rows.append((m, 1.0, f"{m} (kd_weight 1)"))
