@@ -57,6 +57,7 @@ import torch
 
 from sakd.config import Config
 from sakd.errors import UserError
+from sakd.data.text import teacher_seq_len
 from sakd.train.objective import fused_head_terms, teacher_head_use, term_weights
 
 GiB = 2**30
@@ -191,145 +192,199 @@ def _teacher_head_use(cfg: Config) -> str | None:
     return None if cfg.model.teacher_cache else teacher_head_use(cfg.loss, term_weights(cfg, 0))
 
 
-def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[dict, dict]:
-    """(components in bytes, moment totals) at micro-batch B. The moments follow the order in which
-    ``objective.micro_step_loss`` builds, and autograd frees, each buffer."""
-    lc, cuda = cfg.loss, device == "cuda"
-    half = cuda and cfg.train.precision != "fp32"          # autocast fp16/bf16 on CUDA, fp32 on CPU
-    ab = 2 if half else 4                                  # student activation / logits bytes
-    tb = {"float16": 2, "bfloat16": 2, "float32": 4}.get(cfg.model.teacher_dtype, 2 if cuda else 4)
-    Ls, Lt = cfg.data.seq_len, cfg.data.teacher_seq_len or 2 * cfg.data.seq_len
-    Vs, Vt, S = s["vocab"], t["vocab"], min(s["vocab"], t["vocab"])
-    N, chunk = B * Ls, min(cfg.loss.chunk_rows, B * Ls)
-    eager = lc.attention.weight > 0
-    ckpt = cfg.model.gradient_checkpointing
-    passes = cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1
-    kd, ce, alm = lc.kd_weight > 0 and lc.method != "none", lc.ce_weight > 0, lc.chunk_weight > 0
-    kernel = KERNEL_TEMPORARIES.get(lc.divergence, 7.0)
-    cached = bool(cfg.model.teacher_cache)  # teacher read from a top-k cache: never loaded, never run
-    topk = _cache_k(cfg.model.teacher_cache) if cached else 0
-    c: dict[str, float] = {}
+class _Step:
+    """The quantities every memory term of one micro-batch reads (``_components``)."""
 
-    # --- persistent: weights, optimizer states
-    c["teacher_weights"] = 0 if cached else t["params"] * tb
+    def __init__(self, cfg: Config, t: dict, s: dict, B: int, device: str):
+        lc, cuda = cfg.loss, device == "cuda"
+        self.cfg, self.t, self.s, self.B, self.cuda = cfg, t, s, B, cuda
+        self.half = cuda and cfg.train.precision != "fp32"     # autocast fp16/bf16 on CUDA, fp32 on CPU
+        self.ab = 2 if self.half else 4                        # student activation / logits bytes
+        self.tb = {"float16": 2, "bfloat16": 2, "float32": 4}.get(cfg.model.teacher_dtype, 2 if cuda else 4)
+        self.Ls, self.Lt = cfg.data.seq_len, teacher_seq_len(cfg)
+        self.Vs, self.Vt, self.S = s["vocab"], t["vocab"], min(s["vocab"], t["vocab"])
+        self.N, self.rows = B * self.Ls, min(lc.chunk_rows, B * self.Ls)  # rows: one row block of the loss
+        self.H = s["hidden"]
+        self.eager = lc.attention.weight > 0
+        self.ckpt = cfg.model.gradient_checkpointing
+        self.passes = cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1
+        self.kd, self.ce, self.alm = lc.kd_weight > 0 and lc.method != "none", lc.ce_weight > 0, lc.chunk_weight > 0
+        self.kernel = KERNEL_TEMPORARIES.get(lc.divergence, 7.0)
+        self.cached = bool(cfg.model.teacher_cache)  # teacher read from a top-k cache: never loaded, never run
+        self.topk = _cache_k(cfg.model.teacher_cache) if self.cached else 0
+        # the model-side conditions of objective.fused_head_weight (a bias-free head, no logit scaling) hold
+        # for Llama and Qwen
+        self.fused = fused_head_terms(lc, kd=self.kd, chunk=self.alm)
+        self.use = _teacher_head_use(cfg)
+        self.t_shared = self.use == "shared"
+        self.t_logits_full = B * self.Lt * self.Vt * self.tb
+
+
+def _persistent_terms(z: _Step, c: dict) -> None:
+    """Weights and optimizer states."""
+    t, s = z.t, z.s
+    c["teacher_weights"] = 0 if z.cached else t["params"] * z.tb
     c["student_weights"] = s["params"] * 4
     c["optimizer_states"] = 2 * 4 * (s["params"] + s["aux_params"])      # AdamW exp_avg + exp_avg_sq, fp32
-    if cfg.moe.mode == "sar":  # fp32 master + initial copy + AdamW (2) per router weight
+    if z.cfg.moe.mode == "sar":  # fp32 master + initial copy + AdamW (2) per router weight
         c["sar_router_state"] = 4 * 4 * t["layers"] * t["experts"] * t["hidden"]
 
-    # --- student step
+
+def _student_terms(z: _Step, c: dict) -> None:
+    """The student's gradients, activations and logits (every forward runs with use_cache=False: no KV cache)."""
+    s, B, Ls = z.s, z.B, z.Ls
     c["student_gradients"] = 4 * (s["params"] + s["aux_params"])
-    act = activation_bytes(s, B * Ls, Ls, half=half, eager=eager, checkpointing=ckpt)
-    one_layer = B * Ls * _layer_bytes(s, Ls, half=half, eager=eager)
+    act = activation_bytes(s, B * Ls, Ls, half=z.half, eager=z.eager, checkpointing=z.ckpt)
+    one_layer = B * Ls * _layer_bytes(s, Ls, half=z.half, eager=z.eager)
     c["student_activations"] = act
-    c["student_activations_other"] = activation_bytes(s, B * Ls, Ls, half=half, eager=eager, checkpointing=not ckpt)
-    act_saved = act - one_layer if ckpt else act   # checkpointing: the recomputed layer exists only in backward
-    # every forward runs with use_cache=False: no KV cache
-    H = s["hidden"]
-    # the model-side conditions of objective.fused_head_weight (a bias-free head, no logit scaling) hold
-    # for Llama and Qwen
-    fused = fused_head_terms(lc, kd=kd, chunk=alm)
+    c["student_activations_other"] = activation_bytes(s, B * Ls, Ls, half=z.half, eager=z.eager,
+                                                      checkpointing=not z.ckpt)
+    z.act = act
+    z.act_saved = act - one_layer if z.ckpt else act   # checkpointing: the recomputed layer exists only in backward
     # fused output layer (loss.fused_head): the model computes logits for one position only; the losses
     # take the final hidden state and the head weight, and return gradients of those: [N, H] + [Vs, H].
-    c["student_logits"] = B * (1 if fused else Ls) * Vs * ab
-    c["student_logits_grad"] = 0 if fused else B * Ls * Vs * ab
+    c["student_logits"] = B * (1 if z.fused else Ls) * z.Vs * z.ab
+    c["student_logits_grad"] = 0 if z.fused else B * Ls * z.Vs * z.ab
+
+
+def _teacher_terms(z: _Step, c: dict) -> None:
+    """The teacher's head copy, logits, forward temporaries, hidden states and attention maps."""
+    t, B, Lt, tb, lc = z.t, z.B, z.Lt, z.tb, z.cfg.loss
     # fused teacher head (objective.teacher_head): where shared_kl alone reads the teacher's logits, only the
     # shared columns are computed ([B, Lt, S]), from a gathered copy of the head's shared rows ([S, H])
-    use = _teacher_head_use(cfg)
-    t_shared = use == "shared"
-    c["teacher_head_shared"] = S * t["hidden"] * tb if t_shared else 0
-    t_logits_full = B * Lt * Vt * tb
-    # "rows" (mapped_kl): the last hidden state [B, Lt, H] instead; the loss multiplies out a chunk's rows
-    c["teacher_logits"] = B * Lt * {"shared": S, "rows": t["hidden"]}.get(use, Vt) * tb
+    c["teacher_head_shared"] = z.S * t["hidden"] * tb if z.t_shared else 0
+    # "rows" (mapped_kl): the last hidden state [B, Lt, H] instead; the loss multiplies out a row block's rows
+    c["teacher_logits"] = B * Lt * {"shared": z.S, "rows": t["hidden"]}.get(z.use, z.Vt) * tb
     c["teacher_forward"] = B * Lt * tb * (4 * t["hidden"] + 2 * t["hq"] + 2 * t["kvd"]
                                           + 3 * (t["moe_intermediate"] if t["experts"] else t["intermediate"])) \
         + B * Lt * Lt
-    if cached:  # the decoded cache batch instead: top-k ids (int64) and log-probs (fp32) per teacher position
-        c["teacher_logits"] = B * Lt * (topk * 12 + 16)
+    if z.cached:  # the decoded cache batch instead: top-k ids (int64) and log-probs (fp32) per teacher position
+        c["teacher_logits"] = B * Lt * (z.topk * 12 + 16)
         c["teacher_forward"] = 0
     need_hidden = lc.hidden.weight > 0 or lc.contrastive.weight > 0
     c["teacher_hidden_states"] = (t["layers"] + 1) * B * Lt * t["hidden"] * tb if need_hidden else 0
-    c["teacher_attention_maps"] = t["layers"] * B * t["heads"] * Lt * Lt * tb if eager else 0
-    # KD (sakd.losses.divergences): the gradient is computed in the forward pass, chunk by chunk, and held
-    # until backward: one buffer of the student logits' shape per KA pass (fused: [N, H] + [S, H] fp32,
-    # and the [S, H] gathered head). Each chunk holds `kernel` fp32 [chunk, S] temporaries plus its
-    # gathered rows; the teacher-mass-outside log (forward, no grad) holds ~[chunk, 2 Vt + S].
-    head_grad = B * Ls * H * ab + 2 * S * H * 4
-    c["kd_grad_buffers"] = passes * (head_grad if fused else B * Ls * Vs * ab) if kd else 0
-    c["kd_chunk_temporaries"] = (chunk * 4 * max(kernel * S, 2 * Vt + S)
-                                 + chunk * ((S if t_shared else Vt) * tb + (0 if fused else Vs * ab))) if kd else 0
-    if kd and lc.logit in ("mapped_kl", "projected_kl"):  # projected_kl: the same buffers, plus its bucket sums
-        # mapped_kl (sakd.losses.mapped): per chunk, the teacher rows' logits and probabilities ([chunk, Vt]
-        # fp32, two buffers), the target Q and its log ([chunk, Vs + 1] fp32, two) and the forward-KL
-        # kernel's student temporaries ([chunk, Vs], three); no [chunk, S] gathers
-        c["kd_chunk_temporaries"] = chunk * 4 * (2 * Vt + 5 * Vs) + chunk * (Vt * tb + (0 if fused else Vs * ab))
-    if kd and cached:  # sparse teacher: the [N, Vs] student gradient, [chunk, Vs] kernel temporaries
-        c["kd_grad_buffers"] = B * Ls * Vs * ab
-        c["kd_chunk_temporaries"] = chunk * 4 * 4 * Vs + N * S * ab
-    if kd and lc.gap_weighting:
-        c["kd_chunk_temporaries"] += 4 * N * S * 4
-    # cross-entropy. Logits path: forward, a contiguous fp32 copy of the shifted logits and the saved
-    # log-probs; backward, the saved log-probs and the nll_loss and log_softmax gradients ([N, Vs] fp32).
-    # Fused: its gradient buffers ([N, H] + [Vs, H] fp32) and two fp32 [chunk, Vs] temporaries.
-    if fused:
-        c["ce_buffers_forward"] = B * Ls * H * ab + Vs * H * 4 + 2 * chunk * Vs * 4 if ce else 0
-        c["ce_buffers_backward"] = B * Ls * H * ab + Vs * H * 4 if ce else 0
-    else:
-        c["ce_buffers_forward"] = 2 * N * Vs * 4 if ce else 0
-        c["ce_buffers_backward"] = 3 * N * Vs * 4 if ce else 0
-    c["alm_chunk_temporaries"] = 3 * chunk * max(Vs, Vt) * 4 if alm else 0
+    c["teacher_attention_maps"] = t["layers"] * B * t["heads"] * Lt * Lt * tb if z.eager else 0
 
+
+def _kd_terms(z: _Step, c: dict) -> None:
+    """KD (sakd.losses.divergences): the gradient is computed in the forward pass, one row block at a time,
+    and held until backward: one buffer of the student logits' shape per KA pass (fused: [N, H] + [S, H]
+    fp32, and the [S, H] gathered head). Each row block holds `kernel` fp32 [rows, S] temporaries plus its
+    gathered rows; the teacher-mass-outside log (forward, no grad) holds ~[rows, 2 Vt + S]."""
+    B, Ls, S, Vs, Vt, H, rows, kd, lc = z.B, z.Ls, z.S, z.Vs, z.Vt, z.H, z.rows, z.kd, z.cfg.loss
+    head_grad = B * Ls * H * z.ab + 2 * S * H * 4
+    c["kd_grad_buffers"] = z.passes * (head_grad if z.fused else B * Ls * Vs * z.ab) if kd else 0
+    gathered = (S if z.t_shared else Vt) * z.tb + (0 if z.fused else Vs * z.ab)
+    c["kd_chunk_temporaries"] = rows * 4 * max(z.kernel * S, 2 * Vt + S) + rows * gathered if kd else 0
+    if kd and lc.logit in ("mapped_kl", "projected_kl"):  # projected_kl: the same buffers, plus its bucket sums
+        # mapped_kl (sakd.losses.mapped): per row block, the teacher rows' logits and probabilities ([rows, Vt]
+        # fp32, two buffers), the target Q and its log ([rows, Vs + 1] fp32, two) and the forward-KL
+        # kernel's student temporaries ([rows, Vs], three); no [rows, S] gathers
+        c["kd_chunk_temporaries"] = rows * 4 * (2 * Vt + 5 * Vs) + rows * (Vt * z.tb + (0 if z.fused else Vs * z.ab))
+    if kd and z.cached:  # sparse teacher: the [N, Vs] student gradient, [rows, Vs] kernel temporaries
+        c["kd_grad_buffers"] = B * Ls * Vs * z.ab
+        c["kd_chunk_temporaries"] = rows * 4 * 4 * Vs + z.N * S * z.ab
+    if kd and lc.gap_weighting:
+        c["kd_chunk_temporaries"] += 4 * z.N * S * 4
+
+
+def _ce_and_alm_terms(z: _Step, c: dict) -> None:
+    """Cross-entropy. Logits path: forward, a contiguous fp32 copy of the shifted logits and the saved
+    log-probs; backward, the saved log-probs and the nll_loss and log_softmax gradients ([N, Vs] fp32).
+    Fused: its gradient buffers ([N, H] + [Vs, H] fp32) and two fp32 [rows, Vs] temporaries. Then the
+    chunk-likelihood (ALM) term's temporaries."""
+    B, Ls, Vs, H, ce = z.B, z.Ls, z.Vs, z.H, z.ce
+    if z.fused:
+        c["ce_buffers_forward"] = B * Ls * H * z.ab + Vs * H * 4 + 2 * z.rows * Vs * 4 if ce else 0
+        c["ce_buffers_backward"] = B * Ls * H * z.ab + Vs * H * 4 if ce else 0
+    else:
+        c["ce_buffers_forward"] = 2 * z.N * Vs * 4 if ce else 0
+        c["ce_buffers_backward"] = 3 * z.N * Vs * 4 if ce else 0
+    c["alm_chunk_temporaries"] = 3 * z.rows * max(Vs, z.Vt) * 4 if z.alm else 0
+
+
+def _step_moments(z: _Step, c: dict) -> dict:
+    """The moments of the step, in the order in which the objective builds, and autograd frees, each buffer."""
+    fused, passes = z.fused, z.passes
     # with accumulation, the gradients of the earlier micro-batches are alive in every later one
-    held_grads = c["student_gradients"] if cfg.train.grad_accum > 1 else 0
-    base = held_grads + act_saved + c["student_logits"] + c["teacher_hidden_states"] + c["teacher_attention_maps"]
+    held_grads = c["student_gradients"] if z.cfg.train.grad_accum > 1 else 0
+    base = held_grads + z.act_saved + c["student_logits"] + c["teacher_hidden_states"] + c["teacher_attention_maps"]
     per_pass = c["kd_grad_buffers"] / passes
     m = {}
     # a teacher pass ends: under KA the previous pass's logits and KD gradient are still referenced
     m["teacher_pass"] = base + min(2, passes) * c["teacher_logits"] + (passes - 1) * per_pass + c["teacher_forward"]
     # the loss terms in order (KD of every pass, ALM, CE), each with its temporaries while it runs
     m["loss_forward"] = base + c["teacher_logits"] + max(
-        c["kd_grad_buffers"] + c["kd_chunk_temporaries"] if kd else 0,
+        c["kd_grad_buffers"] + c["kd_chunk_temporaries"] if z.kd else 0,
         c["kd_grad_buffers"] + c["alm_chunk_temporaries"],
         c["kd_grad_buffers"] + c["ce_buffers_forward"])
     # backward: CE's own buffers (newest first), the KD gradients are scaled in place, and everything
     # meets in the student logits' gradient (logits path); ALM saves the logits until its own backward
-    alm_b = (c["student_logits"] + c["student_logits_grad"] + c["alm_chunk_temporaries"]) if alm else 0
-    m["loss_backward"] = held_grads + act_saved + c["kd_grad_buffers"] + max(
-        c["ce_buffers_backward"] + (0 if fused else c["student_logits_grad"]) if ce else 0, alm_b,
+    alm_b = (c["student_logits"] + c["student_logits_grad"] + c["alm_chunk_temporaries"]) if z.alm else 0
+    m["loss_backward"] = held_grads + z.act_saved + c["kd_grad_buffers"] + max(
+        c["ce_buffers_backward"] + (0 if fused else c["student_logits_grad"]) if z.ce else 0, alm_b,
         c["student_logits_grad"])
     # the layers' backward: the logits gradient (or, fused, the [N, H] one) meets lm_head
-    m["layers_backward"] = held_grads + act + (c["student_logits_grad"] if not fused else B * Ls * H * ab) \
-        + 4 * Vs * H
+    m["layers_backward"] = held_grads + z.act + (c["student_logits_grad"] if not fused else z.B * z.Ls * z.H * z.ab) \
+        + 4 * z.Vs * z.H
     # optimizer step: every gradient; foreach AdamW (CUDA) holds about one parameter-sized temporary
-    m["optimizer"] = c["student_gradients"] * (2 if cuda else 1)
+    m["optimizer"] = c["student_gradients"] * (2 if z.cuda else 1)
+    return m
+
+
+def _router_term(z: _Step, c: dict, m: dict) -> None:
+    """moe.mode=sar's router step: student logits (no grad, fp32), teacher WITH grad, checkpointed by SARRouter."""
+    t, B, Lt, tb = z.t, z.B, z.Lt, z.tb
     router = 0.0
-    if cfg.moe.mode == "sar":  # student logits (no grad, fp32), teacher WITH grad, checkpointed by SARRouter
+    if z.cfg.moe.mode == "sar":
         t_layer = B * Lt * _layer_bytes(t, Lt, half=tb == 2, eager=False, experts_run=t["experts"])
         t_saved = activation_bytes(t, B * Lt, Lt, half=tb == 2, eager=False, checkpointing=True) - t_layer
         # the KD gradient w.r.t. the teacher logits is computed in the loss forward (a logits-sized buffer)
-        router = B * Ls * Vs * 4 + t_saved + max(2 * t_logits_full + c["kd_chunk_temporaries"],
-                                                  2 * t_logits_full + t_layer)  # the full teacher head, with grad
+        router = B * z.Ls * z.Vs * 4 + t_saved + max(2 * z.t_logits_full + c["kd_chunk_temporaries"],
+                                                      2 * z.t_logits_full + t_layer)  # the full teacher head, with grad
     c["sar_router_step"] = m["router"] = router
-    # fp16 overflow in the teacher (train.nonfinite_teacher=recompute): the micro-batch's teacher pass runs
-    # again in fp32, one module's weights at a time (models.fp32_forward), with the 16-bit outputs dropped first;
-    # the loss terms then read fp32 teacher logits and hidden states. On top of the loss forward: the
-    # logits and hidden states a second time (4 instead of 2 bytes) and the largest module in fp32 (the
-    # embeddings or the head, Vt x h; the experts of one layer if larger).
+
+
+def _fp32_recompute_term(z: _Step, c: dict, m: dict) -> None:
+    """fp16 overflow in the teacher (train.nonfinite_teacher=recompute): the micro-batch's teacher pass runs
+    again in fp32, one module's weights at a time (models.fp32_forward), with the 16-bit outputs dropped first;
+    the loss terms then read fp32 teacher logits and hidden states. On top of the loss forward: the
+    logits and hidden states a second time (4 instead of 2 bytes) and the largest module in fp32 (the
+    embeddings or the head, Vt x h; the experts of one layer if larger)."""
+    t = z.t
     c["fp32_recompute"] = 0
-    if tb == 2 and not cached and cfg.train.nonfinite_teacher == "recompute":
-        largest = max(Vt * t["hidden"], (t["experts"] or 1) * 3 * t["moe_intermediate"] * t["hidden"])
+    if z.tb == 2 and not z.cached and z.cfg.train.nonfinite_teacher == "recompute":
+        largest = max(z.Vt * t["hidden"], (t["experts"] or 1) * 3 * t["moe_intermediate"] * t["hidden"])
         c["fp32_recompute"] = c["teacher_logits"] + c["teacher_hidden_states"] + 4 * largest
         m["fp32_recompute"] = m["loss_forward"] + c["fp32_recompute"]
-    # held-out bits per byte (evaluate.nll_bits, no grad, no KV cache): the logits of eval.batch_size x
-    # eval.seq_len tokens in the model's dtype, then one window at a time its fp32 copy (16-bit models)
-    # and logsumexp's fp32 temporary. The teacher is scored once, before the optimizer states exist
-    # (hence their subtraction: this moment is added to them).
-    Be, Le = cfg.eval.batch_size, cfg.eval.seq_len
+
+
+def _eval_terms(z: _Step, c: dict, m: dict) -> None:
+    """Held-out bits per byte (evaluate.nll_bits, no grad, no KV cache): the logits of eval.batch_size x
+    eval.seq_len tokens in the model's dtype, then one window at a time its fp32 copy (16-bit models)
+    and logsumexp's fp32 temporary. The teacher is scored once, before the optimizer states exist
+    (hence their subtraction: this moment is added to them)."""
+    Be, Le, Vt, Vs, tb = z.cfg.eval.batch_size, z.cfg.eval.seq_len, z.Vt, z.Vs, z.tb
     t_eval = Be * Le * Vt * tb + Le * Vt * (4 + (4 if tb != 4 else 0))
-    c["teacher_eval"] = 0 if cached else t_eval
+    c["teacher_eval"] = 0 if z.cached else t_eval
     c["student_eval"] = Be * Le * Vs * 4 + Le * Vs * 4
     m["teacher_eval"] = max(0.0, c["teacher_eval"] - c["optimizer_states"])
     m["student_eval"] = c["student_eval"]
+
+
+def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[dict, dict]:
+    """(components in bytes, moment totals) at micro-batch B. The moments follow the order in which
+    ``objective.micro_step_loss`` builds, and autograd frees, each buffer."""
+    z, c = _Step(cfg, t, s, B, device), {}
+    _persistent_terms(z, c)
+    _student_terms(z, c)
+    _teacher_terms(z, c)
+    _kd_terms(z, c)
+    _ce_and_alm_terms(z, c)
+    m = _step_moments(z, c)
+    _router_term(z, c, m)
+    _fp32_recompute_term(z, c, m)
+    _eval_terms(z, c, m)
     return c, m
 
 
@@ -392,7 +447,7 @@ def plan(cfg: Config, *, card_gb: float = 16.0, micro_batch: int | None = None, 
     half = device == "cuda" and cfg.train.precision != "fp32"
     return {
         "device": device, "micro_batch": B, "grad_accum": cfg.train.grad_accum,
-        "seq_len": cfg.data.seq_len, "teacher_seq_len": cfg.data.teacher_seq_len or 2 * cfg.data.seq_len,
+        "seq_len": cfg.data.seq_len, "teacher_seq_len": teacher_seq_len(cfg),
         "activation_dtype": "16-bit autocast" if half else "float32",
         "teacher_dtype": cfg.model.teacher_dtype, "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "moe_mode": cfg.moe.mode, "teacher_cache": cfg.model.teacher_cache, "teacher": t, "student": s,

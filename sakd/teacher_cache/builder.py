@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from sakd.teacher_cache.codec import CODECS, encode_packed, row_bytes
 from sakd.data.chat import model_inputs
 from sakd.files import fsync_path, write_atomic, write_json
 from sakd.config import Config, parse_duration
-from sakd.data.text import Collator, pad_id, span_data, teacher_seq_len
+from sakd.data.text import Collator, SpanData, pad_id, span_data, teacher_seq_len
 from sakd.errors import UserError
 from sakd.evaluate.bpb import nll_bits
 from sakd.losses.mapped import path_log_mass, mapped_positions
@@ -289,11 +290,172 @@ def teacher_heldout_bits(teacher, tokenizer, heldout: list, cfg: Config, device)
 
 
 @torch.no_grad()
+@dataclass
+class _Build:
+    """What one cache build reads and writes: the data, the vocabularies, the shard layout, the manifest."""
+    out: Path
+    data: SpanData
+    vocab: object
+    tables: object
+    vt: int
+    k: int
+    codec: str
+    bs: int
+    per_shard: int
+    chunk_rows: int
+    t_len: int
+    samples: int
+    manifest: dict
+
+    @property
+    def n_spans(self) -> int:
+        return len(self.data.train)
+
+    @property
+    def n_shards(self) -> int:
+        return math.ceil(self.n_spans / self.per_shard)
+
+    def shard_spans(self, s: int) -> range:
+        return range(s * self.per_shard, min((s + 1) * self.per_shard, self.n_spans))
+
+
+def _plan_build(cfg: Config, out: Path, *, k: int, codec: str, batch_size: int | None, shard_spans: int | None,
+                chunk_rows: int, say) -> _Build:
+    """Read the data and the tokenizers and lay out the shards (no teacher yet)."""
+    data = span_data(cfg, say)
+    vocab = build_vocab_map(data.student_tok, data.teacher_tok)
+    tables = mapping_tables(data.student_tok, data.teacher_tok, log=say)
+    vt = len(data.teacher_tok)
+    if not 1 <= k <= vt:
+        raise UserError(f"cache k={k} must lie in [1, {vt}] (the teacher tokenizer's vocabulary)")
+    t_len = teacher_seq_len(cfg)
+    bs = batch_size or cfg.eval.batch_size
+    per_shard = shard_spans or max(bs, (1 << 19) // t_len // bs * bs)  # ~512k tokens a shard by default
+    manifest = expected_manifest(cfg, data.train.fingerprints, student_tok=data.student_tok, teacher_tok=data.teacher_tok,
+                                 vocab=vocab, k=k, codec=codec)
+    samples = cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1
+    return _Build(out, data, vocab, tables, vt, k, codec, bs, per_shard, chunk_rows, t_len, samples, manifest)
+
+
+def _load_checked_teacher(cfg: Config, device, vt: int):
+    m = cfg.model
+    teacher = load_teacher(m.teacher, device, m.teacher_dtype, experts_implementation=m.experts_implementation)
+    if teacher.get_output_embeddings().weight.shape[0] < vt:
+        raise UserError(f"teacher {m.teacher!r} has fewer logit columns than its tokenizer has tokens ({vt})")
+    return teacher
+
+
+def _batch_samples(b: _Build, cfg: Config, teacher, ka, batch, items, a: int, shared_mask, device) -> tuple[list, int]:
+    """Each KA sample's arrays for one batch (its first span: ``a``), and how many passes ran again in fp32."""
+    # Each batch's KA draws come from a generator seeded by its first span: the same draws
+    # whichever process builds it, and when.
+    gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + a) if ka else None
+    per_sample, refp32 = [], 0
+    for _ in range(b.samples):
+        kw = dict(k=b.k, vt=b.vt, temperature=cfg.loss.temperature, chunk_rows=b.chunk_rows)
+        g_state = gen.get_state() if gen is not None else None
+        r = _batch_arrays(_teacher_logits(teacher, batch, cfg, device, ka, gen), batch, items,
+                          shared_mask, b.tables, **kw)
+        if r is None:  # fp16 overflow: this pass again with the teacher in fp32 (the cast back is exact)
+            refp32 += 1
+            if gen is not None:
+                gen.set_state(g_state)
+            with fp32_forward(teacher):  # weights cast back even when the pass raises
+                r = _batch_arrays(_teacher_logits(teacher, batch, cfg, device, ka, gen), batch, items,
+                                  shared_mask, b.tables, **kw)
+            if r is None:
+                raise UserError(f"teacher {cfg.model.teacher!r} gives non-finite logits on spans {a}.."
+                                f"{a + len(items) - 1} even in float32: check the teacher weights")
+        per_sample.append(r)
+    return per_sample, refp32
+
+
+def _write_shard(b: _Build, s: int, parts: list, hashes: list) -> None:
+    arrays = _encode(parts, b.codec, b.vt, b.samples)
+    arrays["t_offsets"] = torch.tensor([0] + [len(p[0]["token_logprob"]) for p in parts]).cumsum(0)
+    arrays["s_offsets"] = torch.tensor([0] + [len(p[0]["mapped_logz"]) for p in parts]).cumsum(0)
+    arrays["t_hash"] = torch.tensor(hashes, dtype=torch.int64)
+    write_atomic(b.out / shard_name(s), lambda p: save_file(arrays, str(p), metadata={"format": "sakd-cache-2"}))
+
+
+def _run_shards(b: _Build, cfg: Config, teacher, ka, mine: list[int], device, *, t0: float, progress: bool,
+                main: bool, say) -> tuple[bool, int]:
+    """Build this process's shards ``mine`` in order; (stopped by train.max_time, batches recomputed in fp32)."""
+    shared_mask = torch.zeros(b.vt, dtype=torch.bool, device=device)
+    shared_mask[b.vocab.shared_t[b.vocab.shared_t < b.vt].to(device)] = True
+    collate = Collator(pad_id(b.data.student_tok), pad_id(b.data.teacher_tok))
+    deadline = t0 + parse_duration(cfg.train.max_time, "train.max_time") if cfg.train.max_time else None
+    bar = None
+    if progress and main:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=sum(len(b.shard_spans(s)) for s in mine), desc="cache-teacher", unit="span",
+                   dynamic_ncols=True)
+    refp32, stopped, tokens = 0, False, 0
+    for s in mine:
+        if deadline is not None and time.time() > deadline:
+            stopped = True
+            break
+        spans = b.shard_spans(s)
+        parts, hashes = [], []
+        for a in range(spans.start, spans.stop, b.bs):
+            items = [b.data.train[i] for i in range(a, min(a + b.bs, spans.stop))]
+            per_sample, again = _batch_samples(b, cfg, teacher, ka, collate(items), items, a, shared_mask, device)
+            refp32 += again
+            for e, item in enumerate(items):
+                parts.append([per_sample[mm][e] for mm in range(b.samples)])
+                hashes.append(t_hash(item["t_ids"]))
+                tokens += len(item["t_ids"])
+            if bar is not None:
+                bar.update(len(items))
+        _write_shard(b, s, parts, hashes)
+        if bar is None and main:
+            n_done = mine.index(s) + 1
+            el = time.time() - t0
+            say(f"cache: shard {s + 1}/{b.n_shards} written ({n_done}/{len(mine)} of this process), {tokens:,} "
+                f"teacher tokens in {el:,.0f} s ({tokens / max(el, 1e-9):,.0f} tokens/s, ETA "
+                f"{el / n_done * (len(mine) - n_done):,.0f} s)")
+    if bar is not None:
+        bar.close()
+    return stopped, refp32
+
+
+def _finish(b: _Build, cfg: Config, teacher, ka, device, *, t0: float, world: int, refp32: int) -> dict:
+    """The main process, once every shard exists: the teacher's held-out bits per byte, index.json,
+    build.json and, last, manifest.json."""
+    out, n_shards, manifest = b.out, b.n_shards, b.manifest
+    bits, n_bytes = teacher_heldout_bits(teacher, b.data.teacher_tok, b.data.heldout, cfg, device)
+    n_tokens = 0
+    for s in range(n_shards):
+        with safe_open(str(out / shard_name(s)), framework="pt") as f:
+            n_tokens += int(f.get_tensor("t_offsets")[-1])
+    shard_bytes = sum((out / shard_name(s)).stat().st_size for s in range(n_shards))
+    manifest.update({
+        "format": "sakd-teacher-cache", "sakd_version": __version__, "samples": b.samples, "ka": ka,
+        "teacher_dtype": str(next(teacher.parameters()).dtype).replace("torch.", ""),
+        "teacher_vocab": b.vt, "shared_vocab": len(b.vocab),
+        "data": {key: getattr(cfg.data, key) for key in DATA_INFO},
+        "n_tokens": n_tokens, "shards": n_shards, "shard_bytes": shard_bytes,
+        "bytes_per_token": shard_bytes / max(n_tokens, 1),
+        "teacher_heldout_bpb": bits / n_bytes if n_bytes else None,
+        "heldout_sha256": heldout_sha256(b.data.heldout),  # the bpb above is valid for this held-out text only
+        "eval": {"max_bytes": cfg.eval.max_bytes, "seq_len": cfg.eval.seq_len},
+    })
+    write_json(out / "index.json", {"shards": [shard_name(s) for s in range(n_shards)],
+                                     "spans_per_shard": b.per_shard, "n_spans": b.n_spans})
+    write_json(out / "build.json", {"seconds_last_session": time.time() - t0, "processes": world,
+                                     "refp32_batches_last_session": refp32, "format_version": FORMAT_VERSION})
+    write_json(out / "manifest.json", manifest)  # last: from here on the folder is a cache
+    (out / "building.json").unlink(missing_ok=True)
+    fsync_path(out)
+    return manifest
+
+
 def build_cache(cfg: Config, out_dir, *, k: int = 64, codec: str = "packed", batch_size: int | None = None,
                 shard_spans: int | None = None, chunk_rows: int = 256, device=None, overwrite: bool = False,
                 resume: bool = False, progress: bool = False, log=print) -> dict | None:
     """Run the teacher over every training span of ``cfg`` and write a cache to ``out_dir`` (module
-    docstring). Returns the manifest, or None when ``train.max_time`` stopped the build first."""
+    docstring): plan the shards, build this process's missing ones, and (main process) finish the folder.
+    Returns the manifest, or None when ``train.max_time`` stopped the build first."""
     t0 = time.time()
     if codec not in CODECS:
         raise UserError(f"cache codec {codec!r} is unknown: use one of {', '.join(CODECS)}")
@@ -305,19 +467,9 @@ def build_cache(cfg: Config, out_dir, *, k: int = 64, codec: str = "packed", bat
     say = log if main else (lambda *a, **kw: None)
     out = Path(out_dir).expanduser()
     device = torch.device(device or dist_device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    data = span_data(cfg, say)
-    vocab = build_vocab_map(data.student_tok, data.teacher_tok)
-    tables = mapping_tables(data.student_tok, data.teacher_tok, log=say)
-    vt = len(data.teacher_tok)
-    if not 1 <= k <= vt:
-        raise UserError(f"cache k={k} must lie in [1, {vt}] (the teacher tokenizer's vocabulary)")
-    n_spans = len(data.train)
-    t_len = teacher_seq_len(cfg)
-    bs = batch_size or cfg.eval.batch_size
-    per_shard = shard_spans or max(bs, (1 << 19) // t_len // bs * bs)  # ~512k tokens a shard by default
-    manifest = expected_manifest(cfg, data.train.fingerprints, student_tok=data.student_tok, teacher_tok=data.teacher_tok,
-                                 vocab=vocab, k=k, codec=codec)
-    building = {"expected": manifest, "batch_size": bs, "spans_per_shard": per_shard, "chunk_rows": chunk_rows}
+    b = _plan_build(cfg, out, k=k, codec=codec, batch_size=batch_size, shard_spans=shard_spans,
+                    chunk_rows=chunk_rows, say=say)
+    building = {"expected": b.manifest, "batch_size": b.bs, "spans_per_shard": b.per_shard, "chunk_rows": chunk_rows}
     done = _prepare_folder(out, building, resume=resume, overwrite=overwrite, write=False)
     barrier()
     if main and done is None:
@@ -326,79 +478,18 @@ def build_cache(cfg: Config, out_dir, *, k: int = 64, codec: str = "packed", bat
     if done is not None or (out / "manifest.json").is_file():
         say(f"cache: {out} is already complete")
         return done or json.loads((out / "manifest.json").read_text())
-    n_shards = math.ceil(n_spans / per_shard)
+    n_shards = b.n_shards
     todo = [s for s in range(n_shards) if not (out / shard_name(s)).is_file()]
-    samples = cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1
-    left = sum(min(per_shard, n_spans - s * per_shard) for s in todo)
-    _check_disk(out, left, t_len, bytes_per_token(vt, k, codec, samples), say)  # every process: all stop alike
-    m = cfg.model
-    teacher = load_teacher(m.teacher, device, m.teacher_dtype, experts_implementation=m.experts_implementation)
-    if teacher.get_output_embeddings().weight.shape[0] < vt:
-        raise UserError(f"teacher {m.teacher!r} has fewer logit columns than its tokenizer has tokens ({vt})")
+    left = sum(len(b.shard_spans(s)) for s in todo)
+    _check_disk(out, left, b.t_len, bytes_per_token(b.vt, k, codec, b.samples), say)  # every process: all stop alike
+    teacher = _load_checked_teacher(cfg, device, b.vt)
     ka = _ka_settings(cfg, teacher)
     if main:
-        say(f"cache: {n_shards} shard(s) of {per_shard} spans, {len(todo)} to build"
+        say(f"cache: {n_shards} shard(s) of {b.per_shard} spans, {len(todo)} to build"
             + (f" ({n_shards - len(todo)} already written: resuming)" if len(todo) < n_shards else "")
             + (f" over {world} processes" if world > 1 else ""))
-    mine = todo[rank::world]
-    shared_mask = torch.zeros(vt, dtype=torch.bool, device=device)
-    shared_mask[vocab.shared_t[vocab.shared_t < vt].to(device)] = True
-    collate = Collator(pad_id(data.student_tok), pad_id(data.teacher_tok))
-    deadline = t0 + parse_duration(cfg.train.max_time, "train.max_time") if cfg.train.max_time else None
-    bar = None
-    if progress and main:
-        from tqdm.auto import tqdm
-        total = sum(min(per_shard, n_spans - s * per_shard) for s in mine)
-        bar = tqdm(total=total, desc="cache-teacher", unit="span", dynamic_ncols=True)
-    refp32, stopped, tokens = 0, False, 0
-    for s in mine:
-        if deadline is not None and time.time() > deadline:
-            stopped = True
-            break
-        spans = range(s * per_shard, min((s + 1) * per_shard, n_spans))
-        parts, hashes = [], []
-        for a in range(spans.start, spans.stop, bs):
-            items = [data.train[i] for i in range(a, min(a + bs, spans.stop))]
-            batch = collate(items)
-            # Each batch's KA draws come from a generator seeded by its first span: the same draws
-            # whichever process builds it, and when.
-            gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + a) if ka else None
-            per_sample = []
-            for _ in range(samples):
-                kw = dict(k=k, vt=vt, temperature=cfg.loss.temperature, chunk_rows=chunk_rows)
-                g_state = gen.get_state() if gen is not None else None
-                r = _batch_arrays(_teacher_logits(teacher, batch, cfg, device, ka, gen), batch, items,
-                                  shared_mask, tables, **kw)
-                if r is None:  # fp16 overflow: this pass again with the teacher in fp32 (the cast back is exact)
-                    refp32 += 1
-                    if gen is not None:
-                        gen.set_state(g_state)
-                    with fp32_forward(teacher):  # weights cast back even when the pass raises
-                        r = _batch_arrays(_teacher_logits(teacher, batch, cfg, device, ka, gen), batch, items,
-                                          shared_mask, tables, **kw)
-                    if r is None:
-                        raise UserError(f"teacher {m.teacher!r} gives non-finite logits on spans {a}.."
-                                        f"{a + len(items) - 1} even in float32: check the teacher weights")
-                per_sample.append(r)
-            for e, item in enumerate(items):
-                parts.append([per_sample[mm][e] for mm in range(samples)])
-                hashes.append(t_hash(item["t_ids"]))
-                tokens += len(item["t_ids"])
-            if bar is not None:
-                bar.update(len(items))
-        arrays = _encode(parts, codec, vt, samples)
-        arrays["t_offsets"] = torch.tensor([0] + [len(p[0]["token_logprob"]) for p in parts]).cumsum(0)
-        arrays["s_offsets"] = torch.tensor([0] + [len(p[0]["mapped_logz"]) for p in parts]).cumsum(0)
-        arrays["t_hash"] = torch.tensor(hashes, dtype=torch.int64)
-        write_atomic(out / shard_name(s), lambda p: save_file(arrays, str(p), metadata={"format": "sakd-cache-2"}))
-        if bar is None and main:
-            n_done = mine.index(s) + 1
-            el = time.time() - t0
-            say(f"cache: shard {s + 1}/{n_shards} written ({n_done}/{len(mine)} of this process), {tokens:,} "
-                f"teacher tokens in {el:,.0f} s ({tokens / max(el, 1e-9):,.0f} tokens/s, ETA "
-                f"{el / n_done * (len(mine) - n_done):,.0f} s)")
-    if bar is not None:
-        bar.close()
+    stopped, refp32 = _run_shards(b, cfg, teacher, ka, todo[rank::world], device, t0=t0, progress=progress,
+                                  main=main, say=say)
     barrier()
     missing = [s for s in range(n_shards) if not (out / shard_name(s)).is_file()]
     if stopped or missing:
@@ -408,30 +499,8 @@ def build_cache(cfg: Config, out_dir, *, k: int = 64, codec: str = "packed", bat
     if not main:
         barrier()
         return json.loads((out / "manifest.json").read_text())
-    bits, n_bytes = teacher_heldout_bits(teacher, data.teacher_tok, data.heldout, cfg, device)
-    n_tokens = 0
-    for s in range(n_shards):
-        with safe_open(str(out / shard_name(s)), framework="pt") as f:
-            n_tokens += int(f.get_tensor("t_offsets")[-1])
-    shard_bytes = sum((out / shard_name(s)).stat().st_size for s in range(n_shards))
-    manifest.update({
-        "format": "sakd-teacher-cache", "sakd_version": __version__, "samples": samples, "ka": ka,
-        "teacher_dtype": str(next(teacher.parameters()).dtype).replace("torch.", ""),
-        "teacher_vocab": vt, "shared_vocab": len(vocab), "data": {key: getattr(cfg.data, key) for key in DATA_INFO},
-        "n_tokens": n_tokens, "shards": n_shards, "shard_bytes": shard_bytes,
-        "bytes_per_token": shard_bytes / max(n_tokens, 1),
-        "teacher_heldout_bpb": bits / n_bytes if n_bytes else None,
-        "heldout_sha256": heldout_sha256(data.heldout),  # the bpb above is valid for this held-out text only
-        "eval": {"max_bytes": cfg.eval.max_bytes, "seq_len": cfg.eval.seq_len},
-    })
-    write_json(out / "index.json", {"shards": [shard_name(s) for s in range(n_shards)],
-                                     "spans_per_shard": per_shard, "n_spans": n_spans})
-    write_json(out / "build.json", {"seconds_last_session": time.time() - t0, "processes": world,
-                                     "refp32_batches_last_session": refp32, "format_version": FORMAT_VERSION})
-    write_json(out / "manifest.json", manifest)  # last: from here on the folder is a cache
-    (out / "building.json").unlink(missing_ok=True)
-    fsync_path(out)
+    manifest = _finish(b, cfg, teacher, ka, device, t0=t0, world=world, refp32=refp32)
     barrier()
-    say(f"cache: {n_tokens:,} teacher tokens in {n_shards} shard(s), {manifest['bytes_per_token']:.1f} bytes/token, "
-        f"{time.time() - t0:.1f} s -> {out}")
+    say(f"cache: {manifest['n_tokens']:,} teacher tokens in {n_shards} shard(s), {manifest['bytes_per_token']:.1f} "
+        f"bytes/token, {time.time() - t0:.1f} s -> {out}")
     return manifest
