@@ -4,6 +4,8 @@
     sakd demo --out runs/demo --compare
     sakd align --teacher-tokenizer T --student-tokenizer S --text FILE [--json]
     sakd evaluate --student DIR [--teacher DIR] --data FILE [--json]
+    sakd cache-teacher --config FILE --out DIR [--k 64] [--resume]
+    sakd plan --config FILE [--card-gb 16] [--json]
     sakd pretrain --model-config DIR --tokenizer DIR --train FILE --heldout FILE --out DIR
 
 Bad input ends with exit code 2 and one line naming the problem; ``--debug`` writes the
@@ -35,12 +37,8 @@ def _config_epilog() -> str:
     return "\n".join(lines)
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sakd", description="Student-aware knowledge distillation from an MoE "
-                                "teacher into a dense student with a different tokenizer.")
-    p.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
-    sub = p.add_subparsers(dest="verb", required=True)
-
+def _add_distill(sub) -> None:
+    """``sakd distill``: the main loop."""
     d = sub.add_parser("distill", help="distil a teacher into a student (the main loop)",
                        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=_config_epilog())
     d.add_argument("--config", help="YAML configuration file (configs/*.yaml)")
@@ -50,6 +48,9 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     d.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.lr=3e-4 loss.temperature=2")
 
+
+def _add_demo(sub) -> None:
+    """``sakd demo``: the offline demo."""
     m = sub.add_parser("demo", help="the offline demo: Shakespeare, a pre-trained 3-expert MoE teacher, "
                        "a small Llama student with another tokenizer")
     m.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
@@ -61,6 +62,9 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     m.add_argument("overrides", nargs="*", help="dotted config overrides applied to the demo config")
 
+
+def _add_align(sub) -> None:
+    """``sakd align``: the alignment report."""
     a = sub.add_parser("align", help="byte-align two tokenisations of a text and print the chunk statistics")
     a.add_argument("--teacher-tokenizer", required=True, help="hub id, folder, .gguf file, or qwen-real")
     a.add_argument("--student-tokenizer", required=True, help="hub id, folder, .gguf file, or smollm2-real")
@@ -71,6 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--json", action="store_true", help="write one JSON object to stdout")
     a.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
 
+
+def _add_evaluate(sub) -> None:
+    """``sakd evaluate``: held-out bits per byte."""
     e = sub.add_parser("evaluate", help="held-out bits per byte (and retention) of a student and a teacher")
     e.add_argument("--student", required=True, help="student folder or hub id")
     e.add_argument("--teacher", help="teacher folder or hub id")
@@ -80,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="write one JSON object to stdout")
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
 
+
+def _add_cache_teacher(sub) -> None:
+    """``sakd cache-teacher``: the teacher cache build."""
     c = sub.add_parser("cache-teacher", help="run the teacher once over the training data and store its top-k "
                        "log-probabilities (train later with model.teacher_cache=DIR, without the teacher)",
                        description="Run the teacher once over the training spans of --config and store its top-k "
@@ -103,6 +113,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     c.add_argument("overrides", nargs="*", help="dotted config overrides")
 
+
+def _add_plan(sub) -> None:
+    """``sakd plan``: the memory estimate."""
     pl = sub.add_parser("plan", help="estimate the peak GPU memory of a configuration and the largest micro-batch "
                         "that fits a card")
     pl.add_argument("--config", required=True, help="YAML configuration")
@@ -111,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     pl.add_argument("overrides", nargs="*", help="dotted config overrides")
 
+
+def _add_pretrain(sub) -> None:
+    """``sakd pretrain``: pre-training a demo teacher."""
     t = sub.add_parser("pretrain", help="pre-train a causal LM from a config on a text file (demo teachers)")
     t.add_argument("--model-config", required=True, help="folder or config.json of the architecture")
     t.add_argument("--tokenizer", required=True, help="tokenizer folder")
@@ -127,6 +143,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--init-from", help="continue from this saved model (a second stage with its own schedule)")
     t.add_argument("--stop-after", type=int, help="run only this many steps of the --steps long schedule")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sakd", description="Student-aware knowledge distillation from an MoE "
+                                "teacher into a dense student with a different tokenizer.")
+    p.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
+    sub = p.add_subparsers(dest="verb", required=True)
+    for add in (_add_distill, _add_demo, _add_align, _add_evaluate, _add_cache_teacher, _add_plan, _add_pretrain):
+        add(sub)
     return p
 
 

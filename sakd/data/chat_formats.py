@@ -11,13 +11,12 @@ well formed but has no assistant turn is skipped and counted by the caller (``sa
 
 from __future__ import annotations
 
-import json
 import unicodedata
 from pathlib import Path
 
+from sakd.data import rows
 from sakd.errors import UserError
 
-FORMATS = ("auto", "text", "messages", "sharegpt", "prompt_completion")
 ROLES = ("system", "user", "assistant")
 # The offline demo's conversations: exchanges of speeches from the plays (sakd.data.corpus.conversations).
 BUILTIN_CHAT = ("sakd:shakespeare-chat-train", "sakd:shakespeare-chat-heldout")
@@ -93,61 +92,32 @@ def to_messages(row: dict, fmt: str, where: str) -> list[dict]:
 
 
 def _rows(source: str, split: str, config_name: str | None, streaming: bool, max_rows: int | None):
-    """(where, row) pairs of a local .jsonl/.json/.parquet file, a save_to_disk folder, or a hub dataset."""
+    """(where, row) pairs of a local .jsonl/.json/.parquet file, a save_to_disk folder, or a hub dataset
+    (read by ``sakd.data.rows``, as the text sources are)."""
+    for n, row in enumerate(_source_rows(source, split, config_name, streaming), 1):
+        if max_rows and n > max_rows:
+            return
+        yield f"{source} row {n}", row
+
+
+def _source_rows(source: str, split: str, config_name: str | None, streaming: bool):
     if source in BUILTIN_CHAT:
         from sakd.data import corpus
 
-        for n, row in enumerate(corpus.conversations(held_out=source.endswith("heldout")), 1):
-            if max_rows and n > max_rows:
-                return
-            yield f"{source} row {n}", row
+        yield from corpus.conversations(held_out=source.endswith("heldout"))
         return
     p = Path(source).expanduser()
     if p.suffix in (".jsonl", ".json") and p.is_file():
         with p.open(encoding="utf-8", errors="replace") as f:  # lazily: auto-detection reads one row
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise UserError(f"{source} row {n}: not JSON; fix or remove that line") from None
-                    yield f"{source} row {n}", row
-        return
-    if p.suffix == ".parquet" and p.is_file():  # pyarrow, batch by batch: no progress bars, one row to detect
-        import pyarrow.parquet as pq
-
-        try:
-            batches = pq.ParquetFile(p).iter_batches(batch_size=256)
-        except Exception as e:  # noqa: BLE001
-            raise UserError(f"{source}: not a readable parquet file ({type(e).__name__})") from None
-        n = 0
-        for batch in batches:
-            for row in batch.to_pylist():
-                n += 1
-                if max_rows and n > max_rows:
-                    return
-                yield f"{source} row {n}", row
-        return
-    import datasets
-
-    try:
-        if p.is_dir():
-            ds = datasets.load_from_disk(str(p))
-            if isinstance(ds, datasets.DatasetDict):
-                ds = ds[split]
-        elif p.exists() or source.startswith((".", "/", "~")):
-            raise UserError(f"{source}: not a .jsonl/.parquet file or a save_to_disk folder of conversations")
-        else:
-            ds = datasets.load_dataset(source, config_name, split=split, streaming=streaming)
-    except UserError:
-        raise
-    except Exception as e:  # noqa: BLE001 - offline, missing, private, no such split: all mean "cannot read"
-        raise UserError(f"cannot read conversations from {source!r} ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:120] if str(e) else ''})") from None
-    for n, row in enumerate(ds, 1):
-        if max_rows and n > max_rows:
-            return
-        yield f"{source} row {n}", row
+            yield from (row for _, row in rows.json_rows(f, source))
+    elif p.suffix == ".parquet" and p.is_file():
+        yield from rows.parquet_rows(p, source)
+    elif p.is_dir():
+        yield from rows.dataset_folder(p, split, source)
+    elif p.exists() or source.startswith((".", "/", "~")):
+        raise UserError(f"{source}: not a .jsonl/.parquet file or a save_to_disk folder of conversations")
+    else:
+        yield from rows.hub_dataset(source, config_name, split, streaming)
 
 
 def source_format(source: str, fmt: str, *, split: str = "train", config_name: str | None = None) -> str:

@@ -2,15 +2,16 @@
 
 Every training example is ONE span of text, tokenized by both tokenizers with
 byte offsets, so the teacher and the student see exactly the same characters.
-Tokenisation, byte alignment and chunk bookkeeping happen here, once per span
-(in a pre-processing pass or in DataLoader workers), never in the training step.
+Tokenisation, byte alignment and chunk bookkeeping happen here, once per span, when an item is
+read (``SpanDataset.__getitem__``; with ``data.num_workers > 0`` the loop reads the next step's spans
+on a background thread while a step runs, ``sakd.train.distill``), never inside the loss. Rows of files and hub
+data sets are read by ``sakd.data.rows`` (shared with the chat formats).
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
-import json
 import random
 import re
 import unicodedata
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from sakd.data import rows
 from sakd.align.tokens import AlignmentError, align, encode_with_bytes, start_token_id, text_normal_form
 from sakd.errors import UserError
 
@@ -71,6 +73,43 @@ def _from_dataset(ds, column: str | None, where: str) -> list[str]:
     return [t for t in (row[col] for row in ds) if isinstance(t, str)]
 
 
+def _builtin_texts(source: str) -> list[str]:
+    from sakd.data import corpus
+
+    plays = corpus.load_plays()
+    held = source.endswith("heldout")
+    return [t for name, t in plays.items() if (name in corpus.HELD_OUT_PLAYS) == held]
+
+
+def _file_texts(p: Path, text_column: str | None, split: str) -> tuple[list[str], int]:
+    """The texts of a local file or save_to_disk folder, and how many invalid UTF-8 bytes were replaced."""
+    where = repr(str(p))
+    if not p.exists():
+        raise UserError(f"data file {str(p)!r} does not exist: check data.source / the path")
+    if p.is_dir():
+        return _from_dataset(rows.dataset_folder(p, split, where), text_column, str(p)), 0
+    if p.suffix == ".parquet":
+        pf = rows.parquet_file(p, where)
+        col = _pick_column(pf.schema_arrow.names, text_column, str(p))
+        try:
+            values = pf.read(columns=[col]).column(col).to_pylist()
+        except Exception as e:  # noqa: BLE001
+            raise UserError(f"{where} is not a readable parquet file ({type(e).__name__})") from None
+        return [t for t in values if isinstance(t, str)], 0
+    raw = p.read_bytes()
+    if b"\x00" in raw[:65536]:
+        raise UserError(f"data file {str(p)!r} looks binary (NUL bytes): give a UTF-8 text file")
+    text, replaced = _decode(raw)
+    if p.suffix not in (".jsonl", ".json"):
+        return [text], replaced
+    texts = []
+    for n, row in rows.json_rows(text.splitlines(), where):
+        col = _pick_column(list(row), text_column, f"{str(p)!r} line {n}")
+        if isinstance(row[col], str):
+            texts.append(row[col])
+    return texts, replaced
+
+
 def read_source(source: str, *, text_column: str | None = None, config_name: str | None = None,
                 split: str = "train", streaming: bool = False, max_texts: int | None = None,
                 normal_form: str | None = "NFC") -> TextSource:
@@ -82,11 +121,7 @@ def read_source(source: str, *, text_column: str | None = None, config_name: str
     if not source:
         raise UserError("data.source is empty: point it at a .txt/.jsonl/.parquet file, a folder, or a hub dataset")
     if source in BUILTIN_SOURCES:
-        from sakd.data import corpus
-
-        plays = corpus.load_plays()
-        held = source.endswith("heldout")
-        texts = [t for name, t in plays.items() if (name in corpus.HELD_OUT_PLAYS) == held]
+        texts = _builtin_texts(source)
         if normal_form:
             texts = [unicodedata.normalize(normal_form, t) for t in texts]
         return TextSource(texts=texts, name=source)
@@ -94,59 +129,10 @@ def read_source(source: str, *, text_column: str | None = None, config_name: str
     replaced = 0
     if p.suffix in (".txt", ".jsonl", ".json", ".parquet") or p.exists() or source.startswith((".", "/", "~")):
         p = p.expanduser()
-        if not p.exists():
-            raise UserError(f"data file {str(p)!r} does not exist: check data.source / the path")
-        if p.is_dir():
-            try:
-                import datasets
-
-                ds = datasets.load_from_disk(str(p))
-            except Exception as e:  # noqa: BLE001 - any failure here means "not a dataset folder"
-                raise UserError(f"{str(p)!r} is not a datasets save_to_disk folder ({type(e).__name__})") from None
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise UserError(f"{str(p)!r} has no split {split!r} (splits: {', '.join(ds)}); set data.split")
-                ds = ds[split]
-            texts = _from_dataset(ds, text_column, str(p))
-        elif p.suffix == ".parquet":
-            try:
-                import pyarrow.parquet as pq
-
-                table = pq.read_table(p)
-            except Exception as e:  # noqa: BLE001
-                raise UserError(f"{str(p)!r} is not a readable parquet file ({type(e).__name__})") from None
-            col = _pick_column(table.column_names, text_column, str(p))
-            texts = [t for t in table.column(col).to_pylist() if isinstance(t, str)]
-        else:
-            raw = p.read_bytes()
-            if b"\x00" in raw[:65536]:
-                raise UserError(f"data file {str(p)!r} looks binary (NUL bytes): give a UTF-8 text file")
-            text, replaced = _decode(raw)
-            if p.suffix in (".jsonl", ".json"):
-                texts = []
-                for n, line in enumerate(text.splitlines(), 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        row = json.loads(line)
-                    except json.JSONDecodeError:
-                        raise UserError(f"{str(p)!r} line {n} is not JSON: fix or remove that line") from None
-                    if not isinstance(row, dict):
-                        raise UserError(f"{str(p)!r} line {n} is not a JSON object")
-                    col = _pick_column(list(row), text_column, f"{str(p)!r} line {n}")
-                    if isinstance(row[col], str):
-                        texts.append(row[col])
-            else:
-                texts = [text]
+        texts, replaced = _file_texts(p, text_column, split)
         name = str(p)
     else:
-        try:
-            import datasets
-
-            ds = datasets.load_dataset(source, config_name, split=split, streaming=streaming)
-        except Exception as e:  # noqa: BLE001 - offline, missing, private: all mean "cannot read"
-            raise UserError(f"cannot load dataset {source!r} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-                            "check the name, or use a local file") from None
+        ds = rows.hub_dataset(source, config_name, split, streaming)
         if streaming and max_texts:
             ds = ds.take(max_texts)
         texts = _from_dataset(ds, text_column, source)
