@@ -277,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args._log_dir = None
     try:
+        if getattr(args, "out", None) is not None and not str(args.out).strip():
+            raise UserError("--out is empty: name the folder to write, e.g. --out runs/my-run")
         return VERBS[args.verb](args)
     except UserError as e:
         _debug_log(args)

@@ -222,6 +222,8 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig, metadata={"help": "Logging."})
 
     def validate(self) -> "Config":
+        if not str(self.train.output_dir or "").strip():  # an unset shell variable: not the current folder
+            raise UserError("train.output_dir is empty: name the run folder, e.g. train.output_dir=runs/my-run")
         w = [self.loss.kd_weight, self.loss.ce_weight, self.loss.chunk_weight, self.loss.hidden.weight,
              self.loss.attention.weight, self.loss.contrastive.weight]
         if sum(w) <= 0:

@@ -99,6 +99,10 @@ def mixed_precision(name: str) -> str:
         return "no"
     if name == "auto":
         return "bf16" if native_bf16() else "fp16"
+    if name == "bf16" and not native_bf16():  # a P100 or T4 would emulate it, far slower than fp16
+        major, minor = torch.cuda.get_device_capability()
+        raise UserError(f"train.precision=bf16 but this GPU (sm_{major}{minor}) has no native bf16 (needs sm_80+): "
+                        "use train.precision=fp16 (or auto)")
     return name
 
 

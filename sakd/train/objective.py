@@ -348,7 +348,7 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
                         flags=flags if (m == 0 and log_mass) else None, use=use, head=head, mapping=mapping,
                         t_head=t_head, t_vocab=t_vocab, classes=classes)
     if "ce" in weights:
-        out.add("ce", _ce_sum(s_logits, batch, head))
+        out.add("ce", _ce_sum(s_logits, batch, head, lc.chunk_rows))
     if t_out is not None:
         add_representation_terms(out, s_out, t_out, batch, aux, cfg)
     return out.total, out.terms, flags
@@ -456,14 +456,16 @@ def fused_head_weight(student, cfg: Config, weights: dict, acc) -> torch.Tensor 
     return plain_head_weight(getattr(acc, "unwrap_model", lambda m: m)(student))  # under DDP: the wrapped model's
 
 
-def _ce_sum(s_logits, batch, head_weight=None) -> torch.Tensor:
+def _ce_sum(s_logits, batch, head_weight=None, chunk_rows: int = 1024) -> torch.Tensor:
     """Cross-entropy of the student's own next tokens, summed over target tokens. With ``head_weight``,
-    ``s_logits`` is the final hidden state [B, L, H] and the output layer is fused into the loss."""
+    ``s_logits`` is the final hidden state [B, L, H] and the output layer is fused into the loss,
+    ``chunk_rows`` (``loss.chunk_rows``) rows of logits at a time."""
     if head_weight is not None:
         keep = ce_targets(batch)
         b, pos = keep.nonzero(as_tuple=True)
         rows = b * s_logits.shape[1] + pos  # position pos predicts token pos + 1
-        return linear_cross_entropy_sum(s_logits.flatten(0, 1), head_weight, batch["s_ids"][b, pos + 1], rows)
+        return linear_cross_entropy_sum(s_logits.flatten(0, 1), head_weight, batch["s_ids"][b, pos + 1], rows,
+                                        chunk_rows=chunk_rows)
     logits = s_logits[:, :-1].float()
     targets = batch["s_ids"][:, 1:].masked_fill(~ce_targets(batch), -100)
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
