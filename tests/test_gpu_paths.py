@@ -75,3 +75,28 @@ def test_every_verb_refuses_an_empty_out_in_one_line_and_writes_nothing(tmp_path
     assert r.returncode == 2 and len(lines) == 1 and "is empty" in lines[0], r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert list(tmp_path.iterdir()) == []  # nothing written where it was started
+
+
+def test_chat_eval_source_format_is_detected_on_its_own(tmp_path, monkeypatch):
+    """data.format=auto on a ShareGPT training file with the built-in chat held-out set (messages): each source is
+    read in its own format. Before the fix the training source's sharegpt was imposed on the held-out set
+    ("sakd:shakespeare-chat-heldout row 1: no field 'conversations')."""
+    import json
+
+    import sakd.data.chat_dataset as cd
+
+    train = tmp_path / "my_sharegpt.jsonl"
+    train.write_text(json.dumps({"conversations": [{"from": "human", "value": "Hi"},
+                                                   {"from": "gpt", "value": "Hello"}]}) + "\n")
+    cfg = load_config(None, [f"data.source={train}", "data.eval_source=sakd:shakespeare-chat-heldout",
+                             "data.format=auto"])
+    seen = {}
+    monkeypatch.setattr(cd, "read_conversations", lambda source, fmt, **kw: seen.__setitem__(source, fmt) or [])
+    monkeypatch.setattr(cd, "configure_template", lambda *a: "test")
+    monkeypatch.setattr(cd, "refuse_unsupported", lambda cfg: None)
+    monkeypatch.setattr(cd, "start_token_id", lambda tok: 0)
+    monkeypatch.setattr(cd, "ChatEncoder", lambda *a: None)
+    monkeypatch.setattr(cd, "encode_all", lambda enc, convs: ([], {}))
+    with pytest.raises(UserError, match="no conversation can be trained on"):
+        cd.chat_data(cfg, "sharegpt", "NFC", None, None, 64, log=lambda *_: None)
+    assert seen == {str(train): "sharegpt", "sakd:shakespeare-chat-heldout": "messages"}

@@ -98,8 +98,11 @@ def chat_data(cfg, fmt: str, form: str, student_tok, teacher_tok, teacher_seq_le
         log(f"data: {side} chat template: {configure_template(tok, spec, side)}")
     read = dict(split=d.split, config_name=d.config_name, normal_form=form)
     convs = read_conversations(d.source, fmt, streaming=d.streaming, max_rows=None, **read)
-    if d.eval_source:
-        held = read_conversations(d.eval_source, fmt, **read)
+    if d.eval_source:  # its own format: data.format=auto detects each source on its own
+        from sakd.data.chat_formats import source_format
+
+        eval_fmt = source_format(d.eval_source, d.format, split=d.split, config_name=d.config_name)
+        held = read_conversations(d.eval_source, fmt if eval_fmt == "text" else eval_fmt, **read)
     else:
         convs, held = split_conversations(convs, d.eval_fraction, cfg.train.seed)
     if d.max_examples:
