@@ -86,3 +86,22 @@ def test_projected_kl_trains_and_refuses_other_divergences(tiny_assets, tmp_path
     with pytest.raises(UserError, match="loss.divergence=forward_kl"):
         load_config(None, tiny_overrides(tiny_assets, tmp_path, **{"loss.logit": "projected_kl",
                                                                    "loss.divergence": "jsd"}))
+
+
+def test_a_cache_built_for_mapped_kl_trains_projected_kl(tiny_assets, tmp_path):
+    """The cache holds no loss-specific key: one built under loss.logit=mapped_kl (packed top-64) feeds a
+    projected_kl run, whose log splits the KD term by position kind."""
+    import json
+
+    from sakd.teacher_cache.builder import build_cache
+
+    base = {"moe.mode": "topk", "loss.ce_weight": 1, "train.max_steps": 2}
+    build = load_config(None, tiny_overrides(tiny_assets, tmp_path / "b", **base, **{"loss.logit": "mapped_kl"}))
+    build_cache(build, tmp_path / "cache", k=64, log=lambda *_: None)
+    cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path / "run", **base, **{
+        "loss.logit": "projected_kl", "model.teacher_cache": str(tmp_path / "cache")}))
+    distill(cfg, progress=False, log=lambda *_: None)
+    history = json.loads((tmp_path / "run" / "history.json").read_text())["history"]
+    step = [r for r in history if "kd_inside" in r]
+    assert step and all(r["kd_one_to_one"] + r["kd_chunk_first"] + r["kd_inside"] == pytest.approx(r["kd"], rel=1e-5)
+                        for r in step)

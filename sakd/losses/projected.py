@@ -62,7 +62,7 @@ from sakd.align.mapping import MappingTables
 from sakd.losses.batch import field, one_to_one
 from sakd.losses.cached_mapped import cached_mapped_targets
 from sakd.losses.divergences import check_settings, ChunkedRowLoss, log_softmax32
-from sakd.losses.mapped import MappedPositions, log_with_zeros, MappedTargets, mapped_kd, mapped_positions
+from sakd.losses.mapped import MappedPositions, MappedTargets, mapped_kd, mapped_positions
 
 KINDS = ("one_to_one", "chunk_first", "inside")  # 1:1 chunk; k = 0 in a longer chunk; k > 0
 
@@ -92,23 +92,28 @@ def _split_rows(smap: torch.Tensor, tj: torch.Tensor, has_mass: torch.Tensor) ->
     return ((smap[tj] != tj) & has_mass).nonzero().squeeze(1)
 
 
-def _student_buckets(s, T, smap, tj, e):
-    """q [n, V], q̄ [n, V + 1] (column V: tokens without a class; column t_j of a split row: {t_j})."""
+def _student_buckets(s, T, moved, tj, e):
+    """q [n, V], q̄ [n, V + 1] (column V: tokens without a class; column t_j of a split row: {t_j}). A token
+    that is its own class's label is its own column: only the ``moved`` columns (ClassTables.moved_columns)
+    are summed into their labels' columns and zeroed."""
+    cols, dest, where = moved
     q = log_softmax32(s, T).exp_()
-    n, vs = q.shape
-    qt = q[e, tj[e]]
-    q[e, tj[e]] = 0
-    qb = torch.zeros(n, vs + 1, dtype=q.dtype, device=q.device).index_add_(1, smap, q)
-    qb[e, tj[e]] = qt
-    q[e, tj[e]] = qt
+    qb = torch.nn.functional.pad(q, (0, 1))
+    qn = q.index_select(1, cols)
+    qn[e, where[tj[e]]] = 0                      # a split row's t_j stays its own bucket
+    qb.index_add_(1, dest, qn)
+    qb[:, cols] = 0
+    qb[e, tj[e]] = q[e, tj[e]]
     return q, qb
 
 
-def _grad(q, ratio, smap, tj, e):
+def _grad(q, ratio, moved, tj, e):
     """q(u) (1 - ratio[B(u)]): ratio = P(B) / q̄(B) per bucket column."""
-    r = ratio.index_select(1, smap)
+    cols, dest, _ = moved
+    r = ratio[:, :q.shape[1]].clone()
+    r[:, cols] = ratio.index_select(1, dest)
     r[e, tj[e]] = ratio[e, tj[e]]
-    return q.sub_(q * r)
+    return q.sub_(r.mul_(q))
 
 
 def _result(loss_rows, kinds, log):
@@ -151,6 +156,7 @@ def projected_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: 
     lab = label_tables(tables.to(t_logits.device), classes)
     target = MappedTargets(t_logits, batch, pos, lab, vs_tok, vt, temperature, True, t_head_weight)
     smap = classes.to(dev_s).student_map(vs)
+    moved = classes.to(dev_s).moved_columns(vs)
     tj_all = batch["s_ids"].to(dev_s)[pos.b.to(dev_s), pos.j.to(dev_s)]
     inside = (pos.k > 0).to(dev_s)
     kinds = position_kinds(batch, pos).to(dev_s)
@@ -163,18 +169,16 @@ def projected_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: 
         idx_s = idx.to(dev_s)
         tj = tj_all[idx_s]
         e = _split_rows(smap, tj, P.gather(1, tj[:, None]).squeeze(1) > 0)
-        q, qb = _student_buckets(s, T, smap, tj, e)
-        keep = P > 0
-        log_p = log_with_zeros(P)
-        r = (log_p - qb.log()).masked_fill_(~keep, 0.0)
+        q, qb = _student_buckets(s, T, moved, tj, e)
         w = torch.where(inside[idx_s], Z.to(torch.float32).to(dev_s), torch.ones_like(Z, dtype=torch.float32,
                                                                                     device=dev_s))
-        loss = (P * r).sum(-1) * w
+        # Σ_B P log(P / q̄): xlogy gives 0 where P = 0 (buckets the teacher gives nothing, empty label columns)
+        loss = (torch.special.xlogy(P, P).sub_(torch.special.xlogy(P, qb))).sum(-1) * w
         rows_out[idx_s] = loss.detach()
         g = None
         if need[0]:
-            ratio = torch.where(keep, P / qb, torch.zeros_like(P))
-            g = _grad(q, ratio, smap, tj, e).mul_(w[:, None])
+            ratio = P.div_(qb.clamp_min_(torch.finfo(qb.dtype).tiny))   # 0 where P = 0
+            g = _grad(q, ratio, moved, tj, e).mul_(w[:, None])
         return loss, (g, None)
 
     s_rows = (pos.b * Ls + pos.j - 1).to(dev_s)
@@ -210,6 +214,7 @@ def cached_projected_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables
     inside = (pos.k > 0).to(dev)
     w_all = torch.where(inside & torch.isfinite(logz), logz.exp(), torch.ones_like(logz))
     smap = classes.to(dev).student_map(vs)
+    moved = classes.to(dev).moved_columns(vs)
     tj_all = batch["s_ids"].to(dev)[pos.b.to(dev), pos.j.to(dev)]
     kinds = position_kinds(batch, pos).to(dev)
     rows_out = torch.zeros(len(pos), dtype=torch.float32, device=dev)
@@ -221,7 +226,7 @@ def cached_projected_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables
         hit = (c < vs) & (p_hit > 0)
         cc = torch.where(hit, c, torch.full_like(c, vs + 1))           # misses: a scratch column past the buckets
         e = _split_rows(smap, tj, ((cc == tj[:, None]) & hit).any(1))
-        q, qb = _student_buckets(s, T, smap, tj, e)
+        q, qb = _student_buckets(s, T, moved, tj, e)
         qb = torch.nn.functional.pad(qb, (0, 1))                       # [n, vs + 2]
         hit_mask = torch.zeros_like(qb, dtype=torch.bool).scatter_(1, cc, hit)
         q_hit = qb.gather(1, cc)
@@ -239,7 +244,7 @@ def cached_projected_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables
             rest_ratio = torch.where(p_rest > 0, p_rest / q_rest, torch.zeros_like(p_rest))
             ratio = rest_ratio[:, None].expand_as(qb).clone()
             ratio.scatter_(1, cc, torch.where(hit, p_hit / q_hit, torch.zeros_like(p_hit)))
-            g = _grad(q, ratio[:, :vs + 1], smap, tj, e).mul_(w[:, None])
+            g = _grad(q, ratio[:, :vs + 1], moved, tj, e).mul_(w[:, None])
         return loss, (g, None, None, None, None)
 
     s_rows = (pos.b * Ls + pos.j - 1).to(dev)
