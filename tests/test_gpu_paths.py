@@ -100,3 +100,22 @@ def test_chat_eval_source_format_is_detected_on_its_own(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="no conversation can be trained on"):
         cd.chat_data(cfg, "sharegpt", "NFC", None, None, 64, log=lambda *_: None)
     assert seen == {str(train): "sharegpt", "sakd:shakespeare-chat-heldout": "messages"}
+
+
+def test_the_heldout_teacher_evaluation_recomputes_an_overflowing_16bit_teacher_in_fp32(tiny_assets, tmp_path):
+    """The start-up evaluation of the teacher is guarded like a training pass: a 16-bit teacher whose outputs
+    overflow is evaluated again in fp32 (one module's weights at a time). Before the fix it reported NaN."""
+    from sakd.train.distill import setup, teacher_heldout_bpb
+
+    cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path / "o", **{"moe.mode": "topk"}))
+    run = setup(cfg, log=lambda *_: None)
+    reference = teacher_heldout_bpb(run, cfg)
+    run.teacher.to(torch.bfloat16)  # CPU stand-in for an fp16 teacher
+
+    def overflow(module, args, output):  # what a bf16-trained model overflowing in fp16 gives
+        return output.masked_fill(torch.ones_like(output, dtype=torch.bool), float("inf")) \
+            if output.dtype != torch.float32 else output
+
+    run.teacher.get_decoder().norm.register_forward_hook(overflow)
+    bpb = teacher_heldout_bpb(run, cfg)
+    assert bpb == pytest.approx(reference, rel=0.02)  # bf16-rounded weights, computed in fp32

@@ -13,6 +13,7 @@ One optimizer step:
 from __future__ import annotations
 
 import json
+import math
 import random
 import signal
 import sys
@@ -38,7 +39,7 @@ from sakd.config import Config, changed_keys, flatten, parse_duration, to_dict
 from sakd.data.text import Collator, SpanDataset, pad_id, span_data
 from sakd.errors import UserError
 from sakd.evaluate.bpb import bits_per_byte
-from sakd.models.load import count_parameters, experts_per_token, load_student, load_teacher
+from sakd.models.load import count_parameters, experts_per_token, fp32_forward, load_student, load_teacher
 from sakd.train.objective import Objective
 from sakd.train.onpolicy import generate_items
 from sakd.train.runlog import RunLogger
@@ -285,9 +286,18 @@ def teacher_heldout_bpb(run: Run, cfg: Config) -> float:
         from sakd.teacher_cache.manifest import heldout_sha256
         m = run.teacher_cache.manifest
         return m.get("teacher_heldout_bpb") if m.get("heldout_sha256") == heldout_sha256(run.heldout) else float("nan")
-    with moe.routing(run.teacher, moe.evaluation_mode(cfg.moe.mode)) \
-            if moe.is_moe(run.teacher) else nullcontext():
-        return heldout_bits_per_byte(run.teacher, run, cfg, teacher=True)
+    def measure():
+        with moe.routing(run.teacher, moe.evaluation_mode(cfg.moe.mode)) \
+                if moe.is_moe(run.teacher) else nullcontext():
+            return heldout_bits_per_byte(run.teacher, run, cfg, teacher=True)
+
+    bpb = measure()
+    # a 16-bit teacher that overflows: recomputed in fp32 one module's weights at a time, as in training
+    if (not math.isfinite(bpb) and cfg.train.nonfinite_teacher == "recompute"
+            and next(run.teacher.parameters()).dtype != torch.float32):
+        with fp32_forward(run.teacher):
+            bpb = measure()
+    return bpb
 
 
 class StepData:
