@@ -101,13 +101,13 @@ def base_overrides(paths: dict, teacher: Path) -> list[str]:
             f"data.max_examples={SPANS}", f"train.max_steps={STEPS}", *REGIME]
 
 
-def _sakd(args: list[str], threads: int, log: Path | None = None) -> subprocess.CompletedProcess:
+def _sakd(args: list[str], threads: int, log: Path) -> subprocess.CompletedProcess:
+    """``sakd ARGS`` in a subprocess started in ``log``'s folder (the work dir: nothing lands in the checkout)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    res = subprocess.run([sys.executable, "-m", "sakd.cli", *args], cwd=ROOT, env=env, capture_output=True,
+    res = subprocess.run([sys.executable, "-m", "sakd.cli", *args], cwd=log.parent, env=env, capture_output=True,
                          text=True)
-    if log is not None:
-        log.write_text(res.stdout + res.stderr)
+    log.write_text(res.stdout + res.stderr)
     return res
 
 
@@ -183,7 +183,7 @@ def _run_task(task: dict) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": str(task["threads"]), "MKL_NUM_THREADS": str(task["threads"])}
     t0 = time.time()
-    res = subprocess.run([sys.executable, __file__, "--one", json.dumps(task)], cwd=ROOT, env=env,
+    res = subprocess.run([sys.executable, __file__, "--one", json.dumps(task)], cwd=out.parent, env=env,
                          capture_output=True, text=True)
     if res.returncode != 0 or not row_file.is_file():
         err = (res.stderr.strip() or res.stdout.strip()).splitlines()
