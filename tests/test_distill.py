@@ -10,6 +10,7 @@ from sakd.data.text import Collator, pad_id
 from sakd.train.distill import EpochOrder, distill, setup
 from sakd.losses import forward_kl
 from tests.conftest import tiny_overrides
+from sakd_test_helpers import router_parameters
 
 
 def _weights(out):
@@ -73,7 +74,7 @@ def test_every_trainable_parameter_gets_a_finite_nonzero_gradient(tiny_assets, t
         sar = moe.SARRouter(run.teacher, lr=1e-2)
         objective.sar_router_step(sar, run.teacher, run.student, batch, run.vocab.shared_s, run.vocab.shared_t,
                                   cfg, CpuAcc, len(run.teacher_tok))
-        for p in moe.router_parameters(run.teacher):
+        for p in router_parameters(run.teacher):
             assert p.grad is None or torch.isfinite(p.grad).all()
 
 

@@ -15,8 +15,9 @@ from transformers import AutoModelForCausalLM
 
 from sakd.errors import UserError
 from sakd.models.moe import (SARRouter, find_moe_blocks, is_moe, ka_select, load_balance_loss,
-                      load_router_state, router_parameters, router_state, routing, routing_schedule)
-from sakd.models.tiny import llama_config, qwen2_moe_config, qwen3_moe_config
+                      load_router_state, router_state, routing, routing_schedule)
+from sakd.models.tiny import llama_config, qwen3_moe_config
+from sakd_test_helpers import qwen2_moe_config, router_parameters
 
 VOCAB = 64
 

@@ -399,8 +399,15 @@ def split_heldout(texts: list[str], fraction: float, seed: int) -> tuple[list[st
 
 # ----------------------------------------------------------------------------- a run's data
 
+def teacher_span_len(seq_len: int, teacher_seq_len: int | None = None) -> int:
+    """The teacher tokens a span may hold: ``teacher_seq_len``, by default 2 x ``seq_len`` (the one place
+    of this rule: the loop, the cache, the planner and retention read it here)."""
+    return teacher_seq_len or 2 * seq_len
+
+
 def teacher_seq_len(cfg) -> int:
-    return cfg.data.teacher_seq_len or 2 * cfg.data.seq_len
+    """``data.teacher_seq_len``, by default 2 x ``data.seq_len`` (``teacher_span_len``)."""
+    return teacher_span_len(cfg.data.seq_len, cfg.data.teacher_seq_len)
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch
 
 from sakd.align.tokens import encode_with_bytes, start_token_id
 from sakd.align.vocab import build_vocab_map
-from sakd.data.text import bytes_per_token, collate, cut_spans, encode_pair, pad_id
+from sakd.data.text import bytes_per_token, collate, cut_spans, encode_pair, pad_id, teacher_span_len
 from sakd.errors import UserError
 from sakd.losses.crosstok import chunk_logprobs, one_to_one_positions
 
@@ -146,7 +146,7 @@ def retention(teacher, t_tok, student, s_tok, texts: list[str], *, seq_len: int 
     Returns a flat dict whose keys carry their units, plus "units" (descriptions); a mean over
     nothing (no 1:1 position, no multi-token chunk) is None."""
     vocab = build_vocab_map(s_tok, t_tok)
-    t_seq = teacher_seq_len or 2 * seq_len
+    t_seq = teacher_span_len(seq_len, teacher_seq_len)
     items = encode_spans(texts, s_tok, t_tok, seq_len, t_seq)
     s_pad, t_pad = pad_id(s_tok), pad_id(t_tok)
     flags = (student.training, teacher.training)

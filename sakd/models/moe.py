@@ -349,11 +349,6 @@ def routing(teacher: nn.Module, mode: str, *, experts: int | None = None, sample
 
 
 # --------------------------------------------------------------------------- SAR helpers
-def router_parameters(teacher: nn.Module) -> list[nn.Parameter]:
-    """The router weights [E, H] of every MoE block, in block order."""
-    return [l.gate.weight for l in _layers(teacher)]
-
-
 def router_state(teacher: nn.Module) -> dict[str, torch.Tensor]:
     """{"<block>.gate.weight": contiguous clone}: safetensors-friendly, nothing shared."""
     return {f"{l.name}.gate.weight": l.gate.weight.detach().clone().contiguous() for l in _layers(teacher)}

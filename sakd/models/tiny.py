@@ -6,7 +6,7 @@ so that every test runs the same loading code as the real pair."""
 
 from __future__ import annotations
 
-from transformers import LlamaConfig, Qwen2MoeConfig, Qwen3MoeConfig
+from transformers import LlamaConfig, Qwen3MoeConfig
 
 
 def qwen3_moe_config(vocab_size: int, hidden: int = 256, layers: int = 4, heads: int = 4,
@@ -20,18 +20,6 @@ def qwen3_moe_config(vocab_size: int, hidden: int = 256, layers: int = 4, heads:
         num_experts=experts, num_experts_per_tok=experts_per_tok, norm_topk_prob=True,
         decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=max_positions,
         tie_word_embeddings=True, rope_theta=10000.0, **kw,
-    )
-
-
-def qwen2_moe_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4,
-                     experts: int = 4, experts_per_tok: int = 2, intermediate: int = 64, **kw) -> Qwen2MoeConfig:
-    """A Qwen2-MoE (with a shared expert) for routing parity tests."""
-    return Qwen2MoeConfig(
-        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=heads, intermediate_size=intermediate,
-        moe_intermediate_size=intermediate, shared_expert_intermediate_size=intermediate,
-        num_experts=experts, num_experts_per_tok=experts_per_tok, decoder_sparse_step=1,
-        mlp_only_layers=[], max_position_embeddings=512, **kw,
     )
 
 

@@ -55,21 +55,11 @@ def active_parameters(model) -> int:
     return int(round(total - inactive))
 
 
-def _local_folder(name: str) -> Path | None:
-    p = Path(name).expanduser()
-    if p.is_dir():
-        return p
-    try:  # a hub id already in the local cache; never downloads
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, local_files_only=True, allow_patterns=["*.safetensors", "*.json"]))
-    except Exception:  # noqa: BLE001 - not cached / not a repo id: the size is simply unknown
-        return None
-
-
 def weights_on_disk(name: str) -> tuple[int | None, list[str]]:
     """(bytes of the *.safetensors files, sorted stored dtypes read from their headers), or (None, [])."""
-    folder = _local_folder(name)
+    from sakd.models.load import local_model_folder
+
+    folder = local_model_folder(name, allow_patterns=["*.safetensors", "*.json"])  # None: the size is unknown
     files = sorted(folder.glob("*.safetensors")) if folder else []
     if not files:
         return None, []

@@ -34,10 +34,6 @@ DELTA_MAX = 24.0  # nats below the row's top log-prob: anything further reads as
 CODECS = ("packed", "float32")
 
 
-def id_bits(vocab: int) -> int:
-    return max(1, (vocab - 1).bit_length())
-
-
 def ef_low_bits(vocab: int, k: int) -> int:
     return max(0, (vocab // k).bit_length() - 1)
 

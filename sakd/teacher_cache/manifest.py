@@ -56,7 +56,7 @@ from sakd.align.vocab import VocabMap, build_vocab_map
 from sakd.config import Config
 from sakd.data.text import teacher_seq_len
 from sakd.errors import UserError
-from sakd.models.load import load_tokenizer
+from sakd.models.load import load_tokenizer, local_model_folder
 
 FORMAT_VERSION = 2
 REBUILD = "rebuild it with sakd cache-teacher --config <config> --out DIR"
@@ -101,22 +101,10 @@ def vocab_map_sha256(vocab: VocabMap) -> str:
     return h.hexdigest()
 
 
-def _model_folder(name: str) -> Path | None:
-    p = Path(name).expanduser()
-    if p.is_dir():
-        return p
-    try:  # a hub id already in the local cache (never downloads)
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(name, local_files_only=True))
-    except Exception:  # noqa: BLE001 - not cached, not a repo id, offline: no fingerprint then
-        return None
-
-
 def weights_sha256(name: str) -> str | None:
     """sha256 over the teacher's config.json and weight files (content, ~1-2 GB/s), None when the
     files are not on this machine (training from a cache does not need them)."""
-    folder = _model_folder(name)
+    folder = local_model_folder(name)  # None: no fingerprint then
     if folder is None:
         return None
     files = sorted(f for f in folder.iterdir() if f.name == "config.json" or f.suffix in (".safetensors", ".bin"))

@@ -9,11 +9,11 @@ from sakd.losses.crosstok import (
     chunk_likelihood_loss,
     chunk_logprobs,
     log1mexp,
-    mean_loss,
     one_to_one_positions,
     shared_vocab_kd,
 )
 from sakd.losses.divergences import kd_loss
+from sakd_test_helpers import mean_loss
 
 VS, VT = 11, 13
 SHARED_S = torch.tensor([3, 1, 7, 2, 9, 10])
