@@ -8,8 +8,7 @@ import pytest
 from sakd.config import load_config
 from sakd.errors import UserError
 from sakd.train.runlog import RunLogger
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("name", ["uld", "gold", "truncation"])

@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import pytest
 import yaml
 from hypothesis import given, settings
@@ -7,8 +5,7 @@ from hypothesis import strategies as st
 
 from sakd.config import Config, field_help, load_config, parse_duration
 from sakd.errors import UserError
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.conftest import ROOT
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)

@@ -4,7 +4,9 @@ from its ``def`` line to its last line, docstring and comments included."""
 import ast
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "sakd"
+from tests.conftest import ROOT
+
+PKG = ROOT / "sakd"
 LIMIT, LIMITS = 80, {("sakd/train/distill.py", "distill"): 120}
 
 

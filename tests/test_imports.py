@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parent.parent / "sakd"
+from tests.conftest import ROOT
+
+PKG = ROOT / "sakd"
 
 # Lowest first. A module may import its own subsystem and any subsystem of a LOWER layer; subsystems of one
 # layer know nothing of each other.

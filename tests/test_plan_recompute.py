@@ -1,11 +1,10 @@
 """`sakd plan` counts the fp32 recompute of an overflowing fp16 teacher pass (models.fp32_forward)."""
 
-from pathlib import Path
-
 from sakd.config import load_config
 from sakd.plan import format_plan, plan
+from tests.conftest import ROOT
 
-REAL = Path(__file__).resolve().parent.parent / "configs" / "huihui-moe-1b-to-smollm-135m.yaml"
+REAL = ROOT / "configs" / "huihui-moe-1b-to-smollm-135m.yaml"
 
 
 def test_fp32_recompute_moment_by_hand():

@@ -2,11 +2,11 @@
 
 import math
 import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
 from paired import gain_percent, paired, seeds_needed, t975  # noqa: E402
 
 

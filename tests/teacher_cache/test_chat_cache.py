@@ -12,7 +12,7 @@ from sakd.data.text import Collator, pad_id
 from sakd.train.distill import distill, setup, teacher_heldout_bpb
 from sakd.errors import UserError
 from sakd.train.objective import cached_step_loss, count_targets, micro_step_loss
-from tests.test_chat_loop import _cfg, chat_file  # noqa: F401  (the fixture)
+from tests.train.test_chat_loop import _cfg, chat_file  # noqa: F401  (the fixture)
 
 QUIET = dict(log=lambda *_: None)
 WEIGHTS = {"kd": 1.0, "chunk": 1.0, "ce": 1.0}

@@ -9,7 +9,7 @@ from sakd.data.chat import configure_template, pack
 from sakd.train.chat_onpolicy import generate_chat_items, reply_text, split_prompt, student_reply, turn_end_marker
 from sakd.train.distill import distill, setup
 from sakd.models.load import load_tokenizer
-from tests.test_chat_loop import _cfg, chat_file  # noqa: F401  (the fixture)
+from tests.train.test_chat_loop import _cfg, chat_file  # noqa: F401  (the fixture)
 
 QUIET = dict(log=lambda *_: None)
 ROW = ("s_ids", "t_ids", "chunks", "s_loss", "s_pos", "t_pos", "convs")

