@@ -35,7 +35,7 @@ and once: ``fp16_alm``, the same fp16 run with the chunk-likelihood (ALM) term o
 which needs the student's full logits: the unfused output-layer path, max(1, steps // 4) steps;
 sigterm_to_checkpoint_s, the seconds from SIGTERM (sent mid-run) to the saved checkpoint.
 With --tiny (CPU): tiny hidden sizes with the real vocabularies; on CPU both precisions train in fp32
-(the teacher in fp16 / bf16), memory is not measured. CI runs it this way (tests/test_gpu_check.py).
+(the teacher in fp16 / bf16), memory is not measured. CI runs it this way (tests/benchmarks/test_gpu_check.py).
 """
 
 from __future__ import annotations

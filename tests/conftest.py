@@ -1,5 +1,10 @@
 """Shared fixtures: tiny tokenizers and models built from configs, saved with save_pretrained and
-loaded back with from_pretrained (the same loading code as the real pair), on Shakespeare text."""
+loaded back with from_pretrained (the same loading code as the real pair), on Shakespeare text.
+
+The tests mirror the package (docs/architecture.md, "Where the tests are"): tests/<subsystem>/ for
+sakd/<subsystem>/, tests/benchmarks/ for benchmarks/, this folder for cli, config, plan and the rules over the
+whole package. No folder has an __init__.py, so test file names are unique across tests/. A test finds the
+repository through ROOT below, never through its own __file__ (files move)."""
 
 import os
 import subprocess

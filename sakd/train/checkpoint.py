@@ -17,7 +17,7 @@ any trainable distillation parts (projectors, SAR router). Guarantees:
 * leftovers of a writer that died (``.tmp-*`` / ``.old-*`` of a process that no
   longer runs) are removed by the next save.
 
-Tested in tests/test_reliability.py (see docs/reliability.md).
+Tested in tests/train/test_reliability.py (see docs/reliability.md).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 ``TrainState.state_dict()`` gives ``{"tensors": {file stem: flat tensors}, "state": {...}}``, the two
 halves that ``sakd.train.checkpoint.save_checkpoint`` writes (``*.safetensors`` and ``state.pt``);
 ``load_state_dict`` reads them back. Checkpoint and resume are these two calls: a field added here is
-saved and loaded in one place (tests/test_state.py round-trips every field).
+saved and loaded in one place (tests/train/test_state.py round-trips every field).
 
 The plain values (step, history, ...) are held by value; the parts with a state of their own (the
 student, the projectors, the optimizer, ...) by reference, and saved through their ``state_dict``.

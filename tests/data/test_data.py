@@ -16,7 +16,7 @@ def test_spans_cover_text_exactly_and_cut_at_whitespace():
 
 def test_short_texts_are_packed_whole_and_long_ones_cut():
     """Texts shorter than the budget are packed (a blank line between), never cut; a long text is cut on its
-    own, never joined to its neighbours (tests/test_real_text.py: the pad fraction this saves)."""
+    own, never joined to its neighbours (tests/data/test_real_text.py: the pad fraction this saves)."""
     assert cut_spans(["aaa bbb", "ccc ddd"], 100) == ["aaa bbb\n\nccc ddd"]
     long = "word " * 40
     assert cut_spans(["aaa", long, "bbb"], 100) == ["aaa", *cut_spans([long], 100), "bbb"]

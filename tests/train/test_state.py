@@ -13,7 +13,7 @@ from sakd.train.state import TrainState
 
 # Fields a checkpoint saves but does not load back: the configuration is THIS run's (resume compares
 # the saved one with it, sakd.train.distill._check_resume_config), and the SAR router is round-tripped by
-# tests/test_moe.py (SARRouter.state_dict) and the SAR resume test in tests/test_reliability.py.
+# tests/models/test_moe.py (SARRouter.state_dict) and the SAR resume test in tests/train/test_reliability.py.
 NOT_LOADED = {"config", "sar"}
 
 
