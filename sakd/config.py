@@ -140,11 +140,25 @@ class LossConfig:
     contrastive: ContrastiveLossConfig = field(default_factory=ContrastiveLossConfig,
                                                metadata={"help": "Contrastive term."})
 
-
     @property
     def method(self) -> str:
         """The logit loss this run computes: the benchmark's ``baseline`` when one is set, else ``logit``."""
         return self.baseline or self.logit
+
+    def active_terms(self) -> frozenset[str]:
+        """The one rule for which loss terms a run trains with, at any step: kd (the logit loss) when
+        loss.kd_weight > 0 and loss.logit is not none; ce, chunk, hidden, attention, contrastive when their
+        weight > 0 (a ramped term is active from step 0, at weight 0). The loop (``objective.term_weights``),
+        ``sakd plan`` and the teacher-cache check read it; those in TEACHER_TERMS need the teacher's outputs."""
+        weights = {"kd": self.kd_weight if self.method != "none" else 0.0, "ce": self.ce_weight,
+                   "chunk": self.chunk_weight, "hidden": self.hidden.weight, "attention": self.attention.weight,
+                   "contrastive": self.contrastive.weight}
+        return frozenset(k for k, w in weights.items() if w > 0)
+
+
+# The loss terms that read the teacher's outputs (every term but ce): see LossConfig.active_terms.
+TEACHER_TERMS = frozenset({"kd", "chunk", "hidden", "attention", "contrastive"})
+
 
 @dataclass
 class TrainConfig:
@@ -235,7 +249,8 @@ class Config:
             raise UserError(f"moe.experts_end={self.moe.experts_end} is below moe.experts_start={self.moe.experts_start}")
         if self.train.max_time is not None:
             parse_duration(self.train.max_time, "train.max_time")
-        if self.loss.method == "projected_kl" and self.loss.kd_weight > 0 and self.loss.divergence != "forward_kl":
+        if (self.loss.method == "projected_kl" and "kd" in self.loss.active_terms()
+                and self.loss.divergence != "forward_kl"):
             raise UserError(f"loss.logit=projected_kl is a forward KL on the teacher's classes, not "
                             f"loss.divergence={self.loss.divergence}: set loss.divergence=forward_kl")
         if self.loss.mapped_positions != "all" and self.model.teacher_cache:

@@ -58,7 +58,7 @@ import torch
 from sakd.config import Config
 from sakd.errors import UserError
 from sakd.data.text import teacher_seq_len
-from sakd.train.objective import fused_head_terms, teacher_head_use, term_weights
+from sakd.train.objective import fused_head_terms, teacher_head_use
 
 GiB = 2**30
 
@@ -189,7 +189,7 @@ KERNEL_TEMPORARIES = {"forward_kl": 3.25, "reverse_kl": 3.25, "jsd": 7.0, "tvd":
 
 def _teacher_head_use(cfg: Config) -> str | None:
     """objective.teacher_head_use for this configuration's terms (None with a teacher cache)."""
-    return None if cfg.model.teacher_cache else teacher_head_use(cfg.loss, term_weights(cfg, 0))
+    return None if cfg.model.teacher_cache else teacher_head_use(cfg.loss, cfg.loss.active_terms())
 
 
 class _Step:
@@ -205,10 +205,11 @@ class _Step:
         self.Vs, self.Vt, self.S = s["vocab"], t["vocab"], min(s["vocab"], t["vocab"])
         self.N, self.rows = B * self.Ls, min(lc.chunk_rows, B * self.Ls)  # rows: one row block of the loss
         self.H = s["hidden"]
-        self.eager = lc.attention.weight > 0
+        self.terms = lc.active_terms()
+        self.eager = "attention" in self.terms
         self.ckpt = cfg.model.gradient_checkpointing
         self.passes = cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1
-        self.kd, self.ce, self.alm = lc.kd_weight > 0 and lc.method != "none", lc.ce_weight > 0, lc.chunk_weight > 0
+        self.kd, self.ce, self.alm = "kd" in self.terms, "ce" in self.terms, "chunk" in self.terms
         self.kernel = KERNEL_TEMPORARIES.get(lc.divergence, 7.0)
         self.cached = bool(cfg.model.teacher_cache)  # teacher read from a top-k cache: never loaded, never run
         self.topk = _cache_k(cfg.model.teacher_cache) if self.cached else 0
@@ -249,7 +250,7 @@ def _student_terms(z: _Step, c: dict) -> None:
 
 def _teacher_terms(z: _Step, c: dict) -> None:
     """The teacher's head copy, logits, forward temporaries, hidden states and attention maps."""
-    t, B, Lt, tb, lc = z.t, z.B, z.Lt, z.tb, z.cfg.loss
+    t, B, Lt, tb = z.t, z.B, z.Lt, z.tb
     # fused teacher head (objective.teacher_head): where shared_kl alone reads the teacher's logits, only the
     # shared columns are computed ([B, Lt, S]), from a gathered copy of the head's shared rows ([S, H])
     c["teacher_head_shared"] = z.S * t["hidden"] * tb if z.t_shared else 0
@@ -261,7 +262,7 @@ def _teacher_terms(z: _Step, c: dict) -> None:
     if z.cached:  # the decoded cache batch instead: top-k ids (int64) and log-probs (fp32) per teacher position
         c["teacher_logits"] = B * Lt * (z.topk * 12 + 16)
         c["teacher_forward"] = 0
-    need_hidden = lc.hidden.weight > 0 or lc.contrastive.weight > 0
+    need_hidden = bool({"hidden", "contrastive"} & z.terms)
     c["teacher_hidden_states"] = (t["layers"] + 1) * B * Lt * t["hidden"] * tb if need_hidden else 0
     c["teacher_attention_maps"] = t["layers"] * B * t["heads"] * Lt * Lt * tb if z.eager else 0
 
@@ -452,8 +453,8 @@ def plan(cfg: Config, *, card_gb: float = 16.0, micro_batch: int | None = None, 
         "teacher_dtype": cfg.model.teacher_dtype, "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "moe_mode": cfg.moe.mode, "teacher_cache": cfg.model.teacher_cache, "teacher": t, "student": s,
         "teacher_head": _teacher_head_use(cfg),
-        "fused_head": fused_head_terms(cfg.loss, kd=cfg.loss.kd_weight > 0 and cfg.loss.method != "none",
-                                       chunk=cfg.loss.chunk_weight > 0),
+        "fused_head": fused_head_terms(cfg.loss, kd="kd" in cfg.loss.active_terms(),
+                                       chunk="chunk" in cfg.loss.active_terms()),
         "components": {k: int(v) for k, v in tot["components"].items()},
         "moments": {k: int(v) for k, v in tot["moments"].items()},
         "persistent_bytes": int(tot["persistent"]), "transient_bytes": int(tot["transient"]),

@@ -192,22 +192,22 @@ def check_manifest(manifest: dict, expect: dict, where: str) -> None:
 
 def check_cached_config(cfg: Config) -> None:
     """Refuse (UserError) what a top-k teacher cache cannot feed."""
-    lc = cfg.loss
+    lc, terms = cfg.loss, cfg.loss.active_terms()
     if cfg.moe.mode == "sar":
         raise UserError("moe.mode=sar trains the teacher's router during distillation and needs the live teacher: "
                         "use moe.mode=topk, all or ka with model.teacher_cache, or drop the cache")
-    if lc.kd_weight > 0 and lc.method not in ("shared_kl", "mapped_kl", "projected_kl", "none"):
+    if "kd" in terms and lc.method not in ("shared_kl", "mapped_kl", "projected_kl"):
         key = "loss.baseline" if lc.baseline else "loss.logit"
         raise UserError(f"{key}={lc.method} needs the teacher's full logits: use loss.logit=shared_kl, "
                         "mapped_kl or projected_kl with model.teacher_cache, or drop the cache")
-    if lc.kd_weight > 0 and lc.method != "none" and lc.divergence != "forward_kl":
+    if "kd" in terms and lc.divergence != "forward_kl":
         raise UserError(f"loss.divergence={lc.divergence} needs the teacher's probability of every token; a top-k "
                         "cache supports forward_kl only: set loss.divergence=forward_kl or drop the cache")
-    if lc.kd_weight > 0 and lc.gap_weighting:
+    if "kd" in terms and lc.gap_weighting:
         raise UserError("loss.gap_weighting needs the teacher's full logits: set it to false with "
                         "model.teacher_cache, or drop the cache")
     for key in ("hidden", "attention", "contrastive"):
-        if getattr(lc, key).weight > 0:
+        if key in terms:
             raise UserError(f"loss.{key}.weight > 0 needs the teacher's hidden states, which the cache does not "
                             f"hold: set loss.{key}.weight=0 or drop the cache")
     if lc.on_policy_prob > 0:

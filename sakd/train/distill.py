@@ -108,7 +108,7 @@ def mixed_precision(name: str) -> str:
 
 
 def needs_attention_maps(cfg: Config) -> bool:
-    return cfg.loss.attention.weight > 0
+    return "attention" in cfg.loss.active_terms()
 
 
 def setup(cfg: Config, log=print) -> Run:
@@ -184,9 +184,8 @@ def describe(run: Run, cfg: Config, log=print) -> dict:
         f"{cfg.train.grad_accum} accumulation x {world} process(es) x {cfg.data.seq_len})")
     log(f"data: {info['train_spans']:,} training spans, {info['heldout_bytes']:,} held-out bytes; "
         f"device {info['device']}, mixed precision {info['mixed_precision']}")
-    if run.teacher is not None and objective.fused_head_terms(cfg.loss, kd=cfg.loss.kd_weight > 0 and
-                                                              cfg.loss.method != "none",
-                                                              chunk=cfg.loss.chunk_weight > 0):
+    terms = cfg.loss.active_terms()
+    if run.teacher is not None and objective.fused_head_terms(cfg.loss, kd="kd" in terms, chunk="chunk" in terms):
         # The fused head's matmuls run in the dtype of the student's final hidden state, and the final
         # RMSNorm returns its fp32 input dtype under autocast; the loss runs outside autocast.
         log("fused output layer: the student's logits are computed chunk by chunk in float32 (its final hidden "

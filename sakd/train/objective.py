@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sakd.models import moe
-from sakd.config import Config
+from sakd.config import TEACHER_TERMS, Config
 from sakd.errors import UserError
 from sakd.losses.attention import attention_transfer_loss
 from sakd.losses.contrastive import info_nce, mean_pool
@@ -60,35 +60,27 @@ def build_aux_modules(cfg: Config, s_config, t_config) -> nn.ModuleDict:
     They are saved in checkpoints, never in the exported student."""
     aux = nn.ModuleDict()
     s_dim, t_dim = s_config.hidden_size, t_config.hidden_size
-    if cfg.loss.hidden.weight > 0:
+    terms = cfg.loss.active_terms()
+    if "hidden" in terms:
         pairs = hidden_pairs(cfg, s_config.num_hidden_layers, t_config.num_hidden_layers)
         aux["hidden"] = HiddenProjector(s_dim, t_dim, pairs)
-    if cfg.loss.contrastive.weight > 0:
+    if "contrastive" in terms:
         aux["contrastive"] = nn.Linear(t_dim, s_dim)
     return aux
-
-
-# The terms that read the teacher's outputs (every term but ce).
-TEACHER_TERMS = frozenset({"kd", "chunk", "hidden", "attention", "contrastive"})
 
 
 def term_weights(cfg: Config, step: int) -> dict[str, float]:
     """{term: weight at ``step``} for the run's active terms: kd (the logit loss; off under loss.logit=none),
     ce, chunk (chunk likelihood) with their configured weights, hidden/attention/contrastive ramped (kept,
-    at weight 0 early in a ramp, so that their modules and counts exist from step 0). The one rule for which
-    terms are active: see ``active_terms``."""
+    at weight 0 early in a ramp, so that their modules and counts exist from step 0). Which terms are active
+    is the one rule ``LossConfig.active_terms``."""
     lc = cfg.loss
-    w = {"kd": lc.kd_weight if lc.method != "none" else 0.0, "ce": lc.ce_weight, "chunk": lc.chunk_weight,
+    w = {"kd": lc.kd_weight, "ce": lc.ce_weight, "chunk": lc.chunk_weight,
          "hidden": ramp(lc.hidden.weight, lc.hidden.ramp_steps, step),
          "attention": ramp(lc.attention.weight, lc.attention.ramp_steps, step),
          "contrastive": ramp(lc.contrastive.weight, lc.contrastive.ramp_steps, step)}
-    return {k: v for k, v in w.items() if v > 0 or k in ("hidden", "attention", "contrastive")
-            and getattr(lc, k).weight > 0}
-
-
-def active_terms(cfg: Config) -> frozenset[str]:
-    """The terms the run trains with (at any step)."""
-    return frozenset(term_weights(cfg, 0))
+    active = lc.active_terms()
+    return {k: v for k, v in w.items() if k in active}  # in this order: the loss sums its terms in it
 
 
 def count_targets(micro: list[dict], cfg: Config, mapping=None) -> dict[str, float]:
