@@ -122,7 +122,10 @@ class LossConfig:
     ce_weight: float = F(0.0, "Weight of cross-entropy on the student's own next tokens.", min=0.0)
     chunk_weight: float = F(0.0, "Weight of the chunk-likelihood (ALM) loss on multi-token chunks.", min=0.0)
     chunk_temperature: float = F(100.0, "ALM binarisation temperature.", gt=0.0)
-    chunk_rows: int = F(1024, "Rows per chunk in the full-vocabulary losses (memory bound).", min=1)
+    chunk_rows: int = F(1024, "Rows per row block in the full-vocabulary losses and cross-entropy: they walk "
+                        "the positions one row block at a time, so [chunk_rows, vocab] float32 bounds their "
+                        "temporaries (memory bound; the name is kept for old configs, it is no alignment chunk).",
+                        min=1)
     fused_head: bool = F(True, "Fuse the student's output layer into the shared-vocabulary KD and cross-entropy "
                          "losses (its [tokens, vocab] logits never exist). Used when those are the only logit "
                          "terms (no chunk likelihood, gap weighting or baseline logit loss); else the logits path. "

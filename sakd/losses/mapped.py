@@ -43,7 +43,7 @@ import torch
 from sakd.align.mapping import MappingTables
 from sakd.errors import UserError
 from sakd.losses.batch import one_to_one
-from sakd.losses.divergences import (ChunkedRowLoss, check_settings, divergence_kernel, kl_rows, log_softmax32,
+from sakd.losses.divergences import (RowBlockLoss, check_settings, divergence_kernel, kl_rows, log_softmax32,
                                      divergence_sum, head_rows)
 
 _BIG = 1 << 32  # chunk index * _BIG + byte offset inside the chunk: one sortable key per token end
@@ -170,7 +170,7 @@ def path_log_mass(t2, t_ids, pos: MappedPositions, e_idx, Lt: int, vt: int, tabl
 
 
 class MappedTargets:
-    """Builds log Q (times T, see ``mapped_kd``) for a chunk of positions, from the teacher logits."""
+    """Builds log Q (times T, see ``mapped_kd``) for a row block of positions, from the teacher logits."""
 
     def __init__(self, t_logits, batch, pos: MappedPositions, tables: MappingTables, vs: int, vt: int,
                  temperature: float, extend: bool, t_head: torch.Tensor | None = None):
@@ -266,8 +266,8 @@ def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: Map
     the output layer is fused in); t_logits [B, Lt, Vt_cols], treated as a constant (the student is
     trained); ``t_vocab_size`` bounds the teacher columns that name tokens. With ``t_head_weight``
     [Vt_cols, H] (the teacher's output layer), t_logits is the teacher's last hidden state [B, Lt, H] and
-    only the rows a chunk needs are multiplied out: the teacher's [B, Lt, Vt] logits never exist. Memory:
-    rows are walked in chunks of ``chunk_rows``; neither [N, Vt] nor [N, Vs] exists for all rows at once.
+    only the rows a row block needs are multiplied out: the teacher's [B, Lt, Vt] logits never exist. Memory:
+    rows are walked in row blocks of ``chunk_rows``; neither [N, Vt] nor [N, Vs] exists for all rows at once.
 
     One tokenizer on both sides (``tables.identity``): exactly plain full-vocabulary KD at every
     position. ``prefix_weight`` (``loss.mapped_prefix_weight``): each position's term times Z, the teacher's
@@ -318,8 +318,8 @@ def mapped_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: Map
         return loss, (g_s, None)
 
     index = ((s_rows, None), (None, None))
-    loss = ChunkedRowLoss.apply(kernel, 1, index, len(pos), chunk_rows, float(temperature), head_weight,
-                                 s_logits.flatten(0, 1), torch.arange(len(pos), device=t_logits.device))
+    loss = RowBlockLoss.apply(kernel, 1, index, len(pos), chunk_rows, float(temperature), head_weight,
+                              s_logits.flatten(0, 1), torch.arange(len(pos), device=t_logits.device))
     return loss, n
 
 

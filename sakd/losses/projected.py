@@ -61,7 +61,7 @@ from sakd.align.classes import ClassTables
 from sakd.align.mapping import MappingTables
 from sakd.losses.batch import field, one_to_one
 from sakd.losses.cached_mapped import cached_mapped_targets
-from sakd.losses.divergences import check_settings, ChunkedRowLoss, log_softmax32
+from sakd.losses.divergences import check_settings, RowBlockLoss, log_softmax32
 from sakd.losses.mapped import MappedPositions, MappedTargets, mapped_kd, mapped_positions
 
 KINDS = ("one_to_one", "chunk_first", "inside")  # 1:1 chunk; k = 0 in a longer chunk; k > 0
@@ -134,7 +134,7 @@ def projected_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: 
 
     Shapes and options as ``mapped_kd`` (s_logits [B, Ls, Vs] or, with ``head_weight`` [Vs, H], the
     student's last hidden state; t_logits [B, Lt, Vt_cols] or, with ``t_head_weight``, the teacher's last
-    hidden state; rows walked in chunks of ``chunk_rows``). ``log``: a dict that receives, per position kind
+    hidden state; rows walked in row blocks of ``chunk_rows``). ``log``: a dict that receives, per position kind
     (``KINDS``), the sum of the terms (detached tensors) and the count (``<kind>_n``).
     Returns (loss_sum, n positions)."""
     check_settings(temperature, "sum", chunk_rows)
@@ -183,8 +183,8 @@ def projected_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: 
 
     s_rows = (pos.b * Ls + pos.j - 1).to(dev_s)
     index = ((s_rows, None), (None, None))
-    loss = ChunkedRowLoss.apply(kernel, 1, index, len(pos), chunk_rows, float(temperature), head_weight,
-                                 s_logits.flatten(0, 1), torch.arange(len(pos), device=t_logits.device))
+    loss = RowBlockLoss.apply(kernel, 1, index, len(pos), chunk_rows, float(temperature), head_weight,
+                              s_logits.flatten(0, 1), torch.arange(len(pos), device=t_logits.device))
     _result(rows_out, kinds, log)
     return loss, n
 
@@ -249,9 +249,9 @@ def cached_projected_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables
 
     s_rows = (pos.b * Ls + pos.j - 1).to(dev)
     none = (None, None)
-    loss = ChunkedRowLoss.apply(kernel, 1, ((s_rows, None), none, none, none, none), len(pos), chunk_rows,
-                                 float(temperature), None, s_logits.flatten(0, 1), cols, log_q, log_rest,
-                                 torch.arange(len(pos), device=dev))
+    loss = RowBlockLoss.apply(kernel, 1, ((s_rows, None), none, none, none, none), len(pos), chunk_rows,
+                              float(temperature), None, s_logits.flatten(0, 1), cols, log_q, log_rest,
+                              torch.arange(len(pos), device=dev))
     _result(rows_out, kinds, log)
     return loss, n
 

@@ -1,4 +1,6 @@
-"""Load, freeze and place the teacher and the student (``from_pretrained``: hub id or folder)."""
+"""Load, freeze and place the teacher and the student (``from_pretrained``: hub id or folder), and their
+tokenizers; a local model folder's lookup, parameter counts, and the fp32 recompute of a 16-bit teacher pass
+(``fp32_forward``)."""
 
 from __future__ import annotations
 

@@ -7,7 +7,9 @@ One optimizer step:
   3. [SAR] one router step on the first micro-batch: KL(p_teacher || q_student), student detached;
   4. for each micro-batch: teacher forward(s) without gradient (KA: M routed passes), student forward,
      loss terms as sums, backward (``no_sync`` except on the last micro-batch);
-  5. unscale, clip, step (GradScaler skips steps with non-finite gradients), schedule.
+  5. unscale, clip, step (a step with non-finite gradients is skipped and counted), schedule;
+  6. log; every ``train.eval_every`` steps held-out bits per byte; every ``train.save_every`` steps a
+     checkpoint; stop on ``train.max_time`` or a signal (saved, resumable).
 """
 
 from __future__ import annotations
@@ -188,9 +190,9 @@ def describe(run: Run, cfg: Config, log=print) -> dict:
     if run.teacher is not None and objective.fused_head_terms(cfg.loss, kd="kd" in terms, chunk="chunk" in terms):
         # The fused head's matmuls run in the dtype of the student's final hidden state, and the final
         # RMSNorm returns its fp32 input dtype under autocast; the loss runs outside autocast.
-        log("fused output layer: the student's logits are computed chunk by chunk in float32 (its final hidden "
-            "state is float32 under autocast): exact log-softmax inputs at 150k columns, the head's matmul at "
-            "fp32 speed")
+        log("fused output layer: the student's logits are computed one row block (loss.chunk_rows rows) at a "
+            "time in float32 (its final hidden state is float32 under autocast): exact log-softmax inputs at 150k "
+            "columns, the head's matmul at fp32 speed")
     return info
 
 

@@ -267,7 +267,7 @@ def add_logit_terms(acc_terms: TermSum, s_logits, t_logits, t_out, batch, shared
         acc_terms.add("kd", kd_sum / passes, lc.temperature ** 2)
         if kinds:
             add_kind_terms(acc_terms.terms, kinds, acc_terms.counts["kd"] * passes)
-        if flags is not None and use == "shared":  # from the hidden state, chunk by chunk
+        if flags is not None and use == "shared":  # from the hidden state, one row block at a time
             b, _, t_pos = one_to_one_positions(batch)
             flags["teacher_mass_outside_shared"] = float(teacher_mass_outside(
                 t_out.last_hidden, b, t_pos, shared_t, t_vocab, lc.chunk_rows, head_weight=t_head[0]))
@@ -430,7 +430,7 @@ def teacher_head(teacher, shared_t: torch.Tensor | None, fused: bool) -> tuple |
     [B, Lt, Vt] (39,234 of 151,936 columns for Qwen3 -> SmolLM: 1.1 GiB less at 4 x 640 in fp32). The
     [S, H] rows are gathered once (the teacher is frozen; SAR trains its routers only). Where mapped_kl
     alone reads them ("rows"), the loss takes the last hidden state and the weight, and multiplies out
-    only the rows a chunk needs."""
+    only the rows a row block needs."""
     if not fused or teacher is None or not hasattr(teacher, "get_decoder"):
         return None
     w = plain_head_weight(teacher)

@@ -1,5 +1,6 @@
-"""The clock of a run: the resumable data order, the LR schedule, loss-weight ramps, the KA routing
-schedule, and the optimizer update that advances them (``sakd.train.distill`` runs them; they are small enough to test on their own)."""
+"""The clock of a run: the resumable data order, the LR schedule, loss-weight ramps, and the optimizer update
+that advances the LR schedule (``sakd.train.distill`` runs them; they are small enough to test on their own).
+The KA routing schedule is ``sakd.models.moe.routing_schedule``."""
 
 from __future__ import annotations
 
