@@ -60,7 +60,7 @@ import torch
 from sakd.align.classes import ClassTables
 from sakd.align.mapping import MappingTables
 from sakd.losses.batch import field, one_to_one
-from sakd.losses.cached_mapped import cached_mapped_targets
+from sakd.losses.cached_mapped import cached_mapped_targets, cached_positions
 from sakd.losses.divergences import check_settings, ChunkedRowLoss, softmax32
 from sakd.losses.mapped import MappedPositions, MappedTargets, mapped_kd, mapped_positions
 
@@ -203,12 +203,10 @@ def cached_projected_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables
     bucket no top-k id hits (sakd/losses/cached_mapped.py, with labels in place of student ids). By the
     data-processing inequality this is <= the live loss; with k = V_teacher it equals it (tested).
     s_logits [B, Ls, Vs]. Returns (loss_sum, n positions)."""
-    check_settings(temperature, "sum", chunk_rows)
-    pos = mapped_positions(batch, tables) if positions is None else positions
+    pos, n, empty = cached_positions(s_logits, batch, tables, temperature, chunk_rows, positions)
+    if empty is not None:
+        return empty, n
     dev = s_logits.device
-    n = torch.tensor(len(pos), dtype=torch.long, device=dev)
-    if len(pos) == 0:
-        return s_logits[:, :0].sum().float(), n
     B, Ls, vs = s_logits.shape
     cdev = cache_batch["topk_ids"].device
     lab = label_tables(tables.to(cdev), classes)
