@@ -28,7 +28,9 @@ Sections (every ratio is ours / the reference, measured in this run; targets in 
  5. Step time of the every-position loss: configs/demo.yaml (KA, 2 teacher samples) with loss.logit=projected_kl
     against loss.logit=shared_kl, the same data and steps, runs alternating, evaluation excluded, the first
     STEP_TIME_WARMUP steps dropped; median wall and main-thread CPU seconds per step -> step_time_ratio,
-    step_time_cpu_ratio ("step_time"; issue 19, item 2). On shared cores, run it with --threads 1 under nice:
+    step_time_cpu_ratio ("step_time"; issue 19, item 2). On shared cores, run it with --threads 1 under nice;
+    when the cores are oversubscribed the wall seconds mostly measure waiting (both methods near the same
+    figure), and the CPU ratio is the one that compares the code:
         nice -n 10 python benchmarks/perf.py --only step_time --threads 1 --out benchmarks/results/step_time.json
 
 Each training run is a fresh subprocess (peaks do not mix) with MALLOC_MMAP_THRESHOLD_ fixed, so
@@ -64,6 +66,7 @@ TARGETS = {
     "cache_bpb_ratio_mapped": ("<=", 1.005), "cache_ka_bpb_ratio": ("<=", 1.005),
     "gold_throughput_ratio": (">=", 3.0), "gold_memory_ratio": ("<=", 0.3),
     "alignment_time_share": ("<=", 0.05), "step_time_ratio": ("<=", 1.15),
+    "step_time_cpu_ratio": ("<=", 1.15),
 }
 SECTIONS = ["kd", "trl", "gold", "cache", "cache_ka", "cache_real", "align", "step_time"]
 STEP_TIME_WARMUP = 3  # first steps of a run (allocator, caches, lazily built tables) left out of the step time
