@@ -25,9 +25,17 @@ Sections (every ratio is ours / the reference, measured in this run; targets in 
     -> gold_throughput_ratio, gold_memory_ratio ("gold"; TRL from --trl-path or --trl-python).
  4. Share of the step spent tokenizing and byte-aligning (SpanDataset items: encode_with_bytes x 2 +
     align) and collating, in the real loop on the demo configuration -> alignment_time_share.
+ 5. Step time of the every-position loss: configs/demo.yaml (KA, 2 teacher samples) with loss.logit=projected_kl
+    against loss.logit=shared_kl, the same data and steps, runs alternating, evaluation excluded, the first
+    STEP_TIME_WARMUP steps dropped; median wall and main-thread CPU seconds per step -> step_time_ratio,
+    step_time_cpu_ratio ("step_time"; issue 19, item 2). On shared cores, run it with --threads 1 under nice;
+    when the cores are oversubscribed the wall seconds mostly measure waiting (both methods near the same
+    figure), and the CPU ratio is the one that compares the code:
+        nice -n 10 python benchmarks/perf.py --only step_time --threads 1 --out benchmarks/results/step_time.json
 
 Each training run is a fresh subprocess (peaks do not mix) with MALLOC_MMAP_THRESHOLD_ fixed, so
-freed buffers leave the resident set at once and RSS follows the live tensors. The first step of
+freed buffers leave the resident set at once and RSS follows the live tensors (not in section 5: it times
+steps, and a fixed threshold makes every large temporary a fresh mmap with its page faults). The first step of
 every run is a warm-up and is not timed.
 """
 
@@ -57,9 +65,11 @@ TARGETS = {
     "cache_bytes_per_token_real": ("<=", 160.0), "cache_bpb_ratio": ("<=", 1.005),
     "cache_bpb_ratio_mapped": ("<=", 1.005), "cache_ka_bpb_ratio": ("<=", 1.005),
     "gold_throughput_ratio": (">=", 3.0), "gold_memory_ratio": ("<=", 0.3),
-    "alignment_time_share": ("<=", 0.05),
+    "alignment_time_share": ("<=", 0.05), "step_time_ratio": ("<=", 1.15),
+    "step_time_cpu_ratio": ("<=", 1.15),
 }
-SECTIONS = ["kd", "trl", "gold", "cache", "cache_ka", "cache_real", "align"]
+SECTIONS = ["kd", "trl", "gold", "cache", "cache_ka", "cache_real", "align", "step_time"]
+STEP_TIME_WARMUP = 3  # first steps of a run (allocator, caches, lazily built tables) left out of the step time
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40": 181, "A10": 125, "V100": 125, "L4": 121, "T4": 65,
                "P100": 18.7}  # dense 16-bit tensor TFLOP/s (P100: fp16, no tensor cores)
 
@@ -67,10 +77,15 @@ PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40": 181, "A10": 125, "V
 TRL_PATH: str | None = None  # --trl-path: a folder holding the trl package, for TRL children run by this Python
 
 
-def child_env(threads: int, trl: bool = False) -> dict:
+def child_env(threads: int, trl: bool = False, fixed_mmap: bool = True) -> dict:
+    """``fixed_mmap``: every allocation over 64 KiB is its own mmap, so that RSS follows the live tensors (the
+    memory sections); it also makes each large temporary cost page faults, so timings leave it at glibc's default."""
     path = str(ROOT) + (os.pathsep + TRL_PATH if trl and TRL_PATH else "")
-    return dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                OMP_NUM_THREADS=str(threads), TRL_EXPERIMENTAL_SILENCE="1", PYTHONPATH=path)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads),
+               TRL_EXPERIMENTAL_SILENCE="1", PYTHONPATH=path)
+    if fixed_mmap:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    return env
 
 
 def trl_interpreter(trl_python: str) -> str | None:
@@ -80,9 +95,10 @@ def trl_interpreter(trl_python: str) -> str | None:
     return trl_python if Path(trl_python).exists() else None
 
 
-def run_child(python: str, mode: str, spec: dict, threads: int, timeout: int = 1800) -> dict:
+def run_child(python: str, mode: str, spec: dict, threads: int, timeout: int = 1800, fixed_mmap: bool = True) -> dict:
     proc = subprocess.run([python, __file__, "--child", mode, json.dumps(spec)], capture_output=True, text=True,
-                          env=child_env(threads, trl=mode in ("trl", "gold")), cwd=ROOT, timeout=timeout)
+                          env=child_env(threads, trl=mode in ("trl", "gold"), fixed_mmap=fixed_mmap), cwd=ROOT,
+                          timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"child {mode} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -126,6 +142,17 @@ def distill_child(spec: dict) -> dict:
         return count_targets(micro, c, *a, **kw)
 
     objective.count_targets = counting
+    train_step = distill.train_step
+
+    def cpu_timed_step(*a, **kw):  # the step's CPU seconds on this thread (the batches are made on another one)
+        t0 = time.thread_time()
+        try:
+            return train_step(*a, **kw)
+        finally:
+            step_cpu.append(time.thread_time() - t0)
+
+    step_cpu: list[float] = []
+    distill.train_step = cpu_timed_step
     evaluate, calls = distill.bits_per_byte, [0]
     # distill evaluates the teacher (unless it reads a cache) and the student before the first step,
     # then (eval_every=0) the student once more after the last one: sample memory in between.
@@ -150,7 +177,8 @@ def distill_child(spec: dict) -> dict:
     distill.bits_per_byte = gate
     result = distill.distill(cfg, progress=False, log=lambda *a: None)
     hist = json.loads((Path(cfg.train.output_dir) / "history.json").read_text())["history"]
-    steps = [{"seconds": h["seconds"], "data_wait_s": h.get("data_wait_s", 0.0), **p} for h, p in zip(hist, per_step)]
+    steps = [{"seconds": h["seconds"], "data_wait_s": h.get("data_wait_s", 0.0), "cpu_s": c, **p}
+             for h, p, c in zip(hist, per_step, step_cpu)]
     return {"steps": steps, "memory": mem, "student_bpb_final": result.get("student_bpb_final"),
             "teacher_bpb": result.get("teacher_bpb"), "student_parameters": result.get("student_parameters"),
             "teacher_parameters": result.get("teacher_parameters"), "device": result.get("device")}
@@ -452,6 +480,35 @@ def alignment_section(steps: int, threads: int, work: Path) -> dict:
                           "step_s": statistics.mean(x["seconds"] for x in s)}}
 
 
+def step_time_section(steps: int, pairs: int, threads: int, work: Path) -> dict:
+    """configs/demo.yaml as shipped (KA with 2 teacher samples: the logit loss runs twice per micro-batch) with
+    loss.logit=projected_kl and =shared_kl, ``pairs`` runs of each, alternating (shared first), each run's first
+    STEP_TIME_WARMUP steps dropped; ratio of the medians over every timed step, wall and main-thread CPU."""
+    demo, load = str(ROOT / "configs" / "demo.yaml"), list(os.getloadavg())
+    timed: dict[str, list[dict]] = {"shared_kl": [], "projected_kl": []}
+    for n in range(pairs):
+        for method in timed:
+            r = run_child(sys.executable, "distill", {"threads": threads, "config": demo, "overrides": demo_overrides(
+                work / f"step-{method}-{n}", steps, [f"loss.logit={method}"])}, threads, fixed_mmap=False)
+            timed[method] += r["steps"][STEP_TIME_WARMUP:]
+    per = {m: {"ms_per_step": 1000 * statistics.median(x["seconds"] for x in s),
+               "cpu_ms_per_step": 1000 * statistics.median(x["cpu_s"] for x in s),
+               "ms_per_step_each": [round(1000 * x["seconds"], 1) for x in s],
+               "cpu_ms_per_step_each": [round(1000 * x["cpu_s"], 1) for x in s]} for m, s in timed.items()}
+    wall = per["projected_kl"]["ms_per_step"] / per["shared_kl"]["ms_per_step"]
+    cpu = per["projected_kl"]["cpu_ms_per_step"] / per["shared_kl"]["cpu_ms_per_step"]
+    pk, sk = per["projected_kl"], per["shared_kl"]
+    print(f"  projected_kl {pk['ms_per_step']:.0f} ms/step ({pk['cpu_ms_per_step']:.0f} CPU ms), shared_kl "
+          f"{sk['ms_per_step']:.0f} ({sk['cpu_ms_per_step']:.0f}): {wall:.3f}x wall, {cpu:.3f}x CPU", flush=True)
+    return {"step_time_ratio": wall, "step_time_cpu_ratio": cpu,
+            "step_time": {"config": "configs/demo.yaml (batch 8 x 256, moe.mode=ka, 2 teacher samples)",
+                          "steps_per_run": steps, "warmup_steps_dropped": STEP_TIME_WARMUP, "runs_per_method": pairs,
+                          "threads": threads, "load_average_at_start": load,
+                          "measures": "median over the timed steps of every run: wall seconds of the optimizer "
+                                      "step (history.json) and CPU seconds of the training thread in train_step",
+                          **per}}
+
+
 def _cache_pair(steps: int, threads: int, work: Path, name: str, extra: list[str], cache: Path) -> dict:
     """The demo student trained for ``steps`` from the live teacher and from ``cache``, same seed and data."""
     demo = str(ROOT / "configs" / "demo.yaml")
@@ -606,6 +663,7 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", choices=SECTIONS, help="run only these sections")
     ap.add_argument("--config", help="--device cuda: a config to run instead of the tiny same-tokenizer pair")
     ap.add_argument("--steps", type=int, default=20, help="--device cuda: optimizer steps")
+    ap.add_argument("--out", default=str(RESULTS), help="the JSON written (an --only rerun updates its sections there)")
     ap.add_argument("--peak-tflops", type=float, help="--device cuda: the card's dense 16-bit peak (default: by name)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
@@ -638,7 +696,9 @@ def main() -> None:
                              ("cache", lambda: cache_section(10 if q else 60, args.threads, work)),
                              ("cache_ka", lambda: cache_ka_section(10 if q else 60, 1 if q else 3, args.threads, work)),
                              ("cache_real", lambda: cache_real_section(8 if q else 64, work)),
-                             ("align", lambda: alignment_section(3 if args.quick else 11, args.threads, work))):
+                             ("align", lambda: alignment_section(3 if args.quick else 11, args.threads, work)),
+                             ("step_time", lambda: step_time_section(9 if q else 12, 1 if q else 2, args.threads,
+                                                                     work))):
                 if name in sel:
                     t0 = time.time()
                     print(f"[{name}] ...", flush=True)
@@ -660,14 +720,15 @@ def main() -> None:
         for k, v in out["cuda"].items():
             print(f"{k:<26}{v if isinstance(v, str) else f'{v:.4g}' if v is not None else '-':>12}")
     print(f"({out['seconds']:.0f} s)")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    if args.only and RESULTS.exists():  # a partial rerun updates its sections' keys, keeps the others
-        prev = json.loads(RESULTS.read_text())
+    results = Path(args.out).resolve()
+    results.parent.mkdir(parents=True, exist_ok=True)
+    if args.only and results.exists():  # a partial rerun updates its sections' keys, keeps the others
+        prev = json.loads(results.read_text())
         out = {**prev, **out, "section_seconds": {**prev.get("section_seconds", {}), **out.get("section_seconds", {})},
                "sections_rerun": {**prev.get("sections_rerun", {}), **{
             name: {"quick": args.quick, "at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())} for name in args.only}}}
-    RESULTS.write_text(json.dumps(out, indent=2, default=str) + "\n")
-    print(f"wrote {RESULTS.relative_to(ROOT)}")
+    results.write_text(json.dumps(out, indent=2, default=str) + "\n")
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,17 @@ from sakd.losses.divergences import check_settings, RowBlockLoss, sparse_forward
 from sakd.losses.mapped import MappedPositions, mapped_positions
 
 
+def cached_positions(s_logits: torch.Tensor, batch, tables: MappingTables, temperature: float, chunk_rows: int,
+                     positions: MappedPositions | None):
+    """What every cached every-position loss starts with: the settings checked, its positions (``positions`` or
+    ``mapped_positions``) and their count on the student's device, and the loss to return at once when there
+    are none (a zero that keeps the graph; else None). Returns (positions, n, empty loss or None)."""
+    check_settings(temperature, "sum", chunk_rows)
+    pos = mapped_positions(batch, tables) if positions is None else positions
+    n = torch.tensor(len(pos), dtype=torch.long, device=s_logits.device)
+    return pos, n, (s_logits[:, :0].sum().float() if len(pos) == 0 else None)
+
+
 @torch.no_grad()
 def cached_mapped_targets(cache_batch: dict, batch, tables: MappingTables, pos: MappedPositions, vs: int, *,
                           extend: bool = True):
@@ -106,12 +117,10 @@ def cached_mapped_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables: M
     view); the positions and their count are those of ``mapped_kd`` (same ``mapped_positions``).
     Never builds [N, V_teacher]; the student rows are walked in row blocks of ``chunk_rows``.
     Returns (loss_sum, n positions)."""
-    check_settings(temperature, "sum", chunk_rows)
-    pos = mapped_positions(batch, tables) if positions is None else positions
+    pos, n, empty = cached_positions(s_logits, batch, tables, temperature, chunk_rows, positions)
+    if empty is not None:
+        return empty, n
     dev = s_logits.device
-    n = torch.tensor(len(pos), dtype=torch.long, device=dev)
-    if len(pos) == 0:
-        return s_logits[:, :0].sum().float(), n
     B, Ls, vs = s_logits.shape
     cols, log_q, log_rest = cached_mapped_targets(cache_batch, batch, tables, pos, vs, extend=extend)
     cols, log_q, log_rest = cols.to(dev), log_q.to(dev), log_rest.to(dev)

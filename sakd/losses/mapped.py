@@ -44,7 +44,7 @@ from sakd.align.mapping import MappingTables
 from sakd.errors import UserError
 from sakd.losses.batch import one_to_one
 from sakd.losses.divergences import (RowBlockLoss, check_settings, divergence_kernel, kl_rows, log_softmax32,
-                                     divergence_sum, head_rows)
+                                     divergence_sum, head_rows, softmax_)
 
 _BIG = 1 << 32  # chunk index * _BIG + byte offset inside the chunk: one sortable key per token end
 
@@ -197,26 +197,24 @@ class MappedTargets:
                                               self.head)
 
     @torch.no_grad()
-    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+    def __call__(self, idx: torch.Tensor, spare_column: bool = False) -> torch.Tensor:
         """idx [n]: positions; returns (Q [n, vs], normalised, with exact zeros; Z [n]: the teacher's
-        probability of the bytes already seen inside token i, 1 at k = 0)."""
+        probability of the bytes already seen inside token i, 1 at k = 0). ``spare_column``: Q [n, vs + 1],
+        its last column 0 (a place for the caller's own use, no copy)."""
         n, vs, tab = idx.numel(), self.vs, self.tab
         # The student tokens inside one teacher token share its row: each distinct row's softmax once
         # (about a quarter fewer rows on Shakespeare); p[u] is row u, position x reads p[inv[x]].
         rows, inv = torch.unique(self.t_row[idx], return_inverse=True)
-        z = head_rows(self.t2, rows, self.vt, self.dtype, self.head)
-        if self.T != 1.0:
-            z = z.div_(self.T)
-        p = torch.softmax(z, -1)
+        z = head_rows(self.t2, rows, self.vt, self.dtype, self.head)  # a fresh tensor: softmax in place
+        p = softmax_(z.div_(self.T) if self.T != 1.0 else z)
         del z
         k = self.pos.k[idx]
-        Q = torch.zeros(n, vs + 1, dtype=self.dtype, device=p.device)
-        r0 = (k == 0).nonzero().squeeze(1)  # bytes start a teacher token: every candidate, through φ(·, 0)
-        if r0.numel():  # (nearly every distinct row has a k = 0 position: map them all, then pick)
-            Q[r0] = torch.zeros(rows.numel(), vs + 1, dtype=self.dtype, device=p.device).index_add_(
-                1, self.phi0, p)[inv[r0]]
+        # bytes start a teacher token (k = 0): every candidate, through φ(·, 0). Nearly every distinct row has
+        # a k = 0 position: map them all, then pick; the k > 0 rows are written over below.
+        Q = torch.zeros(rows.numel(), vs + 1, dtype=self.dtype, device=p.device).index_add_(1, self.phi0, p)[inv]
         r1 = (k > 0).nonzero().squeeze(1)
         if r1.numel():
+            Q[r1] = 0
             f = self.f_i[idx[r1]]
             lo, hi = tab.lo[f] + tab.eq[f], tab.hi[f]                       # tokens longer than k
             lens = hi - lo
@@ -226,6 +224,7 @@ class MappedTargets:
             sid = tab.phi[tab.offset[tid] + torch.repeat_interleave(k[r1], lens)]
             sid = torch.where(sid >= 0, sid, torch.full_like(sid, vs))
             Q.index_put_((row, sid), p[inv[row], tid], accumulate=True)
+        full = Q
         Q = Q[:, :vs]
         Z = Q.sum(-1)
         good = Z > 0
@@ -243,6 +242,9 @@ class MappedTargets:
                 mass = torch.minimum(mass, Q[e, src])
                 Q[e, src] -= mass
                 Q[e, self.s_tok[idx[e]]] += mass
+        if spare_column:
+            full[:, vs] = 0
+            return full, Z
         return Q, Z
 
 

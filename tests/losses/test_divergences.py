@@ -500,3 +500,26 @@ def test_divergence_sum_gives_zero_gradient_to_rows_it_does_not_select():
         divergence_sum("forward_kl", s, t).backward()
         assert torch.equal(s.grad[3:], torch.zeros(2, 7))
         assert s.grad[:3].abs().sum() > 0
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_softmax32_equals_torch_softmax_and_keeps_the_callers_input(temperature):
+    """softmax32 (max, exp, sum, divide; the every-position loss's student side) against torch.softmax in float64:
+    a fresh float32 tensor for the caller's logits, in place only for a chunk marked ``_owned``."""
+    from sakd.losses.divergences import softmax32
+
+    g = torch.Generator().manual_seed(0)
+    x = 8.0 * torch.randn(5, 2048, generator=g)
+    x[0, :7] = 60.0  # rows far from 0: the max is taken out before exp
+    ref = torch.softmax(x.double() / temperature, -1)
+    keep = x.clone()
+    got = softmax32(x, temperature)
+    assert got.dtype == torch.float32 and torch.equal(x, keep)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-9)
+    owned = x.clone()
+    owned._owned = True
+    out = softmax32(owned, temperature)
+    assert out.data_ptr() == owned.data_ptr()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-9)
+    half = softmax32(x.half(), temperature)  # other dtypes: computed in float32
+    assert half.dtype == torch.float32 and torch.allclose(half.double(), ref, atol=2e-3)

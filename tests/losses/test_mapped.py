@@ -12,57 +12,26 @@ import math
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 from sakd.align.mapping import build_tables
-from sakd.align.tokens import align, bytes_to_unicode, encode_with_bytes
+from sakd.align.tokens import align, encode_with_bytes
 from sakd.align.vocab import token_strings
-from sakd.data.text import collate, encode_pair
 from sakd.losses.divergences import forward_kl
 from sakd.losses.mapped import mapped_coverage, mapped_kd, mapped_positions
 
-B2U = bytes_to_unicode()
+from batches import byte_level_teacher, metaspace_student, phi_ref as _phi_ref, text_batch
+
 TEXTS = ["the café theatre said thé", "naïve 東京 🙂 the thé atre"]
 
 
-def _bpe(words: list[str], base: list[str], specials: list[str], **kw) -> dict:
-    """vocab and merges of a BPE whose multi-character tokens are ``words`` (built left to right)."""
-    vocab = {t: i for i, t in enumerate(specials + base)}
-    merges = []
-    for w in words:
-        cur = w[0]
-        for c in w[1:]:
-            if cur + c not in vocab:
-                vocab[cur + c] = len(vocab)
-                merges.append((cur, c))
-            cur = cur + c
-    return {"vocab": vocab, "merges": merges}
+def teacher_tokenizer():
+    return byte_level_teacher(["the", " the", " theatre", "caf", " caf", " said", " sa", "th", "at", "re", " atre",
+                               " na", "ïve", " thé"])
 
 
-def teacher_tokenizer() -> PreTrainedTokenizerFast:
-    bl = lambda s: "".join(B2U[b] for b in s.encode("utf-8"))  # noqa: E731
-    words = [bl(w) for w in ["the", " the", " theatre", "caf", " caf", " said",
-                             " sa", "th", "at", "re", " atre", " na", "ïve", " thé"]]
-    words.append(bl(" caf") + B2U[0xC3])  # " caf" + the first byte of "é": a character split across tokens
-    spec = _bpe(words, [B2U[b] for b in range(256)], ["<|endoftext|>"])
-    tok = Tokenizer(models.BPE(vocab=spec["vocab"], merges=spec["merges"]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-
-def student_tokenizer() -> PreTrainedTokenizerFast:
-    chars = list("abcdefghijklmnopqrstuvwxyz") + ["▁", "é", "ï"]
-    words = ["▁the", "▁th", "ea", "tre", "▁ca", "▁sa", "id", "▁na", "ve", "▁t", "he", "é▁"]
-    spec = _bpe(words, [f"<0x{b:02X}>" for b in range(256)] + chars, ["<unk>", "<s>", "</s>"])
-    tok = Tokenizer(models.BPE(vocab=spec["vocab"], merges=spec["merges"], unk_token="<unk>", byte_fallback=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="</s>")
+def student_tokenizer():
+    return metaspace_student(list("abcdefghijklmnopqrstuvwxyz") + ["▁", "é", "ï"],
+                             ["▁the", "▁th", "ea", "tre", "▁ca", "▁sa", "id", "▁na", "ve", "▁t", "he", "é▁"])
 
 
 @pytest.fixture(scope="module")
@@ -71,30 +40,10 @@ def pair():
 
 
 def _batch(s_tok, t_tok, texts=TEXTS):
-    start = lambda tok: tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id  # noqa: E731
-    items = [encode_pair(t, s_tok, t_tok, start(s_tok), start(t_tok), 200, 200) for t in texts]
-    return collate(items, s_tok.pad_token_id, t_tok.pad_token_id)
+    return text_batch(s_tok, t_tok, texts)
 
 
 # ------------------------------------------------------------------------- the slow reference
-
-def _phi_ref(suffix: bytes, s_tok, s_strings) -> int:
-    """First student token of ``suffix``: the tokenizer's own when it spells a prefix, else the longest prefix."""
-    try:
-        ids = s_tok.backend_tokenizer.encode(suffix.decode("utf-8"), add_special_tokens=False).ids
-        if ids and s_strings[ids[0]] and suffix.startswith(s_strings[ids[0]]):
-            return ids[0]
-    except UnicodeDecodeError:
-        pass
-    best, best_key = -1, None
-    for u, b in enumerate(s_strings):
-        if b and suffix.startswith(b):
-            fallback = s_tok.convert_ids_to_tokens(u).startswith("<0x")
-            key = (len(b), not fallback, -u)
-            if best_key is None or key > best_key:
-                best, best_key = u, key
-    return best
-
 
 def reference(s_logits, t_logits, texts, s_tok, t_tok, extend=True, only_one_to_one=False, prefix_weight=False,
               divergence="forward_kl", beta=0.5):

@@ -16,57 +16,29 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from batches import (bpe_spec, byte_level_teacher, metaspace_student, phi_ref as _phi_ref, start_id as _start,
+                     text_batch)
 from sakd.align.classes import build_classes
 from sakd.align.mapping import build_tables
-from sakd.align.tokens import align, bytes_to_unicode, encode_with_bytes
+from sakd.align.tokens import align, encode_with_bytes
 from sakd.align.vocab import token_strings
-from sakd.data.text import collate, encode_pair
 from sakd.losses.divergences import forward_kl
 from sakd.losses.mapped import mapped_coverage, mapped_positions
 from sakd.losses.projected import KINDS, cached_projected_kd, projected_kd
 from sakd.teacher_cache.builder import mapped_fields
 
-B2U = bytes_to_unicode()
 TEXTS = ["The café,\nThe theatre said thé\nAnd me.", "naïve 東京 🙂 the thé atre,\nThe end\n\nAnd"]
 
 
-def _bpe(words: list[str], base: list[str], specials: list[str]) -> dict:
-    vocab = {t: i for i, t in enumerate(specials + base)}
-    merges = []
-    for w in words:
-        cur = w[0]
-        for c in w[1:]:
-            if cur + c not in vocab:
-                vocab[cur + c] = len(vocab)
-                merges.append((cur, c))
-            cur = cur + c
-    return {"vocab": vocab, "merges": merges}
-
-
 def teacher_tokenizer() -> PreTrainedTokenizerFast:
-    bl = lambda s: "".join(B2U[b] for b in s.encode("utf-8"))  # noqa: E731
-    words = [bl(w) for w in ["the", " the", " theatre", "The", "caf", " caf", " said", " sa", "th", "at", "re",
-                             " atre", " na", "ïve", " thé", "And", " me", " end", "\n\n"]]
-    words.append(bl(" caf") + B2U[0xC3])
-    spec = _bpe(words, [B2U[b] for b in range(256)], ["<|endoftext|>"])
-    tok = Tokenizer(models.BPE(vocab=spec["vocab"], merges=spec["merges"]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    return byte_level_teacher(["the", " the", " theatre", "The", "caf", " caf", " said", " sa", "th", "at", "re",
+                               " atre", " na", "ïve", " thé", "And", " me", " end", "\n\n"])
 
 
 def student_tokenizer() -> PreTrainedTokenizerFast:
-    chars = list("abcdefghijklmnopqrstuvwxyzATE") + ["▁", "é", "ï", "\n", ",", ".", "N", "d"]
-    words = ["▁the", "▁th", "ea", "tre", "▁ca", "▁sa", "id", "▁na", "ve", "▁t", "he", "é▁", "\nThe", ",\n",
-             "\nAnd", "▁me.", "▁me", "The", "▁end", "\n\n"]
-    spec = _bpe(words, [f"<0x{b:02X}>" for b in range(256)] + list(dict.fromkeys(chars)), ["<unk>", "<s>", "</s>"])
-    tok = Tokenizer(models.BPE(vocab=spec["vocab"], merges=spec["merges"], unk_token="<unk>", byte_fallback=True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
-    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="</s>")
+    return metaspace_student(list("abcdefghijklmnopqrstuvwxyzATE") + ["▁", "é", "ï", "\n", ",", ".", "N", "d"],
+                             ["▁the", "▁th", "ea", "tre", "▁ca", "▁sa", "id", "▁na", "ve", "▁t", "he", "é▁", "\nThe",
+                              ",\n", "\nAnd", "▁me.", "▁me", "The", "▁end", "\n\n"])
 
 
 def gemma_style_tokenizer() -> PreTrainedTokenizerFast:
@@ -75,7 +47,7 @@ def gemma_style_tokenizer() -> PreTrainedTokenizerFast:
     chars = list("abcdefghijklmnopqrstuvwxyzATE") + ["▁", "é", "ï", ",", ".", "N", "d"]
     words = ["▁the", "th", "▁ca", "fé", "▁sa", "id", "The", "▁me", "And", "▁end", "re"]
     base = [f"<0x{b:02X}>" for b in range(256)] + list(dict.fromkeys(chars))
-    spec = _bpe(words, base, ["<pad>", "<bos>", "<eos>"])
+    spec = bpe_spec(words, base, ["<pad>", "<bos>", "<eos>"])
     tok = Tokenizer(models.BPE(vocab=spec["vocab"], merges=spec["merges"], byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", "▁")
     tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
@@ -92,33 +64,11 @@ def pair():
     return s_tok, t_tok, tables, build_classes(s_tok, tables)
 
 
-def _start(tok):
-    return tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-
-
 def _batch(s_tok, t_tok, texts=TEXTS):
-    items = [encode_pair(t, s_tok, t_tok, _start(s_tok), _start(t_tok), 200, 200) for t in texts]
-    return collate(items, s_tok.pad_token_id, t_tok.pad_token_id)
+    return text_batch(s_tok, t_tok, texts)
 
 
 # ------------------------------------------------------------------------- the slow reference
-
-def _phi_ref(suffix: bytes, s_tok, s_str) -> int:
-    """First student token of ``suffix``: the tokenizer's own when it spells a prefix, else the longest prefix."""
-    try:
-        ids = s_tok.backend_tokenizer.encode(suffix.decode("utf-8"), add_special_tokens=False).ids
-        if ids and s_str[ids[0]] and suffix.startswith(s_str[ids[0]]):
-            return ids[0]
-    except UnicodeDecodeError:
-        pass
-    best, best_key = -1, None
-    for u, b in enumerate(s_str):
-        if b and suffix.startswith(b):
-            key = (len(b), not s_tok.convert_ids_to_tokens(u).startswith("<0x"), -u)
-            if best_key is None or key > best_key:
-                best, best_key = u, key
-    return best
-
 
 def _classes_ref(s_tok, t_tok):
     """cls(u): the longest prefix of u's bytes spelt by a token of φ's image (representative: an ordinary
