@@ -145,12 +145,13 @@ def setup(cfg: Config, log=print) -> Run:
     student = load_student(m.student, device, attn=attn)
     if m.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    if m.student_lora.r is not None:  # only the adapters train (sakd/models/lora.py)
+    t_config = teacher.config if teacher is not None else AutoConfig.from_pretrained(m.teacher)
+    aux = objective.build_aux_modules(cfg, student.config, t_config).to(device)
+    if m.student_lora.r is not None:  # only the adapters train (sakd/models/lora.py); wrapped after
+        # the projectors are drawn, so that they start as in a full student's run
         lo = m.student_lora
         student = wrap_student(student, r=lo.r, alpha=lo.alpha or 2.0 * lo.r, dropout=lo.dropout,
                                target_modules=lo.target_modules)
-    t_config = teacher.config if teacher is not None else AutoConfig.from_pretrained(m.teacher)
-    aux = objective.build_aux_modules(cfg, student.config, t_config).to(device)
     return Run(accelerator, teacher, student, data.student_tok, data.teacher_tok, vocab, data.train, data.heldout,
                aux, cache)
 
