@@ -59,11 +59,9 @@ def wrap_student(model: nn.Module, *, r: int, alpha: float, dropout: float, targ
     check_targets(model, target_modules)
     cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(target_modules),
                      bias="none", task_type="CAUSAL_LM")
+    # with model.gradient_checkpointing, transformers' gradient_checkpointing_enable has already made the
+    # embeddings' output require grad: the checkpointed blocks then pass gradients on to the adapters
     wrapped = get_peft_model(model, cfg)
-    if getattr(model, "is_gradient_checkpointing", False):
-        # reentrant checkpointing with a frozen embedding: the checkpointed blocks see inputs without
-        # requires_grad and would return no gradient to the adapters (peft's prepare_model_for_kbit_training)
-        model.enable_input_require_grads()
     wrapped.train()
     return wrapped
 

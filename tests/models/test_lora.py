@@ -65,6 +65,25 @@ def test_the_optimizer_holds_only_the_adapters_and_a_step_changes_only_them():
             assert torch.equal(p, before[n]), n
 
 
+def test_gradient_checkpointing_gives_the_adapters_the_same_gradients():
+    ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for ckpt in (False, True):
+        base = _student()
+        if ckpt:  # as sakd.train.distill.setup: checkpointing first, then the adapters
+            base.gradient_checkpointing_enable()
+        model = wrap_student(base, r=R, alpha=2.0 * R, dropout=0.0, target_modules=LLAMA_PROJECTIONS)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(0.01)
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert all(g is not None and g.abs().max() > 0 for g in grads[1].values())
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-5, atol=1e-7)
+
+
 def test_the_merged_export_is_a_plain_folder_with_the_peft_models_outputs(tmp_path):
     model = _wrapped()
     with torch.no_grad():  # an update that is not zero (B starts at zero)
