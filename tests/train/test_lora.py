@@ -7,11 +7,13 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from sakd.config import load_config
+from sakd.errors import UserError
 from sakd.data.text import Collator, pad_id
 from sakd.models.lora import is_lora
 from sakd.train import objective
@@ -101,9 +103,14 @@ def _history(out):
     return [{k: v for k, v in r.items() if k not in clock} for r in json.loads((out / "history.json").read_text())["history"]]
 
 
-def test_resume_is_exact_and_the_export_is_merged(tiny_assets, tmp_path):
+def test_resume_is_exact_and_the_export_is_merged(tiny_assets, tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
     a, b = tmp_path / "a", tmp_path / "b"
+    prepared, prepare = [], Accelerator.prepare
+    monkeypatch.setattr(Accelerator, "prepare", lambda self, *args: prepared.append(args[0]) or prepare(self, *args))
     distill(load_config(None, tiny_overrides(tiny_assets, a, **RESUME)), **QUIET)
+    assert is_lora(prepared[0])  # DDP wraps the peft model (its frozen base is no DDP parameter)
     # the checkpoint holds the adapters (and their AdamW states), not the frozen base
     ckpt = a / "checkpoints" / f"step-{STOP:06d}"
     saved = load_file(str(ckpt / "student.safetensors"))
@@ -118,6 +125,10 @@ def test_resume_is_exact_and_the_export_is_merged(tiny_assets, tmp_path):
     wa, wb = (load_file(str(o / "student" / "model.safetensors")) for o in (a, b))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
     assert _history(a) == _history(b) and len(_history(b)) == STEPS
+    # resuming it as a full student is refused (its checkpoint lacks the base weights), the student named
+    with pytest.raises(UserError, match=r"does not fit model.student="):
+        distill(load_config(None, tiny_overrides(tiny_assets, b, **{**RESUME, "model.student_lora.r": None})),
+                resume=True, **QUIET)
     # the merged export: no adapter tensors; the frozen weights as loaded, the adapted ones moved
     init = load_file(str(tiny_assets["student"] / "model.safetensors"))
     assert wa.keys() == init.keys()
