@@ -30,6 +30,20 @@ def F(default: Any, help: str, **kw) -> Any:  # noqa: A002 - "help" reads best a
 
 
 @dataclass
+class StudentLoraConfig:
+    r: Optional[int] = F(None, "LoRA rank of the student's adapters (None = off: the whole student trains). "
+                         "Through peft: only the adapters train, the base weights stay frozen (sakd/models/lora.py).",
+                         min=1)
+    alpha: Optional[float] = F(None, "LoRA alpha: the update is scaled by alpha / r (None = 2 r).", gt=0.0)
+    dropout: float = F(0.0, "Dropout on the adapters' input (0 = off).", min=0.0, max=0.9)
+    target_modules: list = F(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                             "Linear layers that get adapters (last name part): default the attention and MLP "
+                             "projections of a Llama student.")
+    save_adapter: bool = F(False, "Also export the adapter folder (<output_dir>/adapter, PeftModel.from_pretrained) "
+                           "beside the merged student.")
+
+
+@dataclass
 class ModelConfig:
     teacher: str = F("huihui-ai/Huihui-MoE-1B-A0.6B", "Teacher: hub id or local folder (from_pretrained).")
     student: str = F("HuggingFaceTB/SmolLM-135M", "Student: hub id or local folder (from_pretrained).")
@@ -41,6 +55,8 @@ class ModelConfig:
                            choices=("auto", "float16", "bfloat16", "float32"))
     experts_implementation: Optional[str] = F(None, "Teacher MoE experts backend (eager, grouped_mm); None = library default.")
     gradient_checkpointing: bool = F(False, "Checkpoint the student's activations (less memory, ~30% slower).")
+    student_lora: StudentLoraConfig = field(default_factory=StudentLoraConfig,
+                                            metadata={"help": "Train LoRA adapters instead of the whole student."})
 
 
 @dataclass
@@ -259,6 +275,10 @@ class Config:
         if self.loss.mapped_positions != "all" and self.model.teacher_cache:
             raise UserError(f"loss.mapped_positions={self.loss.mapped_positions} with model.teacher_cache: a cache "
                             "holds every position's target; use loss.mapped_positions=all, or the live teacher")
+        lora = self.model.student_lora
+        if lora.r is not None and "lm_head" in lora.target_modules and self.loss.fused_head:
+            raise UserError("model.student_lora.target_modules has lm_head, but loss.fused_head=true reads the "
+                            "output layer's plain weight: drop lm_head, or set loss.fused_head=false")
         return self
 
 

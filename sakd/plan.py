@@ -225,8 +225,9 @@ def _persistent_terms(z: _Step, c: dict) -> None:
     """Weights and optimizer states."""
     t, s = z.t, z.s
     c["teacher_weights"] = 0 if z.cached else t["params"] * z.tb
-    c["student_weights"] = s["params"] * 4
-    c["optimizer_states"] = 2 * 4 * (s["params"] + s["aux_params"])      # AdamW exp_avg + exp_avg_sq, fp32
+    # a LoRA student: the frozen base once, its adapters beside it; only the adapters have AdamW states
+    c["student_weights"] = (s["params"] + s["lora_params"]) * 4
+    c["optimizer_states"] = 2 * 4 * (s["trainable"] + s["aux_params"])   # AdamW exp_avg + exp_avg_sq, fp32
     if z.cfg.moe.mode == "sar":  # fp32 master + initial copy + AdamW (2) per router weight
         c["sar_router_state"] = 4 * 4 * t["layers"] * t["experts"] * t["hidden"]
 
@@ -234,7 +235,7 @@ def _persistent_terms(z: _Step, c: dict) -> None:
 def _student_terms(z: _Step, c: dict) -> None:
     """The student's gradients, activations and logits (every forward runs with use_cache=False: no KV cache)."""
     s, B, Ls = z.s, z.B, z.Ls
-    c["student_gradients"] = 4 * (s["params"] + s["aux_params"])
+    c["student_gradients"] = 4 * (s["trainable"] + s["aux_params"])
     act = activation_bytes(s, B * Ls, Ls, half=z.half, eager=z.eager, checkpointing=z.ckpt)
     one_layer = B * Ls * _layer_bytes(s, Ls, half=z.half, eager=z.eager)
     c["student_activations"] = act
@@ -434,6 +435,8 @@ def plan(cfg: Config, *, card_gb: float = 16.0, micro_batch: int | None = None, 
     t["params"], s["params"] = count_parameters(t_cfg), count_parameters(s_cfg)
     t["source"], s["source"] = t_src, s_src
     s["aux_params"] = _aux_parameters(cfg, s_cfg, t_cfg)
+    s["lora_params"] = _lora_parameters(cfg, s_cfg)
+    s["trainable"] = s["lora_params"] if cfg.model.student_lora.r is not None else s["params"]
     tot = _totals(cfg, t, s, B, device)
     card = card_gb * GiB
     max_b, lo = 0, 1
@@ -468,8 +471,24 @@ def plan(cfg: Config, *, card_gb: float = 16.0, micro_batch: int | None = None, 
             "activation formulas checked against autograd on CPU fp32; the 16-bit variant is derived, not measured",
             "a 16-bit teacher may overflow at any step: its fp32 recompute counts (train.nonfinite_teacher=skip "
             "drops that moment)",
-        ],
+        ] + (["a LoRA student: activations counted as for full training; the adapters' own (r-wide "
+              "intermediates, dropout copies of their inputs) are not"] if s["lora_params"] else []),
     }
+
+
+def _lora_parameters(cfg: Config, s_cfg) -> int:
+    """Parameters of the student's LoRA adapters (``model.student_lora``; 0 when off), on ``meta``."""
+    from transformers import AutoModelForCausalLM
+
+    from sakd.models.lora import check_targets, lora_parameter_count
+
+    lo = cfg.model.student_lora
+    if lo.r is None:
+        return 0
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(s_cfg)
+    check_targets(model, lo.target_modules)
+    return lora_parameter_count(model, lo.r, lo.target_modules)
 
 
 def _aux_parameters(cfg: Config, s_cfg, t_cfg) -> int:
@@ -527,7 +546,8 @@ def format_plan(p: dict) -> str:
         f"hidden {t['hidden']}, vocab {t['vocab']:,}"
         + (f", {t['experts']} experts ({t['experts_run']} run per token)" if t["experts"] else ""),
         f"student: {s['model_type']}, {s['params'] / 1e6:,.1f}M parameters ({s['source']}), {s['layers']} layers, "
-        f"hidden {s['hidden']}, vocab {s['vocab']:,}",
+        f"hidden {s['hidden']}, vocab {s['vocab']:,}"
+        + (f", LoRA: {s['lora_params'] / 1e6:,.2f}M trainable (frozen base)" if s["lora_params"] else ""),
         f"device {p['device']}, activations {p['activation_dtype']}, teacher dtype {p['teacher_dtype']}, "
         f"micro-batch {p['micro_batch']} x {p['seq_len']} student / {p['teacher_seq_len']} teacher tokens, "
         f"gradient checkpointing {'on' if p['gradient_checkpointing'] else 'off'}, moe.mode {p['moe_mode']}, "

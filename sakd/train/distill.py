@@ -42,6 +42,7 @@ from sakd.data.text import Collator, SpanDataset, pad_id, span_data
 from sakd.errors import UserError
 from sakd.evaluate.bpb import bits_per_byte
 from sakd.models.load import count_parameters, experts_per_token, fp32_forward, load_student, load_teacher
+from sakd.models.lora import export_student, trainable_parameters, wrap_student
 from sakd.train.objective import Objective
 from sakd.train.onpolicy import generate_items
 from sakd.train.runlog import RunLogger
@@ -148,6 +149,11 @@ def setup(cfg: Config, log=print) -> Run:
         student.gradient_checkpointing_enable()
     t_config = teacher.config if teacher is not None else AutoConfig.from_pretrained(m.teacher)
     aux = objective.build_aux_modules(cfg, student.config, t_config).to(device)
+    if m.student_lora.r is not None:  # only the adapters train (sakd/models/lora.py); wrapped after
+        # the projectors are drawn, so that they start as in a full student's run
+        lo = m.student_lora
+        student = wrap_student(student, r=lo.r, alpha=lo.alpha or 2.0 * lo.r, dropout=lo.dropout,
+                               target_modules=lo.target_modules)
     return Run(accelerator, teacher, student, data.student_tok, data.teacher_tok, vocab, data.train, data.heldout,
                aux, cache)
 
@@ -179,6 +185,10 @@ def describe(run: Run, cfg: Config, log=print) -> dict:
         log(f"teacher: {info['teacher_parameters'] / 1e6:.2f}M parameters, experts per token: "
             f"{info['teacher_experts_per_token']}, routing: {cfg.moe.mode}")
     log(f"student: {info['student_parameters'] / 1e6:.2f}M parameters")
+    if cfg.model.student_lora.r is not None:
+        info["student_trainable_parameters"] = sum(p.numel() for p in trainable_parameters(run.student))
+        log(f"student: LoRA r={cfg.model.student_lora.r} on {', '.join(cfg.model.student_lora.target_modules)}: "
+            f"{info['student_trainable_parameters'] / 1e6:.3f}M trainable parameters, the rest frozen")
     log(f"vocabulary overlap: {info['shared_vocab']:,} token strings shared "
         f"({100 * info['shared_vocab'] / info['student_vocab']:.1f}% of the student's {info['student_vocab']:,}, "
         f"teacher has {info['teacher_vocab']:,})")
@@ -235,8 +245,9 @@ def _output_dir(cfg: Config, resume: bool) -> Path:
 
 def build_optimizer(student: torch.nn.Module, aux: torch.nn.Module, tc) -> tuple:
     """AdamW (no weight decay on vectors; the projectors at ``train.aux_lr``) and its warm-up + cosine LR."""
-    decay = [p for p in student.parameters() if p.ndim >= 2]
-    no_decay = [p for p in student.parameters() if p.ndim < 2]
+    trainable = trainable_parameters(student)  # a LoRA student: its adapters only
+    decay = [p for p in trainable if p.ndim >= 2]
+    no_decay = [p for p in trainable if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": tc.weight_decay, "lr": tc.lr},
               {"params": no_decay, "weight_decay": 0.0, "lr": tc.lr}]
     if len(list(aux.parameters())):
@@ -442,7 +453,8 @@ def finish(run: Run, cfg: Config, state: TrainState, out: Path, result: dict, st
         state.evals.append({"step": state.step, "student_bpb": bpb})
         log(f"held-out bits/byte at the end: student {bpb:.4f} (teacher {state.teacher_bpb:.4f})")
         export_dir = out / "student"
-        student.save_pretrained(export_dir, safe_serialization=True)
+        # a LoRA student is merged into a plain folder (the adapter beside it on request)
+        export_student(student, export_dir, out / "adapter" if cfg.model.student_lora.save_adapter else None)
         run.student_tok.save_pretrained(export_dir)
         from sakd.report.model_card import write_model_card
         write_model_card(export_dir, teacher=cfg.model.teacher, data=cfg.data.source,

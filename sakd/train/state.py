@@ -34,7 +34,8 @@ class TrainState:
     teacher_bpb: float | None = None   # held-out teacher bits/byte (measured once, before step 1)
     config: dict = field(default_factory=dict)    # this run's configuration (saved; on resume, checked, not loaded)
     # ---- parts with a state_dict, by reference
-    student: nn.Module | None = None   # unwrapped (not the DDP wrapper); the tied lm_head is stored once
+    student: nn.Module | None = None   # unwrapped (not the DDP wrapper); the tied lm_head is stored once;
+                                       # a LoRA student: its adapters only
     aux: nn.Module | None = None       # projectors (hidden, contrastive): saved, never exported
     optimizer: torch.optim.Optimizer | None = None
     scheduler: object = None           # LambdaLR
@@ -45,12 +46,20 @@ class TrainState:
     data: dict = field(default_factory=dict)  # the data position after THIS step's spans (set by the loop)
     # (the Python / NumPy / torch / CUDA RNG states are global: saved and restored as "rng")
 
-    def state_dict(self) -> dict:
+    def _student_tensors(self) -> dict:
+        """The student tensors a checkpoint holds: all of them, or, when some parameters are frozen (a LoRA
+        student), the trainable ones only (the frozen base is model.student's own folder, loaded again)."""
         student = self.student.state_dict()
+        trainable = {n for n, p in self.student.named_parameters() if p.requires_grad}
+        if len(trainable) < len(list(self.student.parameters())):
+            return {k: v for k, v in student.items() if k in trainable}
         if getattr(self.student.config, "tie_word_embeddings", False):
             # the tied lm_head shares storage with the embeddings: safetensors refuses shared tensors
             student = {k: v for k, v in student.items() if k != "lm_head.weight"}
-        tensors = {"student": student}
+        return student
+
+    def state_dict(self) -> dict:
+        tensors = {"student": self._student_tensors()}
         if self.aux is not None and len(list(self.aux.parameters())):
             tensors["aux"] = self.aux.state_dict()
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
@@ -93,6 +102,6 @@ class TrainState:
 
     def student_mismatch(self, tensors: dict) -> tuple[list[str], list[str]]:
         """(missing, unexpected) student tensor names of a checkpoint, the tied lm_head excepted."""
-        have = set(self.student.state_dict())
+        have = set(self._student_tensors())
         saved = set(tensors.get("student", {}))
         return sorted(k for k in have - saved if k != "lm_head.weight"), sorted(saved - have)
