@@ -324,12 +324,16 @@ def routing(teacher: nn.Module, mode: str, *, experts: int | None = None, sample
     patched = []
     try:
         for l in layers:
-            had = "forward" in l.gate.__dict__
-            patched.append((l.gate, had, l.gate.__dict__.get("forward")))
-            l.gate.forward = _make_forward(
-                l, l.gate.forward, mode, ks[l.name], sample_prob, temperature, generator,
+            # A teacher loaded with a device_map (Accelerate's big-model hooks): the router's own weights are
+            # on the meta device outside its forward when offloaded, and the hook's forward loads them, then
+            # calls ``_old_forward``. Patching that one keeps our routing INSIDE the hook (weights present).
+            attr = "_old_forward" if hasattr(l.gate, "_hf_hook") and "_old_forward" in l.gate.__dict__ else "forward"
+            had = attr in l.gate.__dict__
+            patched.append((l.gate, attr, had, l.gate.__dict__.get(attr)))
+            setattr(l.gate, attr, _make_forward(
+                l, getattr(l.gate, attr), mode, ks[l.name], sample_prob, temperature, generator,
                 None if router_weights is None else router_weights[l.name],
-                None if reference_weights is None else reference_weights[l.name].detach(), stats)
+                None if reference_weights is None else reference_weights[l.name].detach(), stats))
         if mode == "sar":
             for p in teacher.parameters():
                 p.requires_grad_(False)
@@ -338,11 +342,11 @@ def routing(teacher: nn.Module, mode: str, *, experts: int | None = None, sample
                     l.gate.weight.requires_grad_(True)
         yield stats
     finally:
-        for gate, had, previous in reversed(patched):
+        for gate, attr, had, previous in reversed(patched):
             if had:
-                gate.__dict__["forward"] = previous
+                gate.__dict__[attr] = previous
             else:
-                del gate.__dict__["forward"]
+                del gate.__dict__[attr]
         for p, flag in saved_grad:
             p.requires_grad_(flag)
         stats.last_logits, stats.last_mask = {}, None  # drop references to the autograd graph

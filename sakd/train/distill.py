@@ -40,6 +40,7 @@ from sakd.data.text import Collator, SpanDataset, pad_id, span_data
 from sakd.errors import UserError
 from sakd.evaluate.bpb import bits_per_byte
 from sakd.models.load import count_parameters, experts_per_token, fp32_forward, load_student, load_teacher
+from sakd.models.placement import big_model_placement
 from sakd.train.objective import Objective
 from sakd.train.onpolicy import generate_items
 from sakd.train.runlog import RunLogger
@@ -137,7 +138,9 @@ def setup(cfg: Config, log=print) -> Run:
             cfg, data.train.fingerprints, student_tok=data.student_tok, teacher_tok=data.teacher_tok, vocab=vocab))
     else:
         teacher = load_teacher(m.teacher, device, m.teacher_dtype, attn=attn,
-                               experts_implementation=m.experts_implementation)
+                               experts_implementation=m.experts_implementation,
+                               placement=big_model_placement(m.teacher_device_map, m.teacher_max_memory,
+                                                             m.teacher_offload_folder))
         if cfg.moe.mode != "topk" and not moe.is_moe(teacher):
             raise UserError(f"moe.mode={cfg.moe.mode} needs an MoE teacher, but {m.teacher!r} has no MoE blocks: "
                             "use moe.mode=topk")
@@ -201,7 +204,9 @@ def describe(run: Run, cfg: Config, log=print) -> dict:
 # held-out evaluation (which never feeds back into training). Everything else must match the checkpoint.
 RESUME_MAY_CHANGE = ("train.max_steps", "train.max_time", "train.output_dir", "train.eval_every",
                      "train.save_every", "train.keep_checkpoints", "train.log_every", "data.num_workers",
-                     "logging.", "eval.")
+                     "logging.", "eval.", "model.teacher_device_map", "model.teacher_device_map.",
+                     "model.teacher_max_memory", "model.teacher_max_memory.", "model.teacher_offload_folder",
+                     "train.push_to_hub", "train.push_private")
 
 
 def _check_resume_config(path: Path, saved: dict | None, current: dict) -> None:
