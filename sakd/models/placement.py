@@ -9,6 +9,7 @@ map for ``sakd plan`` (the teacher's weights on the card are what the map leaves
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -70,9 +71,15 @@ def bytes_on_card(config, device_map, max_memory: dict | None, dtype_bytes: int,
     if isinstance(device_map, str):
         budget = {k: v for k, v in (max_memory or {}).items()}
         card = next((budget.pop(k) for k in list(budget) if k in CARD), card_bytes)
-        device_map = infer_auto_device_map(model, max_memory={0: card, "cpu": budget.get("cpu", 2 ** 50), **budget},
-                                           no_split_module_classes=model._no_split_modules,
-                                           dtype={2: torch.float16, 4: torch.float32}[dtype_bytes])
+        quiet = logging.getLogger("accelerate.utils.modeling")  # "Device 0 is not available": planned, not run
+        level, _ = quiet.level, quiet.setLevel(logging.ERROR)
+        try:
+            device_map = infer_auto_device_map(model, max_memory={0: card, "cpu": budget.get("cpu", 2 ** 50),
+                                                                  **budget},
+                                               no_split_module_classes=model._no_split_modules,
+                                               dtype={2: torch.float16, 4: torch.float32}[dtype_bytes])
+        finally:
+            quiet.setLevel(level)
 
     def device(name: str):
         keys = [k for k in device_map if k == "" or name == k or name.startswith(k + ".")]
