@@ -468,11 +468,17 @@ def finish(run: Run, cfg: Config, state: TrainState, out: Path, result: dict, st
     if not stopped:
         from sakd.report.run import write_run_report
         write_run_report(out, cfg, result, teacher=run.teacher, teacher_tokenizer=run.teacher_tok, texts=run.heldout)
+        if cfg.train.push_to_hub:
+            from sakd.report.push import push_student
+            result["pushed"] = push_student(out, cfg.train.push_to_hub, private=cfg.train.push_private, log=log)
 
 
 def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = True) -> dict:
     """Distil ``cfg.model.teacher`` into ``cfg.model.student``: set up, [resume], train, export, report."""
     # ---- set up: data, models, vocabulary map, optimizer, the state a checkpoint holds
+    if cfg.train.push_to_hub:  # offline or without a token: one line now, not after the run
+        from sakd.report.push import check_push
+        check_push(cfg.train.push_to_hub, key="train.push_to_hub")
     out = _output_dir(cfg, resume)
     t_setup = time.time()
     run = setup(cfg, log)
