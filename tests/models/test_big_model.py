@@ -141,3 +141,20 @@ def test_a_map_that_does_not_fit_the_teacher_is_one_line(tiny_assets, tmp_path, 
     lines = [l for l in r.stderr.splitlines() if l.strip()]
     assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
     assert lines[0].startswith("sakd cache-teacher: error: model.teacher_device_map: ") and fragment in lines[0]
+
+
+def test_fp32_recompute_works_through_the_offload_hooks(tiny_assets, tmp_path):
+    # train.nonfinite_teacher=recompute casts each module's weights to fp32 around its forward; an offloaded
+    # module's weights arrive inside Accelerate's hook, cast to the (then fp32) parameter's dtype
+    from sakd.models.load import fp32_forward
+
+    ref = load_teacher(str(tiny_assets["teacher"]), CPU, "float16")
+    off = load_teacher(str(tiny_assets["teacher"]), CPU, "float16", placement=_disk_map(tmp_path))
+    with torch.no_grad(), fp32_forward(ref):
+        want = ref(input_ids=_ids()).logits
+    with torch.no_grad(), fp32_forward(off):
+        got = off(input_ids=_ids()).logits
+    assert got.dtype == want.dtype == torch.float32 and torch.equal(got, want)
+    assert {p.dtype for p in off.parameters()} == {torch.float16}  # back to 16 bits, offloaded ones included
+    with torch.no_grad():
+        assert torch.equal(off(input_ids=_ids()).logits, ref(input_ids=_ids()).logits)
