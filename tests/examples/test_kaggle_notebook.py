@@ -62,7 +62,7 @@ def test_the_exported_student_scores_what_the_run_measured(executed):
     out = _text(_cell(nb, 'if not result["stopped"]'))
     evaluation = json.JSONDecoder().raw_decode(out[out.index("{"):])[0]  # `sakd evaluate --json`'s line
     result = json.loads((work / "run" / "result.json").read_text())
-    assert evaluation["student_bpb"] == pytest.approx(result["student_bpb_final"], rel=1e-4)
+    assert evaluation["student"]["bits_per_byte"] == pytest.approx(result["student_bpb_final"], rel=1e-4)
     card = (work / "run" / "student" / "README.md").read_text()
     assert f"| student_bpb_final | {result['student_bpb_final']:.4f} | bits/byte |" in card
 
