@@ -15,7 +15,8 @@ gmkim-ai/MoEKD). For a token with router input x and router weights W [E, H]:
     MoE output = sum_{e in S} w_e * expert_e(x)  (+ the shared expert, untouched).
 
 We never copy model code: the router module's ``forward`` is replaced on the
-instance (inside a context manager) by a function that returns the
+instance (inside a context manager; under Accelerate's big-model hooks its ``_old_forward``,
+which the hook calls once the offloaded weights are in) by a function that returns the
 ``(router_logits, weights [N, k], indices [N, k])`` triple the transformers 5.x
 block passes to its experts. Blocks are found by structure, never by name.
 transformers 4.x MoE blocks (``gate`` an ``nn.Linear``, experts a ``ModuleList``)
