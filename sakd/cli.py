@@ -7,6 +7,7 @@
     sakd cache-teacher --config FILE --out DIR [--k 64] [--resume]
     sakd plan --config FILE [--card-gb 16] [--json]
     sakd pretrain --model-config DIR --tokenizer DIR --train FILE --heldout FILE --out DIR
+    sakd push RUN_DIR REPO_ID [--private] [--token T] [--revision BRANCH] [--message TEXT]
 
 Bad input ends with exit code 2 and one line naming the problem; ``--debug`` writes the
 traceback to ``sakd-debug.log`` (in the run folder when there is one).
@@ -145,12 +146,26 @@ def _add_pretrain(sub) -> None:
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
 
 
+def _add_push(sub) -> None:
+    """``sakd push``: the exported student to the hub."""
+    u = sub.add_parser("push", help="upload a run's exported student (weights, tokenizer, model card) to the "
+                       "Hugging Face hub")
+    u.add_argument("run_dir", help="run folder (its student/ is uploaded) or an exported student folder")
+    u.add_argument("repo_id", help="hub repo id, e.g. me/my-student (created if missing)")
+    u.add_argument("--private", action="store_true", help="create the repo private")
+    u.add_argument("--token", help="write token (default: HF_TOKEN or the saved `hf auth login`)")
+    u.add_argument("--revision", help="branch to push to (created if missing; default main)")
+    u.add_argument("--message", help="commit message")
+    u.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sakd", description="Student-aware knowledge distillation from an MoE "
                                 "teacher into a dense student with a different tokenizer.")
     p.add_argument("--debug", action="store_true", help="write tracebacks to sakd-debug.log")
     sub = p.add_subparsers(dest="verb", required=True)
-    for add in (_add_distill, _add_demo, _add_align, _add_evaluate, _add_cache_teacher, _add_plan, _add_pretrain):
+    for add in (_add_distill, _add_demo, _add_align, _add_evaluate, _add_cache_teacher, _add_plan, _add_pretrain,
+                _add_push):
         add(sub)
     return p
 
@@ -265,8 +280,17 @@ def cmd_pretrain(args) -> int:
     return 0
 
 
+def cmd_push(args) -> int:
+    from sakd.report.push import check_push, push_student
+
+    token = check_push(args.repo_id, args.token)  # offline / no token: one line before anything else
+    push_student(args.run_dir, args.repo_id, token=token, private=args.private, revision=args.revision,
+                 commit_message=args.message)
+    return 0
+
+
 VERBS = {"distill": cmd_distill, "demo": cmd_demo, "align": cmd_align, "evaluate": cmd_evaluate,
-         "pretrain": cmd_pretrain, "cache-teacher": cmd_cache_teacher, "plan": cmd_plan}
+         "pretrain": cmd_pretrain, "cache-teacher": cmd_cache_teacher, "plan": cmd_plan, "push": cmd_push}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,6 +57,15 @@ class ModelConfig:
     gradient_checkpointing: bool = F(False, "Checkpoint the student's activations (less memory, ~30% slower).")
     student_lora: StudentLoraConfig = field(default_factory=StudentLoraConfig,
                                             metadata={"help": "Train LoRA adapters instead of the whole student."})
+    teacher_device_map: Optional[typing.Union[str, dict]] = F(
+        None, "A teacher bigger than the card: transformers' big-model loading (from_pretrained(device_map=...), "
+        "Accelerate's hooks): auto, balanced, balanced_low_0, sequential, or {module: device} with devices 0, "
+        "cuda:1, cpu, disk. Modules left off the card run from host memory or disk (slower, same logits). One "
+        "process only; moe.mode=sar needs the teacher whole on one device.")
+    teacher_max_memory: Optional[dict] = F(None, "With model.teacher_device_map: the most each device may hold "
+                                           "of the teacher, e.g. {0: 10GiB, cpu: 30GiB}.")
+    teacher_offload_folder: Optional[str] = F(None, "With model.teacher_device_map: folder for the weights "
+                                              "mapped to disk.")
 
 
 @dataclass
@@ -198,6 +207,10 @@ class TrainConfig:
     log_every: int = F(10, "Log loss terms every N steps.", min=1)
     seed: int = F(0, "Seed for initialisation-free randomness: data order, sampling, dropout.")
     output_dir: str = F("runs/sakd", "Run folder: checkpoints, logs, report, the exported student.")
+    push_to_hub: Optional[str] = F(None, "At the end of the run, upload the exported student (weights, tokenizer, "
+                                   "model card) to this hub repo id, e.g. me/my-student (needs HF_TOKEN; checked "
+                                   "before training starts). Same as `sakd push RUN_DIR REPO_ID` afterwards.")
+    push_private: bool = F(False, "With train.push_to_hub: create the repo private.")
     max_time: Optional[str] = F(None, "Stop cleanly (checkpoint, exit) after this long, e.g. 8h45m, 90m, 3600s.")
     nonfinite_teacher: str = F("recompute", "When the teacher's logits or hidden states are not finite (fp16 "
                                "overflow): recompute that micro-batch with the teacher in fp32, or skip its "
@@ -279,7 +292,54 @@ class Config:
         if lora.r is not None and "lm_head" in lora.target_modules and self.loss.fused_head:
             raise UserError("model.student_lora.target_modules has lm_head, but loss.fused_head=true reads the "
                             "output layer's plain weight: drop lm_head, or set loss.fused_head=false")
+        check_teacher_placement(self.model, self.moe.mode)
         return self
+
+
+_DEVICE = re.compile(r"(cpu|disk|mps|(cuda|xpu|npu)(:\d+)?)")
+_SIZE = re.compile(r"\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?", re.IGNORECASE)
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def _is_device(d: Any, disk: bool = True) -> bool:
+    if isinstance(d, int) and not isinstance(d, bool):
+        return d >= 0
+    return isinstance(d, str) and bool(_DEVICE.fullmatch(d.strip())) and (disk or d.strip() != "disk")
+
+
+def check_teacher_placement(m: ModelConfig, moe_mode: str) -> None:
+    """model.teacher_device_map / teacher_max_memory / teacher_offload_folder: the values transformers'
+    ``from_pretrained(device_map=, max_memory=, offload_folder=)`` takes, checked before anything loads."""
+    dm, mm = m.teacher_device_map, m.teacher_max_memory
+    if dm is None:
+        for key, v in (("teacher_max_memory", mm), ("teacher_offload_folder", m.teacher_offload_folder)):
+            if v is not None:
+                raise UserError(f"model.{key} is set without model.teacher_device_map: set "
+                                f"model.teacher_device_map=auto (or a map), or drop model.{key}")
+        return
+    if isinstance(dm, str) and dm not in DEVICE_MAP_NAMES:
+        raise UserError(f"model.teacher_device_map={dm!r}: use one of {', '.join(DEVICE_MAP_NAMES)} or a mapping "
+                        "{module: device}, e.g. {model.layers.20: cpu}")
+    if isinstance(dm, dict):
+        if not dm:
+            raise UserError("model.teacher_device_map={}: empty; name modules and devices, or use auto")
+        for mod, dev in dm.items():
+            if not _is_device(dev):
+                raise UserError(f"model.teacher_device_map: module {mod!r} -> {dev!r} is not a device: use a GPU "
+                                "index (0, 1), cuda:N, cpu or disk")
+        if "disk" in dm.values() and not m.teacher_offload_folder:
+            raise UserError("model.teacher_device_map puts modules on disk: set model.teacher_offload_folder=DIR "
+                            "(where their weights are read from)")
+    for dev, size in (mm or {}).items():
+        if not _is_device(dev, disk=False):
+            raise UserError(f"model.teacher_max_memory: {dev!r} is not a device: use a GPU index (0, 1), cuda:N or cpu")
+        if not ((isinstance(size, int) and not isinstance(size, bool) and size > 0)
+                or (isinstance(size, str) and _SIZE.fullmatch(size.strip()))):
+            raise UserError(f"model.teacher_max_memory: {dev!r} -> {size!r} is not a size: write e.g. 10GiB, 500MB "
+                            "or bytes")
+    if moe_mode == "sar":
+        raise UserError("moe.mode=sar trains the teacher's routers, which needs the teacher whole on one device: "
+                        "drop model.teacher_device_map or use moe.mode=topk, ka or all")
 
 
 # ----------------------------------------------------------------------------- loading
@@ -307,7 +367,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
             return None
-        return _coerce(value, args[0], key)
+        for tp_ in args[:-1]:  # Union[str, dict]: the first type that takes the value
+            try:
+                return _coerce(value, tp_, key)
+            except UserError:
+                pass
+        return _coerce(value, args[-1], key)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -337,6 +402,15 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
         raise UserError(f"{key}={value!r}: expected a string")
+    if tp is dict or origin is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                value = None
+        if not isinstance(value, dict):
+            raise UserError(f"{key}={value!r}: expected a mapping, e.g. {{0: 10GiB, cpu: 30GiB}}")
+        return value
     if tp is list or origin is list:
         if isinstance(value, str):
             try:

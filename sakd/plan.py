@@ -189,7 +189,9 @@ KERNEL_TEMPORARIES = {"forward_kl": 3.25, "reverse_kl": 3.25, "jsd": 7.0, "tvd":
 
 def _teacher_head_use(cfg: Config) -> str | None:
     """objective.teacher_head_use for this configuration's terms (None with a teacher cache)."""
-    return None if cfg.model.teacher_cache else teacher_head_use(cfg.loss, cfg.loss.active_terms())
+    if cfg.model.teacher_cache or cfg.model.teacher_device_map is not None:  # a mapped teacher runs whole
+        return None
+    return teacher_head_use(cfg.loss, cfg.loss.active_terms())
 
 
 class _Step:
@@ -224,7 +226,8 @@ class _Step:
 def _persistent_terms(z: _Step, c: dict) -> None:
     """Weights and optimizer states."""
     t, s = z.t, z.s
-    c["teacher_weights"] = 0 if z.cached else t["params"] * z.tb
+    # model.teacher_device_map: only what the map leaves on the card (sakd.models.placement.bytes_on_card)
+    c["teacher_weights"] = 0 if z.cached else t.get("weights_on_card", t["params"] * z.tb)
     # a LoRA student: the frozen base once, its adapters beside it; only the adapters have AdamW states
     c["student_weights"] = (s["params"] + s["lora_params"]) * 4
     c["optimizer_states"] = 2 * 4 * (s["trainable"] + s["aux_params"])   # AdamW exp_avg + exp_avg_sq, fp32
@@ -259,7 +262,7 @@ def _teacher_terms(z: _Step, c: dict) -> None:
     c["teacher_logits"] = B * Lt * {"shared": z.S, "rows": t["hidden"]}.get(z.use, z.Vt) * tb
     c["teacher_forward"] = B * Lt * tb * (4 * t["hidden"] + 2 * t["hq"] + 2 * t["kvd"]
                                           + 3 * (t["moe_intermediate"] if t["experts"] else t["intermediate"])) \
-        + B * Lt * Lt
+        + B * Lt * Lt + t.get("offloaded_block", 0)  # an offloaded block's weights, on the card for its forward
     if z.cached:  # the decoded cache batch instead: top-k ids (int64) and log-probs (fp32) per teacher position
         c["teacher_logits"] = B * Lt * (z.topk * 12 + 16)
         c["teacher_forward"] = 0
@@ -437,6 +440,13 @@ def plan(cfg: Config, *, card_gb: float = 16.0, micro_batch: int | None = None, 
     s["aux_params"] = _aux_parameters(cfg, s_cfg, t_cfg)
     s["lora_params"] = _lora_parameters(cfg, s_cfg)
     s["trainable"] = s["lora_params"] if cfg.model.student_lora.r is not None else s["params"]
+    m = cfg.model
+    if m.teacher_device_map is not None and not m.teacher_cache:
+        from sakd.models.placement import bytes_on_card
+        tb = {"float16": 2, "bfloat16": 2, "float32": 4}.get(m.teacher_dtype, 2 if device == "cuda" else 4)
+        placed = bytes_on_card(t_cfg, m.teacher_device_map, m.teacher_max_memory, tb, card_gb * GiB)
+        t["weights_on_card"], t["offloaded_block"] = placed["on_card"], placed["offloaded_block"]
+        t["weights_total"] = placed["total"]
     tot = _totals(cfg, t, s, B, device)
     card = card_gb * GiB
     max_b, lo = 0, 1
@@ -455,7 +465,7 @@ def plan(cfg: Config, *, card_gb: float = 16.0, micro_batch: int | None = None, 
         "activation_dtype": "16-bit autocast" if half else "float32",
         "teacher_dtype": cfg.model.teacher_dtype, "gradient_checkpointing": cfg.model.gradient_checkpointing,
         "moe_mode": cfg.moe.mode, "teacher_cache": cfg.model.teacher_cache, "teacher": t, "student": s,
-        "teacher_head": _teacher_head_use(cfg),
+        "teacher_head": _teacher_head_use(cfg), "teacher_device_map": m.teacher_device_map,
         "fused_head": fused_head_terms(cfg.loss, kd="kd" in cfg.loss.active_terms(),
                                        chunk="chunk" in cfg.loss.active_terms()),
         "components": {k: int(v) for k, v in tot["components"].items()},
@@ -548,6 +558,9 @@ def format_plan(p: dict) -> str:
         f"student: {s['model_type']}, {s['params'] / 1e6:,.1f}M parameters ({s['source']}), {s['layers']} layers, "
         f"hidden {s['hidden']}, vocab {s['vocab']:,}"
         + (f", LoRA: {s['lora_params'] / 1e6:,.2f}M trainable (frozen base)" if s["lora_params"] else ""),
+        *([f"model.teacher_device_map={p['teacher_device_map']!r}: {t['weights_on_card'] / GiB:.2f} of "
+           f"{t['weights_total'] / GiB:.2f} GiB of teacher weights on the card; the largest offloaded block "
+           f"({t['offloaded_block'] / GiB:.2f} GiB) comes onto it for its forward"] if "weights_on_card" in t else []),
         f"device {p['device']}, activations {p['activation_dtype']}, teacher dtype {p['teacher_dtype']}, "
         f"micro-batch {p['micro_batch']} x {p['seq_len']} student / {p['teacher_seq_len']} teacher tokens, "
         f"gradient checkpointing {'on' if p['gradient_checkpointing'] else 'off'}, moe.mode {p['moe_mode']}, "
@@ -563,6 +576,8 @@ def format_plan(p: dict) -> str:
             label = "teacher logits [B, Lt, S] (fused head)"
         elif key == "teacher_logits" and p.get("teacher_head") == "rows":
             label = "teacher last hidden state (fused head)"
+        if key == "teacher_weights" and "weights_on_card" in t:
+            label = "teacher weights left on the card (map)"
         if key == "student_logits" and p.get("fused_head"):
             label = "student logits, last position (fused head)"
         if key in c and (c[key] or key in PERSISTENT[:3]):

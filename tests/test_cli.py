@@ -15,7 +15,7 @@ def _run(*args, **kw):
 def test_help_lists_every_verb_and_config_key():
     top = _run("--help")
     assert top.returncode == 0
-    for verb in ("distill", "demo", "align", "evaluate", "pretrain", "cache-teacher", "plan"):
+    for verb in ("distill", "demo", "align", "evaluate", "pretrain", "cache-teacher", "plan", "push"):
         assert verb in top.stdout
     distill = _run("distill", "--help")
     assert distill.returncode == 0

@@ -67,7 +67,8 @@ def teacher_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def load_causal_lm(name: str, role: str, *, dtype: torch.dtype = torch.float32, attn: str | None = None,
-                   experts_implementation: str | None = None):
+                   experts_implementation: str | None = None, placement: dict | None = None):
+    """``placement``: ``big_model_placement(...)``, passed to ``from_pretrained`` as is."""
     if looks_local(name) and not Path(name).expanduser().exists():
         raise UserError(f"{role} path {name!r} does not exist: give a hub id or an existing folder")
     try:
@@ -79,9 +80,18 @@ def load_causal_lm(name: str, role: str, *, dtype: torch.dtype = torch.float32, 
         kw["attn_implementation"] = attn
     if experts_implementation:
         kw["experts_implementation"] = experts_implementation
+    if isinstance((placement or {}).get("device_map"), dict):
+        from sakd.models.placement import check_device_map
+        check_device_map(config, placement["device_map"], role)
+    kw.update(placement or {})
     try:
         model = AutoModelForCausalLM.from_pretrained(name, **kw)
-    except ValueError as e:
+    except (ValueError, KeyError) as e:
+        if placement:  # a module the model lacks, modules left unmapped, disk without an offload folder
+            raise UserError(f"model.teacher_device_map={placement['device_map']!r} does not fit the {role} "
+                            f"{name!r}: {str(e).splitlines()[0][:200]}") from None
+        if not isinstance(e, ValueError):
+            raise
         raise UserError(f"{role} {name!r} is not a causal language model ({type(config).__name__}): "
                         f"{str(e).splitlines()[0][:120]}") from None
     except OSError as e:
@@ -90,13 +100,15 @@ def load_causal_lm(name: str, role: str, *, dtype: torch.dtype = torch.float32, 
 
 
 def load_teacher(name: str, device: torch.device, dtype_name: str = "auto", *, attn: str | None = None,
-                 experts_implementation: str | None = None):
-    """Frozen, eval mode, fp16 on CUDA (bf16 if asked), fp32 on CPU."""
+                 experts_implementation: str | None = None, placement: dict | None = None):
+    """Frozen, eval mode, fp16 on CUDA (bf16 if asked), fp32 on CPU. With ``placement`` (a device map) the
+    modules stay where transformers put them: no ``.to(device)``, which would pull offloaded weights in (or
+    fail on their meta tensors); the model's outputs come back on its input's device (Accelerate's top hook)."""
     model = load_causal_lm(name, "teacher", dtype=teacher_dtype(dtype_name, device), attn=attn,
-                           experts_implementation=experts_implementation)
+                           experts_implementation=experts_implementation, placement=placement)
     model.requires_grad_(False)
     model.eval()
-    return model.to(device)
+    return model if placement else model.to(device)
 
 
 def load_student(name: str, device: torch.device, *, attn: str | None = None):

@@ -15,7 +15,8 @@ gmkim-ai/MoEKD). For a token with router input x and router weights W [E, H]:
     MoE output = sum_{e in S} w_e * expert_e(x)  (+ the shared expert, untouched).
 
 We never copy model code: the router module's ``forward`` is replaced on the
-instance (inside a context manager) by a function that returns the
+instance (inside a context manager; under Accelerate's big-model hooks its ``_old_forward``,
+which the hook calls once the offloaded weights are in) by a function that returns the
 ``(router_logits, weights [N, k], indices [N, k])`` triple the transformers 5.x
 block passes to its experts. Blocks are found by structure, never by name.
 transformers 4.x MoE blocks (``gate`` an ``nn.Linear``, experts a ``ModuleList``)
@@ -324,12 +325,16 @@ def routing(teacher: nn.Module, mode: str, *, experts: int | None = None, sample
     patched = []
     try:
         for l in layers:
-            had = "forward" in l.gate.__dict__
-            patched.append((l.gate, had, l.gate.__dict__.get("forward")))
-            l.gate.forward = _make_forward(
-                l, l.gate.forward, mode, ks[l.name], sample_prob, temperature, generator,
+            # A teacher loaded with a device_map (Accelerate's big-model hooks): the router's own weights are
+            # on the meta device outside its forward when offloaded, and the hook's forward loads them, then
+            # calls ``_old_forward``. Patching that one keeps our routing INSIDE the hook (weights present).
+            attr = "_old_forward" if hasattr(l.gate, "_hf_hook") and "_old_forward" in l.gate.__dict__ else "forward"
+            had = attr in l.gate.__dict__
+            patched.append((l.gate, attr, had, l.gate.__dict__.get(attr)))
+            setattr(l.gate, attr, _make_forward(
+                l, getattr(l.gate, attr), mode, ks[l.name], sample_prob, temperature, generator,
                 None if router_weights is None else router_weights[l.name],
-                None if reference_weights is None else reference_weights[l.name].detach(), stats)
+                None if reference_weights is None else reference_weights[l.name].detach(), stats))
         if mode == "sar":
             for p in teacher.parameters():
                 p.requires_grad_(False)
@@ -338,11 +343,11 @@ def routing(teacher: nn.Module, mode: str, *, experts: int | None = None, sample
                     l.gate.weight.requires_grad_(True)
         yield stats
     finally:
-        for gate, had, previous in reversed(patched):
+        for gate, attr, had, previous in reversed(patched):
             if had:
-                gate.__dict__["forward"] = previous
+                gate.__dict__[attr] = previous
             else:
-                del gate.__dict__["forward"]
+                del gate.__dict__[attr]
         for p, flag in saved_grad:
             p.requires_grad_(flag)
         stats.last_logits, stats.last_mask = {}, None  # drop references to the autograd graph

@@ -39,6 +39,7 @@ from sakd.errors import UserError
 from sakd.evaluate.bpb import nll_bits
 from sakd.losses.mapped import path_log_mass, mapped_positions
 from sakd.models.load import experts_per_token, fp32_forward, load_teacher
+from sakd.models.placement import big_model_placement
 
 INCOMPLETE = 3  # the CLI's exit code when a build stopped (max_time) before its last shard
 
@@ -339,7 +340,9 @@ def _plan_build(cfg: Config, out: Path, *, k: int, codec: str, batch_size: int |
 
 def _load_checked_teacher(cfg: Config, device, vt: int):
     m = cfg.model
-    teacher = load_teacher(m.teacher, device, m.teacher_dtype, experts_implementation=m.experts_implementation)
+    teacher = load_teacher(m.teacher, device, m.teacher_dtype, experts_implementation=m.experts_implementation,
+                           placement=big_model_placement(m.teacher_device_map, m.teacher_max_memory,
+                                                         m.teacher_offload_folder))
     if teacher.get_output_embeddings().weight.shape[0] < vt:
         raise UserError(f"teacher {m.teacher!r} has fewer logit columns than its tokenizer has tokens ({vt})")
     return teacher

@@ -12,7 +12,7 @@ from pathlib import Path
 # every teacher term off, full cross-entropy, the teacher's own routing (its pass is not used)
 CE_ONLY = ["loss.logit=none", "loss.baseline=", "loss.kd_weight=0", "loss.ce_weight=1", "loss.chunk_weight=0",
            "loss.hidden.weight=0", "loss.attention.weight=0", "loss.contrastive.weight=0", "moe.mode=topk",
-           "eval.ce_only_baseline=false"]
+           "eval.ce_only_baseline=false", "train.push_to_hub=null"]
 
 
 def ce_only_dir(output_dir: str | Path) -> Path:

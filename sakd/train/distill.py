@@ -43,6 +43,7 @@ from sakd.errors import UserError
 from sakd.evaluate.bpb import bits_per_byte
 from sakd.models.load import count_parameters, experts_per_token, fp32_forward, load_student, load_teacher
 from sakd.models.lora import export_student, trainable_parameters, wrap_student
+from sakd.models.placement import big_model_placement
 from sakd.train.objective import Objective
 from sakd.train.onpolicy import generate_items
 from sakd.train.runlog import RunLogger
@@ -140,7 +141,9 @@ def setup(cfg: Config, log=print) -> Run:
             cfg, data.train.fingerprints, student_tok=data.student_tok, teacher_tok=data.teacher_tok, vocab=vocab))
     else:
         teacher = load_teacher(m.teacher, device, m.teacher_dtype, attn=attn,
-                               experts_implementation=m.experts_implementation)
+                               experts_implementation=m.experts_implementation,
+                               placement=big_model_placement(m.teacher_device_map, m.teacher_max_memory,
+                                                             m.teacher_offload_folder))
         if cfg.moe.mode != "topk" and not moe.is_moe(teacher):
             raise UserError(f"moe.mode={cfg.moe.mode} needs an MoE teacher, but {m.teacher!r} has no MoE blocks: "
                             "use moe.mode=topk")
@@ -212,7 +215,9 @@ def describe(run: Run, cfg: Config, log=print) -> dict:
 # held-out evaluation (which never feeds back into training). Everything else must match the checkpoint.
 RESUME_MAY_CHANGE = ("train.max_steps", "train.max_time", "train.output_dir", "train.eval_every",
                      "train.save_every", "train.keep_checkpoints", "train.log_every", "data.num_workers",
-                     "logging.", "eval.")
+                     "logging.", "eval.", "model.teacher_device_map", "model.teacher_device_map.",
+                     "model.teacher_max_memory", "model.teacher_max_memory.", "model.teacher_offload_folder",
+                     "train.push_to_hub", "train.push_private")
 
 
 def _check_resume_config(path: Path, saved: dict | None, current: dict) -> None:
@@ -476,11 +481,17 @@ def finish(run: Run, cfg: Config, state: TrainState, out: Path, result: dict, st
     if not stopped:
         from sakd.report.run import write_run_report
         write_run_report(out, cfg, result, teacher=run.teacher, teacher_tokenizer=run.teacher_tok, texts=run.heldout)
+        if cfg.train.push_to_hub:
+            from sakd.report.push import push_student
+            result["pushed"] = push_student(out, cfg.train.push_to_hub, private=cfg.train.push_private, log=log)
 
 
 def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = True) -> dict:
     """Distil ``cfg.model.teacher`` into ``cfg.model.student``: set up, [resume], train, export, report."""
     # ---- set up: data, models, vocabulary map, optimizer, the state a checkpoint holds
+    if cfg.train.push_to_hub:  # offline or without a token: one line now, not after the run
+        from sakd.report.push import check_push
+        check_push(cfg.train.push_to_hub, key="train.push_to_hub")
     out = _output_dir(cfg, resume)
     t_setup = time.time()
     run = setup(cfg, log)

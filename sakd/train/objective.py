@@ -431,7 +431,9 @@ def teacher_head(teacher, shared_t: torch.Tensor | None, fused: bool) -> tuple |
     [S, H] rows are gathered once (the teacher is frozen; SAR trains its routers only). Where mapped_kl
     alone reads them ("rows"), the loss takes the last hidden state and the weight, and multiplies out
     only the rows a row block needs."""
-    if not fused or teacher is None or not hasattr(teacher, "get_decoder"):
+    # A teacher with a device map (model.teacher_device_map) runs whole: its head may be offloaded (a meta
+    # tensor outside its forward) or on another device than the body's output.
+    if not fused or teacher is None or not hasattr(teacher, "get_decoder") or getattr(teacher, "hf_device_map", None):
         return None
     w = plain_head_weight(teacher)
     if w is None:
