@@ -170,6 +170,9 @@ class TrainConfig:
                                "overflow): recompute that micro-batch with the teacher in fp32, or skip its "
                                "teacher terms; counted either way.", choices=("recompute", "skip"))
     deterministic: bool = F(False, "Deterministic algorithms (bit-exact resume on CPU).")
+    distributed: str = F("ddp", "Several processes: ddp (each holds the whole student) or fsdp (FSDP2 through "
+                         "Accelerate: the student's parameters, gradients and AdamW states split over the processes; "
+                         "the teacher replicated). See docs/distributed.md.", choices=("ddp", "fsdp"))
 
 
 @dataclass
