@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from sakd.errors import UserError
@@ -58,6 +58,9 @@ def build_accelerator(mixed_precision: str, distributed: str, on_policy: bool) -
         # lacks MULTI_CPU, so on CPU processes the plugin is dropped without a word and `prepare` wraps the
         # student in DDP. torch's FSDP2 (`fully_shard`) runs on gloo, and every FSDP path of Accelerate used
         # here (fsdp2_prepare_model, clip_grad_norm_, no_sync, reduce) works on CPU: switch it on.
+        # Both shared states, as AcceleratorState.__init__ ends on a GPU: a later AcceleratorState() (Accelerate
+        # calls it internally) copies PartialState's distributed_type over its own.
+        PartialState._shared_state["distributed_type"] = DistributedType.FSDP
         acc.state.distributed_type = DistributedType.FSDP
         acc.state.fsdp_plugin = plugin
     return acc

@@ -150,3 +150,26 @@ def test_resume_from_an_fsdp_checkpoint_is_bitwise_exact(runs):
     ca = load_file(str(full / "checkpoints" / f"step-{STEPS:06d}" / "aux.safetensors"))
     cb = load_file(str(resumed / "checkpoints" / f"step-{STEPS:06d}" / "aux.safetensors"))
     assert all(torch.equal(ca[k], cb[k]) for k in ca)  # the projectors (outside the sharded student) too
+
+
+def test_fsdp_version_1_and_on_policy_are_refused_before_anything_starts(monkeypatch):
+    from sakd.errors import UserError
+    from sakd.train.fsdp import build_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch --use_fsdp` sets ...
+    monkeypatch.setenv("FSDP_VERSION", "1")            # ... with its default --fsdp_version 1
+    with pytest.raises(UserError, match="fsdp_version 1 .*fsdp_version: 2"):
+        build_accelerator("no", "ddp", on_policy=False)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    with pytest.raises(UserError, match="loss.on_policy_prob > 0 with FSDP"):
+        build_accelerator("no", "ddp", on_policy=True)
+
+
+def test_the_shipped_accelerate_config_asks_for_fsdp2_per_decoder_layer():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    c = load_config_from_file(str(ROOT / "configs" / "accelerate" / "fsdp.yaml"))
+    assert str(c.distributed_type).endswith("FSDP")
+    assert str(c.fsdp_config["fsdp_version"]) == "2"
+    assert c.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert c.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
