@@ -445,7 +445,7 @@ def finish(run: Run, cfg: Config, state: TrainState, out: Path, result: dict, st
     acc, student = run.accelerator, state.student
     if not stopped:
         bpb = heldout_bits_per_byte(student, run, cfg)  # under FSDP on every process: its forwards are collective
-        full = fsdp.gathered(student.state_dict(), keep=acc.is_main_process) if fsdp.is_sharded(acc) else None
+        full = fsdp.full_state_dict(student, keep=acc.is_main_process) if fsdp.is_sharded(acc) else None
         if not acc.is_main_process:
             return
         state.evals.append({"step": state.step, "student_bpb": bpb})

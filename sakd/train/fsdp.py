@@ -130,6 +130,20 @@ def gathered(tree, keep: bool):
     return out if keep else None
 
 
+def full_state_dict(model: torch.nn.Module, keep: bool) -> dict | None:
+    """The model's state dict with full tensors (``gathered``, collective), the tied parameters (one
+    Parameter under several names: the embeddings and the output layer) sharing one tensor again, so that
+    ``save_pretrained`` stores them once, as it does for an unsharded model."""
+    sd = gathered(model.state_dict(), keep)
+    if sd is not None:
+        first: dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if id(p) in first and name in sd and first[id(p)] in sd:
+                sd[name] = sd[first[id(p)]]
+            first.setdefault(id(p), name)
+    return sd
+
+
 def _shard_like(full: torch.Tensor, ref) -> torch.Tensor:
     """``full`` cut like the DTensor ``ref`` (every process holds ``full``: no communication)."""
     from torch.distributed.tensor import distribute_tensor
