@@ -440,14 +440,15 @@ def save(state: TrainState, ckpt_dir: Path, acc, keep: int) -> None:
 
 
 def finish(run: Run, cfg: Config, state: TrainState, out: Path, result: dict, stopped: str | None, log=print) -> None:
-    """Main process, after the loop: final evaluation, export (student, tokenizer, model card, SAR
-    router), history.json, result.json, the run report."""
+    """After the loop (on the main process; under FSDP every process enters for the collective part): final
+    evaluation, export (student, tokenizer, model card, SAR router), history.json, result.json, the run report."""
     acc, student = run.accelerator, state.student
-    if not stopped:
-        bpb = heldout_bits_per_byte(student, run, cfg)  # under FSDP on every process: its forwards are collective
+    if not stopped:  # under FSDP on every process: the student's forwards and the gathering are collective
+        bpb = heldout_bits_per_byte(student, run, cfg)
         full = fsdp.full_state_dict(student, keep=acc.is_main_process) if fsdp.is_sharded(acc) else None
-        if not acc.is_main_process:
-            return
+    if not acc.is_main_process:
+        return
+    if not stopped:
         state.evals.append({"step": state.step, "student_bpb": bpb})
         log(f"held-out bits/byte at the end: student {bpb:.4f} (teacher {state.teacher_bpb:.4f})")
         export_dir = out / "student"
