@@ -173,3 +173,21 @@ def test_the_shipped_accelerate_config_asks_for_fsdp2_per_decoder_layer():
     assert str(c.fsdp_config["fsdp_version"]) == "2"
     assert c.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     assert c.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+
+
+@pytest.mark.slow
+def test_a_time_limit_stops_every_process_and_the_resume_is_exact(runs, tiny_assets, tmp_path):
+    """train.max_time under FSDP: both processes stop at the same step (the stop flag is all-reduced), the
+    checkpoint is gathered by both, only the main process writes the run files; resuming ends bitwise equal
+    to the uninterrupted FSDP run (train.max_time may change on resume)."""
+    out = tmp_path / "stopped"
+    r = _distill(tiny_assets, out, 2, **FSDP, **{"train.max_time": "1s"})  # set-up alone takes longer
+    assert re.search(r"stopping at step 1: train.max_time=1s reached", r.stdout), r.stdout[-2000:]
+    assert [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith("step-")] == ["step-000001"]
+    assert len(json.loads((out / "history.json").read_text())["history"]) == 1
+    again = _distill(tiny_assets, out, 2, "--resume", **FSDP)
+    assert "resume: continuing from step-000001 (step 1)" in again.stdout
+    wa = load_file(str(runs["fsdp"][1] / "student" / "model.safetensors"))
+    wb = load_file(str(out / "student" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert _history(runs["fsdp"][1]) == _history(out)
