@@ -121,6 +121,8 @@ def _add_plan(sub) -> None:
                         "that fits a card")
     pl.add_argument("--config", required=True, help="YAML configuration")
     pl.add_argument("--card-gb", type=float, default=16.0, help="GPU memory in GiB (default 16, a P100)")
+    pl.add_argument("--processes", type=int, default=1, help="processes (GPUs) of the run: with "
+                    "train.distributed=fsdp the student's weights, gradients and AdamW states are divided by it")
     pl.add_argument("--json", action="store_true", help="write one JSON object to stdout")
     pl.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     pl.add_argument("overrides", nargs="*", help="dotted config overrides")
@@ -260,7 +262,7 @@ def cmd_plan(args) -> int:
     from sakd.plan import format_plan, plan
 
     cfg = load_config(args.config, args.overrides)
-    p = plan(cfg, card_gb=args.card_gb)
+    p = plan(cfg, card_gb=args.card_gb, processes=args.processes)
     print(json.dumps(p, default=str) if args.json else format_plan(p))
     return 0
 

@@ -216,6 +216,9 @@ class TrainConfig:
                                "overflow): recompute that micro-batch with the teacher in fp32, or skip its "
                                "teacher terms; counted either way.", choices=("recompute", "skip"))
     deterministic: bool = F(False, "Deterministic algorithms (bit-exact resume on CPU).")
+    distributed: str = F("ddp", "Several processes: ddp (each holds the whole student) or fsdp (FSDP2 through "
+                         "Accelerate: the student's parameters, gradients and AdamW states split over the processes; "
+                         "the teacher replicated). See docs/distributed.md.", choices=("ddp", "fsdp"))
 
 
 @dataclass
@@ -292,6 +295,9 @@ class Config:
         if lora.r is not None and "lm_head" in lora.target_modules and self.loss.fused_head:
             raise UserError("model.student_lora.target_modules has lm_head, but loss.fused_head=true reads the "
                             "output layer's plain weight: drop lm_head, or set loss.fused_head=false")
+        if lora.r is not None and self.train.distributed == "fsdp":
+            raise UserError("model.student_lora with train.distributed=fsdp is not supported (untested): a LoRA "
+                            "student's optimizer state is small; use train.distributed=ddp")
         check_teacher_placement(self.model, self.moe.mode)
         return self
 

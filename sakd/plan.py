@@ -197,8 +197,9 @@ def _teacher_head_use(cfg: Config) -> str | None:
 class _Step:
     """The quantities every memory term of one micro-batch reads (``_components``)."""
 
-    def __init__(self, cfg: Config, t: dict, s: dict, B: int, device: str):
+    def __init__(self, cfg: Config, t: dict, s: dict, B: int, device: str, processes: int = 1):
         lc, cuda = cfg.loss, device == "cuda"
+        self.shards = processes if cfg.train.distributed == "fsdp" else 1  # FSDP: the student split N ways
         self.cfg, self.t, self.s, self.B, self.cuda = cfg, t, s, B, cuda
         self.half = cuda and cfg.train.precision != "fp32"     # autocast fp16/bf16 on CUDA, fp32 on CPU
         self.ab = 2 if self.half else 4                        # student activation / logits bytes
@@ -229,8 +230,13 @@ def _persistent_terms(z: _Step, c: dict) -> None:
     # model.teacher_device_map: only what the map leaves on the card (sakd.models.placement.bytes_on_card)
     c["teacher_weights"] = 0 if z.cached else t.get("weights_on_card", t["params"] * z.tb)
     # a LoRA student: the frozen base once, its adapters beside it; only the adapters have AdamW states
-    c["student_weights"] = (s["params"] + s["lora_params"]) * 4
-    c["optimizer_states"] = 2 * 4 * (s["trainable"] + s["aux_params"])   # AdamW exp_avg + exp_avg_sq, fp32
+    c["student_weights"] = (s["params"] + s["lora_params"]) * 4 / z.shards
+    c["optimizer_states"] = 2 * 4 * (s["trainable"] / z.shards + s["aux_params"]) # AdamW exp_avg + exp_avg_sq, fp32
+    if z.shards > 1:
+        # FSDP2 units gathered in full at once (fp32): the output layer + final norm (+ tied embeddings), kept
+        # from the forward to the backward, and two decoder layers (the one running, the one prefetched)
+        head = s["vocab"] * s["hidden"] * (1 if s["tied"] else 2)
+        c["fsdp_gathered_units"] = 4 * (head + 2 * (s["params"] - head) / s["layers"])
     if z.cfg.moe.mode == "sar":  # fp32 master + initial copy + AdamW (2) per router weight
         c["sar_router_state"] = 4 * 4 * t["layers"] * t["experts"] * t["hidden"]
 
@@ -238,7 +244,7 @@ def _persistent_terms(z: _Step, c: dict) -> None:
 def _student_terms(z: _Step, c: dict) -> None:
     """The student's gradients, activations and logits (every forward runs with use_cache=False: no KV cache)."""
     s, B, Ls = z.s, z.B, z.Ls
-    c["student_gradients"] = 4 * (s["trainable"] + s["aux_params"])
+    c["student_gradients"] = 4 * (s["trainable"] / z.shards + s["aux_params"])
     act = activation_bytes(s, B * Ls, Ls, half=z.half, eager=z.eager, checkpointing=z.ckpt)
     one_layer = B * Ls * _layer_bytes(s, Ls, half=z.half, eager=z.eager)
     c["student_activations"] = act
@@ -377,10 +383,10 @@ def _eval_terms(z: _Step, c: dict, m: dict) -> None:
     m["student_eval"] = c["student_eval"]
 
 
-def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str) -> tuple[dict, dict]:
+def _components(cfg: Config, t: dict, s: dict, B: int, *, device: str, processes: int = 1) -> tuple[dict, dict]:
     """(components in bytes, moment totals) at micro-batch B. The moments follow the order in which
     ``objective.micro_step_loss`` builds, and autograd frees, each buffer."""
-    z, c = _Step(cfg, t, s, B, device), {}
+    z, c = _Step(cfg, t, s, B, device, processes), {}
     _persistent_terms(z, c)
     _student_terms(z, c)
     _teacher_terms(z, c)
@@ -403,11 +409,12 @@ def _cache_k(folder: str) -> int:
         return 64
 
 
-PERSISTENT = ("teacher_weights", "student_weights", "optimizer_states", "sar_router_state", "teacher_head_shared")
+PERSISTENT = ("teacher_weights", "student_weights", "optimizer_states", "sar_router_state", "teacher_head_shared",
+              "fsdp_gathered_units")
 
 
-def _totals(cfg, t, s, B, device) -> dict:
-    c, moments = _components(cfg, t, s, B, device=device)
+def _totals(cfg, t, s, B, device, processes: int = 1) -> dict:
+    c, moments = _components(cfg, t, s, B, device=device, processes=processes)
     persistent = sum(c.get(k, 0) for k in PERSISTENT)
     transient = max(moments.values())
     overhead = (CUDA_CONTEXT_BYTES + ALLOCATOR_MARGIN * transient) if device == "cuda" else 0.0
@@ -415,8 +422,11 @@ def _totals(cfg, t, s, B, device) -> dict:
             "overhead": overhead, "peak": persistent + transient + overhead}
 
 
-def plan(cfg: Config, *, card_gb: float = 16.0, micro_batch: int | None = None, device: str = "cuda") -> dict:
-    """Estimate the peak memory of ``sakd distill`` with ``cfg`` on one ``device`` ("cuda" or "cpu").
+def plan(cfg: Config, *, card_gb: float = 16.0, micro_batch: int | None = None, device: str = "cuda",
+         processes: int = 1) -> dict:
+    """Estimate the peak memory of ``sakd distill`` with ``cfg`` on one ``device`` ("cuda" or "cpu"), for one
+    of ``processes`` processes (with ``train.distributed=fsdp`` the student's weights, gradients and AdamW
+    states are divided by it; under DDP every process holds them whole).
 
     Returns a dict: ``components`` (bytes of every term at the micro-batch), ``phases`` (forward,
     backward, router totals), ``persistent_bytes``, ``transient_bytes`` (the largest phase),
@@ -427,6 +437,8 @@ def plan(cfg: Config, *, card_gb: float = 16.0, micro_batch: int | None = None, 
         raise UserError(f"plan device {device!r}: use cuda or cpu")
     if not card_gb > 0:
         raise UserError(f"--card-gb {card_gb}: must be > 0 (GiB of the accelerator)")
+    if processes < 1:
+        raise UserError(f"--processes {processes}: must be >= 1 (processes, one per GPU)")
     B = int(micro_batch or cfg.train.batch_size)
     if B < 1:
         raise UserError(f"micro_batch {B}: must be >= 1")
@@ -447,20 +459,21 @@ def plan(cfg: Config, *, card_gb: float = 16.0, micro_batch: int | None = None, 
         placed = bytes_on_card(t_cfg, m.teacher_device_map, m.teacher_max_memory, tb, card_gb * GiB)
         t["weights_on_card"], t["offloaded_block"] = placed["on_card"], placed["offloaded_block"]
         t["weights_total"] = placed["total"]
-    tot = _totals(cfg, t, s, B, device)
+    tot = _totals(cfg, t, s, B, device, processes)
     card = card_gb * GiB
     max_b, lo = 0, 1
-    if _totals(cfg, t, s, 1, device)["peak"] <= card:  # peak grows with B: double, then bisect
+    if _totals(cfg, t, s, 1, device, processes)["peak"] <= card:  # peak grows with B: double, then bisect
         hi = 2
-        while hi <= 65536 and _totals(cfg, t, s, hi, device)["peak"] <= card:
+        while hi <= 65536 and _totals(cfg, t, s, hi, device, processes)["peak"] <= card:
             lo, hi = hi, hi * 2
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if _totals(cfg, t, s, mid, device)["peak"] <= card else (lo, mid)
+            lo, hi = (mid, hi) if _totals(cfg, t, s, mid, device, processes)["peak"] <= card else (lo, mid)
         max_b = lo
     half = device == "cuda" and cfg.train.precision != "fp32"
     return {
         "device": device, "micro_batch": B, "grad_accum": cfg.train.grad_accum,
+        "processes": processes, "student_shards": processes if cfg.train.distributed == "fsdp" else 1,
         "seq_len": cfg.data.seq_len, "teacher_seq_len": teacher_seq_len(cfg),
         "activation_dtype": "16-bit autocast" if half else "float32",
         "teacher_dtype": cfg.model.teacher_dtype, "gradient_checkpointing": cfg.model.gradient_checkpointing,
@@ -520,6 +533,7 @@ MOMENTS = [("teacher_pass", "moment: a teacher pass ends"), ("loss_forward", "mo
 ROWS = [  # (component, phase it counts in, label)
     ("teacher_weights", "persistent", "teacher weights"),
     ("student_weights", "persistent", "student weights (fp32)"),
+    ("fsdp_gathered_units", "persistent", "FSDP units gathered in full (fp32)"),
     ("optimizer_states", "persistent", "AdamW states (2 x fp32)"),
     ("sar_router_state", "persistent", "SAR router master + AdamW"),
     ("teacher_head_shared", "persistent", "teacher output layer, shared rows"),
@@ -565,6 +579,10 @@ def format_plan(p: dict) -> str:
         f"micro-batch {p['micro_batch']} x {p['seq_len']} student / {p['teacher_seq_len']} teacher tokens, "
         f"gradient checkpointing {'on' if p['gradient_checkpointing'] else 'off'}, moe.mode {p['moe_mode']}, "
         f"fused output layer {'on' if p['fused_head'] else 'off'}",
+        *([f"per process of {p['processes']}: the student's weights, gradients and AdamW states sharded "
+           f"{p['student_shards']} ways (FSDP2), the teacher whole on each"] if p.get("student_shards", 1) > 1
+          else [f"per process of {p['processes']} (DDP: each holds the whole student and teacher)"]
+          if p.get("processes", 1) > 1 else []),
         "",
         f"{'component':<40}{'GiB':>9}  alive in",
     ]

@@ -35,7 +35,7 @@ from sakd.models import moe
 from sakd.align.mapping import mapping_tables
 from sakd.align.classes import class_tables
 from sakd.align.vocab import build_vocab_map
-from sakd.train import objective
+from sakd.train import fsdp, objective
 from sakd.train.checkpoint import list_checkpoints, load_latest, save_checkpoint
 from sakd.config import Config, changed_keys, flatten, parse_duration, to_dict
 from sakd.data.text import Collator, SpanDataset, pad_id, span_data
@@ -116,8 +116,8 @@ def needs_attention_maps(cfg: Config) -> bool:
 
 
 def setup(cfg: Config, log=print) -> Run:
-    accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.precision),
-                              cpu=not torch.cuda.is_available())
+    accelerator = fsdp.build_accelerator(mixed_precision(cfg.train.precision), cfg.train.distributed,
+                                         on_policy=cfg.loss.on_policy_prob > 0)
     set_seed(cfg.train.seed)
     if cfg.train.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -176,6 +176,7 @@ def describe(run: Run, cfg: Config, log=print) -> dict:
         "train_spans": len(run.train),
         "heldout_bytes": sum(len(t.encode()) for t in run.heldout),
         "processes": world,
+        "student_sharded": fsdp.is_sharded(run.accelerator),
         "device": str(run.accelerator.device),
         "mixed_precision": run.accelerator.mixed_precision,
     }
@@ -187,7 +188,9 @@ def describe(run: Run, cfg: Config, log=print) -> dict:
     else:
         log(f"teacher: {info['teacher_parameters'] / 1e6:.2f}M parameters, experts per token: "
             f"{info['teacher_experts_per_token']}, routing: {cfg.moe.mode}")
-    log(f"student: {info['student_parameters'] / 1e6:.2f}M parameters")
+    log(f"student: {info['student_parameters'] / 1e6:.2f}M parameters"
+        + (f", sharded over {world} processes (FSDP2: parameters, gradients, AdamW states), the teacher "
+           "replicated" if info["student_sharded"] else ""))
     if cfg.model.student_lora.r is not None:
         info["student_trainable_parameters"] = sum(p.numel() for p in trainable_parameters(run.student))
         log(f"student: LoRA r={cfg.model.student_lora.r} on {', '.join(cfg.model.student_lora.target_modules)}: "
@@ -278,6 +281,7 @@ def resume_from(state: TrainState, ckpt_dir: Path, cfg: Config, log=print) -> No
                         f"{(missing + unexpected)[0]!r}): resume with the same student, or choose another "
                         "train.output_dir")
     _check_resume_config(path, saved.get("config"), state.config)
+    fsdp.shard_loaded(state.student, state.optimizer, tensors, saved)  # FSDP: keep this process's shards
     state.load_state_dict({"tensors": tensors, "state": saved}, log)
     tc = cfg.train
     if state.horizon != tc.max_steps:
@@ -444,22 +448,31 @@ def stop_reason(stop: StopFlag, acc, t_setup: float, max_time: float | None, tc)
 
 def save(state: TrainState, ckpt_dir: Path, acc, keep: int) -> None:
     acc.wait_for_everyone()
+    if fsdp.is_sharded(acc):  # every process takes part in gathering the full tensors; the main one writes
+        sd = fsdp.gathered(state.state_dict(), keep=acc.is_main_process)
+    else:
+        sd = state.state_dict() if acc.is_main_process else None
     if acc.is_main_process:
-        sd = state.state_dict()
         save_checkpoint(ckpt_dir, state.step, sd["tensors"], sd["state"], keep)
 
 
 def finish(run: Run, cfg: Config, state: TrainState, out: Path, result: dict, stopped: str | None, log=print) -> None:
-    """Main process, after the loop: final evaluation, export (student, tokenizer, model card, SAR
-    router), history.json, result.json, the run report."""
+    """After the loop (on the main process; under FSDP every process enters for the collective part): final
+    evaluation, export (student, tokenizer, model card, SAR router), history.json, result.json, the run report."""
     acc, student = run.accelerator, state.student
-    if not stopped:
+    if not stopped:  # under FSDP on every process: the student's forwards and the gathering are collective
         bpb = heldout_bits_per_byte(student, run, cfg)
+        full = fsdp.full_state_dict(student, keep=acc.is_main_process) if fsdp.is_sharded(acc) else None
+    if not acc.is_main_process:
+        return
+    if not stopped:
         state.evals.append({"step": state.step, "student_bpb": bpb})
         log(f"held-out bits/byte at the end: student {bpb:.4f} (teacher {state.teacher_bpb:.4f})")
         export_dir = out / "student"
-        # a LoRA student is merged into a plain folder (the adapter beside it on request)
-        export_student(student, export_dir, out / "adapter" if cfg.model.student_lora.save_adapter else None)
+        if full is not None:  # FSDP: the gathered full tensors (LoRA is refused under FSDP: config.py)
+            student.save_pretrained(export_dir, safe_serialization=True, state_dict=full)
+        else:  # a LoRA student is merged into a plain folder (the adapter beside it on request)
+            export_student(student, export_dir, out / "adapter" if cfg.model.student_lora.save_adapter else None)
         run.student_tok.save_pretrained(export_dir)
         from sakd.report.model_card import write_model_card
         write_model_card(export_dir, teacher=cfg.model.teacher, data=cfg.data.source,
@@ -498,7 +511,7 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
     acc, tc = run.accelerator, cfg.train
     info = describe(run, cfg, log) if acc.is_main_process else {}
     optimizer, scheduler = build_optimizer(run.student, run.aux, tc)
-    student, optimizer = acc.prepare(run.student, optimizer)  # the projectors stay unwrapped (see train_step)
+    student, optimizer = fsdp.prepare(acc, run.student, optimizer, log)  # the projectors stay unwrapped (train_step)
     aux = run.aux.to(acc.device)
     sar = None
     if cfg.moe.mode == "sar":
@@ -516,11 +529,13 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
         resume_from(state, ckpt_dir, cfg, log)
     objective = Objective(cfg, acc, student, teacher=run.teacher, teacher_cache=run.teacher_cache, aux=aux,
                           vocab=run.vocab, t_vocab=len(run.teacher_tok), ka_gen=ka_gen, sar=sar)
-    if state.teacher_bpb is None and acc.is_main_process:
-        state.teacher_bpb = teacher_heldout_bpb(run, cfg)
+    evaluates = acc.is_main_process or fsdp.is_sharded(acc)  # FSDP: the student's forwards are collective
+    if state.teacher_bpb is None and evaluates:
+        state.teacher_bpb = teacher_heldout_bpb(run, cfg) if acc.is_main_process else None
         student_bpb0 = heldout_bits_per_byte(acc.unwrap_model(student), run, cfg)
         state.evals.append({"step": 0, "student_bpb": student_bpb0})
-        log(f"held-out bits/byte at start: teacher {state.teacher_bpb:.4f}, student {student_bpb0:.4f}")
+        if acc.is_main_process:
+            log(f"held-out bits/byte at start: teacher {state.teacher_bpb:.4f}, student {student_bpb0:.4f}")
     logger = RunLogger(out, log_every=tc.log_every, total=tc.max_steps, initial=state.step, progress=progress,
                        main=acc.is_main_process, tensorboard=cfg.logging.tensorboard, wandb=cfg.logging.wandb,
                        wandb_project=cfg.logging.wandb_project, config=to_dict(cfg), log=log)
@@ -547,10 +562,11 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
                               objective.weights, objective.sched, grad_norm, skipped, routing, tc.log_every)
             state.history.append(rec)
             logger.step(rec, terms)
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and acc.is_main_process:
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.max_steps and evaluates:
                 bpb = heldout_bits_per_byte(acc.unwrap_model(student), run, cfg)
                 state.evals.append({"step": step, "student_bpb": bpb})
-                log(f"step {step}: held-out student {bpb:.4f} bits/byte (teacher {state.teacher_bpb:.4f})")
+                if acc.is_main_process:
+                    log(f"step {step}: held-out student {bpb:.4f} bits/byte (teacher {state.teacher_bpb:.4f})")
                 logger.scalar("heldout_bpb", bpb, step)
             stopped = stop_reason(stop, acc, t_setup, max_time, tc)
             if stopped or (tc.save_every and step % tc.save_every == 0) or step == tc.max_steps:
@@ -563,7 +579,7 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
     logger.close()
     result = {"steps": state.step, "seconds": time.time() - t_setup, "teacher_bpb": state.teacher_bpb,
               "stopped": stopped, "counters": state.counters, **info}
-    if acc.is_main_process:
+    if acc.is_main_process or fsdp.is_sharded(acc):
         finish(run, cfg, state, out, result, stopped, log)
     acc.wait_for_everyone()
     acc.end_training()

@@ -323,6 +323,8 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
     # "shared": the teacher's logits on the shared columns only, shared_kl reads column c of them as shared_t[c]
     kd_t_cols = torch.arange(shared_t.numel(), device=shared_t.device) if use == "shared" else shared_t
     s_out, s_logits = student_forward(student, batch, acc, need_hidden=need_hidden, need_attn=need_attn, head=head)
+    if head is not None:  # FSDP2: the output layer's full weight exists from the forward to the backward (a shard before)
+        head = fused_head_weight(student, cfg, weights, acc)
     passes = (cfg.moe.ka_samples if cfg.moe.mode == "ka" else 1) if TEACHER_TERMS & set(weights) else 0
     out = TermSum(s_logits, weights, counts)
     flags: dict = {"nonfinite_teacher": 0}
