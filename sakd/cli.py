@@ -221,14 +221,13 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_cache_teacher(args) -> int:
+    if args.codec not in ("packed", "float32", "sampled"):  # = teacher_cache.codec.CODECS, before importing torch
+        raise UserError(f"--codec={args.codec}: unknown codec: use one of packed, float32, sampled")
+    if args.draws < 1:
+        raise UserError(f"--draws={args.draws}: must be >= 1")
     from sakd.teacher_cache.builder import build_cache
     from sakd.config import load_config
 
-    from sakd.teacher_cache.codec import CODECS
-    if args.codec not in CODECS:
-        raise UserError(f"--codec={args.codec}: unknown codec: use one of {', '.join(CODECS)}")
-    if args.draws < 1:
-        raise UserError(f"--draws={args.draws}: must be >= 1")
     cfg = load_config(args.config, args.overrides)
     if args.k < 1:
         raise UserError(f"--k={args.k}: must be >= 1")

@@ -302,7 +302,6 @@ def teacher_heldout_bits(teacher, tokenizer, heldout: list, cfg: Config, device)
     return bits, n_bytes
 
 
-@torch.no_grad()
 @dataclass
 class _Build:
     """What one cache build reads and writes: the data, the vocabularies, the shard layout, the manifest."""
@@ -368,9 +367,9 @@ def _batch_samples(b: _Build, cfg: Config, teacher, ka, batch, items, a: int, sh
     per_sample, refp32 = [], 0
     for m in range(b.samples):
         kw = dict(k=b.k, vt=b.vt, temperature=cfg.loss.temperature, chunk_rows=b.chunk_rows)
-        if b.codec == "sampled":  # the draws' uniforms, one row per position (sakd/teacher_cache/sampled.py)
-            g = torch.Generator().manual_seed(sampled.draw_seed(cfg.train.seed, a, m))
-            kw["uniforms"] = torch.rand(int(batch["t_mask"].sum()), b.k, generator=g, dtype=torch.float64)
+        if b.codec == "sampled":  # the draws' uniforms, one row per position, seeded per span (sampled.py)
+            kw["uniforms"] = torch.cat([sampled.uniforms(cfg.train.seed, a + e, m, len(it["t_ids"]), b.k)
+                                        for e, it in enumerate(items)])
         g_state = gen.get_state() if gen is not None else None
         r = _batch_arrays(_teacher_logits(teacher, batch, cfg, device, ka, gen), batch, items,
                           shared_mask, b.tables, **kw)

@@ -40,8 +40,9 @@ position (when all 12 draws differ), plus the scalars (fp16): shared_logmass, to
 mapped_logz per student token (and token_logprob_T when T != 1).
 
 The draws are reproducible: inverse-CDF sampling (float64 cumulative sums) of uniforms from a CPU
-generator seeded by (train.seed, the batch's first span, the routing sample): the same cache whichever
-process or device builds it, and after a resume.
+generator seeded by (train.seed, the span, the routing sample): the same cache whichever process builds
+it, and after a resume (up to the logits themselves: another device or batch size can move a draw that
+lies within float rounding of a CDF step).
 """
 
 from __future__ import annotations
@@ -71,10 +72,13 @@ def bytes_per_token(vocab: int, draws: int, temperature: float, samples: int = 1
     return samples * (draws * (id_bits(vocab) + count_bits(draws)) / 8 + scalars + 2 * student_per_teacher)
 
 
-def draw_seed(seed: int, first_span: int, sample: int) -> int:
-    """The seed of one batch's draws (a hash: unrelated to the KA routing draws of the same batch)."""
-    h = hashlib.sha256(f"sakd-sampled-cache:{seed}:{first_span}:{sample}".encode()).digest()
-    return int.from_bytes(h[:8], "little") >> 1
+def uniforms(seed: int, span: int, sample: int, n: int, draws: int) -> torch.Tensor:
+    """[n, draws] float64 uniforms of one span's draws, from a CPU generator seeded by a hash of (train.seed,
+    the span's index, the KA routing sample): unrelated to the KA routing draws, and the same whichever
+    batch, process or device computes the span."""
+    h = hashlib.sha256(f"sakd-sampled-cache:{seed}:{span}:{sample}".encode()).digest()
+    g = torch.Generator().manual_seed(int.from_bytes(h[:8], "little") >> 1)
+    return torch.rand(n, draws, generator=g, dtype=torch.float64)
 
 
 def draw(logp: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
