@@ -161,4 +161,4 @@ def test_gradient_averaged_over_draws_matches_the_full_gradient(setup, name):
     assert r_sampled < BOUND, r_sampled
     g_top = _grad(fn, setup["s"], setup["draws"].top(N))  # deterministic: its bias is all of ‖ḡ - g‖²
     r_top = float(((g_top - ref) ** 2).sum() / (g.var(0).sum() / R))
-    assert r_top > 10 * BOUND, r_top
+    assert r_top > 5 * BOUND, r_top  # 15 for shared_kl
