@@ -198,8 +198,9 @@ def cached_projected_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables
     bucket no top-k id hits (sakd/losses/cached_mapped.py, with labels in place of student ids). By the
     data-processing inequality this is <= the live loss; with k = V_teacher it equals it (tested).
     A sampled cache (sakd/teacher_cache/sampled.py): the target cells are unbiased (cached_mapped.py) and the
-    gradient w q(u) (1 - P̂(B(u)) / q̄(B(u))) is linear in P̂ (its "1" is E[Σ P̂]): unbiased, so the draws'
-    weights w = Z_j keep inside-token positions' variance bounded (tests/losses/test_sampled_losses.py).
+    gradient w q(u) (1 - P̂(B(u)) / q̄(B(u))) is linear in P̂ (its "1" is E[Σ P̂]): unbiased; inside a teacher
+    token the position weight w = Z_j keeps the variance bounded where few draws hit the candidates
+    (tests/losses/test_sampled_losses.py).
     s_logits [B, Ls, Vs]. Returns (loss_sum, n positions)."""
     check_settings(temperature, "sum", chunk_rows)
     pos = mapped_positions(batch, tables) if positions is None else positions
