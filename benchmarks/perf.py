@@ -23,6 +23,12 @@ Sections (every ratio is ours / the reference, measured in this run; targets in 
  3b. TRL's GOLDTrainer (trl.experimental.gold, hybrid ULD, off-policy) vs sakd's default on the same
     cross-tokenizer job (real vocabulary sizes on tiny models, 4 x 512, fp32, alternating runs)
     -> gold_throughput_ratio, gold_memory_ratio ("gold"; TRL from --trl-path or --trl-python).
+ 3c. The sampled cache (sakd/teacher_cache/sampled.py, 12 draws per position): bytes per teacher token on the
+    real vocabularies -> cache_sampled_bytes_per_token_real ("cache_sampled_real"); the demo student from it /
+    from the live teacher, 3 seeds, the steps of cache_bpb_ratio -> cache_sampled_bpb_ratio (shared_kl,
+    "cache_sampled"), cache_sampled_bpb_ratio_projected ("cache_sampled_projected"); the training step of KD
+    from a top-64 and from a sampled cache / a CE-only step, alternating runs -> cached_kd_step_vs_ce
+    ("cached_kd_step").
  4. Share of the step spent tokenizing and byte-aligning (SpanDataset items: encode_with_bytes x 2 +
     align) and collating, in the real loop on the demo configuration -> alignment_time_share.
  5. Step time of the every-position loss: configs/demo.yaml (KA, 2 teacher samples) with loss.logit=projected_kl
@@ -67,8 +73,11 @@ TARGETS = {
     "gold_throughput_ratio": (">=", 3.0), "gold_memory_ratio": ("<=", 0.3),
     "alignment_time_share": ("<=", 0.05), "step_time_ratio": ("<=", 1.15),
     "step_time_cpu_ratio": ("<=", 1.15),
+    "cache_sampled_bytes_per_token_real": ("<=", 64.0), "cache_sampled_bpb_ratio": ("<=", 1.005),
+    "cache_sampled_bpb_ratio_projected": ("<=", 1.005), "cached_kd_step_vs_ce": ("<=", 1.1),
 }
-SECTIONS = ["kd", "trl", "gold", "cache", "cache_ka", "cache_real", "align", "step_time"]
+SECTIONS = ["kd", "trl", "gold", "cache", "cache_ka", "cache_real", "align", "step_time", "cache_sampled",
+            "cache_sampled_projected", "cache_sampled_real", "cached_kd_step"]
 STEP_TIME_WARMUP = 3  # first steps of a run (allocator, caches, lazily built tables) left out of the step time
 PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40": 181, "A10": 125, "V100": 125, "L4": 121, "T4": 65,
                "P100": 18.7}  # dense 16-bit tensor TFLOP/s (P100: fp16, no tensor cores)
@@ -571,18 +580,15 @@ def cache_ka_section(steps: int, seeds: int, threads: int, work: Path) -> dict:
                                  "per position, reused every epoch"}}
 
 
-def cache_real_section(examples: int, work: Path) -> dict:
-    """Bytes per teacher token of a packed k = 64 cache for the REAL vocabularies: a tiny Qwen3-MoE teacher
-    with 151,936 logit columns and the qwen-real tokenizer (151,669 tokens), the smollm2-real student
-    tokenizer (49,152), Shakespeare spans of 256 student tokens (the size depends on the vocabularies and
-    the student/teacher token ratio, not on the model)."""
+def _real_pair_config(examples: int, work: Path):
+    """The run config of a tiny Qwen3-MoE teacher with 151,936 logit columns and the qwen-real tokenizer
+    (151,669 tokens), the smollm2-real student tokenizer (49,152), Shakespeare spans of 256 student tokens."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from sakd.models.tokenizers import load_tokenizer as real_tokenizer
-    from sakd.teacher_cache.builder import build_cache
     from sakd.config import load_config
     from sakd.models.tiny import llama_config, qwen3_moe_config
+    from sakd.models.tokenizers import load_tokenizer as real_tokenizer
 
     t_tok, s_tok = real_tokenizer("qwen-real"), real_tokenizer("smollm2-real")
     torch.manual_seed(0)
@@ -592,10 +598,18 @@ def cache_real_section(examples: int, work: Path) -> dict:
                                                   intermediate=128)).save_pretrained(work / "real-student")
     t_tok.save_pretrained(work / "real-teacher")
     s_tok.save_pretrained(work / "real-student")
-    cfg = load_config(None, [f"model.teacher={work / 'real-teacher'}", f"model.student={work / 'real-student'}",
-                             "data.source=sakd:shakespeare-train", "data.eval_source=sakd:shakespeare-heldout",
-                             "data.seq_len=256", f"data.max_examples={examples}", "eval.max_bytes=2000",
-                             "eval.batch_size=4", f"train.output_dir={work / 'real-run'}"])
+    return load_config(None, [f"model.teacher={work / 'real-teacher'}", f"model.student={work / 'real-student'}",
+                              "data.source=sakd:shakespeare-train", "data.eval_source=sakd:shakespeare-heldout",
+                              "data.seq_len=256", f"data.max_examples={examples}", "eval.max_bytes=2000",
+                              "eval.batch_size=4", f"train.output_dir={work / 'real-run'}"])
+
+
+def cache_real_section(examples: int, work: Path) -> dict:
+    """Bytes per teacher token of a packed k = 64 cache for the REAL vocabularies (``_real_pair_config``; the
+    size depends on the vocabularies and the student/teacher token ratio, not on the model)."""
+    from sakd.teacher_cache.builder import build_cache
+
+    cfg = _real_pair_config(examples, work)
     t0 = time.time()
     m = build_cache(cfg, work / "real-cache", k=64, batch_size=4, log=lambda *a: None)
     print(f"  real vocabularies: {m['bytes_per_token']:.1f} bytes per teacher token ({m['n_tokens']:,} tokens, "
@@ -603,6 +617,98 @@ def cache_real_section(examples: int, work: Path) -> dict:
     return {"cache_bytes_per_token_real": m["bytes_per_token"],
             "cache_real": {"teacher_vocab": m["teacher_vocab"], "teacher_columns": 151_936, "k": 64, "codec": "packed",
                            "n_tokens": m["n_tokens"], "shard_bytes": m["shard_bytes"], "build_s": time.time() - t0}}
+
+
+def cache_sampled_real_section(examples: int, work: Path) -> dict:
+    """Bytes per teacher token of a sampled cache (--codec sampled, 12 draws) for the REAL vocabularies
+    (``_real_pair_config``, as cache_real). The random tiny teacher is nearly flat over 151,936 ids, so its 12
+    draws are 12 distinct ids at almost every position: the worst case of the format (a trained teacher's
+    draws repeat; the demo's distinct ids per position are in ``cache_sampled``)."""
+    from sakd.teacher_cache.builder import build_cache
+
+    cfg = _real_pair_config(examples, work)
+    t0 = time.time()
+    m = build_cache(cfg, work / "real-sampled", codec="sampled", batch_size=4, log=lambda *a: None)
+    print(f"  real vocabularies, sampled: {m['bytes_per_token']:.1f} bytes per teacher token ({m['n_tokens']:,} "
+          f"tokens, {time.time() - t0:.0f} s)", flush=True)
+    return {"cache_sampled_bytes_per_token_real": m["bytes_per_token"],
+            "cache_sampled_real": {"teacher_vocab": m["teacher_vocab"], "draws": m["draws"], "codec": "sampled",
+                                   "loss.temperature": m["loss.temperature"], "n_tokens": m["n_tokens"],
+                                   "shard_bytes": m["shard_bytes"], "distinct_ids_per_position":
+                                       _distinct_per_position(work / "real-sampled"),
+                                   "build_s": time.time() - t0}}
+
+
+def _distinct_per_position(cache: Path) -> float:
+    """Mean number of distinct drawn ids per teacher position of a sampled cache."""
+    from safetensors import safe_open
+
+    m = json.loads((cache / "manifest.json").read_text())
+    entries = 0
+    for s in range(m["shards"]):
+        with safe_open(str(cache / f"shard-{s:05d}.safetensors"), framework="pt") as f:
+            entries += int(f.get_tensor("e_offsets")[-1])
+    return entries / (m["n_tokens"] * m["samples"])
+
+
+def cache_sampled_section(steps: int, seeds: int, threads: int, work: Path, logit: str = "shared_kl") -> dict:
+    """A sampled cache (12 draws per position) vs the live teacher on the demo pair, moe.mode=topk, the same
+    steps and overrides as cache_bpb_ratio, ``logit`` pinned; one cache per seed (its draws are seeded by
+    train.seed); the mean ratio over the seeds."""
+    from sakd.teacher_cache.builder import build_cache
+    from sakd.config import load_config
+
+    runs = []
+    for seed in range(seeds):
+        extra = ["moe.mode=topk", *CACHE_COMMON, f"data.max_examples={steps * 8}", f"loss.logit={logit}",
+                 f"train.seed={seed}"]
+        cfg = load_config(ROOT / "configs" / "demo.yaml", demo_overrides(work / f"s-build-{seed}", steps, extra))
+        cache = work / f"sampled-cache-{seed}"
+        if not (cache / "manifest.json").is_file():
+            build_cache(cfg, cache, codec="sampled", log=lambda *a: None)
+        m = json.loads((cache / "manifest.json").read_text())
+        r = _cache_pair(steps, threads, work, f"sampled-{logit}-seed{seed}", extra, cache)
+        runs.append(dict(r, bytes_per_token=m["bytes_per_token"], distinct_ids_per_position=_distinct_per_position(
+            cache)))
+    key = "cache_sampled_bpb_ratio" + ("" if logit == "shared_kl" else "_projected")
+    return {key: statistics.mean(r["bpb_ratio"] for r in runs),
+            key.replace("_bpb_ratio", ""): {"steps": steps, "seeds": seeds, "draws": 12, "logit": logit,
+                                            "runs": runs}}
+
+
+def cached_kd_step_section(steps: int, rounds: int, threads: int, work: Path) -> dict:
+    """Training step time (the loop's per-step seconds, evaluation excluded, first step not timed) of KD from a
+    top-64 and from a sampled cache against a CE-only step (sakd.train.ce_only.CE_ONLY) on the same data and
+    student: the demo config (its logit loss, kd_weight and ce_weight) with moe.mode=topk and the
+    terms a cache cannot feed off. The three runs alternate, ``rounds`` times; medians of the step times."""
+    from sakd.teacher_cache.builder import build_cache
+    from sakd.config import load_config
+
+    extra = ["moe.mode=topk", *CACHE_COMMON, f"data.max_examples={steps * 8}"]
+    cfg = load_config(ROOT / "configs" / "demo.yaml", demo_overrides(work / "step-build", steps, extra))
+    build_cache(cfg, work / "step-top64", k=64, log=lambda *a: None)
+    build_cache(cfg, work / "step-sampled", codec="sampled", log=lambda *a: None)
+    from sakd.train.ce_only import CE_ONLY  # every teacher term off: no teacher pass in the step
+
+    variants = {"ce": CE_ONLY,
+                "top64": [f"model.teacher_cache={work / 'step-top64'}"],
+                "sampled": [f"model.teacher_cache={work / 'step-sampled'}"]}
+    times: dict[str, list] = {k: [] for k in variants}
+    demo = str(ROOT / "configs" / "demo.yaml")
+    for r in range(rounds):
+        for name, over in variants.items():
+            out = run_child(sys.executable, "distill", {"threads": threads, "config": demo, "overrides":
+                            demo_overrides(work / f"step-{name}-{r}", steps, extra + over)}, threads)
+            times[name].append(timed_rate(out["steps"])[1])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = {k: med[k] / med["ce"] for k in ("top64", "sampled")}
+    print(f"  step: CE {med['ce']:.3f} s, top-64 {med['top64']:.3f} s ({ratios['top64']:.3f}x), sampled "
+          f"{med['sampled']:.3f} s ({ratios['sampled']:.3f}x)", flush=True)
+    return {"cached_kd_step_vs_ce": max(ratios.values()), "cached_kd_step_vs_ce_top64": ratios["top64"],
+            "cached_kd_step_vs_ce_sampled": ratios["sampled"],
+            "cached_kd_step": {"steps": steps, "rounds": rounds, "step_s": times, "median_step_s": med,
+                               "logit": cfg.loss.logit, "kd_weight": cfg.loss.kd_weight, "ce_weight":
+                                   cfg.loss.ce_weight, "note": "cached_kd_step_vs_ce: the larger of the two ratios"}}
 
 
 def cuda_section(args, work: Path) -> dict:
@@ -698,7 +804,14 @@ def main() -> None:
                              ("cache_real", lambda: cache_real_section(8 if q else 64, work)),
                              ("align", lambda: alignment_section(3 if args.quick else 11, args.threads, work)),
                              ("step_time", lambda: step_time_section(9 if q else 12, 1 if q else 2, args.threads,
-                                                                     work))):
+                                                                     work)),
+                             ("cache_sampled", lambda: cache_sampled_section(10 if q else 60, 1 if q else 3,
+                                                                             args.threads, work)),
+                             ("cache_sampled_projected", lambda: cache_sampled_section(
+                                 10 if q else 60, 1 if q else 3, args.threads, work, "projected_kl")),
+                             ("cache_sampled_real", lambda: cache_sampled_real_section(8 if q else 64, work)),
+                             ("cached_kd_step", lambda: cached_kd_step_section(6 if q else 20, 1 if q else 3,
+                                                                               args.threads, work))):
                 if name in sel:
                     t0 = time.time()
                     print(f"[{name}] ...", flush=True)

@@ -4,7 +4,7 @@
     sakd demo --out runs/demo --compare
     sakd align --teacher-tokenizer T --student-tokenizer S --text FILE [--json]
     sakd evaluate --student DIR [--teacher DIR] --data FILE [--json]
-    sakd cache-teacher --config FILE --out DIR [--k 64] [--resume]
+    sakd cache-teacher --config FILE --out DIR [--k 64 | --codec sampled --draws 12] [--resume]
     sakd plan --config FILE [--card-gb 16] [--json]
     sakd pretrain --model-config DIR --tokenizer DIR --train FILE --heldout FILE --out DIR
     sakd push RUN_DIR REPO_ID [--private] [--token T] [--revision BRANCH] [--message TEXT]
@@ -102,9 +102,11 @@ def _add_cache_teacher(sub) -> None:
                    "defaults + overrides)")
     c.add_argument("--out", required=True, help="cache folder to create")
     c.add_argument("--k", type=int, default=64, help="teacher tokens kept per position (default 64)")
-    c.add_argument("--codec", default="packed", choices=("packed", "float32"),
+    c.add_argument("--codec", default="packed",
                    help="packed: ids as an Elias-Fano set + 5-bit log-prob levels (~160 bytes/token at k=64 for "
-                   "Qwen3); float32: exact (8 bytes per id)")
+                   "Qwen3); float32: exact (8 bytes per id); sampled: --draws ids drawn from the teacher with "
+                   "their counts, an unbiased KD target (under 40 bytes/token for Qwen3; --k is not used)")
+    c.add_argument("--draws", type=int, default=12, help="--codec sampled: draws per position (default 12)")
     c.add_argument("--resume", action="store_true", help="continue a stopped or killed build in --out (same "
                    "config and options): only the missing shards are computed")
     c.add_argument("--shard-spans", type=int, help="spans per shard (default: ~512k teacher tokens a shard)")
@@ -236,6 +238,10 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_cache_teacher(args) -> int:
+    if args.codec not in ("packed", "float32", "sampled"):  # = teacher_cache.codec.CODECS, before importing torch
+        raise UserError(f"--codec={args.codec}: unknown codec: use one of packed, float32, sampled")
+    if args.draws < 1:
+        raise UserError(f"--draws={args.draws}: must be >= 1")
     from sakd.teacher_cache.builder import build_cache
     from sakd.config import load_config
 
@@ -245,14 +251,16 @@ def cmd_cache_teacher(args) -> int:
     for name in ("shard_spans", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')}={getattr(args, name)}: must be >= 1")
-    manifest = build_cache(cfg, args.out, k=args.k, codec=args.codec, overwrite=args.overwrite, resume=args.resume,
+    manifest = build_cache(cfg, args.out, k=args.k, codec=args.codec, draws=args.draws, overwrite=args.overwrite,
+                           resume=args.resume,
                            shard_spans=args.shard_spans, batch_size=args.batch_size,
                            progress=not args.no_progress and sys.stderr.isatty())
     if manifest is None:
         from sakd.teacher_cache.builder import INCOMPLETE
         return INCOMPLETE  # stopped by train.max_time: the message says how to resume
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"teacher cache: {manifest['bytes_per_token']:.1f} bytes per teacher token (k={args.k}, {args.codec}) "
+        kept = f"{args.draws} draws" if args.codec == "sampled" else f"k={args.k}"
+        print(f"teacher cache: {manifest['bytes_per_token']:.1f} bytes per teacher token ({kept}, {args.codec}) "
               f"-> {args.out}; train with model.teacher_cache={args.out}")
     return 0
 

@@ -64,7 +64,16 @@ def cached_shared_kd(s_logits: torch.Tensor, cache_batch: dict, batch, shared_s:
     student logits here; the cache's log-probs are already at T (the manifest records it).
     Materialises the student's [N, S] shared rows as the dense loss does; the teacher side stays
     [N, k]. Gradient: student only. Returns (loss_sum, n) with n = number of 1:1 chunks, the same
-    count as ``shared_vocab_kd``."""
+    count as ``shared_vocab_kd``.
+
+    A sampled cache (sakd/teacher_cache/sampled.py; ``shared_logmass`` in ``cache_batch``): the ids are
+    the N draws from p_T, log p their log(count / N), U = 0, and M is the EXACT log-mass stored by the
+    builder, not the draws' own shared sum (that ratio would be biased at finite N). Then
+    p̂_a = count_a / (N M) has E[p̂_a] = p_T(a) / M, the dense target, for every shared id a, and the
+    student gradient of the loss, Σ_a p̂_a · q - p̂ (sparse_forward_kl_kernel: "P q - p"), is linear in
+    p̂: its expectation is the dense gradient q - p (Anshumann et al., ACL 2025). Σ_a p̂_a is 1 only on
+    average; the loss value is the plug-in KL of the draws (the teacher's entropy estimated from them),
+    not an unbiased estimate of the dense value, which is a constant for the student."""
     b, s_pos, t_pos = one_to_one_positions(batch)
     n = b.numel()
     S = shared_s.numel()
@@ -81,7 +90,10 @@ def cached_shared_kd(s_logits: torch.Tensor, cache_batch: dict, batch, shared_s:
     pos = shared_positions(shared_t, ids)                                            # [N, k]
     valid = pos >= 0
     lp = lp.masked_fill(~valid, -math.inf)
-    log_m = torch.logsumexp(torch.cat([lp, u[:, None]], 1), 1)                       # [N]
+    if "shared_logmass" in cache_batch:  # a sampled cache: divide by the exact M (docstring), no rest bucket
+        log_m = cache_batch["shared_logmass"].to(dev)[b, t_pos].float()
+    else:
+        log_m = torch.logsumexp(torch.cat([lp, u[:, None]], 1), 1)                   # [N]
     empty = torch.isinf(log_m)  # no teacher mass on the shared vocabulary: the row contributes 0
     log_m = log_m.masked_fill(empty, 0.0)
     lp_hat = (lp - log_m[:, None]).masked_fill(empty[:, None], -math.inf)

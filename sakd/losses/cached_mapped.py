@@ -22,6 +22,17 @@ bucket, so by the data-processing inequality it is <= the live KL when R would l
 cells); with k = V_teacher, R = 0 and the loss equals the live ``mapped_kd`` (tested). Packed caches
 add the quantisation of the log-probs (sakd/teacher_cache/codec.py) and fp16 rounding of the scalars.
 Forward KL only (the divergence the cache supports; ``check_cached_config``).
+
+A sampled cache (sakd/teacher_cache/sampled.py; ``token_logprob_T`` in the cache batch) holds N draws
+from p_i with counts instead of the top-k. Q_j is linear in p_i, so putting count_v / N in place of
+p_i(v) gives an unbiased Q̂_j cell by cell, PROVIDED it is not renormalised (Z_j is exact, stored; no
+"rest", no division by Σ Q̂, which is 1 only on average: a ratio estimator would be biased at finite N).
+The extension moves M_j out of t_i's own cell; against a sampled share that needs a clamp
+(min(M_j, count/N/Z)), which is biased, so t_i's share is taken EXACTLY from the stored log p_T(t_i)
+(``token_logprob_T``) and the draws of t_i itself are dropped: Q̂_j = p_i(t_i)/Z at φ(t_i, k) (M_j of it
+moved to t_j: M_j <= p_i(t_i)/Z, no clamp binds) + Σ_{v ≠ t_i drawn} count_v/(N Z) at φ(v, k).
+E[Q̂_j] = Q_j, and the student gradient, Σ_c Q̂_c · q - Q̂ (``sparse_forward_kl_kernel``), is linear in
+Q̂: unbiased. The loss value is the plug-in KL of the draws (not unbiased; a constant for the student).
 """
 
 from __future__ import annotations
@@ -51,7 +62,8 @@ def cached_positions(s_logits: torch.Tensor, batch, tables: MappingTables, tempe
 def cached_mapped_targets(cache_batch: dict, batch, tables: MappingTables, pos: MappedPositions, vs: int, *,
                           extend: bool = True):
     """The bucketed target of every position in ``pos``: (student columns [N, W] long, distinct per
-    row, log Q [N, W] (-inf: no mass), log R [N]). Columns >= vs are padding (no mass). W = k + 1."""
+    row, log Q [N, W] (-inf: no mass), log R [N]). Columns >= vs are padding (no mass). W = k + 1 (a sampled
+    cache: k + 2, the realised token's exact share; log R = -inf)."""
     dev = cache_batch["topk_ids"].device
     p = MappedPositions(**{f: getattr(pos, f).to(dev) for f in pos.__dataclass_fields__})
     tab = tables.to(dev) if tables.phi.device != dev else tables
@@ -59,8 +71,14 @@ def cached_mapped_targets(cache_batch: dict, batch, tables: MappingTables, pos: 
     lp = cache_batch["topk_logprobs"][p.b, p.i - 1].float()                       # [N, k] at T
     logz = cache_batch["mapped_logz"][p.b, p.j].float()                           # [N]
     path = cache_batch["mapped_path"][p.b, p.j].float()                           # [N]
-    n, k = ids.shape
     s_tok = batch["s_ids"].to(dev)[p.b, p.j]
+    sampled = "token_logprob_T" in cache_batch
+    if sampled:  # the realised teacher token t_i: its exact share replaces its draws (module docstring)
+        t_i = batch["t_ids"].to(dev)[p.b, p.i]
+        own = cache_batch["token_logprob_T"][p.b, p.i].float()                  # log p_T(t_i) at row i - 1
+        ids = torch.cat([ids, t_i[:, None]], 1)
+        lp = torch.cat([lp.masked_fill(ids[:, :-1] == t_i[:, None], -math.inf), own[:, None]], 1)
+    n, k = ids.shape
     if tables.identity:  # one tokenizer: plain KD, every column a candidate, Z = 1
         sid, valid, logz = ids, torch.isfinite(lp), torch.zeros_like(logz)
         t_tok = s_tok
@@ -80,7 +98,7 @@ def cached_mapped_targets(cache_batch: dict, batch, tables: MappingTables, pos: 
     good = torch.isfinite(logz)
     valid &= good[:, None]
     mass = torch.where(valid, (lp - logz.masked_fill(~good, 0)[:, None]).exp(), torch.zeros_like(lp))
-    rest = (1 - mass.sum(1)).clamp_min(0)
+    rest = torch.zeros_like(logz) if sampled else (1 - mass.sum(1)).clamp_min(0)
     extra = torch.where(good, torch.zeros_like(logz), torch.ones_like(logz))      # Z = 0: the realised token
     if extend:
         e = src_ok & good & torch.isfinite(path)
@@ -94,15 +112,16 @@ def cached_mapped_targets(cache_batch: dict, batch, tables: MappingTables, pos: 
     cols = torch.cat([torch.where(valid, sid, vs + torch.arange(k, device=dev)), s_tok[:, None]], 1)
     vals = torch.cat([mass, extra[:, None]], 1)
     cols = torch.where(vals > 0, cols, vs + torch.arange(k + 1, device=dev))      # massless slots: padding
-    total = vals.sum(1) + rest
-    vals, rest = vals / total[:, None], rest / total
+    if not sampled:  # top-k: the rounding of the stored log-probs renormalised away; sampled: unbiased as it is
+        total = vals.sum(1) + rest
+        vals, rest = vals / total[:, None], rest / total
     # One bucket per distinct student column: sort, then sum the masses of equal neighbours.
     cols, order = cols.sort(1)
     vals = vals.gather(1, order)
     head = torch.ones_like(cols, dtype=torch.bool)
     head[:, 1:] = cols[:, 1:] != cols[:, :-1]
     seg = head.long().cumsum(1) - 1
-    W = k + 1
+    W = cols.shape[1]
     out_c = (vs + W + torch.arange(W, device=dev)).expand(n, W).clone()          # unused slots: fresh padding
     out_c.scatter_(1, seg, cols)
     out_v = torch.zeros_like(vals).scatter_add_(1, seg, vals)

@@ -31,6 +31,7 @@ from sakd.align.mapping import mapping_tables
 from sakd.align.vocab import build_vocab_map
 from sakd.teacher_cache.manifest import DATA_INFO, FORMAT_VERSION, expected_manifest, heldout_sha256, t_hash
 from sakd.teacher_cache.codec import CODECS, encode_packed, row_bytes
+from sakd.teacher_cache import sampled
 from sakd.data.chat import model_inputs
 from sakd.files import fsync_path, write_atomic, write_json
 from sakd.config import Config, parse_duration
@@ -50,6 +51,8 @@ def shard_name(s: int) -> str:
 
 def bytes_per_token(vocab: int, k: int, codec: str, samples: int = 1, student_per_teacher: float = 1.15) -> float:
     """Estimated bytes per teacher token (the student side at ``student_per_teacher`` tokens each)."""
+    if codec == "sampled":  # k = the draws; an upper bound (every draw distinct, token_logprob_T stored)
+        return sampled.bytes_per_token(vocab, k, 0.0, samples, student_per_teacher)
     if codec == "packed":  # + the sparse path entries (6 bytes each, ~2 % of student tokens): not counted
         per_t = samples * (row_bytes(vocab, k) + 2 + 2 + 2 + 2)
         per_s = samples * 2
@@ -144,9 +147,11 @@ def _teacher_logits(teacher, batch, cfg: Config, device, ka: dict | None, genera
         return teacher(input_ids=t_ids, **inputs, use_cache=False).logits
 
 
-def _batch_arrays(logits, batch, items, shared_mask, tables, *, k, vt, temperature, chunk_rows) -> list[dict] | None:
+def _batch_arrays(logits, batch, items, shared_mask, tables, *, k, vt, temperature, chunk_rows,
+                  uniforms=None) -> list[dict] | None:
     """Per span of the batch, its float arrays (top-k ids/log-probs, rests, token log-probs, mapped
-    fields). None if the logits are not finite (fp16 overflow)."""
+    fields; or, given ``uniforms`` [positions, N], the sampled cache's draws and scalars: sampled.py).
+    None if the logits are not finite (fp16 overflow)."""
     t_mask = batch["t_mask"].to(logits.device)
     t_ids = batch["t_ids"].to(logits.device)
     bi, j = t_mask.nonzero(as_tuple=True)
@@ -154,8 +159,12 @@ def _batch_arrays(logits, batch, items, shared_mask, tables, *, k, vt, temperatu
     rows: dict[str, list] = {}
     for c in range(0, bi.numel(), chunk_rows):
         sel = slice(c, c + chunk_rows)
-        r = sparse_rows(logits[bi[sel], j[sel], :vt], nxt[sel], shared_mask, k=k, temperature=temperature)
-        if not (torch.isfinite(r["topk_logprobs"]).all() and torch.isfinite(r["next_logprob"]).all()):
+        if uniforms is None:
+            r = sparse_rows(logits[bi[sel], j[sel], :vt], nxt[sel], shared_mask, k=k, temperature=temperature)
+        else:
+            r = sampled.sampled_rows(logits[bi[sel], j[sel], :vt], nxt[sel], shared_mask, temperature=temperature,
+                                     uniforms=uniforms[sel])
+        if not all(torch.isfinite(r[key]).all() for key in ("topk_logprobs", "top_logprob", "next_logprob") if key in r):
             return None
         for key, v in r.items():
             rows.setdefault(key, []).append(v.cpu())
@@ -166,24 +175,26 @@ def _batch_arrays(logits, batch, items, shared_mask, tables, *, k, vt, temperatu
     for b, item in enumerate(items):
         n, ns = len(item["t_ids"]), len(item["s_ids"])
         sl = slice(start, start + n)
-        tok = torch.zeros(n, dtype=torch.float32)
-        tok[1:] = rows["next_logprob"][start:start + n - 1]  # position j's next token is token j + 1
-        out.append({"topk_ids": rows["topk_ids"][sl], "topk_logprobs": rows["topk_logprobs"][sl],
-                    "rest_logprob": rows["rest_logprob"][sl], "shared_rest_logprob": rows["shared_rest_logprob"][sl],
-                    "token_logprob": tok, "mapped_logz": logz[b, :ns], "mapped_path": path[b, :ns]})
+        span = {key: v[sl] for key, v in rows.items() if not key.startswith(("next_", "top_"))}
+        for key, name in (("next_logprob", "token_logprob"), ("next_logprob_T", "token_logprob_T")):
+            if key in rows and (key == "next_logprob" or temperature != 1.0):
+                span[name] = torch.zeros(n, dtype=torch.float32)
+                span[name][1:] = rows[key][start:start + n - 1]  # position j's next token is token j + 1
+        out.append({**span, "mapped_logz": logz[b, :ns], "mapped_path": path[b, :ns]})
         start += n
     return out
 
 
-def _encode(parts: list[dict], codec: str, vt: int, samples: int) -> dict:
+def _encode(parts: list[dict], codec: str, vt: int, samples: int, draws: int = 0) -> dict:
     """Stack the spans' arrays (sample-major inside each position: row n * M + m) and encode them."""
     def cat(name):
         v = torch.stack([torch.cat([p[m][name] for p in parts]) for m in range(samples)], 1)  # [N, M, ...]
         return v.flatten(0, 1)
 
-    store = torch.float16 if codec == "packed" else torch.float32
-    out = {name: cat(name).to(store) for name in ("rest_logprob", "shared_rest_logprob", "token_logprob",
-                                                  "mapped_logz")}
+    store = torch.float32 if codec == "float32" else torch.float16
+    scalars = ("shared_logmass", "token_logprob", "token_logprob_T", "mapped_logz") if codec == "sampled" else (
+        "rest_logprob", "shared_rest_logprob", "token_logprob", "mapped_logz")
+    out = {name: cat(name).to(store) for name in scalars if name in parts[0][0]}
     # The realised path's mass exists only where the extension applies (~2 % of student tokens on the
     # real pair): stored sparsely, as (index j * M + m inside the span, value) with per-span offsets.
     index, value, offsets = [], [], [0]
@@ -195,6 +206,8 @@ def _encode(parts: list[dict], codec: str, vt: int, samples: int) -> dict:
         offsets.append(offsets[-1] + keep.numel())
     out["path_index"], out["path_value"] = torch.cat(index), torch.cat(value)
     out["p_offsets"] = torch.tensor(offsets, dtype=torch.int64)
+    if codec == "sampled":
+        return {**out, **sampled.encode_spans(parts, vt, draws, samples)}
     ids, lp = cat("topk_ids"), cat("topk_logprobs")
     if codec == "packed":
         out["rows"], top = encode_packed(ids, lp, vt)
@@ -290,7 +303,6 @@ def teacher_heldout_bits(teacher, tokenizer, heldout: list, cfg: Config, device)
     return bits, n_bytes
 
 
-@torch.no_grad()
 @dataclass
 class _Build:
     """What one cache build reads and writes: the data, the vocabularies, the shard layout, the manifest."""
@@ -327,6 +339,8 @@ def _plan_build(cfg: Config, out: Path, *, k: int, codec: str, batch_size: int |
     vocab = build_vocab_map(data.student_tok, data.teacher_tok)
     tables = mapping_tables(data.student_tok, data.teacher_tok, log=say)
     vt = len(data.teacher_tok)
+    if codec == "sampled" and not 1 <= k <= vt // 2:
+        raise UserError(f"cache --draws={k} must lie in [1, {vt // 2}] (half the teacher tokenizer's vocabulary)")
     if not 1 <= k <= vt:
         raise UserError(f"cache k={k} must lie in [1, {vt}] (the teacher tokenizer's vocabulary)")
     t_len = teacher_seq_len(cfg)
@@ -354,8 +368,11 @@ def _batch_samples(b: _Build, cfg: Config, teacher, ka, batch, items, a: int, sh
     # whichever process builds it, and when.
     gen = torch.Generator(device=device).manual_seed(cfg.train.seed * 1_000_003 + a) if ka else None
     per_sample, refp32 = [], 0
-    for _ in range(b.samples):
+    for m in range(b.samples):
         kw = dict(k=b.k, vt=b.vt, temperature=cfg.loss.temperature, chunk_rows=b.chunk_rows)
+        if b.codec == "sampled":  # the draws' uniforms, one row per position, seeded per span (sampled.py)
+            kw["uniforms"] = torch.cat([sampled.uniforms(cfg.train.seed, a + e, m, len(it["t_ids"]), b.k)
+                                        for e, it in enumerate(items)])
         g_state = gen.get_state() if gen is not None else None
         r = _batch_arrays(_teacher_logits(teacher, batch, cfg, device, ka, gen), batch, items,
                           shared_mask, b.tables, **kw)
@@ -374,7 +391,7 @@ def _batch_samples(b: _Build, cfg: Config, teacher, ka, batch, items, a: int, sh
 
 
 def _write_shard(b: _Build, s: int, parts: list, hashes: list) -> None:
-    arrays = _encode(parts, b.codec, b.vt, b.samples)
+    arrays = _encode(parts, b.codec, b.vt, b.samples, b.k)
     arrays["t_offsets"] = torch.tensor([0] + [len(p[0]["token_logprob"]) for p in parts]).cumsum(0)
     arrays["s_offsets"] = torch.tensor([0] + [len(p[0]["mapped_logz"]) for p in parts]).cumsum(0)
     arrays["t_hash"] = torch.tensor(hashes, dtype=torch.int64)
@@ -443,6 +460,8 @@ def _finish(b: _Build, cfg: Config, teacher, ka, device, *, t0: float, world: in
         "heldout_sha256": heldout_sha256(b.data.heldout),  # the bpb above is valid for this held-out text only
         "eval": {"max_bytes": cfg.eval.max_bytes, "seq_len": cfg.eval.seq_len},
     })
+    if b.codec == "sampled":  # k holds the draws per position: the most ids a position can store
+        manifest.update({"draws": b.k, "draw_seed": cfg.train.seed})
     write_json(out / "index.json", {"shards": [shard_name(s) for s in range(n_shards)],
                                      "spans_per_shard": b.per_shard, "n_spans": b.n_spans})
     write_json(out / "build.json", {"seconds_last_session": time.time() - t0, "processes": world,
@@ -453,15 +472,18 @@ def _finish(b: _Build, cfg: Config, teacher, ka, device, *, t0: float, world: in
     return manifest
 
 
-def build_cache(cfg: Config, out_dir, *, k: int = 64, codec: str = "packed", batch_size: int | None = None,
+def build_cache(cfg: Config, out_dir, *, k: int = 64, codec: str = "packed", draws: int = sampled.DRAWS,
+                batch_size: int | None = None,
                 shard_spans: int | None = None, chunk_rows: int = 256, device=None, overwrite: bool = False,
                 resume: bool = False, progress: bool = False, log=print) -> dict | None:
     """Run the teacher over every training span of ``cfg`` and write a cache to ``out_dir`` (module
     docstring): plan the shards, build this process's missing ones, and (main process) finish the folder.
-    Returns the manifest, or None when ``train.max_time`` stopped the build first."""
+    Returns the manifest, or None when ``train.max_time`` stopped the build first. ``codec="sampled"``
+    stores ``draws`` draws per position instead of the top ``k`` (sakd/teacher_cache/sampled.py)."""
     t0 = time.time()
     if codec not in CODECS:
         raise UserError(f"cache codec {codec!r} is unknown: use one of {', '.join(CODECS)}")
+    k = draws if codec == "sampled" else k
     if cfg.moe.mode == "sar":
         raise UserError("moe.mode=sar trains the teacher's router during distillation; a cache holds a fixed "
                         "teacher: set moe.mode=topk, all or ka")
@@ -472,7 +494,8 @@ def build_cache(cfg: Config, out_dir, *, k: int = 64, codec: str = "packed", bat
     device = torch.device(device or dist_device or ("cuda" if torch.cuda.is_available() else "cpu"))
     b = _plan_build(cfg, out, k=k, codec=codec, batch_size=batch_size, shard_spans=shard_spans,
                     chunk_rows=chunk_rows, say=say)
-    building = {"expected": b.manifest, "batch_size": b.bs, "spans_per_shard": b.per_shard, "chunk_rows": chunk_rows}
+    building = {"expected": b.manifest, "batch_size": b.bs, "spans_per_shard": b.per_shard, "chunk_rows": chunk_rows,
+                **({"draw_seed": cfg.train.seed} if codec == "sampled" else {})}
     done = _prepare_folder(out, building, resume=resume, overwrite=overwrite, write=False)
     barrier()
     if main and done is None:

@@ -31,7 +31,7 @@ import torch
 
 LEVEL_BITS = 5
 DELTA_MAX = 24.0  # nats below the row's top log-prob: anything further reads as DELTA_MAX
-CODECS = ("packed", "float32")
+CODECS = ("packed", "float32", "sampled")  # sampled: sakd/teacher_cache/sampled.py
 
 
 def ef_low_bits(vocab: int, k: int) -> int:

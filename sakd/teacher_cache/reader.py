@@ -17,6 +17,7 @@ from safetensors import safe_open
 from sakd.errors import UserError
 from sakd.models.load import load_tokenizer
 from sakd.teacher_cache.codec import decode_packed
+from sakd.teacher_cache.sampled import decode_entries
 from sakd.teacher_cache.manifest import FORMAT_VERSION, REBUILD, check_manifest, t_hash
 
 # ----------------------------------------------------------------------------- reading
@@ -67,6 +68,8 @@ class TeacherCache:
             f = safe_open(str(path), framework="pt", device="cpu")
             h = self._handles[s] = (f, f.get_tensor("t_offsets"), f.get_tensor("s_offsets"), f.get_tensor("t_hash"),
                                     f.get_tensor("p_offsets"))
+            if self.codec == "sampled":
+                h = self._handles[s] = h + (f.get_tensor("e_offsets"), f.get_tensor("b_offsets"))
         return h
 
     def length(self, i: int) -> int:
@@ -75,19 +78,25 @@ class TeacherCache:
         return int(t_off[j + 1] - t_off[j])
 
     def span(self, i: int) -> dict:
-        """One span's arrays as stored, [n, M, ...] (M = ``samples``; packed rows not decoded), and
-        ``t_hash`` (an int)."""
+        """One span's arrays as stored, [n, M, ...] (M = ``samples``; packed rows not decoded; a sampled
+        cache's entries decoded to ``draw_ids`` / ``draw_logprobs`` [n, M, N]), and ``t_hash`` (an int)."""
         if not 0 <= i < len(self):
             raise IndexError(f"span {i} is outside the cache's {len(self)} spans")
-        f, t_off, s_off, hashes, p_off = self._open(i // self._per_shard)
+        f, t_off, s_off, hashes, p_off, *e_b_off = self._open(i // self._per_shard)
         j, M = i % self._per_shard, self.samples
         ta, tb, sa, sb = int(t_off[j]), int(t_off[j + 1]), int(s_off[j]), int(s_off[j + 1])
         pa, pb = int(p_off[j]), int(p_off[j + 1])
         path = torch.full(((sb - sa) * M,), -math.inf)
         path[f.get_slice("path_index")[pa:pb].long()] = f.get_slice("path_value")[pa:pb].float()
         out = {"mapped_path": path.view(sb - sa, M)}
+        if e_b_off:  # sampled: the span's entries are a byte slice (sakd/teacher_cache/sampled.py)
+            (e_off, b_off), n = e_b_off, (tb - ta) * M
+            ids, lp = decode_entries(f.get_slice("entries")[int(b_off[j]):int(b_off[j + 1])],
+                                     int(e_off[j + 1] - e_off[j]), n, self.vocab, self.k)
+            out["draw_ids"], out["draw_logprobs"] = ids.view(tb - ta, M, -1), lp.view(tb - ta, M, -1)
         for name in f.keys():
-            if name in ("t_offsets", "s_offsets", "t_hash", "p_offsets", "path_index", "path_value"):
+            if name in ("t_offsets", "s_offsets", "t_hash", "p_offsets", "path_index", "path_value", "entries",
+                        "e_offsets", "b_offsets"):
                 continue
             a, b = (sa, sb) if name.startswith("mapped_") else (ta, tb)
             v = f.get_slice(name)[a * M:b * M]  # rows are position-major, sample-minor
@@ -114,6 +123,9 @@ class TeacherCache:
             rest_logprob, shared_rest_logprob [B, t_len] float32   (padding: -inf, i.e. no mass)
             token_logprob [B, t_len] float32 (0 at j = 0 and padding),  lengths [B] long
             mapped_logz, mapped_path [B, s_len] float32  (mapped_kl; per student token)
+            a sampled cache (sakd/teacher_cache/sampled.py): topk_ids / topk_logprobs hold the k = N draws'
+            distinct ids and log(count / N) (-inf in unused slots), the rests are -inf, and
+            shared_logmass, token_logprob_T [B, t_len] (exact log M and log p_T(t_{j+1}) at row j) are added
             KA caches (``samples`` M > 1): the first four carry a sample axis after B: [B, M, t_len, ...]
 
         ``check``: the collated batch; the hash of its teacher tokens must equal the cache's for every
@@ -142,6 +154,10 @@ class TeacherCache:
                 "token_logprob": (torch.zeros(B, M, t_len), self._cat(spans, "token_logprob")),
                 "mapped_logz": (torch.zeros(B, M, s_len), self._cat(spans, "mapped_logz")),
                 "mapped_path": (torch.full((B, M, s_len), -math.inf), self._cat(spans, "mapped_path"))}
+        if self.codec == "sampled":  # exact scalars the sampled losses need (sakd/teacher_cache/sampled.py)
+            at_t = "token_logprob_T" if "token_logprob_T" in spans[0] else "token_logprob"  # T = 1: the same
+            full["shared_logmass"] = (torch.full((B, M, t_len), -math.inf), self._cat(spans, "shared_logmass"))
+            full["token_logprob_T"] = (torch.zeros(B, M, t_len), self._cat(spans, at_t))
         out = {}
         for name, (buf, v) in full.items():
             if name.startswith("mapped_"):
@@ -172,6 +188,10 @@ class TeacherCache:
     def _decode(self, spans: list[dict]):
         """The spans' stored rows, decoded and concatenated: ids/log-probs [N, M, k], rests [N, M]."""
         M, k = self.samples, self.k
+        if self.codec == "sampled":  # every position's mass is on its draws: no rest bucket
+            lp = self._cat(spans, "draw_logprobs")
+            none = torch.full(lp.shape[:2], -math.inf)
+            return torch.cat([sp["draw_ids"] for sp in spans]), lp, none, none.clone()
         rest, srest = self._cat(spans, "rest_logprob"), self._cat(spans, "shared_rest_logprob")
         if self.codec == "float32":
             return torch.cat([sp["topk_ids"] for sp in spans]).long(), self._cat(spans, "topk_logprobs"), rest, srest
