@@ -87,7 +87,7 @@ def test_max_memory_forces_offload_with_the_same_logits(tiny_assets, tmp_path, p
 
 def test_cache_teacher_writes_the_same_bytes_with_the_map(tiny_assets, tmp_path):
     from sakd.teacher_cache.builder import build_cache
-    from tests.test_cache_build import _same_cache
+    from tests.teacher_cache.test_cache_build import _same_cache
 
     kw = dict(shard_spans=2, batch_size=2, log=lambda *_: None)
     base = tiny_overrides(tiny_assets, tmp_path / "run", **{"data.max_examples": 12})

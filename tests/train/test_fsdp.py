@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, tiny_overrides
-from tests.test_two_process import COMMON, STEPS, _env, accelerate_launch
+from tests.train.test_two_process import COMMON, STEPS, _env, accelerate_launch
 
 EXACT = {**COMMON, "train.save_every": 1, "train.keep_checkpoints": STEPS}
 FSDP = {"train.distributed": "fsdp", "train.batch_size": 2}
