@@ -218,6 +218,18 @@ def table_rows(runs: list[dict], rows: list[tuple[str, float, str]], split: str)
     return out
 
 
+def chosen_comparisons(runs: list[dict], chosen: dict[str, float], split: str) -> dict[str, dict]:
+    """Paired gains (percent, same seed) of each method at its chosen KD weight over each other method at its own
+    chosen weight: "a vs b" > 0 means a has fewer bits/byte. The question the every-position loss answers."""
+    out = {}
+    for a_m, a_w in reversed(list(chosen.items())):  # the later (every-position) methods first
+        for b_m, b_w in chosen.items():
+            if a_m != b_m and (b_m, a_m) not in [tuple(k.split(" vs ")) for k in out]:
+                out[f"{a_m} vs {b_m}"] = {"kd_weights": [a_w, b_w],
+                                          **paired(by_seed(runs, b_m, b_w, split), by_seed(runs, a_m, a_w, split))}
+    return out
+
+
 def choose_weights(runs: list[dict], methods: list[str], weights: list[float], seeds: list[int]) -> dict:
     """{method: kd_weight with the lowest mean validation bits/byte over ``seeds``} and the means."""
     chosen, means = {}, {}
@@ -318,11 +330,12 @@ def main(argv=None) -> int:
     runs += execute([task(m, w, s) for s in seeds if s not in grid_seeds for m, w in sorted(final)])
     rows = [("ce", 0.0, "ce (cross-entropy only)")]
     for m in kd_methods:
-        rows.append((m, 1.0, f"{m} (kd_weight 1)"))
         w = selection["chosen"].get(m)
+        rows.append((m, 1.0, f"{m} (kd_weight 1{', chosen' if w == 1.0 else ''})"))
         if w is not None and w != 1.0:
             rows.append((m, w, f"{m} (kd_weight {w:g}, chosen)"))
     test, val = table_rows(runs, rows, "test"), table_rows(runs, rows, "validation")
+    chosen_pairs = chosen_comparisons(runs, selection["chosen"], "test")
     sizing = {}
     for r in test:
         g = r.get("gain_vs_ce")
@@ -343,6 +356,7 @@ def main(argv=None) -> int:
                                                      "teacher_bpb_heldout") if k in manifest}},
               "every_position_method": EVERY_POSITION_METHOD, "selection": selection,
               "target_se_percent": a.target_se, "sizing": sizing, "rows": test, "validation_rows": val,
+              "chosen_vs_chosen": chosen_pairs,
               "runs": runs, "failed_runs": [r for r in runs if "failed" in r],
               "wall_seconds": time.time() - t_start, "jobs": a.jobs, "threads": a.threads}
     name = "quality_real_pilot.json" if a.pilot else "quality_real.json"
@@ -352,6 +366,9 @@ def main(argv=None) -> int:
     print(format_table(val, "validation (the whole plays)"))
     print()
     print(format_table(test, "test (the whole plays): paired gain mean ± std [95 % interval], percent"))
+    print("\neach method at its chosen kd_weight against each other at theirs (test, paired):")
+    for k, g in chosen_pairs.items():
+        print(f"  {k:40} {_fmt(g)}")
     if sizing:
         print("\nseeds for a paired standard error <= %.1f %%: " % a.target_se
               + ", ".join(f"{k}: {v['seeds_for_target_se']}" for k, v in sizing.items()))
