@@ -289,7 +289,7 @@ def add_kind_terms(terms: dict, kinds: dict, count: float) -> None:
     ``kd_chunk_first`` (the first student token of a longer chunk), ``kd_inside`` (inside a teacher token),
     each on the KD term's normaliser, so that the three add up to ``kd``."""
     for k in KINDS:  # tensors: read with the other terms, once per step (term_values)
-        terms[f"kd_{k}"] = terms.get(f"kd_{k}", 0.0) + torch.as_tensor(kinds[k]).float().double() / count
+        terms[f"kd_{k}"] = terms.get(f"kd_{k}", 0.0) + kinds[k].double() / count  # sums on the loss's device
 
 
 def add_representation_terms(acc_terms: TermSum, s_out, t_out, batch, aux, cfg: Config) -> None:

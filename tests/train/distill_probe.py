@@ -6,6 +6,8 @@ what the multi-process tests compare across processes (tests/test_two_process.py
   counts     every step's global target counts (the normalisers ``Objective.begin_step`` all-reduces)
 
 written to ``$SAKD_PROBE_DIR/rank{RANK}.json`` (RANK as torchrun sets it; 0 for a single process).
+With ``SAKD_PROBE_REVERSE_ROWS=1`` every micro-batch holds its spans in reverse order: the same step in another
+floating-point summation order (the size of pure rounding noise, to compare a difference with).
 Not a test file: pytest does not collect it.
 """
 
@@ -39,7 +41,16 @@ def _begin_step(real):
     return recording
 
 
+def _reversed_rows(real):
+    def encode(self, idx):
+        return real(self, [list(reversed(ids)) for ids in idx])
+    return encode
+
+
 def main(argv: list[str]) -> int:
+    if os.environ.get("SAKD_PROBE_REVERSE_ROWS") == "1":
+        from sakd.train.distill import StepData
+        StepData._encode = _reversed_rows(StepData._encode)
     moe.ka_select = _ka_select(moe.ka_select)  # _make_forward looks it up in the module at each call
     objective.Objective.begin_step = _begin_step(objective.Objective.begin_step)
     from sakd.cli import main as cli_main
