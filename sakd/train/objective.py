@@ -319,7 +319,7 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
     log (float64 tensors), and flags (non-finite teacher outputs). ``t_head``: ``teacher_head(...)``, used as
     ``teacher_head_use`` says. ``log_mass``: the micro-batch feeds the step's log (the first of a logging step):
     the flags then hold the router statistics and the teacher's mass outside the shared vocabulary, which
-    cost host syncs (about 6 per MoE layer) and are read nowhere else."""
+    cost host syncs and serve nothing but the log."""
     lc = cfg.loss
     need_hidden = "hidden" in weights or "contrastive" in weights
     need_attn = "attention" in weights
@@ -343,7 +343,7 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
                                         need_hidden=need_hidden, need_attn=need_attn, head=pass_head)
         if t_out is None:
             break
-        if r is not None and m == 0 and log_mass:  # only where the step is logged: ~6 host syncs per MoE layer
+        if r is not None and m == 0 and log_mass:  # only where the step is logged (a host sync, work per layer)
             flags["routing"] = r.stats()  # per layer: expert usage, router entropy, selected mass
         # padded head columns name no token; "rows": the last hidden state, the loss applies the head
         t_logits = t_out.last_hidden if use == "rows" else t_out.logits[..., :t_vocab]
