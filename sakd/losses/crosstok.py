@@ -32,6 +32,15 @@ from sakd.losses.divergences import divergence_sum, head_rows, kd_loss
 # 1. Shared-vocabulary KD on 1:1 chunks (the default logit loss).
 # ---------------------------------------------------------------------------------------------
 
+def largest_id(ids: torch.Tensor) -> int:
+    """``int(ids.max())``, read once per tensor: the shared ids are fixed for a run, and each read of a device
+    value is a host sync (it waits for the queued kernels); the loop calls the loss once per teacher pass."""
+    m = getattr(ids, "_largest_id", None)
+    if m is None:
+        m = ids._largest_id = int(ids.max())
+    return m
+
+
 def shared_vocab_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, shared_s: torch.Tensor,
                     shared_t: torch.Tensor, *, divergence: str = "forward_kl", temperature: float = 1.0,
                     beta: float = 0.5, t_vocab_size: int | None = None, chunk_rows: int = 1024,
@@ -62,8 +71,8 @@ def shared_vocab_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, share
     full-vocabulary pass over the teacher rows and serves only the log)."""
     b, s_pos, t_pos = one_to_one_positions(batch)
     vt = t_logits.shape[-1] if t_vocab_size is None else int(t_vocab_size)
-    if shared_t.numel() and int(shared_t.max()) >= vt:
-        raise UserError(f"shared teacher ids reach {int(shared_t.max())} but the teacher vocabulary has {vt} "
+    if shared_t.numel() and largest_id(shared_t) >= vt:
+        raise UserError(f"shared teacher ids reach {largest_id(shared_t)} but the teacher vocabulary has {vt} "
                         "tokens: rebuild the vocabulary map for this teacher tokenizer")
     shared_s, shared_t = shared_s.to(s_logits.device), shared_t.to(t_logits.device)
     ls, lt = s_logits.shape[1], t_logits.shape[1]

@@ -184,7 +184,6 @@ class RoutingStats:
             logp = F.log_softmax(lg, dim=-1)
             p = logp.exp()
             w = torch.ones(lg.shape[0], device=lg.device) if mask is None else mask.to(lg.device).float()
-            E = lg.shape[-1]
             sel = torch.zeros_like(p).scatter_(1, chosen.to(p.device), 1.0)
             acc = self._acc.setdefault(name, {k: torch.zeros((), dtype=torch.float64, device=lg.device)
                                               for k in ("tokens", "entropy", "mass", "kl")})
@@ -192,7 +191,8 @@ class RoutingStats:
             acc["entropy"] += (-(p * logp).sum(-1) * w).sum()
             acc["mass"] += ((p * sel).sum(-1) * w).sum()
             acc["counts"] = acc.get("counts", 0) + (sel * w[:, None]).sum(0).double()
-            top1 = F.one_hot(lg.argmax(-1), E).float()
+            # (not F.one_hot: on the CPU it reads the ids' min and max back, two host syncs per layer)
+            top1 = torch.zeros_like(p).scatter_(1, lg.argmax(-1, keepdim=True), 1.0)
             acc["top1"] = acc.get("top1", 0) + (top1 * w[:, None]).sum(0).double()
             if reference is not None:
                 ref_logp = F.log_softmax(reference.float(), dim=-1)
@@ -205,19 +205,22 @@ class RoutingStats:
         "top1": [E] fraction of tokens whose router argmax is e, "entropy": mean router entropy
         (nats), "selected_mass": mean router probability on the experts used, "tokens",
         "router_kl": mean KL(reference router || current) if reference weights were given}}."""
-        out = {}
-        for name in self._names:
-            a = self._acc.get(name)
-            if a is None:
-                continue
-            n = max(float(a["tokens"]), 1e-12)
-            counts = a["counts"].cpu()
-            d = {"usage": (counts / counts.sum().clamp_min(1e-12)).tolist(),
-                 "counts": counts.tolist(), "top1": (a["top1"].cpu() / n).tolist(),
-                 "entropy": float(a["entropy"]) / n, "selected_mass": float(a["mass"]) / n,
-                 "tokens": int(round(float(a["tokens"])))}
-            if "has_kl" in a:
-                d["router_kl"] = float(a["kl"]) / n
+        names = [n for n in self._names if n in self._acc]
+        if not names:
+            return {}
+        parts = [torch.cat([torch.stack([a["tokens"], a["entropy"], a["mass"], a["kl"]]), a["counts"], a["top1"]])
+                 for a in (self._acc[n] for n in names)]
+        flat = torch.cat(parts).tolist()  # every layer in ONE read of device values (one host sync)
+        out, i = {}, 0
+        for name, part in zip(names, parts):
+            (tokens, entropy, mass, kl), rest = flat[i:i + 4], flat[i + 4:i + len(part)]
+            i += len(part)
+            counts, top1 = rest[:len(rest) // 2], rest[len(rest) // 2:]
+            n, used = max(tokens, 1e-12), max(sum(counts), 1e-12)
+            d = {"usage": [c / used for c in counts], "counts": counts, "top1": [t / n for t in top1],
+                 "entropy": entropy / n, "selected_mass": mass / n, "tokens": int(round(tokens))}
+            if "has_kl" in self._acc[name]:
+                d["router_kl"] = kl / n
             out[name] = d
         return out
 

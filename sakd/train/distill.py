@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import gather_object, set_seed
 from transformers import AutoConfig
 
 from sakd.models import moe
@@ -265,8 +265,9 @@ def build_optimizer(student: torch.nn.Module, aux: torch.nn.Module, tc) -> tuple
     return optimizer, scheduler
 
 
-def resume_from(state: TrainState, ckpt_dir: Path, cfg: Config, log=print) -> None:
-    """Load the newest readable checkpoint into ``state`` (nothing there: start from step 0)."""
+def resume_from(state: TrainState, ckpt_dir: Path, cfg: Config, log=print, rank: int = 0) -> None:
+    """Load the newest readable checkpoint into ``state`` (nothing there: start from step 0); ``rank``: this
+    process's index (its own KA stream)."""
     found = load_latest(ckpt_dir, log)
     if found is None:
         log(f"resume: no checkpoint under {ckpt_dir}; starting from step 0")
@@ -282,7 +283,7 @@ def resume_from(state: TrainState, ckpt_dir: Path, cfg: Config, log=print) -> No
                         "train.output_dir")
     _check_resume_config(path, saved.get("config"), state.config)
     fsdp.shard_loaded(state.student, state.optimizer, tensors, saved)  # FSDP: keep this process's shards
-    state.load_state_dict({"tensors": tensors, "state": saved}, log)
+    state.load_state_dict({"tensors": tensors, "state": saved}, log, rank=rank)
     tc = cfg.train
     if state.horizon != tc.max_steps:
         # Changing the horizon would reshape the remaining LR and KA schedules mid-run; they keep the
@@ -378,7 +379,7 @@ def train_step(objective: Objective, micro: list[dict], idx: list, state: TrainS
     telemetry, gradient norm, skipped)."""
     counters = state.counters
     logs = objective.begin_step(state.step, micro, idx, state.horizon)
-    terms_total: dict[str, float] = {}
+    terms_total: dict[str, torch.Tensor] = {}  # float64 tensors on the device until the step's one read
     routing_stats = None
     for i, batch in enumerate(micro):
         with nullcontext() if i == len(micro) - 1 else acc.no_sync(student):
@@ -399,13 +400,22 @@ def train_step(objective: Objective, micro: list[dict], idx: list, state: TrainS
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             p.grad.copy_(acc.reduce(p.grad, reduction="mean"))
-        # the logged terms: global values, not this process's share
-        keys = sorted(objective.weights)
-        vec = acc.reduce(torch.tensor([terms_total.get(k, 0.0) for k in keys], dtype=torch.float64,
-                                      device=acc.device), reduction="sum")
-        terms_total = {k: float(v) for k, v in zip(keys, vec.tolist()) if k in terms_total or v != 0.0}
     grad_norm, skipped = optimizer_update(acc, state.optimizer, state.scheduler, grad_clip, counters)
-    return terms_total, logs, routing_stats, grad_norm, skipped
+    return term_values(terms_total, objective.weights, acc), logs, routing_stats, grad_norm, skipped
+
+
+def term_values(terms: dict, weights: dict, acc) -> dict[str, float]:
+    """The step's loss terms as floats for the log, read in ONE host sync (each stayed a tensor on the
+    device through the micro-batches); under DDP summed over the processes, so they are global values, not
+    this process's share."""
+    keys = sorted(weights) if acc.num_processes > 1 else sorted(terms)
+    if not keys:
+        return {}
+    vec = torch.stack([torch.as_tensor(terms.get(k, 0.0), dtype=torch.float64, device=acc.device).reshape(())
+                       for k in keys])
+    if acc.num_processes > 1:
+        vec = acc.reduce(vec, reduction="sum")
+    return {k: v for k, v in zip(keys, vec.tolist()) if k in terms or v != 0.0}
 
 
 def step_record(step: int, lr: float, seconds: float, tokens_per_s: float, on_policy: bool, data_wait: float,
@@ -447,11 +457,13 @@ def stop_reason(stop: StopFlag, acc, t_setup: float, max_time: float | None, tc)
 
 
 def save(state: TrainState, ckpt_dir: Path, acc, keep: int) -> None:
+    # every process's own KA stream, in process order (the main process writes the checkpoint alone)
+    ka_states = gather_object([state.ka_gen.get_state()]) if acc.num_processes > 1 else None
     acc.wait_for_everyone()
     if fsdp.is_sharded(acc):  # every process takes part in gathering the full tensors; the main one writes
-        sd = fsdp.gathered(state.state_dict(), keep=acc.is_main_process)
+        sd = fsdp.gathered(state.state_dict(ka_states), keep=acc.is_main_process)
     else:
-        sd = state.state_dict() if acc.is_main_process else None
+        sd = state.state_dict(ka_states) if acc.is_main_process else None
     if acc.is_main_process:
         save_checkpoint(ckpt_dir, state.step, sd["tensors"], sd["state"], keep)
 
@@ -518,15 +530,17 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
         sar = moe.SARRouter(run.teacher, lr=cfg.moe.router_lr, weight_decay=cfg.moe.router_weight_decay,
                             balance_coef=cfg.moe.balance_coef, anchor=cfg.moe.anchor, grad_clip=tc.grad_clip or 1.0)
     order = EpochOrder(len(run.train), tc.seed, acc.process_index, acc.num_processes)
-    # KA's expert draws on the teacher's device (no copies, no host sync per MoE layer)
-    ka_gen = torch.Generator(device=acc.device).manual_seed(tc.seed + 17)
+    # KA's expert draws on the teacher's device (no copies, no host sync per MoE layer). One stream per process:
+    # with one seed everywhere, every process would draw the same routings (half the augmentation on two GPUs).
+    # Each process's state is checkpointed (save), so a resume goes on with each stream exactly.
+    ka_gen = torch.Generator(device=acc.device).manual_seed(tc.seed + 17 + acc.process_index)
     state = TrainState(horizon=tc.max_steps, config=to_dict(cfg), student=acc.unwrap_model(student),
                        aux=acc.unwrap_model(aux), optimizer=optimizer, scheduler=scheduler, scaler=acc.scaler,
                        sar=sar, ka_gen=ka_gen, order=order, data=order.state())
     ckpt_dir = out / "checkpoints"
     # ---- resume: one call
     if resume:
-        resume_from(state, ckpt_dir, cfg, log)
+        resume_from(state, ckpt_dir, cfg, log, rank=acc.process_index)
     objective = Objective(cfg, acc, student, teacher=run.teacher, teacher_cache=run.teacher_cache, aux=aux,
                           vocab=run.vocab, t_vocab=len(run.teacher_tok), ka_gen=ka_gen, sar=sar)
     evaluates = acc.is_main_process or fsdp.is_sharded(acc)  # FSDP: the student's forwards are collective

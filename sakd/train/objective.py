@@ -89,18 +89,16 @@ def count_targets(micro: list[dict], cfg: Config, mapping=None) -> dict[str, flo
     cross-entropy uses (issue 19, item 4): shared_kl's terms at 1:1 chunks and projected_kl's at every
     position then weigh the same per position for one loss.kd_weight, and a method with fewer target
     positions contributes less, as it teaches less of the text."""
-    c = {"kd": 0, "ce": 0, "chunk": 0, "hidden": 0, "attention": 0, "contrastive": 0}
+    per_micro = []
     for b in micro:
-        o2o = one_to_one(b)
-        n_ce = int(ce_targets(b).sum())
-        c["ce"] += n_ce
-        c["kd"] += n_ce
-        multi = b["chunk_mask"] & ~o2o
-        c["chunk"] += int(((b["chunk_s_end"] - b["chunk_s_start"]) * multi).sum())
-        c["hidden"] += int(b["chunk_mask"].sum())
-        c["attention"] += int(b["chunk_mask"].sum())
-        c["contrastive"] += int(b["s_mask"].shape[0])
-    return {k: float(v) for k, v in c.items()}
+        multi = b["chunk_mask"] & ~one_to_one(b)
+        n_ce, n_chunks = ce_targets(b).sum(), b["chunk_mask"].sum()
+        per_micro.append(torch.stack([n_ce, n_ce, ((b["chunk_s_end"] - b["chunk_s_start"]) * multi).sum(),
+                                      n_chunks, n_chunks]).double())
+    # one host sync for the whole step (exact: integer counts far below 2**53)
+    kd, ce, chunk, hidden, attention = torch.stack(per_micro).sum(0).tolist()
+    return {"kd": kd, "ce": ce, "chunk": chunk, "hidden": hidden, "attention": attention,
+            "contrastive": float(sum(b["s_mask"].shape[0] for b in micro))}
 
 
 def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc, *,
@@ -201,7 +199,8 @@ def _finite(t_out, t_vocab: int, need_hidden: bool) -> bool:
 
 class TermSum:
     """The micro-batch's loss as its terms are added: ``total`` (weighted, each term divided by the step's global
-    count of its targets) and ``terms`` (each term's unweighted value, for the log).
+    count of its targets) and ``terms`` (each term's unweighted value for the log, a float64 tensor on the
+    device: no host sync per term, the loop reads them all at once per step, ``term_values``).
 
     ``total`` starts as a zero attached to the student's graph: when every term of a micro-batch is skipped
     (non-finite teacher), backward() still runs (a plain zero tensor has no grad_fn) and, under DDP, every
@@ -209,13 +208,13 @@ class TermSum:
 
     def __init__(self, anchor: torch.Tensor, weights: dict, counts: dict):
         self.total = 0.0 * anchor[..., 0].float().sum()
-        self.terms: dict[str, float] = {}
+        self.terms: dict[str, torch.Tensor] = {}
         self.weights, self.counts = weights, counts
 
     def add(self, name: str, value_sum: torch.Tensor, scale: float = 1.0) -> None:
         contrib = value_sum.float() / self.counts[name]
         self.total = self.total + self.weights[name] * scale * contrib
-        self.terms[name] = self.terms.get(name, 0.0) + float(contrib.detach())
+        self.terms[name] = self.terms.get(name, 0.0) + contrib.detach().double()
 
 
 def student_forward(student, batch, acc, *, need_hidden: bool, need_attn: bool, head):
@@ -281,9 +280,8 @@ def add_kind_terms(terms: dict, kinds: dict, count: float) -> None:
     """The KD term split by position kind for the log (projected_kl): ``kd_one_to_one`` (1:1 chunks),
     ``kd_chunk_first`` (the first student token of a longer chunk), ``kd_inside`` (inside a teacher token),
     each on the KD term's normaliser, so that the three add up to ``kd``."""
-    vals = torch.stack([torch.as_tensor(kinds[k]).float() for k in KINDS]).tolist()  # one host sync
-    for k, v in zip(KINDS, vals):
-        terms[f"kd_{k}"] = terms.get(f"kd_{k}", 0.0) + v / count
+    for k in KINDS:  # tensors: read with the other terms, once per step (term_values)
+        terms[f"kd_{k}"] = terms.get(f"kd_{k}", 0.0) + kinds[k].double() / count  # sums on the loss's device
 
 
 def add_representation_terms(acc_terms: TermSum, s_out, t_out, batch, aux, cfg: Config) -> None:
@@ -310,8 +308,10 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
                     counts: dict, acc, sched: dict, ka_gen, t_vocab: int, reference_router=None,
                     log_mass: bool = False, mapping=None, t_head: tuple | None = None, classes=None):
     """Loss of one micro-batch (already divided by the step's global counts), per-term values for the
-    log, and flags (non-finite teacher outputs). ``t_head``: ``teacher_head(...)``, used as
-    ``teacher_head_use`` says."""
+    log (float64 tensors), and flags (non-finite teacher outputs). ``t_head``: ``teacher_head(...)``, used as
+    ``teacher_head_use`` says. ``log_mass``: the micro-batch feeds the step's log (the first of a logging step):
+    the flags then hold the router statistics and the teacher's mass outside the shared vocabulary, which
+    cost host syncs and serve nothing but the log."""
     lc = cfg.loss
     need_hidden = "hidden" in weights or "contrastive" in weights
     need_attn = "attention" in weights
@@ -321,7 +321,10 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
         use = None
     pass_head = {"shared": t_head[1], "rows": True}.get(use) if use else None
     # "shared": the teacher's logits on the shared columns only, shared_kl reads column c of them as shared_t[c]
-    kd_t_cols = torch.arange(shared_t.numel(), device=shared_t.device) if use == "shared" else shared_t
+    kd_t_cols = shared_t
+    if use == "shared":
+        kd_t_cols = torch.arange(shared_t.numel(), device=shared_t.device)
+        kd_t_cols._largest_id = shared_t.numel() - 1  # known: no host read in the loss (crosstok.largest_id)
     s_out, s_logits = student_forward(student, batch, acc, need_hidden=need_hidden, need_attn=need_attn, head=head)
     if head is not None:  # FSDP2: the output layer's full weight exists from the forward to the backward (a shard before)
         head = fused_head_weight(student, cfg, weights, acc)
@@ -334,7 +337,7 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
                                         need_hidden=need_hidden, need_attn=need_attn, head=pass_head)
         if t_out is None:
             break
-        if r is not None and m == 0:
+        if r is not None and m == 0 and log_mass:  # only where the step is logged (a host sync, work per layer)
             flags["routing"] = r.stats()  # per layer: expert usage, router entropy, selected mass
         # padded head columns name no token; "rows": the last hidden state, the loss applies the head
         t_logits = t_out.last_hidden if use == "rows" else t_out.logits[..., :t_vocab]
@@ -388,7 +391,7 @@ def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Confi
         if name in weights:
             contrib = value_sum().float() / counts[name]
             total = total + weights[name] * scale * contrib
-            terms[name] = float(contrib.detach())
+            terms[name] = contrib.detach().double()
     if kinds and "kd" in weights:
         add_kind_terms(terms, kinds, counts["kd"] * len(views))
     return total, terms, {"nonfinite_teacher": 0}
@@ -536,8 +539,12 @@ class Objective:
         self.step, self.span_ids = step, span_ids
         self.sched = self.routing_schedule(step, horizon)
         counts = count_targets(micro, self.cfg, self.vocab.mapping)
-        self.counts = {k: max(1.0, float(acc.reduce(torch.tensor(v, device=acc.device, dtype=torch.float64),
-                                                    reduction="sum"))) for k, v in counts.items()}
+        if acc.num_processes > 1:  # one all-reduce and one host sync for every term's count
+            keys = sorted(counts)
+            vec = acc.reduce(torch.tensor([counts[k] for k in keys], device=acc.device, dtype=torch.float64),
+                             reduction="sum")
+            counts = dict(zip(keys, vec.tolist()))
+        self.counts = {k: max(1.0, v) for k, v in counts.items()}
         self.weights = term_weights(self.cfg, step)
         if self.sar is None:
             return {}

@@ -41,7 +41,7 @@ class TrainState:
     scheduler: object = None           # LambdaLR
     scaler: object = None              # GradScaler (fp16) or None
     sar: object = None                 # moe.SARRouter (its fp32 master router weights) or None
-    ka_gen: torch.Generator | None = None  # KA's expert draws (on the teacher's device)
+    ka_gen: torch.Generator | None = None  # KA's expert draws (on the teacher's device); one stream per process
     order: object = None               # schedule.EpochOrder: the data position is saved, not the order
     data: dict = field(default_factory=dict)  # the data position after THIS step's spans (set by the loop)
     # (the Python / NumPy / torch / CUDA RNG states are global: saved and restored as "rng")
@@ -58,7 +58,9 @@ class TrainState:
             student = {k: v for k, v in student.items() if k != "lm_head.weight"}
         return student
 
-    def state_dict(self) -> dict:
+    def state_dict(self, ka_states: list | None = None) -> dict:
+        """``ka_states``: every process's KA generator state in process order (under DDP each process draws
+        its own routings, and the loop gathers them before a save); None: this process's only."""
         tensors = {"student": self._student_tensors()}
         if self.aux is not None and len(list(self.aux.parameters())):
             tensors["aux"] = self.aux.state_dict()
@@ -66,6 +68,7 @@ class TrainState:
                  "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                  "data": self.data, "rng": rng_state(), "ka_rng": self.ka_gen.get_state(),
+                 "ka_rng_ranks": ka_states or [self.ka_gen.get_state()],
                  "history": self.history, "evals": self.evals, "counters": self.counters,
                  "teacher_bpb": self.teacher_bpb, "config": self.config, "horizon": self.horizon}
         if self.sar is not None:
@@ -74,9 +77,10 @@ class TrainState:
             state["sar"] = sd
         return {"tensors": tensors, "state": state}
 
-    def load_state_dict(self, sd: dict, log=print) -> None:
-        """Restore everything ``state_dict`` saved. The student is loaded non-strictly for the tied
-        lm_head only: call ``student_mismatch`` first to refuse another architecture with a message."""
+    def load_state_dict(self, sd: dict, log=print, rank: int = 0) -> None:
+        """Restore everything ``state_dict`` saved; ``rank``: this process's index, whose KA stream it takes
+        back. The student is loaded non-strictly for the tied lm_head only: call ``student_mismatch`` first
+        to refuse another architecture with a message."""
         tensors, state = sd["tensors"], sd["state"]
         self.student.load_state_dict(tensors.get("student", {}), strict=False)
         if "aux" in tensors:
@@ -90,10 +94,15 @@ class TrainState:
         self.order.load(state["data"])
         self.data = dict(state["data"])
         set_rng_state(state["rng"])
-        try:
-            self.ka_gen.set_state(state["ka_rng"])
-        except (RuntimeError, ValueError):  # a CPU generator's state, saved before draws moved to the device
-            log("resume: the KA sampling stream restarts (checkpoint saved with a CPU generator)")
+        ka_states = state.get("ka_rng_ranks") or [state["ka_rng"]]  # checkpoints before per-process streams: one
+        if rank >= len(ka_states):
+            log(f"resume: process {rank} has no KA sampling stream in the checkpoint (written by {len(ka_states)} "
+                "process(es)); it starts its own stream again")
+        else:
+            try:
+                self.ka_gen.set_state(ka_states[rank])
+            except (RuntimeError, ValueError):  # a CPU generator's state, saved before draws moved to the device
+                log("resume: the KA sampling stream restarts (checkpoint saved with a CPU generator)")
         # checkpoints from before the horizon was stored: the max_steps they were written with
         self.horizon = int(state.get("horizon") or ((state.get("config") or {}).get("train") or {}).get("max_steps")
                            or self.horizon)

@@ -50,7 +50,7 @@ def test_a_full_cache_of_packed_chat_rows_gives_the_live_losses(tiny_assets, tmp
     live, cached = _terms(run, cfg, batch), _terms(run, cfg, batch, cb)
     assert set(live) == set(cached) == set(WEIGHTS)
     for name in WEIGHTS:
-        assert cached[name] == pytest.approx(live[name], rel=1e-4), name
+        assert float(cached[name]) == pytest.approx(float(live[name]), rel=1e-4), name
     # the cached distributions are the teacher's on each example ALONE; the row read as one sequence differs
     row = batch["t_pos"][0]
     starts = [int(j) for j in (row == 0).nonzero().squeeze(1) if batch["t_mask"][0, j]] + [int(batch["t_mask"][0].sum())]

@@ -44,7 +44,7 @@ def _terms(tiny_assets, tmp_path, dtype: str, mode: str):
         len(run.teacher_tok))
     loss.backward()
     grads = [p.grad for p in list(run.student.parameters()) + list(run.aux.parameters())]
-    return terms, flags, loss, grads, router
+    return {k: float(v) for k, v in terms.items()}, flags, loss, grads, router  # terms: tensors until read
 
 
 @pytest.mark.parametrize("mode", ["topk", "ka", "all", "sar"])

@@ -23,7 +23,7 @@ def _terms(run, cfg, batch, weights, t_head, mode_sched=None):
                                           run.vocab.shared_t, cfg, weights, counts, run.accelerator,
                                           mode_sched or {}, gen, len(run.teacher_tok), log_mass=True,
                                           mapping=run.vocab.mapping, t_head=t_head)
-    return terms, flags
+    return {k: float(v) for k, v in terms.items()}, flags  # the terms are tensors until the loop reads them
 
 
 def _same_terms_as_the_logits_path(run, cfg, batch, weights, head, mode) -> tuple[dict, dict]:

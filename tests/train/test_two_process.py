@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -55,18 +56,32 @@ def accelerate_launch(n: int) -> list[str]:
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
 
 
+PROBE = [sys.executable, "-m", "tests.train.distill_probe"]  # sakd.cli, recording KA draws and counts per rank
+
+
+def _assets(assets_dir: str) -> dict:
+    return {k: Path(assets_dir) / v for k, v in {"train": "train.txt", "heldout": "heldout.txt",
+                                                 "teacher": "teacher", "student": "student"}.items()}
+
+
+def _launch(n: int, assets: dict, out: Path, overrides: dict, *flags: str) -> subprocess.CompletedProcess:
+    """`sakd distill` on ``n`` processes (1: no launcher), through the probe (its records in ``out``.probe)."""
+    head = PROBE if n == 1 else [*accelerate_launch(n), "-m", "tests.train.distill_probe"]
+    return subprocess.run([*head, "distill", "--no-progress", *flags, *tiny_overrides(assets, out, **overrides)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=600,
+                          env=dict(_env(), SAKD_PROBE_DIR=str(out.with_suffix(".probe"))))
+
+
+def probe(out: Path, rank: int = 0) -> dict:
+    return json.loads((out.with_suffix(".probe") / f"rank{rank}.json").read_text())
+
+
 @functools.lru_cache(maxsize=None)
 def _runs(assets_dir: str, out_dir: str, extra: tuple = ()) -> dict:
     """Both runs, once per session (the tests below read different things from them)."""
-    assets = {k: Path(assets_dir) / v for k, v in {"train": "train.txt", "heldout": "heldout.txt",
-                                                    "teacher": "teacher", "student": "student"}.items()}
-    out = Path(out_dir)
-    one = subprocess.run([sys.executable, "-m", "sakd.cli", "distill", "--no-progress",
-                          *tiny_overrides(assets, out / "one", **COMMON, **dict(extra), **{"train.batch_size": 4})],
-                         capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
-    two = subprocess.run([*accelerate_launch(2), "-m", "sakd.cli", "distill", "--no-progress",
-                          *tiny_overrides(assets, out / "two", **COMMON, **dict(extra), **{"train.batch_size": 2})],
-                         capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=600)
+    assets, out = _assets(assets_dir), Path(out_dir)
+    one = _launch(1, assets, out / "one", {**COMMON, **dict(extra), "train.batch_size": 4})
+    two = _launch(2, assets, out / "two", {**COMMON, **dict(extra), "train.batch_size": 2})
     return {"one": (one, out / "one"), "two": (two, out / "two")}
 
 
@@ -75,6 +90,11 @@ def _checked_runs(tiny_assets, tmp_path_factory, name: str, extra: tuple = ()):
     r = _runs(str(tiny_assets["dir"].resolve()), str(base), extra)
     one, two = r["one"][0], r["two"][0]
     assert one.returncode == 0, one.stderr[-3000:]
+    _check_launch(two)
+    return r
+
+
+def _check_launch(two: subprocess.CompletedProcess) -> None:
     if two.returncode != 0:
         # the child's own error line (sakd's one-line errors, or the exception of a traceback), not
         # only the launcher's ChildFailedError around it
@@ -82,7 +102,6 @@ def _checked_runs(tiny_assets, tmp_path_factory, name: str, extra: tuple = ()):
         own = [l for l in lines if "sakd distill: error" in l]
         raise LaunchFailed(f"2-process launch exited {two.returncode}: {own[:4] or lines[-12:]}")
     assert "2 x 1 accumulation x 2 process(es)" in two.stdout, two.stdout[-2000:]  # really two processes
-    return r
 
 
 @pytest.fixture
@@ -124,7 +143,13 @@ def test_two_processes_train_the_same_student_as_one(runs):
     w2 = load_file(str(two / "student" / "model.safetensors"))
     assert w1.keys() == w2.keys()
     for k in w1:
-        # rtol 1e-5 as asked; atol 5e-6 for entries near zero (the one KD normaliser moved one weight 1.2e-6, as in test_accumulation_invariance) (the updates themselves are ~1e-3, see below)
+        # atol 5e-6 is rounding noise, measured (issue 21): the normalisers are the one-process counts exactly
+        # (test below) and the gradient norms agree to 1e-7 at every step, but Adam divides each entry by its
+        # own RMS, so an entry whose gradient sums cancelling contributions turns float32 summation-order
+        # noise into a visible update. One entry (layers.1.mlp.gate_proj) moves most in every comparison:
+        # 1 process vs 2: 2.9e-6; 1 process vs the same 1 process at batch 2 x accumulation 2 (the same
+        # arithmetic, other shapes): 1.5e-6; that run vs 2 processes: 1.4e-6; 1 process vs its rows reversed
+        # 3e-7 (tests/train/distill_probe.py, SAKD_PROBE_REVERSE_ROWS). The updates are ~1e-3 (see below).
         torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=5e-6, msg=k)
     # the gradient norm is computed after DDP's all-reduce: a global quantity, comparable step by step,
     # and sensitive to the normalisation (AdamW would hide a constant factor on the gradient)
@@ -149,3 +174,51 @@ def test_logged_loss_terms_are_global_values(runs):
         a = torch.tensor([h[term] for h in h1], dtype=torch.float64)
         b = torch.tensor([h[term] for h in h2], dtype=torch.float64)
         torch.testing.assert_close(b, a, rtol=1e-5, atol=0, msg=term)
+
+
+@pytest.mark.slow
+def test_the_normalisers_of_two_processes_are_the_one_process_counts(runs):
+    """Each term's normaliser (KD: the student's target tokens) is the global count, summed over the
+    processes before any forward: on both processes exactly the single process's count, step by step."""
+    one = probe(runs["one"][1])["counts"]
+    assert len(one) == STEPS and all(c["kd"] > 1 and c["kd"] == c["ce"] for c in one)
+    for rank in (0, 1):
+        assert probe(runs["two"][1], rank)["counts"] == one, rank
+
+
+# KA: half the tokens route through sampled experts, so the draws change what the teacher says; a
+# checkpoint after every step, all kept, so that the resume below can start from step 2 of this run.
+KA = {**COMMON, "moe.mode": "ka", "moe.sample_prob": 0.5, "train.batch_size": 2, "train.save_every": 1,
+      "train.keep_checkpoints": STEPS}
+
+
+@pytest.fixture(scope="module")
+def ka_run(tiny_assets, tmp_path_factory):
+    out = tmp_path_factory.mktemp("two_process_ka") / "full"
+    _check_launch(_launch(2, _assets(str(tiny_assets["dir"].resolve())), out, KA))
+    return out
+
+
+@pytest.mark.slow
+def test_each_process_draws_its_own_ka_routings(ka_run):
+    """Under DDP every process has its own KA stream: the same stream on every process would draw the same
+    expert routings everywhere, and two processes would see half the augmentation that they should."""
+    r0, r1 = probe(ka_run, 0)["ka_states"], probe(ka_run, 1)["ka_states"]
+    assert len(r0) == len(r1) > 0
+    assert not set(r0) & set(r1), "the processes share KA generator states"
+
+
+@pytest.mark.slow
+def test_two_process_ka_resume_is_exact(ka_run, tiny_assets, tmp_path):
+    """Resumed at step 2 of the run above: every process goes on with its own KA stream where it stood, so
+    the resumed run draws what the full run drew after step 2 and trains the same student, bit for bit."""
+    out = tmp_path / "resumed"
+    shutil.copytree(ka_run / "checkpoints" / "step-000002", out / "checkpoints" / "step-000002")
+    _check_launch(_launch(2, _assets(str(tiny_assets["dir"].resolve())), out, KA, "--resume"))
+    for rank in (0, 1):
+        full, resumed = probe(ka_run, rank)["ka_states"], probe(out, rank)["ka_states"]
+        assert 0 < len(resumed) < len(full) and resumed == full[len(full) - len(resumed):], rank
+    w_full = load_file(str(ka_run / "student" / "model.safetensors"))
+    w_resumed = load_file(str(out / "student" / "model.safetensors"))
+    for k in w_full:
+        assert torch.equal(w_resumed[k], w_full[k]), f"{k}: max |diff| {(w_resumed[k] - w_full[k]).abs().max():.3e}"
