@@ -698,7 +698,8 @@ def cached_kd_step_section(steps: int, rounds: int, threads: int, work: Path) ->
     for r in range(rounds):
         for name, over in variants.items():
             out = run_child(sys.executable, "distill", {"threads": threads, "config": demo, "overrides":
-                            demo_overrides(work / f"step-{name}-{r}", steps, extra + over)}, threads)
+                            demo_overrides(work / f"step-{name}-{r}", steps, extra + over)}, threads,
+                            fixed_mmap=False)  # a timing: glibc's default allocator (see child_env)
             times[name].append(timed_rate(out["steps"])[1])
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = {k: med[k] / med["ce"] for k in ("top64", "sampled")}
