@@ -32,6 +32,34 @@ def _unit_for(key: str) -> str:
     return "(see name)"
 
 
+def _metric_row(name: str, v) -> str:
+    if isinstance(v, dict):
+        value, unit = v.get("value"), v.get("unit", "")
+    elif isinstance(v, (tuple, list)) and len(v) == 2:
+        value, unit = v
+    else:
+        value, unit = v, _unit_for(name)
+    return f"| {name} | {format_number(value, '.4f')} | {unit} |"
+
+
+def add_card_metrics(student_dir, metrics: dict) -> Path:
+    """Add rows (same forms as ``write_model_card``'s metrics) to the Metrics table of the card in
+    ``student_dir``; a row of the same name is replaced. For numbers measured after the export (the
+    CE-only run's held-out bits per byte)."""
+    path = Path(student_dir) / "README.md"
+    if not path.is_file():
+        raise UserError(f"{str(path)!r} does not exist: export the student (and its model card) first")
+    lines = path.read_text(encoding="utf-8").split("\n")
+    head = lines.index("| metric | value | unit |")  # the table write_model_card writes
+    end = head + 2
+    while end < len(lines) and lines[end].startswith("| "):
+        end += 1
+    rows = [r for r in lines[head + 2:end] if r.split(" | ")[0][2:] not in metrics]
+    rows += [_metric_row(name, v) for name, v in metrics.items()]
+    path.write_text("\n".join(lines[:head + 2] + rows + lines[end:]), encoding="utf-8")
+    return path
+
+
 def write_model_card(student_dir, *, teacher: str, data: str, method: str, metrics: dict, command: str) -> Path:
     """README.md (model card) in the exported student folder; adds generation_config.json if missing.
 
@@ -44,15 +72,7 @@ def write_model_card(student_dir, *, teacher: str, data: str, method: str, metri
         raise UserError(f"{str(d)!r} holds no config.json: export the student with save_pretrained first")
     if not (d / "generation_config.json").is_file():
         GenerationConfig.from_model_config(AutoConfig.from_pretrained(d)).save_pretrained(d)
-    rows = []
-    for name, v in metrics.items():
-        if isinstance(v, dict):
-            value, unit = v.get("value"), v.get("unit", "")
-        elif isinstance(v, (tuple, list)) and len(v) == 2:
-            value, unit = v
-        else:
-            value, unit = v, _unit_for(name)
-        rows.append(f"| {name} | {format_number(value, '.4f')} | {unit} |")
+    rows = [_metric_row(name, v) for name, v in metrics.items()]
     card = "\n".join([
         "---", "library_name: transformers", "pipeline_tag: text-generation",
         "tags:", "- knowledge-distillation", "- sakd", "---", "",

@@ -38,8 +38,12 @@ def run_ce_only(config: str | Path | None, overrides, output_dir: str | Path, lo
 
 
 def add_ce_only_to_report(output_dir: str | Path, cfg, result: dict, ce: dict) -> dict:
-    """Rewrite ``report.json`` / ``report.md`` of the distillation run with the CE-only row."""
+    """Rewrite ``report.json`` / ``report.md`` of the distillation run with the CE-only row, and add the row to
+    the exported student's model card (before any push: the card that goes up carries it)."""
+    from sakd.report.model_card import add_card_metrics
     from sakd.report.run import write_run_report
 
+    if result.get("student_dir"):
+        add_card_metrics(result["student_dir"], {"student_bpb_ce_only": ce["student_bpb_final"]})
     return write_run_report(output_dir, cfg, result, extra={"student_bpb_ce_only": ce["student_bpb_final"],
                                                             "ce_only_dir": str(ce_only_dir(output_dir))})

@@ -125,3 +125,21 @@ def test_bad_push_input_is_one_line(hub, finished_run, tmp_path, capsys, args, f
     assert main(args) == 2
     _one_line(capsys, "push", fragment)
     assert [n for n, _ in hub if n != "HfApi"] == []
+
+
+def test_push_waits_for_the_ce_only_row(hub, tiny_assets, tmp_path):
+    """train.push_to_hub with eval.ce_only_baseline: the push comes last, after the CE-only run, so the card
+    that goes up carries the CE-only number (as the run report does); one upload, of the distilled student."""
+    import json
+
+    out = tmp_path / "run"
+    assert main(["distill", "--no-progress", *tiny_overrides(tiny_assets, out, **{
+        "train.max_steps": 1, "data.max_examples": 8, "train.push_to_hub": "me/live",
+        "eval.ce_only_baseline": True})]) == 0
+    ce = json.loads((out / "ce-only" / "result.json").read_text())["student_bpb_final"]
+    assert json.loads((out / "report.json").read_text())["extra"]["student_bpb_ce_only"] == ce
+    up = _uploaded(hub)  # exactly one upload
+    assert up["repo_id"] == "me/live" and up["folder_path"] == out / "student"
+    card = up["files"]["README.md"].decode()
+    assert f"| student_bpb_ce_only | {ce:.4f} | bits/byte |" in card
+    assert card == (out / "student" / "README.md").read_text()  # what went up is the card on disk

@@ -87,6 +87,15 @@ def test_export_with_model_card_loads_back_with_identical_logits(tiny_assets, tm
     body = card.read_text()
     assert "tiny-moe" in body and "sakd distill --config configs/demo.yaml train.max_steps=3" in body
     assert "| student_bpb_final | 2.5000 | bits/byte |" in body and "| speed | 100.0000 | tokens/s |" in body
+    # a number measured after the export (the CE-only run's) joins the table; a second time it replaces its row
+    from sakd.report.model_card import add_card_metrics
+
+    add_card_metrics(out, {"student_bpb_ce_only": 2.75})
+    add_card_metrics(out, {"student_bpb_ce_only": 2.625})
+    rows = [l for l in card.read_text().splitlines() if l.startswith("| ")]
+    assert rows == ["| metric | value | unit |", "| student_bpb_final | 2.5000 | bits/byte |",
+                    "| speed | 100.0000 | tokens/s |", "| student_bpb_ce_only | 2.6250 | bits/byte |"]
+    assert card.read_text().replace("| student_bpb_ce_only | 2.6250 | bits/byte |\n", "") == body
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == model.config.eos_token_id
     back = AutoModelForCausalLM.from_pretrained(out).eval()
