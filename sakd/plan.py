@@ -219,6 +219,9 @@ class _Step:
         # the model-side conditions of objective.fused_head_weight (a bias-free head, no logit scaling) hold
         # for Llama and Qwen
         self.fused = fused_head_terms(lc, kd=self.kd, chunk=self.alm)
+        # a LoRA student's output layer is frozen (config.py refuses lm_head as a target with the fused head;
+        # without it the adapter trains, not the weight): no [V, H] gradient of it exists on either path
+        self.head_grad = cfg.model.student_lora.r is None
         self.use = _teacher_head_use(cfg)
         self.t_shared = self.use == "shared"
         self.t_logits_full = B * self.Lt * self.Vt * self.tb
@@ -280,10 +283,11 @@ def _teacher_terms(z: _Step, c: dict) -> None:
 def _kd_terms(z: _Step, c: dict) -> None:
     """KD (sakd.losses.divergences): the gradient is computed in the forward pass, one row block at a time,
     and held until backward: one buffer of the student logits' shape per KA pass (fused: [N, H] + [S, H]
-    fp32, and the [S, H] gathered head). Each row block holds `kernel` fp32 [rows, S] temporaries plus its
-    gathered rows; the teacher-mass-outside log (forward, no grad) holds ~[rows, 2 Vt + S]."""
+    fp32, and the [S, H] gathered head; a frozen head, LoRA's: no [S, H] gradient). Each row block holds
+    `kernel` fp32 [rows, S] temporaries plus its gathered rows; the teacher-mass-outside log (forward, no
+    grad) holds ~[rows, 2 Vt + S]."""
     B, Ls, S, Vs, Vt, H, rows, kd, lc = z.B, z.Ls, z.S, z.Vs, z.Vt, z.H, z.rows, z.kd, z.cfg.loss
-    head_grad = B * Ls * H * z.ab + 2 * S * H * 4
+    head_grad = B * Ls * H * z.ab + (2 if z.head_grad else 1) * S * H * 4  # dh, the gathered rows [, their gradient]
     c["kd_grad_buffers"] = z.passes * (head_grad if z.fused else B * Ls * Vs * z.ab) if kd else 0
     gathered = (S if z.t_shared else Vt) * z.tb + (0 if z.fused else Vs * z.ab)
     c["kd_chunk_temporaries"] = rows * 4 * max(z.kernel * S, 2 * Vt + S) + rows * gathered if kd else 0
@@ -302,12 +306,13 @@ def _kd_terms(z: _Step, c: dict) -> None:
 def _ce_and_alm_terms(z: _Step, c: dict) -> None:
     """Cross-entropy. Logits path: forward, a contiguous fp32 copy of the shifted logits and the saved
     log-probs; backward, the saved log-probs and the nll_loss and log_softmax gradients ([N, Vs] fp32).
-    Fused: its gradient buffers ([N, H] + [Vs, H] fp32) and two fp32 [rows, Vs] temporaries. Then the
-    chunk-likelihood (ALM) term's temporaries."""
+    Fused: its gradient buffers ([N, H] + [Vs, H] fp32; a frozen head, LoRA's: [N, H] only) and two fp32
+    [rows, Vs] temporaries. Then the chunk-likelihood (ALM) term's temporaries."""
     B, Ls, Vs, H, ce = z.B, z.Ls, z.Vs, z.H, z.ce
     if z.fused:
-        c["ce_buffers_forward"] = B * Ls * H * z.ab + Vs * H * 4 + 2 * z.rows * Vs * 4 if ce else 0
-        c["ce_buffers_backward"] = B * Ls * H * z.ab + Vs * H * 4 if ce else 0
+        w_grad = Vs * H * 4 if z.head_grad else 0
+        c["ce_buffers_forward"] = B * Ls * H * z.ab + w_grad + 2 * z.rows * Vs * 4 if ce else 0
+        c["ce_buffers_backward"] = B * Ls * H * z.ab + w_grad if ce else 0
     else:
         c["ce_buffers_forward"] = 2 * z.N * Vs * 4 if ce else 0
         c["ce_buffers_backward"] = 3 * z.N * Vs * 4 if ce else 0
@@ -335,9 +340,10 @@ def _step_moments(z: _Step, c: dict) -> dict:
     m["loss_backward"] = held_grads + z.act_saved + c["kd_grad_buffers"] + max(
         c["ce_buffers_backward"] + (0 if fused else c["student_logits_grad"]) if z.ce else 0, alm_b,
         c["student_logits_grad"])
-    # the layers' backward: the logits gradient (or, fused, the [N, H] one) meets lm_head
+    # the layers' backward: the logits gradient (or, fused, the [N, H] one) meets lm_head (its weight's
+    # gradient: a trained head only)
     m["layers_backward"] = held_grads + z.act + (c["student_logits_grad"] if not fused else z.B * z.Ls * z.H * z.ab) \
-        + 4 * z.Vs * z.H
+        + (4 * z.Vs * z.H if z.head_grad else 0)
     # optimizer step: every gradient; foreach AdamW (CUDA) holds about one parameter-sized temporary
     m["optimizer"] = c["student_gradients"] * (2 if z.cuda else 1)
     return m

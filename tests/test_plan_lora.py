@@ -44,3 +44,27 @@ def test_plan_names_an_unknown_target_module(tmp_path):
     with pytest.raises(UserError, match="'query' is not a linear layer of the student"):
         plan(load_config(None, [*_models(tmp_path), "model.student_lora.r=8",
                                 "model.student_lora.target_modules=[query]"]), device="cpu")
+
+
+def test_a_frozen_output_layer_has_no_gradient_in_the_plan(tmp_path):
+    """A LoRA student's output layer is frozen (lm_head not among target_modules; loss.fused_head refuses it
+    there): the fused KD and CE terms and the layers' backward hold no [V, H] gradient of it, only the
+    [N, H] gradient of the final hidden state (fp32 on CPU). The full student keeps them."""
+    models = [*_models(tmp_path), "loss.ce_weight=0.5"]
+    full = plan(load_config(None, models), device="cpu")
+    lora = plan(load_config(None, [*models, "model.student_lora.r=16"]), device="cpu")
+    assert full["fused_head"] and lora["fused_head"]
+    N, H, Vs, S, rows = 2 * 128, 256, 8192, 4096, 256  # rows: one row block (chunk_rows 1024 > N)
+    c, f = lora["components"], full["components"]
+    assert c["kd_grad_buffers"] == N * H * 4 + S * H * 4              # dh and the gathered shared rows
+    assert f["kd_grad_buffers"] == N * H * 4 + S * H * 4 + S * H * 4  # + their gradient
+    assert c["ce_buffers_forward"] == N * H * 4 + 2 * rows * Vs * 4 and c["ce_buffers_backward"] == N * H * 4
+    assert f["ce_buffers_forward"] == c["ce_buffers_forward"] + Vs * H * 4
+    assert f["ce_buffers_backward"] == c["ce_buffers_backward"] + Vs * H * 4
+    assert lora["moments"]["layers_backward"] == c["student_activations"] + N * H * 4
+    assert full["moments"]["layers_backward"] == f["student_activations"] + N * H * 4 + Vs * H * 4
+    # logits path (fused_head off): the logits' gradient meets the frozen head; no [V, H] gradient either
+    unfused = plan(load_config(None, [*models, "model.student_lora.r=16", "loss.fused_head=false"]), device="cpu")
+    u = unfused["components"]
+    assert u["student_logits_grad"] == N * Vs * 4
+    assert unfused["moments"]["layers_backward"] == u["student_activations"] + u["student_logits_grad"]
