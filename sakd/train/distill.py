@@ -36,7 +36,7 @@ from sakd.align.mapping import mapping_tables
 from sakd.align.classes import class_tables
 from sakd.align.vocab import build_vocab_map
 from sakd.train import fsdp, objective
-from sakd.train.checkpoint import list_checkpoints, load_latest, save_checkpoint
+from sakd.train.checkpoint import list_checkpoints, load_latest, rng_state, save_checkpoint
 from sakd.config import Config, changed_keys, flatten, parse_duration, to_dict
 from sakd.data.text import Collator, SpanDataset, pad_id, span_data
 from sakd.errors import UserError
@@ -457,13 +457,16 @@ def stop_reason(stop: StopFlag, acc, t_setup: float, max_time: float | None, tc)
 
 
 def save(state: TrainState, ckpt_dir: Path, acc, keep: int) -> None:
-    # every process's own KA stream, in process order (the main process writes the checkpoint alone)
-    ka_states = gather_object([state.ka_gen.get_state()]) if acc.num_processes > 1 else None
+    # every process's own KA stream and global RNG states (its dropout masks, its on-policy draws), in process
+    # order (the main process writes the checkpoint alone)
+    ka_states = rng_states = None
+    if acc.num_processes > 1:
+        ka_states, rng_states = map(list, zip(*gather_object([(state.ka_gen.get_state(), rng_state())])))
     acc.wait_for_everyone()
     if fsdp.is_sharded(acc):  # every process takes part in gathering the full tensors; the main one writes
-        sd = fsdp.gathered(state.state_dict(ka_states), keep=acc.is_main_process)
+        sd = fsdp.gathered(state.state_dict(ka_states, rng_states), keep=acc.is_main_process)
     else:
-        sd = state.state_dict(ka_states) if acc.is_main_process else None
+        sd = state.state_dict(ka_states, rng_states) if acc.is_main_process else None
     if acc.is_main_process:
         save_checkpoint(ckpt_dir, state.step, sd["tensors"], sd["state"], keep)
 

@@ -44,7 +44,8 @@ class TrainState:
     ka_gen: torch.Generator | None = None  # KA's expert draws (on the teacher's device); one stream per process
     order: object = None               # schedule.EpochOrder: the data position is saved, not the order
     data: dict = field(default_factory=dict)  # the data position after THIS step's spans (set by the loop)
-    # (the Python / NumPy / torch / CUDA RNG states are global: saved and restored as "rng")
+    # (the Python / NumPy / torch / CUDA RNG states are global, one set per process: saved as "rng_ranks",
+    # every process's in process order, each process restoring its own; "rng": the main process's)
 
     def _student_tensors(self) -> dict:
         """The student tensors a checkpoint holds: all of them, or, when some parameters are frozen (a LoRA
@@ -58,16 +59,20 @@ class TrainState:
             student = {k: v for k, v in student.items() if k != "lm_head.weight"}
         return student
 
-    def state_dict(self, ka_states: list | None = None) -> dict:
+    def state_dict(self, ka_states: list | None = None, rng_states: list | None = None) -> dict:
         """``ka_states``: every process's KA generator state in process order (under DDP each process draws
-        its own routings, and the loop gathers them before a save); None: this process's only."""
+        its own routings, and the loop gathers them before a save); None: this process's only.
+        ``rng_states``: likewise every process's global RNG states (``checkpoint.rng_state``: dropout masks,
+        on-policy sampling draw from them in each process)."""
+        rng = rng_state()
         tensors = {"student": self._student_tensors()}
         if self.aux is not None and len(list(self.aux.parameters())):
             tensors["aux"] = self.aux.state_dict()
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                 "data": self.data, "rng": rng_state(), "ka_rng": self.ka_gen.get_state(),
+                 "data": self.data, "rng": rng, "rng_ranks": list(rng_states or [rng]),
+                 "ka_rng": self.ka_gen.get_state(),
                  "ka_rng_ranks": ka_states or [self.ka_gen.get_state()],
                  "history": self.history, "evals": self.evals, "counters": self.counters,
                  "teacher_bpb": self.teacher_bpb, "config": self.config, "horizon": self.horizon}
@@ -78,8 +83,8 @@ class TrainState:
         return {"tensors": tensors, "state": state}
 
     def load_state_dict(self, sd: dict, log=print, rank: int = 0) -> None:
-        """Restore everything ``state_dict`` saved; ``rank``: this process's index, whose KA stream it takes
-        back. The student is loaded non-strictly for the tied lm_head only: call ``student_mismatch`` first
+        """Restore everything ``state_dict`` saved; ``rank``: this process's index, whose KA stream and global
+        RNG states it takes back. The student is loaded non-strictly for the tied lm_head only: call ``student_mismatch`` first
         to refuse another architecture with a message."""
         tensors, state = sd["tensors"], sd["state"]
         self.student.load_state_dict(tensors.get("student", {}), strict=False)
@@ -93,7 +98,11 @@ class TrainState:
             self.scaler.load_state_dict(state["scaler"])
         self.order.load(state["data"])
         self.data = dict(state["data"])
-        set_rng_state(state["rng"])
+        rngs = state.get("rng_ranks") or [state["rng"]]  # checkpoints before per-process states: the main one's
+        if rank >= len(rngs):
+            log(f"resume: process {rank} has no RNG states in the checkpoint (written by {len(rngs)} process(es)); "
+                "it takes the main process's")
+        set_rng_state(rngs[rank] if rank < len(rngs) else state["rng"])
         ka_states = state.get("ka_rng_ranks") or [state["ka_rng"]]  # checkpoints before per-process streams: one
         if rank >= len(ka_states):
             log(f"resume: process {rank} has no KA sampling stream in the checkpoint (written by {len(ka_states)} "

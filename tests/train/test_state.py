@@ -121,3 +121,35 @@ def test_resume_accepts_a_checkpoint_from_before_a_key_was_added_at_its_default(
     _check_resume_config("ckpt", saved, to_dict(load_config(None, [])))
     with pytest.raises(UserError, match="loss.baseline"):
         _check_resume_config("ckpt", saved, to_dict(load_config(None, ["loss.baseline=uld"])))
+
+
+def test_each_process_takes_back_its_own_global_rng_states(tmp_path):
+    """Under DDP/FSDP the loop gathers every process's Python / NumPy / torch RNG states (``rng_ranks``); on
+    resume process r restores entry r. A checkpoint of fewer processes (or from before ``rng_ranks``: only
+    the main process's ``rng``) gives the main process's states to the others."""
+    from sakd.train.checkpoint import rng_state
+
+    a = _state(0)
+    a.data = a.order.state()
+    ranks = []
+    for seed in (3, 4):  # two processes' states
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+        ranks.append(rng_state())
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)  # the main process saves: its own states
+    sd = a.state_dict(ka_states=[a.ka_gen.get_state()] * 2, rng_states=ranks)
+    save_checkpoint(tmp_path, 0, sd["tensors"], sd["state"], keep=1)
+    tensors, state = load_checkpoint(tmp_path / "step-000000")
+
+    def draws_after_load(state, rank):
+        random.seed(9), np.random.seed(9), torch.manual_seed(9)
+        _state(1).load_state_dict({"tensors": tensors, "state": state}, log=lambda *_: None, rank=rank)
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    def draws_of(seed):
+        random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+        return random.random(), float(np.random.rand()), float(torch.rand(()))
+
+    assert draws_after_load(state, 0) == draws_of(3) and draws_after_load(state, 1) == draws_of(4)
+    assert draws_after_load(state, 2) == draws_of(3)  # a third process: the main one's
+    old = {k: v for k, v in state.items() if k != "rng_ranks"}  # the format before per-process states
+    assert draws_after_load(old, 0) == draws_after_load(old, 1) == draws_of(3)

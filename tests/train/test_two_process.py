@@ -222,3 +222,29 @@ def test_two_process_ka_resume_is_exact(ka_run, tiny_assets, tmp_path):
     w_resumed = load_file(str(out / "student" / "model.safetensors"))
     for k in w_full:
         assert torch.equal(w_resumed[k], w_full[k]), f"{k}: max |diff| {(w_resumed[k] - w_full[k]).abs().max():.3e}"
+
+
+@pytest.mark.slow
+def test_two_process_resume_with_student_dropout_is_exact(tiny_assets, tmp_path):
+    """The student's attention dropout draws its masks from the global torch RNG, in every process. Resumed at
+    step 1, each process takes back ITS OWN Python / NumPy / torch RNG states, so the resumed run draws the
+    masks that the uninterrupted run drew after step 1 and trains the same student, bit for bit."""
+    assets = _assets(str(tiny_assets["dir"].resolve()))
+    student = tmp_path / "student"
+    shutil.copytree(assets["student"], student)
+    config = json.loads((student / "config.json").read_text())
+    (student / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.25}))
+    assets["student"] = student
+    over = {**COMMON, "train.max_steps": 3, "train.batch_size": 2, "train.save_every": 1, "train.keep_checkpoints": 3}
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    _check_launch(_launch(2, assets, full, over))
+    # the two processes' torch RNG states differ at the checkpoint (each drew masks for its own spans): the
+    # main process's restored everywhere would not do
+    ranks = torch.load(full / "checkpoints" / "step-000001" / "state.pt", weights_only=False)["rng_ranks"]
+    assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
+    shutil.copytree(full / "checkpoints" / "step-000001", resumed / "checkpoints" / "step-000001")
+    _check_launch(_launch(2, assets, resumed, over, "--resume"))
+    w_full = load_file(str(full / "student" / "model.safetensors"))
+    w_resumed = load_file(str(resumed / "student" / "model.safetensors"))
+    for k in w_full:
+        assert torch.equal(w_resumed[k], w_full[k]), f"{k}: max |diff| {(w_resumed[k] - w_full[k]).abs().max():.3e}"
