@@ -12,31 +12,20 @@ from sakd.data.text import span_data
 from sakd.teacher_cache import manifest as tm
 from sakd.teacher_cache import reader as tc
 from sakd.teacher_cache.builder import build_cache
-from sakd.config import load_config
 from sakd.data.text import Collator, pad_id
 from sakd.errors import UserError
 from sakd.losses.cached import cached_chunk_likelihood, cached_shared_kd
 from sakd.losses.crosstok import chunk_likelihood_loss, one_to_one_positions, shared_vocab_kd
 from sakd.models.load import load_teacher
-from tests.conftest import tiny_overrides
-
-T = 2.0  # a KD temperature != 1, so that T reaching the wrong quantity would show
-QUIET = dict(log=lambda *_: None)
-
-
-def _cfg(assets, out, **extra):
-    return load_config(None, tiny_overrides(assets, out, **{"loss.temperature": T, **extra}))
+from tests.teacher_cache.tiny_cache import QUIET, T, build_tiny_cache
+from tests.teacher_cache.tiny_cache import cache_cfg as _cfg
 
 
 @pytest.fixture(scope="module")
 def built(tiny_assets, tmp_path_factory):
     """k=64, packed, several shards (small shard_spans) so that shard boundaries are crossed."""
-    d = tmp_path_factory.mktemp("cache")
-    cfg = _cfg(tiny_assets, d / "run")
-    manifest = build_cache(cfg, d / "c64", k=64, shard_spans=12, **QUIET)
-    data = span_data(cfg, **QUIET)
-    teacher = load_teacher(str(tiny_assets["teacher"]), torch.device("cpu"), "float32")
-    return {"cfg": cfg, "dir": d / "c64", "manifest": manifest, "data": data, "teacher": teacher}
+    built = build_tiny_cache(tiny_assets, tmp_path_factory.mktemp("cache"), "c64", k=64, shard_spans=12)
+    return {**built, "teacher": load_teacher(str(tiny_assets["teacher"]), torch.device("cpu"), "float32")}
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ the packed codec round-trips its ids exactly."""
 
 import filecmp
 import json
-import os
 import random
 import signal
 import subprocess
@@ -23,14 +22,11 @@ from sakd.teacher_cache.codec import decode_packed, encode_packed
 from sakd.config import load_config
 from sakd.errors import UserError
 from tests.conftest import ROOT, tiny_overrides
-from tests.train.test_two_process import accelerate_launch
+from tests.train.process_runs import accelerate_launch
+from tests.train.process_runs import launch_env as _env
 
 QUIET = dict(log=lambda *_: None)
 EXTRA = {"data.max_examples": 96, "loss.temperature": 2.0}
-
-
-def _env() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
 
 
 def _cli(tiny_assets, tmp_path, out, *flags, launch=()):

@@ -11,28 +11,20 @@ import sys
 import pytest
 import torch
 
-from sakd.config import load_config
-from sakd.data.text import Collator, pad_id, span_data
+from sakd.data.text import Collator, pad_id
 from sakd.models.load import load_teacher
 from sakd.teacher_cache import sampled
 from sakd.teacher_cache.builder import build_cache
 from sakd.teacher_cache.reader import TeacherCache
-from tests.conftest import ROOT, tiny_overrides
-
-T = 2.0
-QUIET = dict(log=lambda *_: None)
-
-
-def _cfg(assets, out, **extra):
-    return load_config(None, tiny_overrides(assets, out, **{"loss.temperature": T, **extra}))
+from tests.conftest import ROOT
+from tests.teacher_cache.tiny_cache import QUIET, T, build_tiny_cache
+from tests.teacher_cache.tiny_cache import cache_cfg as _cfg
 
 
 @pytest.fixture(scope="module")
 def built(tiny_assets, tmp_path_factory):
     d = tmp_path_factory.mktemp("sampled")
-    cfg = _cfg(tiny_assets, d / "run")
-    m = build_cache(cfg, d / "s", codec="sampled", shard_spans=12, **QUIET)
-    return {"cfg": cfg, "dir": d / "s", "manifest": m, "data": span_data(cfg, **QUIET), "d": d}
+    return {**build_tiny_cache(tiny_assets, d, "s", codec="sampled", shard_spans=12), "d": d}
 
 
 def test_entries_round_trip():

@@ -33,7 +33,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, tiny_overrides
-from tests.train.test_two_process import COMMON, STEPS, _env, accelerate_launch
+from tests.train.process_runs import (COMMON, STEPS, accelerate_launch, assert_logged_close, assert_same_students,
+                                      assets_in, launch_env, student_weights)
 
 EXACT = {**COMMON, "train.save_every": 1, "train.keep_checkpoints": STEPS}
 FSDP = {"train.distributed": "fsdp", "train.batch_size": 2}
@@ -45,16 +46,14 @@ def _distill(assets, out: Path, processes: int, *flags, **extra) -> subprocess.C
     head = [sys.executable] if processes == 1 else [*accelerate_launch(processes)]
     r = subprocess.run([*head, "-m", "sakd.cli", "distill", "--no-progress", *flags,
                         *tiny_overrides(assets, out, **EXACT, **extra)],
-                       capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=900)
+                       capture_output=True, text=True, cwd=ROOT, env=launch_env(), timeout=900)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-4000:])
     return r
 
 
 @functools.lru_cache(maxsize=None)
 def _runs(assets_dir: str, base: str) -> dict:
-    assets = {k: Path(assets_dir) / v for k, v in {"train": "train.txt", "heldout": "heldout.txt",
-                                                    "teacher": "teacher", "student": "student"}.items()}
-    base = Path(base)
+    assets, base = assets_in(assets_dir), Path(base)
     one = _distill(assets, base / "one", 1, **{"train.batch_size": 4})
     two = _distill(assets, base / "fsdp", 2, **FSDP)
     # resume: a fresh run folder holding only the FSDP run's checkpoint of step RESUME_AT
@@ -89,20 +88,12 @@ def test_the_student_is_sharded_in_two(runs):
 @pytest.mark.slow
 def test_fsdp_trains_the_same_student_as_one_process(runs):
     one, two = runs["one"][1], runs["fsdp"][1]
-    w1 = load_file(str(one / "student" / "model.safetensors"))
-    w2 = load_file(str(two / "student" / "model.safetensors"))
-    assert w1.keys() == w2.keys()
-    for k in w1:  # tolerance: see the module docstring
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=5e-6, msg=k)
-    h1, h2 = _history(one), _history(two)
-    assert len(h1) == len(h2) == STEPS
+    assert_same_students(one, two, rtol=1e-5, atol=5e-6)  # tolerance: see the module docstring
+    h1 = _history(one)
+    assert len(h1) == STEPS
     # after the reduce-scatter: global quantities, comparable step by step (AdamW would hide a constant factor
     # on the gradient, the gradient norm does not)
-    for key in ("grad_norm", "kd", "ce", "hidden"):
-        a = torch.tensor([h[key] for h in h1], dtype=torch.float64)
-        b = torch.tensor([h[key] for h in h2], dtype=torch.float64)
-        assert a.abs().min() > 0, key
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=0, msg=key)
+    assert_logged_close(h1, _history(two), ("grad_norm", "kd", "ce", "hidden"), rtol=1e-5)
     # the export is an ordinary Hugging Face folder: the model's own class, not FSDP's wrapper class
     arch = json.loads((two / "student" / "config.json").read_text())["architectures"]
     assert arch == json.loads((one / "student" / "config.json").read_text())["architectures"]
@@ -110,8 +101,7 @@ def test_fsdp_trains_the_same_student_as_one_process(runs):
 
 @pytest.mark.slow
 def test_the_training_moved_far_more_than_the_tolerance(runs, tiny_assets):
-    init = load_file(str(tiny_assets["student"] / "model.safetensors"))
-    w = load_file(str(runs["fsdp"][1] / "student" / "model.safetensors"))
+    init, w = student_weights(tiny_assets["dir"]), student_weights(runs["fsdp"][1])
     assert max(float((w[k] - init[k]).abs().max()) for k in w) > 1e-3  # 200 x atol
 
 
@@ -140,11 +130,7 @@ def test_checkpoints_hold_full_tensors_in_the_one_process_format(runs):
 def test_resume_from_an_fsdp_checkpoint_is_bitwise_exact(runs):
     full, resumed = runs["fsdp"][1], runs["resumed"][1]
     assert f"resume: continuing from step-{RESUME_AT:06d} (step {RESUME_AT})" in runs["resumed"][0].stdout
-    wa = load_file(str(full / "student" / "model.safetensors"))
-    wb = load_file(str(resumed / "student" / "model.safetensors"))
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), f"{k}: max |diff| {(wa[k] - wb[k]).abs().max():.3e}"
+    assert_same_students(full, resumed)
     ha, hb = _history(full), _history(resumed)
     assert [h["step"] for h in hb] == list(range(1, STEPS + 1)) and ha == hb
     ca = load_file(str(full / "checkpoints" / f"step-{STEPS:06d}" / "aux.safetensors"))
@@ -187,7 +173,5 @@ def test_a_time_limit_stops_every_process_and_the_resume_is_exact(runs, tiny_ass
     assert len(json.loads((out / "history.json").read_text())["history"]) == 1
     again = _distill(tiny_assets, out, 2, "--resume", **FSDP)
     assert "resume: continuing from step-000001 (step 1)" in again.stdout
-    wa = load_file(str(runs["fsdp"][1] / "student" / "model.safetensors"))
-    wb = load_file(str(out / "student" / "model.safetensors"))
-    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert_same_students(runs["fsdp"][1], out)
     assert _history(runs["fsdp"][1]) == _history(out)

@@ -6,62 +6,32 @@ of the same seeded permutation, so the two processes together see the 4 examples
 loss terms are divided by GLOBAL target counts (all-reduced before the forward) and the loss is multiplied
 by the number of processes, so DDP's gradient mean equals the single process's gradient.
 
-Launch note (accelerate 1.15): `accelerate launch --cpu --num_processes 2` starts ONE process (its
---cpu path is the single-process launcher unless an MPI hostfile is given). Several CPU processes are
-started with `--multi_gpu` on a machine without GPUs (torchrun underneath; sakd picks gloo on CPU).
-The test checks the log says "2 process(es)".
+Several CPU processes are started with `accelerate launch --multi_gpu` (not --cpu: see
+tests/train/process_runs.py). The test checks the log says "2 process(es)".
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from tests.conftest import ROOT, tiny_overrides
-
-STEPS = 5
-# the hidden-state projectors (trainable, outside the student) take part: their gradients must be
-# averaged across processes too
-COMMON = {"train.max_steps": STEPS, "train.deterministic": "true", "loss.ce_weight": 0.5, "loss.hidden.weight": 0.5}
+from tests.train.process_runs import (COMMON, STEPS, accelerate_launch, assert_logged_close, assert_same_students,
+                                      assets_in, launch_env, student_weights)
 
 
 class LaunchFailed(AssertionError):
     pass
 
 
-def _env() -> dict:
-    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def accelerate_launch(n: int) -> list[str]:
-    exe = Path(sys.executable).with_name("accelerate")
-    head = [str(exe)] if exe.exists() else [sys.executable, "-m", "accelerate.commands.accelerate_cli"]
-    return [*head, "launch", "--multi_gpu", "--num_processes", str(n), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port())]
-
-
 PROBE = [sys.executable, "-m", "tests.train.distill_probe"]  # sakd.cli, recording KA draws and counts per rank
-
-
-def _assets(assets_dir: str) -> dict:
-    return {k: Path(assets_dir) / v for k, v in {"train": "train.txt", "heldout": "heldout.txt",
-                                                 "teacher": "teacher", "student": "student"}.items()}
 
 
 def _launch(n: int, assets: dict, out: Path, overrides: dict, *flags: str) -> subprocess.CompletedProcess:
@@ -69,7 +39,7 @@ def _launch(n: int, assets: dict, out: Path, overrides: dict, *flags: str) -> su
     head = PROBE if n == 1 else [*accelerate_launch(n), "-m", "tests.train.distill_probe"]
     return subprocess.run([*head, "distill", "--no-progress", *flags, *tiny_overrides(assets, out, **overrides)],
                           capture_output=True, text=True, cwd=ROOT, timeout=600,
-                          env=dict(_env(), SAKD_PROBE_DIR=str(out.with_suffix(".probe"))))
+                          env=dict(launch_env(), SAKD_PROBE_DIR=str(out.with_suffix(".probe"))))
 
 
 def probe(out: Path, rank: int = 0) -> dict:
@@ -79,7 +49,7 @@ def probe(out: Path, rank: int = 0) -> dict:
 @functools.lru_cache(maxsize=None)
 def _runs(assets_dir: str, out_dir: str, extra: tuple = ()) -> dict:
     """Both runs, once per session (the tests below read different things from them)."""
-    assets, out = _assets(assets_dir), Path(out_dir)
+    assets, out = assets_in(assets_dir), Path(out_dir)
     one = _launch(1, assets, out / "one", {**COMMON, **dict(extra), "train.batch_size": 4})
     two = _launch(2, assets, out / "two", {**COMMON, **dict(extra), "train.batch_size": 2})
     return {"one": (one, out / "one"), "two": (two, out / "two")}
@@ -118,18 +88,13 @@ SAR = (("moe.mode", "sar"), ("moe.balance_coef", 0.0), ("moe.router_lr", 1e-2))
 @pytest.mark.slow
 def test_two_processes_take_the_same_router_steps_as_one(tiny_assets, tmp_path_factory):
     r = _checked_runs(tiny_assets, tmp_path_factory, "two_process_sar", SAR)
-    h1, h2 = _history(r["one"][1]), _history(r["two"][1])
-    for key in ("sar_grad_norm", "grad_norm"):  # gradient norms after averaging: global quantities
-        a = torch.tensor([h[key] for h in h1], dtype=torch.float64)
-        b = torch.tensor([h[key] for h in h2], dtype=torch.float64)
-        assert len(a) == STEPS and a.abs().min() > 0
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=0, msg=key)
-    w1 = load_file(str(r["one"][1] / "student" / "model.safetensors"))
-    w2 = load_file(str(r["two"][1] / "student" / "model.safetensors"))
+    h1 = _history(r["one"][1])
+    assert len(h1) == STEPS
+    # gradient norms after averaging: global quantities
+    assert_logged_close(h1, _history(r["two"][1]), ("sar_grad_norm", "grad_norm"), rtol=1e-4)
     # The student learns from the router-updated teacher: identical teachers, identical students. atol 1e-5:
     # AdamW turns float-order noise in near-zero gradient entries into ~1e-6 differences; the updates are ~1e-3.
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-4, atol=1e-5, msg=k)
+    assert_same_students(r["one"][1], r["two"][1], rtol=1e-4, atol=1e-5)
 
 
 def _history(out: Path) -> list[dict]:
@@ -139,41 +104,32 @@ def _history(out: Path) -> list[dict]:
 @pytest.mark.slow
 def test_two_processes_train_the_same_student_as_one(runs):
     one, two = runs["one"][1], runs["two"][1]
-    w1 = load_file(str(one / "student" / "model.safetensors"))
-    w2 = load_file(str(two / "student" / "model.safetensors"))
-    assert w1.keys() == w2.keys()
-    for k in w1:
-        # atol 5e-6 is rounding noise, measured (issue 21): the normalisers are the one-process counts exactly
+    # atol 5e-6 is rounding noise, measured (issue 21): the normalisers are the one-process counts exactly
         # (test below) and the gradient norms agree to 1e-7 at every step, but Adam divides each entry by its
         # own RMS, so an entry whose gradient sums cancelling contributions turns float32 summation-order
         # noise into a visible update. One entry (layers.1.mlp.gate_proj) moves most in every comparison:
         # 1 process vs 2: 2.9e-6; 1 process vs the same 1 process at batch 2 x accumulation 2 (the same
         # arithmetic, other shapes): 1.5e-6; that run vs 2 processes: 1.4e-6; 1 process vs its rows reversed
-        # 3e-7 (tests/train/distill_probe.py, SAKD_PROBE_REVERSE_ROWS). The updates are ~1e-3 (see below).
-        torch.testing.assert_close(w2[k], w1[k], rtol=1e-5, atol=5e-6, msg=k)
+    # 3e-7 (tests/train/distill_probe.py, SAKD_PROBE_REVERSE_ROWS). The updates are ~1e-3 (see below).
+    assert_same_students(one, two, rtol=1e-5, atol=5e-6)
     # the gradient norm is computed after DDP's all-reduce: a global quantity, comparable step by step,
     # and sensitive to the normalisation (AdamW would hide a constant factor on the gradient)
-    g1 = torch.tensor([h["grad_norm"] for h in _history(one)], dtype=torch.float64)
-    g2 = torch.tensor([h["grad_norm"] for h in _history(two)], dtype=torch.float64)
-    assert len(g1) == STEPS
-    torch.testing.assert_close(g2, g1, rtol=1e-5, atol=0)
+    h1 = _history(one)
+    assert len(h1) == STEPS
+    assert_logged_close(h1, _history(two), ("grad_norm",), rtol=1e-5)
 
 
 @pytest.mark.slow
 def test_the_training_moved_far_more_than_the_tolerance(runs, tiny_assets):
-    init = load_file(str(tiny_assets["student"] / "model.safetensors"))
-    w1 = load_file(str(runs["one"][1] / "student" / "model.safetensors"))
+    init = student_weights(tiny_assets["dir"])
+    w1 = student_weights(runs["one"][1])
     moved = max(float((w1[k] - init[k]).abs().max()) for k in w1)
     assert moved > 1e-3  # 1000 x atol: the comparison above is not between two untrained students
 
 
 @pytest.mark.slow
 def test_logged_loss_terms_are_global_values(runs):
-    h1, h2 = _history(runs["one"][1]), _history(runs["two"][1])
-    for term in ("kd", "ce", "hidden"):
-        a = torch.tensor([h[term] for h in h1], dtype=torch.float64)
-        b = torch.tensor([h[term] for h in h2], dtype=torch.float64)
-        torch.testing.assert_close(b, a, rtol=1e-5, atol=0, msg=term)
+    assert_logged_close(_history(runs["one"][1]), _history(runs["two"][1]), ("kd", "ce", "hidden"), rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -195,7 +151,7 @@ KA = {**COMMON, "moe.mode": "ka", "moe.sample_prob": 0.5, "train.batch_size": 2,
 @pytest.fixture(scope="module")
 def ka_run(tiny_assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("two_process_ka") / "full"
-    _check_launch(_launch(2, _assets(str(tiny_assets["dir"].resolve())), out, KA))
+    _check_launch(_launch(2, assets_in(str(tiny_assets["dir"].resolve())), out, KA))
     return out
 
 
@@ -214,14 +170,11 @@ def test_two_process_ka_resume_is_exact(ka_run, tiny_assets, tmp_path):
     the resumed run draws what the full run drew after step 2 and trains the same student, bit for bit."""
     out = tmp_path / "resumed"
     shutil.copytree(ka_run / "checkpoints" / "step-000002", out / "checkpoints" / "step-000002")
-    _check_launch(_launch(2, _assets(str(tiny_assets["dir"].resolve())), out, KA, "--resume"))
+    _check_launch(_launch(2, assets_in(str(tiny_assets["dir"].resolve())), out, KA, "--resume"))
     for rank in (0, 1):
         full, resumed = probe(ka_run, rank)["ka_states"], probe(out, rank)["ka_states"]
         assert 0 < len(resumed) < len(full) and resumed == full[len(full) - len(resumed):], rank
-    w_full = load_file(str(ka_run / "student" / "model.safetensors"))
-    w_resumed = load_file(str(out / "student" / "model.safetensors"))
-    for k in w_full:
-        assert torch.equal(w_resumed[k], w_full[k]), f"{k}: max |diff| {(w_resumed[k] - w_full[k]).abs().max():.3e}"
+    assert_same_students(ka_run, out)
 
 
 @pytest.mark.slow
@@ -229,7 +182,7 @@ def test_two_process_resume_with_student_dropout_is_exact(tiny_assets, tmp_path)
     """The student's attention dropout draws its masks from the global torch RNG, in every process. Resumed at
     step 1, each process takes back ITS OWN Python / NumPy / torch RNG states, so the resumed run draws the
     masks that the uninterrupted run drew after step 1 and trains the same student, bit for bit."""
-    assets = _assets(str(tiny_assets["dir"].resolve()))
+    assets = assets_in(str(tiny_assets["dir"].resolve()))
     student = tmp_path / "student"
     shutil.copytree(assets["student"], student)
     config = json.loads((student / "config.json").read_text())
@@ -244,7 +197,4 @@ def test_two_process_resume_with_student_dropout_is_exact(tiny_assets, tmp_path)
     assert len(ranks) == 2 and not torch.equal(ranks[0]["torch"], ranks[1]["torch"])
     shutil.copytree(full / "checkpoints" / "step-000001", resumed / "checkpoints" / "step-000001")
     _check_launch(_launch(2, assets, resumed, over, "--resume"))
-    w_full = load_file(str(full / "student" / "model.safetensors"))
-    w_resumed = load_file(str(resumed / "student" / "model.safetensors"))
-    for k in w_full:
-        assert torch.equal(w_resumed[k], w_full[k]), f"{k}: max |diff| {(w_resumed[k] - w_full[k]).abs().max():.3e}"
+    assert_same_students(full, resumed)
