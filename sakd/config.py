@@ -209,7 +209,8 @@ class TrainConfig:
     output_dir: str = F("runs/sakd", "Run folder: checkpoints, logs, report, the exported student.")
     push_to_hub: Optional[str] = F(None, "At the end of the run, upload the exported student (weights, tokenizer, "
                                    "model card) to this hub repo id, e.g. me/my-student (needs HF_TOKEN; checked "
-                                   "before training starts). Same as `sakd push RUN_DIR REPO_ID` afterwards.")
+                                   "before training starts; with eval.ce_only_baseline: after the CE-only run, its "
+                                   "number in the card). Same as `sakd push RUN_DIR REPO_ID` afterwards.")
     push_private: bool = F(False, "With train.push_to_hub: create the repo private.")
     max_time: Optional[str] = F(None, "Stop cleanly (checkpoint, exit) after this long, e.g. 8h45m, 90m, 3600s.")
     nonfinite_teacher: str = F("recompute", "When the teacher's logits or hidden states are not finite (fp16 "
