@@ -19,6 +19,9 @@ seed = same data order) over ``ce`` and over ``shared_kl`` (mean, std, standard 
     python benchmarks/quality_real.py --work-dir /tmp/qr                         # the table (quality_real.json)
     python benchmarks/quality_real.py --work-dir /tmp/qr --pilot                 # spread for sizing the seeds
     python benchmarks/quality_real.py --work-dir /tmp/qr --seeds 2 --methods ce shared_kl --weights 1 --out /tmp/q.json
+    # 15 seeds for the headline rows only (ce, shared_kl and projected_kl at their chosen weights):
+    python benchmarks/quality_real.py --work-dir /tmp/qr --seeds 15 --weights 1 2 4 \
+        --grid-methods shared_kl mapped_kl projected_kl --later-seeds-only ce shared_kl projected_kl
 """
 
 from __future__ import annotations
@@ -275,6 +278,9 @@ def parse(argv):
                    help="the KD methods whose weight the grid chooses (the others run at kd_weight 1)")
     p.add_argument("--jobs", type=int, default=2, help="runs at once, each with --threads torch threads")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--later-seeds-only", nargs="+", choices=list(METHODS), metavar="METHOD",
+                   help="seeds past the grid seeds run only these methods, at their chosen kd_weight (the other "
+                        "rows keep the grid seeds): more seeds where the headline comparison needs them")
     p.add_argument("--pilot", action="store_true", help="ce, shared_kl, mapped_kl at kd_weight 1 over --seeds: the "
                    "spread of the paired differences and the seeds it asks for (quality_real_pilot.json)")
     p.add_argument("--target-se", type=float, default=0.4, help="percent: the paired standard error to size for")
@@ -327,6 +333,9 @@ def main(argv=None) -> int:
         task(m, w, s) for m in kd_methods for w in (weights if m in a.grid_methods else [1.0])]])
     selection = choose_weights(runs, [m for m in kd_methods if m in a.grid_methods], weights, grid_seeds)
     final = {("ce", 0.0)} | {(m, 1.0) for m in kd_methods} | {(m, w) for m, w in selection["chosen"].items()}
+    if a.later_seeds_only:
+        final = {("ce", 0.0)} | {(m, w) for m, w in selection["chosen"].items()}
+        final = {(m, w) for m, w in final if m in a.later_seeds_only}
     runs += execute([task(m, w, s) for s in seeds if s not in grid_seeds for m, w in sorted(final)])
     rows = [("ce", 0.0, "ce (cross-entropy only)")]
     for m in kd_methods:
