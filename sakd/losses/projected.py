@@ -92,13 +92,15 @@ def _split_rows(smap: torch.Tensor, tj: torch.Tensor, has_mass: torch.Tensor) ->
     return ((smap[tj] != tj) & has_mass).nonzero().squeeze(1)
 
 
-def _student_buckets(s, T, moved, tj, e):
-    """q [n, V], q̄ [n, V + 1] (column V: tokens without a class; column t_j of a split row: {t_j}). A token
-    that is its own class's label is its own column: only the ``moved`` columns (ClassTables.moved_columns)
-    are summed into their labels' columns and zeroed."""
+def _student_buckets(s, T, moved, tj, e, spare: int = 1):
+    """q [n, V], q̄ [n, V + spare] (column V: tokens without a class; column t_j of a split row: {t_j}; columns
+    past V: 0). A token that is its own class's label is its own column: only the ``moved`` columns
+    (ClassTables.moved_columns) are summed into their labels' columns and zeroed. ``s``: a row block that
+    RowBlockLoss gathered or computed (a fresh tensor, never the caller's): its softmax is taken in place."""
     cols, dest, where = moved
+    s._owned = True
     q = softmax32(s, T)
-    qb = torch.nn.functional.pad(q, (0, 1))
+    qb = torch.nn.functional.pad(q, (0, spare))
     qn = q.index_select(1, cols)
     qn[e, where[tj[e]]] = 0                      # a split row's t_j stays its own bucket
     qb.index_add_(1, dest, qn)
@@ -213,9 +215,8 @@ def projected_kd(s_logits: torch.Tensor, t_logits, batch, tables: MappingTables,
             terms, ratio = _pass_terms(P, qb, smap, tj, e)
             del P
             term = terms.sum(-1).mul_(w)
-            ratio.mul_(w[:, None])
             loss = term if loss is None else loss.add_(term)
-            ratio_sum = ratio if ratio_sum is None else ratio_sum.add_(ratio)
+            ratio_sum = ratio.mul_(w[:, None]) if ratio_sum is None else ratio_sum.addcmul_(ratio, w[:, None])
             w_sum = w if w_sum is None else w_sum + w
         rows_out[idx_s] = loss.detach()
         g = _grad(q, ratio_sum, w_sum, moved, tj, e) if need[0] else None
@@ -268,11 +269,9 @@ def cached_projected_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables
         hit = (c < vs) & (p_hit > 0)
         cc = torch.where(hit, c, torch.full_like(c, vs + 1))           # misses: a scratch column past the buckets
         e = _split_rows(smap, tj, ((cc == tj[:, None]) & hit).any(1))
-        q, qb = _student_buckets(s, T, moved, tj, e)
-        qb = torch.nn.functional.pad(qb, (0, 1))                       # [n, vs + 2]
-        hit_mask = torch.zeros_like(qb, dtype=torch.bool).scatter_(1, cc, hit)
+        q, qb = _student_buckets(s, T, moved, tj, e, spare=2)         # [n, vs + 2]
         q_hit = qb.gather(1, cc)
-        q_rest = (qb * ~hit_mask).sum(1)
+        q_rest = qb.scatter_(1, cc, 0.0).sum(1)                        # q̄ off the hit buckets (hits distinct)
         p_rest = lr.exp()
         d_hit = (lq - q_hit.log()).masked_fill_(~hit, 0.0)
         # Every student bucket hit (q_rest = 0): the candidates outside the top-k land on hit labels, and a
@@ -283,10 +282,10 @@ def cached_projected_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables
         rows_out[idx] = loss.detach()
         g = None
         if need[0]:
-            rest_ratio = torch.where(p_rest > 0, p_rest / q_rest, torch.zeros_like(p_rest))
-            ratio = rest_ratio[:, None].expand_as(qb).clone()
-            ratio.scatter_(1, cc, torch.where(hit, p_hit / q_hit, torch.zeros_like(p_hit)))
-            g = _grad(q, ratio[:, :vs + 1].mul_(w[:, None]), w, moved, tj, e)
+            rest_ratio = torch.where(p_rest > 0, p_rest / q_rest, torch.zeros_like(p_rest)) * w
+            ratio = rest_ratio[:, None].expand_as(qb).clone()               # w P(B) / q̄(B) per bucket column
+            ratio.scatter_(1, cc, torch.where(hit, p_hit / q_hit, torch.zeros_like(p_hit)) * w[:, None])
+            g = _grad(q, ratio, w, moved, tj, e)
         return loss, (g, None, None, None, None)
 
     s_rows = (pos.b * Ls + pos.j - 1).to(dev)
