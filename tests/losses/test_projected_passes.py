@@ -88,3 +88,24 @@ def test_one_pass_in_a_list_is_the_one_pass_call(pair):
     a, n_a = projected_kd(s, [t1], batch, tables, classes, t_vocab_size=vt)
     b, n_b = projected_kd(s, t1, batch, tables, classes, t_vocab_size=vt)
     assert int(n_a) == int(n_b) and float(a) == float(b)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_passes_from_the_teacher_hidden_state_equal_those_from_its_logits(pair, temperature):
+    """``t_head_weight``: the teacher's last hidden states and output layer (the target multiplies out its rows
+    as columns, sakd/losses/mapped.py ``column_exp``) give the loss and gradient of the logits h @ W.T."""
+    s_tok, t_tok, tables, classes = pair
+    batch = _batch(s_tok, t_tok)
+    vs, vt = len(s_tok), len(t_tok)
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(vt + 2, 16, generator=g)                       # 2 padding columns past the tokenizer
+    hs = [torch.randn(*batch["t_ids"].shape, 16, generator=g) for _ in range(2)]
+    s = _logits(batch, "s", vs, 0).requires_grad_()
+    a, _ = projected_kd(s, hs, batch, tables, classes, t_vocab_size=vt, t_head_weight=w, temperature=temperature,
+                        chunk_rows=6)
+    g_a, = torch.autograd.grad(a, s)
+    b, _ = projected_kd(s, [h @ w.T for h in hs], batch, tables, classes, t_vocab_size=vt, temperature=temperature,
+                        chunk_rows=6)
+    g_b, = torch.autograd.grad(b, s)
+    assert math.isclose(float(a.detach()), float(b.detach()), rel_tol=1e-6)
+    torch.testing.assert_close(g_a, g_b, rtol=1e-5, atol=1e-7)
