@@ -92,13 +92,15 @@ def _split_rows(smap: torch.Tensor, tj: torch.Tensor, has_mass: torch.Tensor) ->
     return ((smap[tj] != tj) & has_mass).nonzero().squeeze(1)
 
 
-def _student_buckets(s, T, moved, tj, e):
-    """q [n, V], q̄ [n, V + 1] (column V: tokens without a class; column t_j of a split row: {t_j}). A token
-    that is its own class's label is its own column: only the ``moved`` columns (ClassTables.moved_columns)
-    are summed into their labels' columns and zeroed."""
+def _student_buckets(s, T, moved, tj, e, spare: int = 1):
+    """q [n, V], q̄ [n, V + spare] (column V: tokens without a class; column t_j of a split row: {t_j}; columns
+    past V: 0). A token that is its own class's label is its own column: only the ``moved`` columns
+    (ClassTables.moved_columns) are summed into their labels' columns and zeroed. ``s``: a row block that
+    RowBlockLoss gathered or computed (a fresh tensor, never the caller's): its softmax is taken in place."""
     cols, dest, where = moved
+    s._owned = True
     q = softmax32(s, T)
-    qb = torch.nn.functional.pad(q, (0, 1))
+    qb = torch.nn.functional.pad(q, (0, spare))
     qn = q.index_select(1, cols)
     qn[e, where[tj[e]]] = 0                      # a split row's t_j stays its own bucket
     qb.index_add_(1, dest, qn)
@@ -107,13 +109,36 @@ def _student_buckets(s, T, moved, tj, e):
     return q, qb
 
 
-def _grad(q, ratio, moved, tj, e):
-    """q(u) (1 - ratio[B(u)]): ratio = P(B) / q̄(B) per bucket column."""
+def _grad(q, ratio, w, moved, tj, e):
+    """q(u) (w - ratio[B(u)]) per token, in place in q: ``ratio`` [n, V + 1] per bucket column (Σ_m w_m P_m(B) /
+    q̄(B) over the passes, the weights already in), ``w`` [n] (Σ_m w_m)."""
     cols, dest, _ = moved
-    r = ratio[:, :q.shape[1]].clone()
-    r[:, cols] = ratio.index_select(1, dest)
-    r[e, tj[e]] = ratio[e, tj[e]]
-    return q.sub_(r.mul_(q))
+    r = torch.sub(w[:, None], ratio[:, :q.shape[1]])
+    r[:, cols] = w[:, None] - ratio.index_select(1, dest)
+    r[e, tj[e]] = w[e] - ratio[e, tj[e]]
+    return q.mul_(r)
+
+
+def _pass_terms(P, qb, smap, tj, e):
+    """One pass's (terms [n, V + 1]: P log(P / q̄) per bucket column, ratio [n, V + 1]: P / q̄), q̄ with every
+    row of ``e`` split (t_j its own bucket). Where this pass gives t_j no mass, t_j is in its class's bucket
+    c = cls(t_j) for this pass: both columns then read P(c) / (q̄(c) + q(t_j)) (no host read: a ``where``)."""
+    tiny = torch.finfo(qb.dtype).tiny
+    ratio = P / qb                                    # P / q̄ per bucket: 0 where P = 0
+    # Σ_B P log(P / q̄) from the gradient's ratio: P log(max(ratio, tiny)) is 0 where P = 0 (buckets the
+    # teacher gives nothing, empty label columns) without a log of zero (torch's log is slow there), and
+    # one log instead of two xlogy (3x slower than log + multiply on CPU)
+    terms = ratio.clamp_min(tiny).log_().mul_(P)
+    if e.numel():
+        t, c = tj[e], smap[tj[e]]
+        own = P[e, t] > 0
+        pc = P[e, c]
+        merged = pc / (qb[e, c] + qb[e, t])
+        ratio_c = torch.where(own, ratio[e, c], merged)
+        terms[e, c] = torch.where(own, terms[e, c], merged.clamp_min(tiny).log().mul_(pc))
+        ratio[e, t] = torch.where(own, ratio[e, t], merged)
+        ratio[e, c] = ratio_c
+    return terms, ratio
 
 
 def _result(loss_rows, kinds, log):
@@ -125,7 +150,7 @@ def _result(loss_rows, kinds, log):
             log[name + "_n"] = log.get(name + "_n", 0) + m.sum()
 
 
-def projected_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: MappingTables,
+def projected_kd(s_logits: torch.Tensor, t_logits, batch, tables: MappingTables,
                  classes: ClassTables, *, temperature: float = 1.0, t_vocab_size: int | None = None,
                  chunk_rows: int = 1024, head_weight: torch.Tensor | None = None,
                  positions: MappedPositions | None = None, t_head_weight: torch.Tensor | None = None,
@@ -136,16 +161,26 @@ def projected_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: 
     student's last hidden state; t_logits [B, Lt, Vt_cols] or, with ``t_head_weight``, the teacher's last
     hidden state; rows walked in row blocks of ``chunk_rows``). ``log``: a dict that receives, per position kind
     (``KINDS``), the sum of the terms (detached tensors) and the count (``<kind>_n``).
+
+    ``t_logits`` may be a list of M teacher passes (KA's sampled routings, Kim et al. 2025): the result is then
+    Σ_m L_m, computed with ONE student side. The student's buckets do not depend on the teacher except where
+    t_j is split out (it is, in every pass, wherever any could: a pass that gives t_j no mass reads the two
+    columns as one bucket, ``_pass_terms``), so each pass costs its target and one [n, V] log, and
+    dΣ_m L_m / dz_u = q(u) (Σ_m w_mj - Σ_m w_mj P_mj(B(u)) / q̄_j(B(u))): one softmax, one bucket sum, one
+    gradient (and with a fused head one set of head matmuls) per row block for all M passes.
     Returns (loss_sum, n positions)."""
     check_settings(temperature, "sum", chunk_rows)
+    passes = list(t_logits) if isinstance(t_logits, (list, tuple)) else [t_logits]
     pos = mapped_positions(batch, tables) if positions is None else positions
     if tables.identity:  # one tokenizer: plain full-vocabulary KD at every position (w = 1, one class per token)
-        return mapped_kd(s_logits, t_logits, batch, tables, temperature=temperature, t_vocab_size=t_vocab_size,
-                         chunk_rows=chunk_rows, head_weight=head_weight, positions=pos,
-                         t_head_weight=t_head_weight)
+        out = [mapped_kd(s_logits, t, batch, tables, temperature=temperature, t_vocab_size=t_vocab_size,
+                         chunk_rows=chunk_rows, head_weight=head_weight, positions=pos, t_head_weight=t_head_weight)
+               for t in passes]
+        return sum(x[0] for x in out), out[0][1]
     if t_head_weight is not None and t_vocab_size is None:
         raise ValueError("t_head_weight needs t_vocab_size")
-    vt = t_logits.shape[-1] if t_vocab_size is None else int(t_vocab_size)
+    t0 = passes[0]
+    vt = t0.shape[-1] if t_vocab_size is None else int(t_vocab_size)
     Ls = s_logits.shape[1]
     dev_s = s_logits.device
     n = torch.tensor(len(pos), dtype=torch.long, device=dev_s)
@@ -153,8 +188,8 @@ def projected_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: 
         return s_logits[:, :0].sum().float(), n
     vs = head_weight.shape[0] if head_weight is not None else s_logits.shape[-1]
     vs_tok = min(vs, int(tables.s_len.numel()))
-    lab = label_tables(tables.to(t_logits.device), classes)
-    target = MappedTargets(t_logits, batch, pos, lab, vs_tok, vt, temperature, True, t_head_weight)
+    lab = label_tables(tables.to(t0.device), classes)
+    targets = [MappedTargets(t, batch, pos, lab, vs_tok, vt, temperature, True, t_head_weight) for t in passes]
     smap = classes.to(dev_s).student_map(vs)
     moved = classes.to(dev_s).moved_columns(vs)
     tj_all = batch["s_ids"].to(dev_s)[pos.b.to(dev_s), pos.j.to(dev_s)]
@@ -164,32 +199,33 @@ def projected_kd(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, tables: 
 
     def kernel(parts, T, need):
         s, idx = parts
-        P, Z = target(idx, spare_column=True)               # P [n, vs_tok + 1] over labels, normalised
-        P = P.to(torch.float32).to(dev_s)
-        if P.shape[1] < vs + 1:  # head columns past the tokenizer, and the bucket of tokens without a class: 0
-            P = torch.nn.functional.pad(P, (0, vs + 1 - P.shape[1]))
         idx_s = idx.to(dev_s)
         tj = tj_all[idx_s]
-        e = _split_rows(smap, tj, P.gather(1, tj[:, None]).squeeze(1) > 0)
+        e = (smap[tj] != tj).nonzero().squeeze(1)          # rows whose t_j can be its own bucket
         q, qb = _student_buckets(s, T, moved, tj, e)
-        w = torch.where(inside[idx_s], Z.to(torch.float32).to(dev_s), torch.ones_like(Z, dtype=torch.float32,
-                                                                                    device=dev_s))
-        tiny = torch.finfo(qb.dtype).tiny
-        ratio = P / qb.clamp_min_(tiny)                    # P / q̄ per bucket: 0 where P = 0
-        # Σ_B P log(P / q̄) from the gradient's ratio: P log(max(ratio, tiny)) is 0 where P = 0 (buckets the
-        # teacher gives nothing, empty label columns) without a log of zero (torch's log is slow there), and
-        # one log instead of two xlogy (3x slower than log + multiply on CPU)
-        loss = ratio.clamp_min(tiny).log_().mul_(P).sum(-1) * w
+        qb.clamp_min_(torch.finfo(qb.dtype).tiny)
+        loss = ratio_sum = w_sum = None
+        for target in targets:
+            P, Z = target(idx, spare_column=True)           # P [n, vs_tok + 1] over labels, normalised
+            P = P.to(torch.float32).to(dev_s)
+            if P.shape[1] < vs + 1:  # head columns past the tokenizer, and the bucket of tokens without a class: 0
+                P = torch.nn.functional.pad(P, (0, vs + 1 - P.shape[1]))
+            w = torch.where(inside[idx_s], Z.to(torch.float32).to(dev_s), torch.ones_like(Z, dtype=torch.float32,
+                                                                                        device=dev_s))
+            terms, ratio = _pass_terms(P, qb, smap, tj, e)
+            del P
+            term = terms.sum(-1).mul_(w)
+            loss = term if loss is None else loss.add_(term)
+            ratio_sum = ratio.mul_(w[:, None]) if ratio_sum is None else ratio_sum.addcmul_(ratio, w[:, None])
+            w_sum = w if w_sum is None else w_sum + w
         rows_out[idx_s] = loss.detach()
-        g = None
-        if need[0]:
-            g = _grad(q, ratio, moved, tj, e).mul_(w[:, None])
+        g = _grad(q, ratio_sum, w_sum, moved, tj, e) if need[0] else None
         return loss, (g, None)
 
     s_rows = (pos.b * Ls + pos.j - 1).to(dev_s)
     index = ((s_rows, None), (None, None))
     loss = RowBlockLoss.apply(kernel, 1, index, len(pos), chunk_rows, float(temperature), head_weight,
-                              s_logits.flatten(0, 1), torch.arange(len(pos), device=t_logits.device))
+                              s_logits.flatten(0, 1), torch.arange(len(pos), device=t0.device))
     _result(rows_out, kinds, log)
     return loss, n
 
@@ -233,11 +269,9 @@ def cached_projected_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables
         hit = (c < vs) & (p_hit > 0)
         cc = torch.where(hit, c, torch.full_like(c, vs + 1))           # misses: a scratch column past the buckets
         e = _split_rows(smap, tj, ((cc == tj[:, None]) & hit).any(1))
-        q, qb = _student_buckets(s, T, moved, tj, e)
-        qb = torch.nn.functional.pad(qb, (0, 1))                       # [n, vs + 2]
-        hit_mask = torch.zeros_like(qb, dtype=torch.bool).scatter_(1, cc, hit)
+        q, qb = _student_buckets(s, T, moved, tj, e, spare=2)         # [n, vs + 2]
         q_hit = qb.gather(1, cc)
-        q_rest = (qb * ~hit_mask).sum(1)
+        q_rest = qb.scatter_(1, cc, 0.0).sum(1)                        # q̄ off the hit buckets (hits distinct)
         p_rest = lr.exp()
         d_hit = (lq - q_hit.log()).masked_fill_(~hit, 0.0)
         # Every student bucket hit (q_rest = 0): the candidates outside the top-k land on hit labels, and a
@@ -248,10 +282,10 @@ def cached_projected_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables
         rows_out[idx] = loss.detach()
         g = None
         if need[0]:
-            rest_ratio = torch.where(p_rest > 0, p_rest / q_rest, torch.zeros_like(p_rest))
-            ratio = rest_ratio[:, None].expand_as(qb).clone()
-            ratio.scatter_(1, cc, torch.where(hit, p_hit / q_hit, torch.zeros_like(p_hit)))
-            g = _grad(q, ratio[:, :vs + 1], moved, tj, e).mul_(w[:, None])
+            rest_ratio = torch.where(p_rest > 0, p_rest / q_rest, torch.zeros_like(p_rest)) * w
+            ratio = rest_ratio[:, None].expand_as(qb).clone()               # w P(B) / q̄(B) per bucket column
+            ratio.scatter_(1, cc, torch.where(hit, p_hit / q_hit, torch.zeros_like(p_hit)) * w[:, None])
+            g = _grad(q, ratio, w, moved, tj, e)
         return loss, (g, None, None, None, None)
 
     s_rows = (pos.b * Ls + pos.j - 1).to(dev)

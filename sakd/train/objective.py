@@ -113,8 +113,9 @@ def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc,
     if head_weight is not None and (name not in ("shared_kl", "mapped_kl", "projected_kl") or lc.gap_weighting):
         raise ValueError(f"the fused output layer serves shared_kl/mapped_kl/projected_kl without gap weighting, "
                          f"not {name}")
-    if name == "projected_kl":
-        return projected_kd(s_logits, t_logits.detach(), batch, mapping, classes, temperature=lc.temperature,
+    if name == "projected_kl":  # t_logits: one teacher pass, or a list of passes (their sum, one student side)
+        t_logits = [t.detach() for t in t_logits] if isinstance(t_logits, list) else t_logits.detach()
+        return projected_kd(s_logits, t_logits, batch, mapping, classes, temperature=lc.temperature,
                             chunk_rows=lc.chunk_rows, head_weight=head_weight, log=kind_log,
                             t_head_weight=t_head[0] if t_head else None,
                             t_vocab_size=t_head[1] if t_head else None)[0]
@@ -253,7 +254,8 @@ def add_logit_terms(acc_terms: TermSum, s_logits, t_logits, t_out, batch, shared
                     lc, *, passes: int, flags: dict | None, use: str | None, head, mapping, t_head, t_vocab: int,
                     classes=None):
     """The terms read from the teacher's logits, for one teacher pass (KA: the M divergences are averaged,
-    Kim et al. 2025, eq. for L_KA): ``kd`` (the logit loss, scaled by T^2) and ``chunk`` (chunk likelihood).
+    Kim et al. 2025, eq. for L_KA; projected_kl may take a list of passes, ``t_logits``, their sum at once):
+    ``kd`` (the logit loss, scaled by T^2) and ``chunk`` (chunk likelihood).
     ``flags`` (first pass, when the step logs the teacher's mass outside the shared vocabulary) takes it."""
     weights = acc_terms.weights
     if "kd" in weights:
@@ -332,6 +334,9 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
     out = TermSum(s_logits, weights, counts)
     flags: dict = {"nonfinite_teacher": 0}
     t_out = None
+    # projected_kl from the teacher's last hidden state (small): the passes' states are kept and the loss takes
+    # them in one call, one student side for all M passes (sakd/losses/projected.py); else one call per pass
+    grouped: list | None = [] if (use == "rows" and lc.method == "projected_kl") else None
     for m in range(passes):
         t_out, r = checked_teacher_pass(teacher, batch, cfg, sched, ka_gen, reference_router, flags, t_vocab=t_vocab,
                                         need_hidden=need_hidden, need_attn=need_attn, head=pass_head)
@@ -341,9 +346,16 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
             flags["routing"] = r.stats()  # per layer: expert usage, router entropy, selected mass
         # padded head columns name no token; "rows": the last hidden state, the loss applies the head
         t_logits = t_out.last_hidden if use == "rows" else t_out.logits[..., :t_vocab]
+        if grouped is not None:
+            grouped.append(t_logits)
+            continue
         add_logit_terms(out, s_logits, t_logits, t_out, batch, shared_s, kd_t_cols, shared_t, lc, passes=passes,
                         flags=flags if (m == 0 and log_mass) else None, use=use, head=head, mapping=mapping,
                         t_head=t_head, t_vocab=t_vocab, classes=classes)
+    if grouped:  # the passes that ran (a non-finite pass ends the loop, as above): their sum, divided by M
+        add_logit_terms(out, s_logits, grouped, t_out, batch, shared_s, kd_t_cols, shared_t, lc, passes=passes,
+                        flags=None, use=use, head=head, mapping=mapping, t_head=t_head, t_vocab=t_vocab,
+                        classes=classes)
     if "ce" in weights:
         out.add("ce", _ce_sum(s_logits, batch, head, lc.chunk_rows))
     if t_out is not None:

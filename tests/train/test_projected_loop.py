@@ -105,3 +105,45 @@ def test_a_cache_built_for_mapped_kl_trains_projected_kl(tiny_assets, tmp_path):
     step = [r for r in history if "kd_inside" in r]
     assert step and all(r["kd_one_to_one"] + r["kd_chunk_first"] + r["kd_inside"] == pytest.approx(r["kd"], rel=1e-5)
                         for r in step)
+
+
+def test_ka_passes_share_one_student_side_in_the_objective(tiny_assets, tmp_path, monkeypatch):
+    """moe.mode=ka with the fused heads: the objective hands projected_kl the M passes in ONE call, and the
+    terms (kd, its per-kind parts) and the student's gradient equal those of one call per pass."""
+    cfg, run = _run(tiny_assets, tmp_path, "projected_kl", **{
+        "moe.mode": "ka", "moe.ka_samples": 2, "moe.sample_prob": 0.5, "loss.fused_head": True})
+    batch = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))([run.train[i] for i in range(4)])
+    counts = objective.count_targets([batch], cfg, run.vocab.mapping)
+    weights = objective.term_weights(cfg, 10)
+    acc = run.accelerator
+    obj = objective.Objective(cfg, acc, run.student, teacher=run.teacher, aux=run.aux, vocab=run.vocab,
+                              t_vocab=len(run.teacher_tok), ka_gen=torch.Generator())
+    sched = obj.routing_schedule(0, 10)
+    real, calls = objective.projected_kd, []
+
+    def loss_and_grads(split: bool):
+        def recorded(s, t, *a, **kw):
+            calls.append(len(t) if isinstance(t, list) else 1)
+            if isinstance(t, list):  # KA drew two different routings: the passes' targets differ
+                assert not torch.equal(t[0], t[1])
+            if split and isinstance(t, list):
+                out = [real(s, x, *a, **kw) for x in t]
+                return sum(o[0] for o in out), out[0][1]
+            return real(s, t, *a, **kw)
+        monkeypatch.setattr(objective, "projected_kd", recorded)
+        run.student.zero_grad()
+        total, terms, _ = objective.micro_step_loss(
+            run.teacher, run.student, run.aux, batch, obj.shared_s, obj.shared_t, cfg, weights, counts, acc, sched,
+            torch.Generator().manual_seed(5), len(run.teacher_tok), mapping=run.vocab.mapping, t_head=obj.t_head,
+            classes=run.vocab.classes)
+        total.backward()
+        return {k: float(v) for k, v in terms.items()}, [p.grad.clone() for p in run.student.parameters()]
+
+    one, g_one = loss_and_grads(False)
+    assert calls == [2]  # both passes in one call
+    each, g_each = loss_and_grads(True)
+    assert set(one) == set(each) >= {"kd", "ce", "kd_one_to_one", "kd_chunk_first", "kd_inside"}
+    for k in one:
+        assert one[k] == pytest.approx(each[k], rel=1e-6), k
+    for a, b in zip(g_one, g_each):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
