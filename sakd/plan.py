@@ -58,7 +58,7 @@ import torch
 from sakd.config import Config
 from sakd.errors import UserError
 from sakd.data.text import teacher_seq_len
-from sakd.train.objective import fused_head_terms, teacher_head_use
+from sakd.train.heads import fused_head_terms, teacher_head_use
 
 GiB = 2**30
 
