@@ -205,24 +205,13 @@ class MappedTargets:
         # The student tokens inside one teacher token share its row: each distinct row's softmax once
         # (about a quarter fewer rows on Shakespeare); p[u] is row u, position x reads p[inv[x]].
         rows, inv = torch.unique(self.t_row[idx], return_inverse=True)
+        z = head_rows(self.t2, rows, self.vt, self.dtype, self.head)  # a fresh tensor: softmax in place
+        p = softmax_(z.div_(self.T) if self.T != 1.0 else z)
+        del z
         k = self.pos.k[idx]
         # bytes start a teacher token (k = 0): every candidate, through φ(·, 0). Nearly every distinct row has
         # a k = 0 position: map them all, then pick; the k > 0 rows are written over below.
-        if self.head is not None:
-            # the fused head: the distinct rows as columns, exp(z - max z) [vt, u] and the sums [u] (a [vt, H] x
-            # [H, u] product is ~20 % faster than [u, H] x [H, vt] on CPU, summing rows into the labels is faster
-            # than columns, and the softmax's division is done on the [vs + 1, u] label sums, not on [vt, u]);
-            # p(r, v) = ex[v, r] / total[r]
-            ex, total = column_exp(self.t2.index_select(0, rows), self.head[:self.vt], self.dtype, self.T)
-            Q = torch.zeros(vs + 1, rows.numel(), dtype=self.dtype, device=ex.device).index_add_(0, self.phi0, ex)
-            Q = Q.div_(total).T[inv]
-            prob = lambda r, v: ex[v, r] / total[r]  # noqa: E731
-        else:
-            z = head_rows(self.t2, rows, self.vt, self.dtype, None)  # a fresh tensor: softmax in place
-            p = softmax_(z.div_(self.T) if self.T != 1.0 else z)
-            del z
-            Q = torch.zeros(rows.numel(), vs + 1, dtype=self.dtype, device=p.device).index_add_(1, self.phi0, p)[inv]
-            prob = lambda r, v: p[r, v]  # noqa: E731
+        Q = torch.zeros(rows.numel(), vs + 1, dtype=self.dtype, device=p.device).index_add_(1, self.phi0, p)[inv]
         r1 = (k > 0).nonzero().squeeze(1)
         if r1.numel():
             Q[r1] = 0
@@ -231,10 +220,10 @@ class MappedTargets:
             lens = hi - lo
             row = torch.repeat_interleave(r1, lens)
             start = torch.repeat_interleave(lo - (lens.cumsum(0) - lens), lens)
-            tid = tab.sorted_ids[start + torch.arange(int(lens.sum()), device=Q.device)]
+            tid = tab.sorted_ids[start + torch.arange(int(lens.sum()), device=p.device)]
             sid = tab.phi[tab.offset[tid] + torch.repeat_interleave(k[r1], lens)]
             sid = torch.where(sid >= 0, sid, torch.full_like(sid, vs))
-            Q.index_put_((row, sid), prob(inv[row], tid), accumulate=True)
+            Q.index_put_((row, sid), p[inv[row], tid], accumulate=True)
         full = Q
         Q = Q[:, :vs]
         Z = Q.sum(-1)
@@ -249,7 +238,7 @@ class MappedTargets:
             e = (moved & good & (src_all >= 0)).nonzero().squeeze(1)
             if e.numel():
                 src = tab.phi[self.f_i[idx[e]]]
-                mass = (prob(inv[e], self.t_tok[idx[e]]).log() - Z[e].log() + self.path[idx[e]]).exp()
+                mass = (p[inv[e], self.t_tok[idx[e]]].log() - Z[e].log() + self.path[idx[e]]).exp()
                 mass = torch.minimum(mass, Q[e, src])
                 Q[e, src] -= mass
                 Q[e, self.s_tok[idx[e]]] += mass
@@ -257,17 +246,6 @@ class MappedTargets:
             full[:, vs] = 0
             return full, Z
         return Q, Z
-
-
-def column_exp(h: torch.Tensor, head: torch.Tensor, dtype, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The softmax of the logits z = h @ head.T / T before its division, as columns: (exp(z - max z).T [V, n]
-    contiguous, its column sums [n]); softmax(z)[r, v] = out[v, r] / sums[r]. The logits are multiplied out in the
-    hidden state's dtype (as ``head_rows``), the rest in ``dtype``."""
-    z = (head.to(h.dtype) @ h.T).to(dtype)
-    if temperature != 1.0:
-        z.div_(temperature)
-    z.sub_(z.amax(0, keepdim=True)).exp_()
-    return z, z.sum(0)
 
 
 def log_with_zeros(x: torch.Tensor) -> torch.Tensor:
