@@ -107,7 +107,7 @@ class InjectOverflow:
     """Puts +inf into the teacher's last hidden state (its final norm's output) on its ``at``-th 16-bit forward
     of the training loop (once, armed when the loop starts: the start-up evaluation is left alone): what a
     bf16-trained Qwen overflowing in fp16 looks like to the loop. The final norm runs whether the loss reads
-    the model's logits or fuses the teacher's head (``objective.teacher_head``), so both paths see it. The
+    the model's logits or fuses the teacher's head (``heads.teacher_head``), so both paths see it. The
     fp32 recompute is left alone."""
 
     def __init__(self, at: int = 2):

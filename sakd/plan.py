@@ -188,7 +188,7 @@ KERNEL_TEMPORARIES = {"forward_kl": 3.25, "reverse_kl": 3.25, "jsd": 7.0, "tvd":
 
 
 def _teacher_head_use(cfg: Config) -> str | None:
-    """objective.teacher_head_use for this configuration's terms (None with a teacher cache)."""
+    """heads.teacher_head_use for this configuration's terms (None with a teacher cache)."""
     if cfg.model.teacher_cache or cfg.model.teacher_device_map is not None:  # a mapped teacher runs whole
         return None
     return teacher_head_use(cfg.loss, cfg.loss.active_terms())
@@ -216,7 +216,7 @@ class _Step:
         self.kernel = KERNEL_TEMPORARIES.get(lc.divergence, 7.0)
         self.cached = bool(cfg.model.teacher_cache)  # teacher read from a top-k cache: never loaded, never run
         self.topk = _cache_k(cfg.model.teacher_cache) if self.cached else 0
-        # the model-side conditions of objective.fused_head_weight (a bias-free head, no logit scaling) hold
+        # the model-side conditions of heads.fused_head_weight (a bias-free head, no logit scaling) hold
         # for Llama and Qwen
         self.fused = fused_head_terms(lc, kd=self.kd, chunk=self.alm)
         # a LoRA student's output layer is frozen (config.py refuses lm_head as a target with the fused head;
@@ -264,7 +264,7 @@ def _student_terms(z: _Step, c: dict) -> None:
 def _teacher_terms(z: _Step, c: dict) -> None:
     """The teacher's head copy, logits, forward temporaries, hidden states and attention maps."""
     t, B, Lt, tb = z.t, z.B, z.Lt, z.tb
-    # fused teacher head (objective.teacher_head): where shared_kl alone reads the teacher's logits, only the
+    # fused teacher head (heads.teacher_head): where shared_kl alone reads the teacher's logits, only the
     # shared columns are computed ([B, Lt, S]), from a gathered copy of the head's shared rows ([S, H])
     c["teacher_head_shared"] = z.S * t["hidden"] * tb if z.t_shared else 0
     # "rows" (mapped_kl): the last hidden state [B, Lt, H] instead; the loss multiplies out a row block's rows

@@ -14,6 +14,7 @@ from sakd.plan import plan
 from sakd.teacher_cache.manifest import check_cached_config
 from sakd.train import objective
 from sakd.train.distill import needs_attention_maps
+from sakd.train.heads import fused_head_terms
 
 # (loss.logit, loss.baseline) x kd x ce x chunk x hidden (ramped) x attention x contrastive
 METHODS = [("shared_kl", ""), ("mapped_kl", ""), ("none", ""), ("shared_kl", "uld")]
@@ -88,7 +89,7 @@ def test_the_loop_the_plan_and_the_cache_check_agree_on_the_active_terms(models,
         assert (c["alm_chunk_temporaries"] > 0) == ("chunk" in want)
         assert (c["teacher_attention_maps"] > 0) == ("attention" in want)
         assert (c["teacher_hidden_states"] > 0) == bool(want & {"hidden", "contrastive"})
-        assert p["fused_head"] == objective.fused_head_terms(cfg.loss, kd="kd" in want, chunk="chunk" in want)
+        assert p["fused_head"] == fused_head_terms(cfg.loss, kd="kd" in want, chunk="chunk" in want)
         # the teacher-cache check refuses the first term a top-k cache cannot feed, and nothing else
         refusal = _cache_refusal(cfg)
         if "kd" in want:

@@ -36,6 +36,7 @@ from sakd.align.mapping import mapping_tables
 from sakd.align.classes import class_tables
 from sakd.align.vocab import build_vocab_map
 from sakd.train import fsdp, objective
+from sakd.train.heads import fused_head_terms
 from sakd.train.checkpoint import list_checkpoints, load_latest, rng_state, save_checkpoint
 from sakd.config import Config, changed_keys, flatten, parse_duration, to_dict
 from sakd.data.text import Collator, SpanDataset, pad_id, span_data
@@ -203,7 +204,7 @@ def describe(run: Run, cfg: Config, log=print) -> dict:
     log(f"data: {info['train_spans']:,} training spans, {info['heldout_bytes']:,} held-out bytes; "
         f"device {info['device']}, mixed precision {info['mixed_precision']}")
     terms = cfg.loss.active_terms()
-    if run.teacher is not None and objective.fused_head_terms(cfg.loss, kd="kd" in terms, chunk="chunk" in terms):
+    if run.teacher is not None and fused_head_terms(cfg.loss, kd="kd" in terms, chunk="chunk" in terms):
         # The fused head's matmuls run in the dtype of the student's final hidden state, and the final
         # RMSNorm returns its fp32 input dtype under autocast; the loss runs outside autocast.
         log("fused output layer: the student's logits are computed one row block (loss.chunk_rows rows) at a "

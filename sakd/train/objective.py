@@ -35,8 +35,7 @@ from sakd.losses.mapped import mapped_kd
 from sakd.losses.projected import KINDS, projected_kd
 from sakd.data.chat import model_inputs  # chat data: packed rows give position ids instead of a 2-D mask
 from sakd.models.load import experts_per_token, fp32_forward
-from sakd.train.heads import (fused_head_terms, fused_head_weight, plain_head_weight,  # noqa: F401 (also
-                              teacher_head, teacher_head_use)  # read as objective.X)
+from sakd.train.heads import fused_head_weight, teacher_head, teacher_head_use
 from sakd.train.schedule import ramp
 
 

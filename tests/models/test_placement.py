@@ -48,7 +48,7 @@ def test_plan_counts_only_the_weights_on_the_card(tmp_path):
     assert whole["components"]["teacher_weights"] == 2 * TOTAL
     assert mapped["components"]["teacher_weights"] == 2 * (TOTAL - 2 * LAYER)
     assert mapped["components"]["teacher_forward"] - whole["components"]["teacher_forward"] == 2 * LAYER
-    # a mapped teacher runs whole (objective.teacher_head: no fused head, its head may be offloaded)
+    # a mapped teacher runs whole (heads.teacher_head: no fused head, its head may be offloaded)
     assert whole["teacher_head"] == "shared" and mapped["teacher_head"] is None
     assert whole["persistent_bytes"] - mapped["persistent_bytes"] == \
         2 * 2 * LAYER + whole["components"]["teacher_head_shared"]

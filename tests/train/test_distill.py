@@ -8,6 +8,7 @@ from sakd.train import objective
 from sakd.config import load_config
 from sakd.data.text import Collator, pad_id
 from sakd.train.distill import EpochOrder, distill, setup
+from sakd.train.heads import fused_head_weight
 from sakd.losses import forward_kl
 from tests.conftest import tiny_overrides
 from sakd_test_helpers import router_parameters
@@ -90,7 +91,7 @@ def test_fused_head_gives_the_logits_path_loss_and_gradients(tiny_assets, tmp_pa
         run = setup(cfg, log=lambda *_: None)
         _, weights, loss, terms, _ = _micro_step(run, cfg, 4)
         assert set(weights) == {"kd", "ce"}
-        assert (objective.fused_head_weight(run.student, cfg, weights, CpuAcc) is not None) == fused
+        assert (fused_head_weight(run.student, cfg, weights, CpuAcc) is not None) == fused
         loss.backward()
         results.append((loss.detach(), terms, {n: p.grad.clone() for n, p in run.student.named_parameters()}))
     (la, ta, ga), (lb, tb, gb) = results
@@ -110,10 +111,10 @@ def test_fused_head_applies_only_where_every_logit_term_supports_it(tiny_assets,
     cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path, **{"loss.ce_weight": 0.5, "loss.chunk_weight": 0,
                                                                       **over}))
     student = AutoModelForCausalLM.from_pretrained(tiny_assets["student"])
-    w = objective.fused_head_weight(student, cfg, objective.term_weights(cfg, 10), None)
+    w = fused_head_weight(student, cfg, objective.term_weights(cfg, 10), None)
     assert (w is student.get_output_embeddings().weight) if fused else w is None
     student.config.final_logit_softcapping = 30.0  # a model whose logits are not hidden @ W.T
-    assert objective.fused_head_weight(student, cfg, objective.term_weights(cfg, 10), None) is None
+    assert fused_head_weight(student, cfg, objective.term_weights(cfg, 10), None) is None
 
 
 def test_same_tokenizer_reduces_to_plain_kd(tiny_assets, tmp_path):

@@ -35,6 +35,7 @@ def test_chunk_rows_reaches_the_fused_cross_entropy(tiny_assets, tmp_path, monke
     import sakd.train.objective as objective
     from sakd.data.text import Collator, pad_id
     from sakd.train.distill import setup
+    from sakd.train.heads import fused_head_weight
 
     cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path / "o", **{"loss.chunk_rows": 7}))
     run = setup(cfg, log=lambda *_: None)
@@ -49,7 +50,7 @@ def test_chunk_rows_reaches_the_fused_cross_entropy(tiny_assets, tmp_path, monke
     monkeypatch.setattr(objective, "linear_cross_entropy_sum", spy)
     weights = {"ce": 1.0}
     counts = objective.count_targets([batch], cfg, None)
-    assert objective.fused_head_weight(run.student, cfg, weights, run.accelerator) is not None
+    assert fused_head_weight(run.student, cfg, weights, run.accelerator) is not None
     objective.micro_step_loss(run.teacher, run.student, run.aux, batch, run.vocab.shared_s, run.vocab.shared_t, cfg,
                               weights, counts, run.accelerator, {}, torch.Generator(), len(run.teacher_tok))
     assert seen == [7]

@@ -18,6 +18,7 @@ from sakd.data.text import Collator, pad_id
 from sakd.models.lora import is_lora
 from sakd.train import objective
 from sakd.train.distill import distill, setup
+from sakd.train.heads import fused_head_weight
 from tests.conftest import ROOT, assert_user_error, tiny_overrides
 
 LORA = {"model.student_lora.r": 4, "model.student_lora.alpha": 8}
@@ -79,7 +80,7 @@ def test_the_fused_output_layer_gives_the_logits_paths_adapter_gradients(tiny_as
             "loss.ce_weight": 0.5, "loss.fused_head": fused, "loss.chunk_rows": 7}))
         run = setup(cfg, log=lambda *_: None)
         weights, loss, _ = _loss(run, cfg)
-        assert (objective.fused_head_weight(run.student, cfg, weights, CpuAcc) is not None) == fused
+        assert (fused_head_weight(run.student, cfg, weights, CpuAcc) is not None) == fused
         loss.backward()
         out.append((loss.detach(), {n: p.grad.clone() for n, p in run.student.named_parameters() if p.requires_grad}))
     (la, ga), (lb, gb) = out

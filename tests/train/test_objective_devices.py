@@ -12,6 +12,7 @@ from sakd.config import load_config
 from sakd.data.text import Collator, pad_id
 from sakd.train import objective
 from sakd.train.distill import setup
+from sakd.train.heads import teacher_head
 from tests.conftest import tiny_overrides
 
 QUIET = dict(log=lambda *_: None)
@@ -48,7 +49,7 @@ def test_a_micro_step_makes_no_tensor_off_its_inputs_device(tiny_assets, tmp_pat
     cfg = load_config(None, tiny_overrides(tiny_assets, tmp_path, **CASES[case]))
     run = setup(cfg, **QUIET)
     batch = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))([run.train[i] for i in range(3)])
-    t_head = objective.teacher_head(run.teacher, run.vocab.shared_t if cfg.loss.method == "shared_kl" else None,
+    t_head = teacher_head(run.teacher, run.vocab.shared_t if cfg.loss.method == "shared_kl" else None,
                                     cfg.loss.fused_head)
     ref_loss, ref_terms, ref_grads = _step(run, cfg, batch, t_head)
     with torch.device("meta"):

@@ -8,7 +8,8 @@ import torch
 
 from sakd.data.text import Collator, pad_id
 from sakd.train.distill import setup
-from sakd.train.objective import _teacher_pass, count_targets, micro_step_loss, teacher_head, teacher_head_use
+from sakd.train.heads import teacher_head, teacher_head_use
+from sakd.train.objective import _teacher_pass, count_targets, micro_step_loss
 from sakd.config import load_config
 from tests.conftest import tiny_overrides
 
