@@ -45,7 +45,7 @@ class TrainState:
     order: object = None               # schedule.EpochOrder: the data position is saved, not the order
     data: dict = field(default_factory=dict)  # the data position after THIS step's spans (set by the loop)
     # (the Python / NumPy / torch / CUDA RNG states are global, one set per process: saved as "rng_ranks",
-    # every process's in process order, each process restoring its own; "rng": the main process's)
+    # every process's in process order, each process restoring its own; entry 0 is the main process's)
 
     def _student_tensors(self) -> dict:
         """The student tensors a checkpoint holds: all of them, or, when some parameters are frozen (a LoRA
@@ -64,15 +64,13 @@ class TrainState:
         its own routings, and the loop gathers them before a save); None: this process's only.
         ``rng_states``: likewise every process's global RNG states (``checkpoint.rng_state``: dropout masks,
         on-policy sampling draw from them in each process)."""
-        rng = rng_state()
         tensors = {"student": self._student_tensors()}
         if self.aux is not None and len(list(self.aux.parameters())):
             tensors["aux"] = self.aux.state_dict()
         state = {"step": self.step, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(),
                  "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                 "data": self.data, "rng": rng, "rng_ranks": list(rng_states or [rng]),
-                 "ka_rng": self.ka_gen.get_state(),
+                 "data": self.data, "rng_ranks": list(rng_states or [rng_state()]),
                  "ka_rng_ranks": ka_states or [self.ka_gen.get_state()],
                  "history": self.history, "evals": self.evals, "counters": self.counters,
                  "teacher_bpb": self.teacher_bpb, "config": self.config, "horizon": self.horizon}
@@ -98,12 +96,13 @@ class TrainState:
             self.scaler.load_state_dict(state["scaler"])
         self.order.load(state["data"])
         self.data = dict(state["data"])
-        rngs = state.get("rng_ranks") or [state["rng"]]  # checkpoints before per-process states: the main one's
+        # checkpoints before per-process states hold the main process's alone, as "rng" / "ka_rng"
+        rngs = state.get("rng_ranks") or [state["rng"]]
         if rank >= len(rngs):
             log(f"resume: process {rank} has no RNG states in the checkpoint (written by {len(rngs)} process(es)); "
                 "it takes the main process's")
-        set_rng_state(rngs[rank] if rank < len(rngs) else state["rng"])
-        ka_states = state.get("ka_rng_ranks") or [state["ka_rng"]]  # checkpoints before per-process streams: one
+        set_rng_state(rngs[rank] if rank < len(rngs) else rngs[0])
+        ka_states = state.get("ka_rng_ranks") or [state["ka_rng"]]
         if rank >= len(ka_states):
             log(f"resume: process {rank} has no KA sampling stream in the checkpoint (written by {len(ka_states)} "
                 "process(es)); it starts its own stream again")

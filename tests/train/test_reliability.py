@@ -363,6 +363,27 @@ def test_resume_falls_back_past_a_corrupt_newest_checkpoint_and_stays_exact(tiny
 
 
 @pytest.mark.slow
+def test_a_checkpoint_from_before_per_process_rng_states_resumes_exactly(tiny_assets, tmp_path, baselines):
+    """The loop writes the RNG states and the KA stream once, per process (``rng_ranks``, ``ka_rng_ranks``); a
+    checkpoint of the earlier format, with the main process's ``rng`` / ``ka_rng`` alone, still resumes bit for
+    bit (the KA expert draws of the remaining step come from the saved stream)."""
+    base = baselines("ka+contrastive")
+    out = tmp_path / "run"
+    step = out / "checkpoints" / f"step-{STEPS - 1:06d}"
+    shutil.copytree(base / "checkpoints" / step.name, step)
+    state = torch.load(step / "state.pt", weights_only=False)
+    assert not {"rng", "ka_rng"} & set(state)
+    assert len(state["rng_ranks"]) == len(state["ka_rng_ranks"]) == 1
+    state["rng"], state["ka_rng"] = state.pop("rng_ranks")[0], state.pop("ka_rng_ranks")[0]
+    torch.save(state, step / "state.pt")
+    r = run_cli(tiny_overrides(tiny_assets, out, **CONFIGS["ka+contrastive"], **EXACT), "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resume: continuing from step-{STEPS - 1:06d} (step {STEPS - 1})" in r.stdout
+    assert "KA sampling stream" not in r.stdout  # the saved KA stream was taken back, not restarted
+    assert_same_run(base, out)
+
+
+@pytest.mark.slow
 def test_resume_with_another_configuration_is_refused_and_keeps_the_checkpoints(tiny_assets, tmp_path, baselines):
     base = baselines("sar+hidden")
     out = tmp_path / "run"

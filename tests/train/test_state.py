@@ -94,7 +94,7 @@ def test_state_dict_names_every_saved_field():
     s = _state(0)
     sd = s.state_dict()
     saved = set(sd["state"]) | set(sd["tensors"])
-    by_key = {"ka_gen": "ka_rng", "order": None, "sar": None}  # order: its position is "data"; sar: under SAR only
+    by_key = {"ka_gen": "ka_rng_ranks", "order": None, "sar": None}  # order: its position is "data"; sar: under SAR only
     for f in dataclasses.fields(TrainState):
         key = by_key.get(f.name, f.name)
         if key is not None:
@@ -152,4 +152,39 @@ def test_each_process_takes_back_its_own_global_rng_states(tmp_path):
     assert draws_after_load(state, 0) == draws_of(3) and draws_after_load(state, 1) == draws_of(4)
     assert draws_after_load(state, 2) == draws_of(3)  # a third process: the main one's
     old = {k: v for k, v in state.items() if k != "rng_ranks"}  # the format before per-process states
+    old["rng"] = state["rng_ranks"][0]
     assert draws_after_load(old, 0) == draws_after_load(old, 1) == draws_of(3)
+
+
+def test_a_checkpoint_holds_each_rng_state_once_and_an_old_one_still_loads(tmp_path):
+    """The global RNG states and the KA stream are saved per process only (``rng_ranks``, ``ka_rng_ranks``),
+    not again as the main process's ``rng`` / ``ka_rng``. A checkpoint from before per-process states holds
+    ``rng`` / ``ka_rng`` alone, the main process's: it takes both back, and so does every process its global
+    RNG states (another process has no KA stream in it and keeps its own)."""
+    a = _state(0)
+    a.data = a.order.state()
+    torch.rand(5, generator=a.ka_gen)
+    random.seed(3), np.random.seed(3), torch.manual_seed(3)
+    sd = a.state_dict()
+    assert not {"rng", "ka_rng"} & set(sd["state"])
+    assert len(sd["state"]["rng_ranks"]) == len(sd["state"]["ka_rng_ranks"]) == 1
+    save_checkpoint(tmp_path, 0, sd["tensors"], sd["state"], keep=1)
+    tensors, state = load_checkpoint(tmp_path / "step-000000")
+    old = {k: v for k, v in state.items() if k not in ("rng_ranks", "ka_rng_ranks")}
+    old["rng"], old["ka_rng"] = state["rng_ranks"][0], state["ka_rng_ranks"][0]
+
+    def draws(state=None, rank=0):
+        random.seed(9), np.random.seed(9), torch.manual_seed(9)
+        b = _state(1)
+        if state is None:  # the saved streams, continued
+            b.ka_gen.set_state(a.ka_gen.get_state())
+            random.seed(3), np.random.seed(3), torch.manual_seed(3)
+        elif state:
+            b.load_state_dict({"tensors": tensors, "state": state}, log=lambda *_: None, rank=rank)
+        return (random.random(), float(np.random.rand()), float(torch.rand(())),
+                torch.rand(4, generator=b.ka_gen).tolist())
+
+    assert draws(state) == draws(old) == draws()
+    assert draws(old, rank=1)[:3] == draws()[:3]
+    fresh = draws({})  # nothing loaded: every stream differs from the saved ones
+    assert all(x != y for x, y in zip(fresh, draws()))
