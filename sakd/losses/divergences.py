@@ -203,6 +203,12 @@ def head_rows(x2: torch.Tensor, rows: torch.Tensor, vt: int, dtype, head: torch.
     return (x @ head[:vt].to(x.dtype).T).to(dtype)
 
 
+def overwrites_block(kernel: Kernel) -> Kernel:
+    """``kernel`` may take its block 0's softmax in place: RowBlockLoss marks the blocks it gathers ``_owned``."""
+    kernel.overwrites_block = True
+    return kernel
+
+
 def _row_blocks(n_rows: int, chunk_rows: int):
     for a in range(0, n_rows, chunk_rows):
         yield slice(a, min(a + chunk_rows, n_rows))
@@ -268,13 +274,19 @@ class RowBlockLoss(torch.autograd.Function):
         if weight is not None:
             dtype = tensors[0].dtype if tensors[0].dtype in (torch.float16, torch.bfloat16) else torch.float32
             w = weight.to(dtype)
+        # Block 0 is fresh when the fused head computed it or ``_take`` gathered it by a row or column index
+        # (else it is a view of the caller's tensor). A gathered block is marked for ``overwrites_block`` kernels
+        # only (the projected ones): no kernel reads block 0 twice, but log_softmax32 in place (logsumexp, then
+        # subtract) rounds otherwise than torch's log_softmax, so the other losses would move in their last bits.
+        gathered = getattr(kernel, "overwrites_block", False) and any(i is not None for i in index[0])
         total = torch.zeros((), dtype=torch.float32, device=tensors[0].device)
         for sel in _row_blocks(n_rows, chunk_rows):
             parts = [_take(x, sel, *ix) for x, ix in zip(tensors, index)]
             if weight is not None:
                 h = parts[0].to(dtype)
                 parts[0] = (h @ w.T).float()
-                parts[0]._owned = True  # a fresh block: the kernel may take its log-softmax in place
+            if weight is not None or gathered:
+                parts[0]._owned = True  # a fresh block: the kernel may take its (log-)softmax in place
             loss, block_grads = kernel(parts, temperature, need)
             total += loss.sum()
             for i, (full, ix, g) in enumerate(zip(grads, index, block_grads)):

@@ -61,7 +61,7 @@ from sakd.align.classes import ClassTables
 from sakd.align.mapping import MappingTables
 from sakd.losses.batch import field, one_to_one
 from sakd.losses.cached_mapped import cached_mapped_targets, cached_positions
-from sakd.losses.divergences import check_settings, RowBlockLoss, softmax32
+from sakd.losses.divergences import check_settings, overwrites_block, RowBlockLoss, softmax32
 from sakd.losses.mapped import MappedPositions, MappedTargets, mapped_kd, mapped_positions
 
 KINDS = ("one_to_one", "chunk_first", "inside")  # 1:1 chunk; k = 0 in a longer chunk; k > 0
@@ -95,10 +95,10 @@ def _split_rows(smap: torch.Tensor, tj: torch.Tensor, has_mass: torch.Tensor) ->
 def _student_buckets(s, T, moved, tj, e, spare: int = 1):
     """q [n, V], q̄ [n, V + spare] (column V: tokens without a class; column t_j of a split row: {t_j}; columns
     past V: 0). A token that is its own class's label is its own column: only the ``moved`` columns
-    (ClassTables.moved_columns) are summed into their labels' columns and zeroed. ``s``: a row block that
-    RowBlockLoss gathered or computed (a fresh tensor, never the caller's): its softmax is taken in place."""
+    (ClassTables.moved_columns) are summed into their labels' columns and zeroed. ``s``: the kernel's row block;
+    its softmax is taken in place where RowBlockLoss marked it ``_owned`` (the kernels are ``overwrites_block``,
+    and gather their rows: a fresh tensor, never the caller's)."""
     cols, dest, where = moved
-    s._owned = True
     q = softmax32(s, T)
     qb = torch.nn.functional.pad(q, (0, spare))
     qn = q.index_select(1, cols)
@@ -197,6 +197,7 @@ def projected_kd(s_logits: torch.Tensor, t_logits, batch, tables: MappingTables,
     kinds = position_kinds(batch, pos).to(dev_s)
     rows_out = torch.zeros(len(pos), dtype=torch.float32, device=dev_s)
 
+    @overwrites_block
     def kernel(parts, T, need):
         s, idx = parts
         idx_s = idx.to(dev_s)
@@ -262,6 +263,7 @@ def cached_projected_kd(s_logits: torch.Tensor, cache_batch: dict, batch, tables
     kinds = position_kinds(batch, pos).to(dev)
     rows_out = torch.zeros(len(pos), dtype=torch.float32, device=dev)
 
+    @overwrites_block
     def kernel(parts, T, need):
         s, c, lq, lr, idx = parts
         tj, w = tj_all[idx], w_all[idx]

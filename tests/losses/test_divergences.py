@@ -523,3 +523,40 @@ def test_softmax32_equals_torch_softmax_and_keeps_the_callers_input(temperature)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-9)
     half = softmax32(x.half(), temperature)  # other dtypes: computed in float32
     assert half.dtype == torch.float32 and torch.allclose(half.double(), ref, atol=2e-3)
+
+
+@pytest.mark.parametrize("opt_in, index, fused, owned", [
+    (False, "rows", False, False),  # a gathered block, a kernel that does not overwrite: rounding kept
+    (True, "rows", False, True),
+    (True, "cols", False, True),
+    (True, None, False, False),     # no index: the block is a view of the caller's tensor
+    (False, None, True, True),      # the fused head's logits: computed here
+])
+def test_row_block_loss_hands_a_kernel_only_blocks_it_may_overwrite(opt_in, index, fused, owned):
+    """RowBlockLoss marks block 0 ``_owned`` (log_softmax32 / softmax32 then work in place) where it is fresh and
+    the kernel may take it: the fused head's logits for every kernel, a block gathered through a row or column
+    index for an ``overwrites_block`` kernel only (log_softmax32 in place rounds otherwise than torch's). The
+    caller's tensors are never modified."""
+    from sakd.losses.divergences import RowBlockLoss, log_softmax32, overwrites_block
+
+    seen = []
+
+    def kernel(parts, T, need):
+        seen.append(bool(getattr(parts[0], "_owned", False)))
+        return -log_softmax32(parts[0], T)[:, 0], (None,)
+
+    if opt_in:
+        kernel = overwrites_block(kernel)
+    x = make((6, 4), 28) if fused else make((6, 9), 26)  # the fused head: the last hidden state [rows, H]
+    weight = make((9, 4), 27) if fused else None          # [V, H]
+    rows, cols = torch.tensor([5, 0, 3, 2]), torch.tensor([0, 4, 8])
+    ix = {"rows": (rows, None), "cols": (None, cols), None: (None, None)}[index]
+    n = 4
+    keep = x.clone()
+    total = RowBlockLoss.apply(kernel, 1, (ix,), n, 3, 2.0, weight, x)
+    assert seen == [owned, owned] and torch.equal(x, keep)
+    logits = x if weight is None else x @ weight.T
+    logits = logits if ix[0] is None else logits[ix[0]]
+    logits = logits[:n] if ix[1] is None else logits[:n, ix[1]]
+    ref = -torch.log_softmax(logits.double() / 2.0, -1)[:, 0].sum()
+    assert math.isclose(float(total), float(ref), rel_tol=1e-6)

@@ -359,3 +359,34 @@ def test_unsupported_tokens_counts_what_no_target_can_reach(pair):
     cell = torch.where(tables.phi >= 0, cut[tables.phi.clamp(min=0)], torch.full_like(tables.phi, -1))
     from sakd.align.classes import ClassTables
     assert unsupported_tokens(batch, tables, ClassTables(cut, cell))["projected"] > un["projected"]
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_the_student_softmax_is_taken_in_place_in_each_gathered_block(pair, cached, monkeypatch):
+    """The projected kernels take each row block's softmax in place (no second [rows, V] float32 buffer):
+    RowBlockLoss marks the block it gathered ``_owned`` for them (divergences.overwrites_block); the caller's
+    logits are left as they were."""
+    import sakd.losses.projected as projected
+
+    s_tok, t_tok, tables, classes = pair
+    batch = _batch(s_tok, t_tok)
+    vs, vt = len(s_tok), len(t_tok)
+    t_logits = _logits(batch, "t", vt, 1)
+    s_logits = _logits(batch, "s", vs, 0).requires_grad_()
+    keep = s_logits.detach().clone()
+    seen, real = [], projected.softmax32
+
+    def spy(x, T):
+        out = real(x, T)
+        seen.append(getattr(x, "_owned", False) and out.data_ptr() == x.data_ptr())
+        return out
+
+    monkeypatch.setattr(projected, "softmax32", spy)
+    if cached:
+        cb = _cache_batch(t_logits, batch, tables, vt, k=vt)
+        loss, n = cached_projected_kd(s_logits, cb, batch, tables, classes, chunk_rows=7)
+    else:
+        loss, n = projected_kd(s_logits, t_logits, batch, tables, classes, t_vocab_size=vt, chunk_rows=7)
+    loss.backward()
+    assert len(seen) == math.ceil(int(n) / 7) > 1 and all(seen)
+    assert torch.equal(s_logits.detach(), keep)
