@@ -181,10 +181,11 @@ def cmd_distill(args) -> int:
     args._log_dir = cfg.train.output_dir
     from sakd.train.distill import distill
 
-    # with the CE-only run, the push (train.push_to_hub) waits until its row is in the model card
-    result = distill(cfg, resume=args.resume, progress=not args.no_progress, push=not cfg.eval.ce_only_baseline)
+    # with the CE-only run, the push (train.push_to_hub) waits until its row is in the model card (publish)
+    result = distill(cfg, resume=args.resume, progress=not args.no_progress)
     if cfg.eval.ce_only_baseline:
-        from sakd.train.ce_only import add_ce_only_to_report, run_ce_only
+        from sakd.train.ce_only import ce_only_row, run_ce_only
+        from sakd.train.publish import publish
 
         if result.get("stopped"):
             print(f"cross-entropy-only run not started: the run stopped ({result['stopped']}); it follows the "
@@ -196,12 +197,9 @@ def cmd_distill(args) -> int:
                   + (" and then pushes" if cfg.train.push_to_hub else ""), flush=True)
             return 0
         if "student_bpb_final" in ce and "student_bpb_final" in result:  # the main process
-            add_ce_only_to_report(cfg.train.output_dir, cfg, result, ce)
             print(f"held-out bits/byte: distilled {result['student_bpb_final']:.4f}, cross-entropy only "
                   f"{ce['student_bpb_final']:.4f} (report: {cfg.train.output_dir}/report.md)", flush=True)
-            if cfg.train.push_to_hub:  # last: the card now carries everything
-                from sakd.report.push import push_student
-                push_student(cfg.train.output_dir, cfg.train.push_to_hub, private=cfg.train.push_private)
+            publish(cfg.train.output_dir, cfg, result, ce_only=ce_only_row(cfg.train.output_dir, ce))  # then push
     return 0
 
 

@@ -2,7 +2,8 @@
 
 The same student, data order, steps, schedule and seed as the distillation run, with every teacher term
 off: what the teacher adds is the difference of the two held-out bits per byte. The run lives in
-``<output_dir>/ce-only``; its number goes into the distillation run's report (``student_bpb_ce_only``)."""
+``<output_dir>/ce-only``; its number goes into the distillation run's report and model card
+(``student_bpb_ce_only``, sakd/train/publish.py)."""
 
 from __future__ import annotations
 
@@ -37,13 +38,7 @@ def run_ce_only(config: str | Path | None, overrides, output_dir: str | Path, lo
     return distill(cfg, resume=(out / "checkpoints").is_dir(), log=log, progress=progress)
 
 
-def add_ce_only_to_report(output_dir: str | Path, cfg, result: dict, ce: dict) -> dict:
-    """Rewrite ``report.json`` / ``report.md`` of the distillation run with the CE-only row, and add the row to
-    the exported student's model card (before any push: the card that goes up carries it)."""
-    from sakd.report.model_card import add_card_metrics
-    from sakd.report.run import write_run_report
-
-    if result.get("student_dir"):
-        add_card_metrics(result["student_dir"], {"student_bpb_ce_only": ce["student_bpb_final"]})
-    return write_run_report(output_dir, cfg, result, extra={"student_bpb_ce_only": ce["student_bpb_final"],
-                                                            "ce_only_dir": str(ce_only_dir(output_dir))})
+def ce_only_row(output_dir: str | Path, ce: dict) -> dict:
+    """The distillation run's report row for the finished CE-only run ``ce`` (its result): its held-out bits per
+    byte (``student_bpb_ce_only``, also a model-card row: sakd/train/publish.py) and its folder."""
+    return {"student_bpb_ce_only": ce["student_bpb_final"], "ce_only_dir": str(ce_only_dir(output_dir))}

@@ -47,6 +47,7 @@ from sakd.models.lora import export_student, trainable_parameters, wrap_student
 from sakd.models.placement import big_model_placement
 from sakd.train.objective import Objective
 from sakd.train.onpolicy import generate_items
+from sakd.train.publish import publish
 from sakd.train.runlog import RunLogger
 from sakd.train.schedule import EpochOrder, lr_lambda, optimizer_update
 from sakd.train.state import TrainState
@@ -472,11 +473,11 @@ def save(state: TrainState, ckpt_dir: Path, acc, keep: int) -> None:
         save_checkpoint(ckpt_dir, state.step, sd["tensors"], sd["state"], keep)
 
 
-def finish(run: Run, cfg: Config, state: TrainState, out: Path, result: dict, stopped: str | None, log=print,
-           push: bool = True) -> None:
+def finish(run: Run, cfg: Config, state: TrainState, out: Path, result: dict, stopped: str | None,
+           log=print) -> None:
     """After the loop (on the main process; under FSDP every process enters for the collective part): final
-    evaluation, export (student, tokenizer, model card, SAR router), history.json, result.json, the run report,
-    and last the push to the hub (``train.push_to_hub``, unless ``push`` is False)."""
+    evaluation, export (student, tokenizer, model card, SAR router), history.json, result.json, then ``publish``:
+    the run report and the push to the hub (``train.push_to_hub``; with eval.ce_only_baseline, later)."""
     acc, student = run.accelerator, state.student
     if not stopped:  # under FSDP on every process: the student's forwards and the gathering are collective
         bpb = heldout_bits_per_byte(student, run, cfg)
@@ -510,17 +511,12 @@ def finish(run: Run, cfg: Config, state: TrainState, out: Path, result: dict, st
     (out / "history.json").write_text(json.dumps({"history": state.history, "evals": state.evals}, default=float))
     (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
     if not stopped:
-        from sakd.report.run import write_run_report
-        write_run_report(out, cfg, result, teacher=run.teacher, teacher_tokenizer=run.teacher_tok, texts=run.heldout)
-        if cfg.train.push_to_hub and push:
-            from sakd.report.push import push_student
-            result["pushed"] = push_student(out, cfg.train.push_to_hub, private=cfg.train.push_private, log=log)
+        publish(out, cfg, result, log=log, teacher=run.teacher, teacher_tokenizer=run.teacher_tok, texts=run.heldout)
 
 
-def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = True, push: bool = True) -> dict:
-    """Distil ``cfg.model.teacher`` into ``cfg.model.student``: set up, [resume], train, export, report, push.
-    ``push=False``: the caller pushes later (``sakd distill`` with ``eval.ce_only_baseline``: after the CE-only
-    row is in the model card)."""
+def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = True) -> dict:
+    """Distil ``cfg.model.teacher`` into ``cfg.model.student``: set up, [resume], train, export, report, push
+    (with ``eval.ce_only_baseline`` the push waits for the CE-only row: ``sakd.train.publish``)."""
     # ---- set up: data, models, vocabulary map, optimizer, the state a checkpoint holds
     if cfg.train.push_to_hub:  # offline or without a token: one line now, not after the run
         from sakd.report.push import check_push
@@ -602,7 +598,7 @@ def distill(cfg: Config, *, resume: bool = False, log=print, progress: bool = Tr
     result = {"steps": state.step, "seconds": time.time() - t_setup, "teacher_bpb": state.teacher_bpb,
               "stopped": stopped, "counters": state.counters, **info}
     if acc.is_main_process or fsdp.is_sharded(acc):
-        finish(run, cfg, state, out, result, stopped, log, push)
+        finish(run, cfg, state, out, result, stopped, log)
     acc.wait_for_everyone()
     acc.end_training()
     return result
