@@ -52,6 +52,9 @@ METHODS = {  # row name -> its loss overrides (kd_weight is added per run)
     "shared_kl": ["loss.logit=shared_kl"],
     "mapped_kl": ["loss.logit=mapped_kl"],
     "projected_kl": ["loss.logit=projected_kl"],
+    # TRL GOLD's hybrid ULD at 1:1 chunks (the existing baseline, sakd/losses/baselines.py), from the top-64
+    # cache: the columns outside the top 64 get probability 0 (a top-k-truncated teacher; sakd/losses/cached.py)
+    "gold": ["loss.baseline=gold"],
 }
 EVERY_POSITION_METHOD = "projected_kl"  # the rebuilt every-position loss (issue 19, item 2)
 CACHE_K = 64
