@@ -102,13 +102,23 @@ def gold_hybrid_rows(log_q: torch.Tensor, log_p: torch.Tensor, shared_s: torch.T
 
     log_q [N, Vs], log_p [N, Vt]: the two sides' log-probabilities (log_softmax at T). log_p may hold -inf
     (probability 0: a top-k-truncated teacher); the JSD then counts 0 · log 0 = 0 (beta = 1, KL(q‖p), is
-    +inf there). Shared by the live (``gold_hybrid_loss``) and the cached (``cached.cached_gold_kd``) path."""
+    +inf there). The live loss (``gold_hybrid_loss``) calls it; the cached one (``cached.cached_gold_kd``)
+    calls ``gold_hybrid_parts`` on the same parts, built without the [N, Vt] row."""
     rest_s = torch.ones(log_q.shape[-1], dtype=torch.bool, device=log_q.device)
     rest_s[shared_s] = False
     rest_t = torch.ones(log_p.shape[-1], dtype=torch.bool, device=log_p.device)
     rest_t[shared_t] = False
-    matched = _jsd_on_log_probs(log_q[:, shared_s], log_p[:, shared_t], beta)
-    unmatched = _sorted_l1(log_q[:, rest_s].exp(), log_p[:, rest_t].exp())
+    return gold_hybrid_parts(log_q[:, shared_s], log_p[:, shared_t], log_q[:, rest_s].exp(), log_p[:, rest_t].exp(),
+                             beta=beta, w_m=w_m, w_u=w_u)
+
+
+def gold_hybrid_parts(log_q_shared: torch.Tensor, log_p_shared: torch.Tensor, q_rest: torch.Tensor,
+                      p_rest: torch.Tensor, *, beta: float, w_m: float, w_u: float) -> torch.Tensor:
+    """``gold_hybrid_rows`` from its parts, per row [N]: w_m · JSD_beta(log_q_shared [N, S], log_p_shared [N, S])
+    + w_u · sorted L1(q_rest [N, *], p_rest [N, *]). The rest vectors are probabilities in any column order and
+    of any width: the sorted L1 zero-pads the shorter, so columns of probability 0 may be left out."""
+    matched = _jsd_on_log_probs(log_q_shared, log_p_shared, beta)
+    unmatched = _sorted_l1(q_rest, p_rest)
     return w_m * matched + w_u * unmatched
 
 
