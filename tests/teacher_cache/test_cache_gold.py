@@ -1,11 +1,12 @@
 """The GOLD baseline (``loss.baseline=gold``) from a teacher cache: the config check lets it through (and still
-refuses ULD and truncation), and a run from a full-vocabulary float32 cache has, at its first step, the
-kd term of the live-teacher run."""
+refuses ULD and truncation), a run from a full-vocabulary float32 cache has the kd terms of the
+live-teacher run, and a KA cache's sampled routings are averaged."""
 
 import json
 import math
 
 import pytest
+import torch
 
 from sakd.errors import UserError
 from sakd.models.load import load_tokenizer
@@ -50,3 +51,38 @@ def test_gold_trains_from_a_full_vocabulary_cache_as_from_the_live_teacher(tiny_
     assert all(math.isfinite(r["kd"]) and r["kd"] > 0 for r in cached)
     assert cached[0]["kd"] == pytest.approx(live[0]["kd"], rel=1e-5)
     assert [r["kd"] for r in cached] == pytest.approx([r["kd"] for r in live], rel=1e-4)  # the same updates
+
+
+def test_a_ka_cache_averages_gold_over_its_sampled_routings(tiny_assets, tmp_path):
+    """moe.mode=ka caches moe.ka_samples routings per position: the cached step's kd term is the mean of
+    cached_gold_kd over the routings, on the live path's normaliser (the student's target tokens), as the
+    live KA averages its passes; the two routings give different losses."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from sakd.align.vocab import build_vocab_map
+    from sakd.data.text import Collator, pad_id, span_data
+    from sakd.losses.cached import cached_gold_kd
+    from sakd.teacher_cache.reader import TeacherCache
+    from sakd.train import objective
+
+    cfg = _cfg(tiny_assets, tmp_path / "run", **{**GOLD, "moe.mode": "ka", "moe.ka_samples": 2,
+                                                 "moe.sample_prob": 0.5})
+    build_cache(cfg, tmp_path / "cache", k=64, codec="float32", **QUIET)
+    data = span_data(cfg, **QUIET)
+    vocab = build_vocab_map(data.student_tok, data.teacher_tok)
+    idx = [0, 7, 12]
+    batch = Collator(pad_id(data.student_tok), pad_id(data.teacher_tok))([data.train[i] for i in idx])
+    cb = TeacherCache(tmp_path / "cache").batch(idx, batch["t_ids"].shape[1], check=batch)
+    assert len(cb["samples"]) == 2
+    student = AutoModelForCausalLM.from_pretrained(str(cfg.model.student))
+    counts = objective.count_targets([batch], cfg)
+    vt = len(data.teacher_tok)
+    _, terms, _ = objective.cached_step_loss(student, cb, batch, vocab.shared_s, vocab.shared_t, cfg, {"kd": 1.0},
+                                             counts, Accelerator(cpu=True), t_vocab=vt)
+    with torch.no_grad():
+        s_logits = student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long()).logits
+    per = [cached_gold_kd(s_logits, v, batch, vocab.shared_s, vocab.shared_t, vt=vt, temperature=cfg.loss.temperature,
+                          beta=0.5)[0].item() for v in cb["samples"]]
+    assert counts["kd"] == counts["ce"] and per[0] > 0 and abs(per[0] - per[1]) > 1e-6 * per[0]
+    assert terms["kd"] == pytest.approx((per[0] + per[1]) / 2 / counts["kd"], rel=1e-5)
