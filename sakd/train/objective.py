@@ -368,8 +368,8 @@ def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Confi
                      acc, mapping=None, classes=None, t_vocab: int | None = None):
     """Like ``micro_step_loss`` with the teacher read from a top-k cache (sakd.teacher_cache.reader): KD (shared_kl at 1:1
     chunks, or mapped_kl at every position) and the chunk likelihood from the sparse teacher, never densified
-    to [rows, V]; the GOLD baseline builds [chunk_rows, V_t] row blocks of its top-k-truncated teacher, V_t =
-    ``t_vocab`` (the teacher tokenizer's length, as on the live path). A KA cache holds several routings per
+    to [rows, V]; the GOLD baseline against the top-k-truncated teacher, its weights from V_t = ``t_vocab`` (the
+    teacher tokenizer's length, as on the live path). A KA cache holds several routings per
     position: the terms average over them, as over the live teacher passes. ``mapping``: the mapped_kl tables
     (else the cache loads them)."""
     from sakd.losses.cached import cached_chunk_likelihood, cached_gold_kd, cached_shared_kd
