@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from sakd.errors import UserError
+from sakd.losses.baselines import compute_dtype, gold_hybrid_parts, gold_weights
 from sakd.losses.batch import count as _count, field as _field
 from sakd.losses.crosstok import (alm_from_chunk_logprobs, alm_selection, chunk_logprobs,
                                   one_to_one_positions)
@@ -137,3 +139,58 @@ def cached_chunk_likelihood(s_logits: torch.Tensor, cache_batch: dict, batch, *,
     lp_t = cached_chunk_logprobs(cache_batch, batch, sel).to(device=lp_s.device, dtype=lp_s.dtype)
     return alm_from_chunk_logprobs(lp_s, lp_t, n_s, n_t, sel, temperature=temperature, weight=weight,
                                    subtract_entropy=subtract_entropy, epsilon=epsilon)
+
+
+def cached_gold_kd(s_logits: torch.Tensor, cache_batch: dict, batch, shared_s: torch.Tensor, shared_t: torch.Tensor,
+                   *, vt: int, temperature: float = 1.0, beta: float = 0.5, chunk_rows: int = 256):
+    """BASELINE — GOLD's hybrid ULD loss at 1:1 chunks (``baselines.gold_hybrid_loss``) from a top-k cache.
+
+    The teacher's row at each 1:1 position is its top-k log-probs (at T, as cached) and probability 0 on the
+    other V_t - k ids: a TOP-K-TRUNCATED teacher p̃ (p̃ = p_T on the top-k, 0 elsewhere, NOT renormalised:
+    Σ p̃ = 1 - R, R = exp(rest_logprob)), in the live loss's formula (``baselines.gold_hybrid_parts``; the JSD
+    counts 0 · log 0 = 0). The [N, V_t] row is never built: its shared columns are the top-k ids that are
+    shared, put at their shared positions ([N, S], -inf elsewhere), and its other columns enter the sorted L1
+    as the k top-k values off the shared vocabulary (the zeros it leaves out pair with zeros). With k = V_t
+    it is the live loss.
+    Bound against the full-logit loss, per row, with U = exp(shared_rest_logprob) (teacher mass on shared
+    ids outside the top-k) and R - U (on the other ids): sorting is a contraction in L1, so the unmatched
+    sorted L1 moves by at most R - U; for 0 < beta < 1 the matched JSD's derivative in p_i is
+    beta · log(p_i / m_i) (m = beta p + (1 - beta) q ≤ 1), so it moves by at most beta · U · (1 + ln(1/beta) +
+    ln(S / U)) (S = shared ids): a term of order the rest mass (times a log), 0 when the top-k holds all the
+    mass. beta = 0 (KL(p‖q) on the shared part) moves by Σ_{shared ∉ top-k} p_i log(p_i / q_i), not bounded by
+    U alone; beta = 1 (KL(q‖p̃)) is +inf, refused by ``check_cached_config``. A sampled cache is refused:
+    its log(count / N) would enter the nonlinear loss (sorting, JSD) biased.
+
+    Shapes: s_logits [B, Ls, Vs]; cache_batch from ``TeacherCache.batch`` (topk_ids, topk_logprobs [B, Lt, k]);
+    ``vt``: the teacher vocabulary (w_m = S / V_t, as in the live loss). ``chunk_rows`` rows at a time: the
+    student's [chunk_rows, Vs] rows, the teacher's [chunk_rows, S + 1]. Gradient: student only.
+    Returns (loss_sum, n) with n = number of 1:1 chunks, as ``gold_hybrid_loss``."""
+    if "shared_logmass" in cache_batch:
+        raise UserError("loss.baseline=gold needs a top-k teacher cache (codec packed or float32), not a sampled "
+                        "one: rebuild it with sakd cache-teacher --codec packed, or drop the cache")
+    b, s_pos, t_pos = one_to_one_positions(batch)
+    n = b.numel()
+    if n == 0:  # an exact 0 that still belongs to the graph
+        return s_logits[b, s_pos, :0].sum().to(compute_dtype(s_logits)), _count(n, s_logits)
+    dev = s_logits.device
+    shared_s, shared_t = shared_s.to(dev), shared_t.to(dev)
+    b, s_pos, t_pos = b.to(dev), s_pos.to(dev), t_pos.to(dev)
+    S, w_m, w_u = shared_t.numel(), *gold_weights(shared_t.numel(), vt)
+    dtype = compute_dtype(s_logits)
+    rest_s = torch.ones(s_logits.shape[-1], dtype=torch.bool, device=dev)
+    rest_s[shared_s] = False
+    ids = cache_batch["topk_ids"].to(dev)[b, t_pos]                                   # [N, k]
+    lp = cache_batch["topk_logprobs"].to(dev)[b, t_pos].to(dtype)                    # [N, k]
+    pos = shared_positions(shared_t, ids) if S else torch.full_like(ids, -1)         # [N, k], -1: not shared
+    total = s_logits.new_zeros((), dtype=dtype)
+    for a in range(0, n, chunk_rows):
+        i = slice(a, a + chunk_rows)
+        log_q = torch.log_softmax(s_logits[b[i], s_pos[i]].to(dtype) / temperature, -1)
+        shared = pos[i] >= 0
+        # column S takes the non-shared slots (all -inf there, whatever the write order), then is dropped
+        log_p_shared = torch.full((log_q.shape[0], S + 1), -math.inf, dtype=dtype, device=dev)
+        log_p_shared.scatter_(1, pos[i].masked_fill(~shared, S), lp[i].masked_fill(~shared, -math.inf))
+        p_rest = lp[i].masked_fill(shared, -math.inf).exp()                          # [rows, k]
+        total = total + gold_hybrid_parts(log_q[:, shared_s], log_p_shared[:, :S], log_q[:, rest_s].exp(), p_rest,
+                                          beta=beta, w_m=w_m, w_u=w_u).sum()
+    return total, _count(n, s_logits)

@@ -196,10 +196,13 @@ def check_cached_config(cfg: Config) -> None:
     if cfg.moe.mode == "sar":
         raise UserError("moe.mode=sar trains the teacher's router during distillation and needs the live teacher: "
                         "use moe.mode=topk, all or ka with model.teacher_cache, or drop the cache")
-    if "kd" in terms and lc.method not in ("shared_kl", "mapped_kl", "projected_kl"):
+    if "kd" in terms and lc.method not in ("shared_kl", "mapped_kl", "projected_kl", "gold"):
         key = "loss.baseline" if lc.baseline else "loss.logit"
-        raise UserError(f"{key}={lc.method} needs the teacher's full logits: use loss.logit=shared_kl, "
-                        "mapped_kl or projected_kl with model.teacher_cache, or drop the cache")
+        raise UserError(f"{key}={lc.method} needs the teacher's full logits: use loss.logit=shared_kl, mapped_kl "
+                        "or projected_kl (or loss.baseline=gold) with model.teacher_cache, or drop the cache")
+    if "kd" in terms and lc.method == "gold" and lc.beta == 1:
+        raise UserError("loss.baseline=gold with loss.beta=1 is KL(student‖teacher), infinite against a top-k "
+                        "cache's teacher (0 outside its top-k): set loss.beta < 1 or drop the cache")
     if "kd" in terms and lc.divergence != "forward_kl":
         raise UserError(f"loss.divergence={lc.divergence} needs the teacher's probability of every token; a top-k "
                         "cache supports forward_kl only: set loss.divergence=forward_kl or drop the cache")

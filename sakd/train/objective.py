@@ -365,12 +365,14 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
 
 
 def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Config, weights: dict, counts: dict,
-                     acc, mapping=None, classes=None):
+                     acc, mapping=None, classes=None, t_vocab: int | None = None):
     """Like ``micro_step_loss`` with the teacher read from a top-k cache (sakd.teacher_cache.reader): KD (shared_kl at 1:1
     chunks, or mapped_kl at every position) and the chunk likelihood from the sparse teacher, never densified
-    to [rows, V]. A KA cache holds several routings per position: the terms average over them, as over the
-    live teacher passes. ``mapping``: the mapped_kl tables (else the cache loads them)."""
-    from sakd.losses.cached import cached_chunk_likelihood, cached_shared_kd
+    to [rows, V]; the GOLD baseline against the top-k-truncated teacher, its weights from V_t = ``t_vocab`` (the
+    teacher tokenizer's length, as on the live path). A KA cache holds several routings per
+    position: the terms average over them, as over the live teacher passes. ``mapping``: the mapped_kl tables
+    (else the cache loads them)."""
+    from sakd.losses.cached import cached_chunk_likelihood, cached_gold_kd, cached_shared_kd
     from sakd.losses.cached_mapped import cached_mapped_kd
     from sakd.losses.projected import cached_projected_kd
 
@@ -384,6 +386,9 @@ def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Confi
     kinds = {} if lc.logit == "projected_kl" else None
 
     def kd(cb):
+        if lc.method == "gold":  # the live path's arguments (logit_term_sum), the same KD normaliser and T^2
+            return cached_gold_kd(s_logits, cb, batch, shared_s, shared_t, vt=t_vocab, temperature=lc.temperature,
+                                  beta=lc.beta, chunk_rows=min(lc.chunk_rows, 256))[0]
         if lc.logit == "projected_kl":
             tables = mapping if mapping is not None else cache_batch["mapping"]()
             return cached_projected_kd(s_logits, cb, batch, tables, classes, temperature=lc.temperature,
@@ -512,7 +517,7 @@ class Objective:
             cb = self.cache.batch(self.span_ids[index], batch["t_ids"].shape[1], device=self.acc.device, check=batch)
             return cached_step_loss(self.student, cb, batch, self.shared_s, self.shared_t, self.cfg, self.weights,
                                     self.counts, self.acc, mapping=self.vocab.mapping,
-                                    classes=getattr(self.vocab, "classes", None))
+                                    classes=getattr(self.vocab, "classes", None), t_vocab=self.t_vocab)
         log_every = self.cfg.train.log_every
         return micro_step_loss(self.teacher, self.student, self.aux, batch, self.shared_s, self.shared_t, self.cfg,
                                self.weights, self.counts, self.acc, self.sched, self.ka_gen, self.t_vocab,
