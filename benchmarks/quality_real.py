@@ -11,7 +11,9 @@ Regime (issue 19's table): ``configs/demo.yaml`` with ``moe.mode=topk`` (a dense
 hidden/attention/contrastive/chunk term, 800 training spans of 256 student tokens, 100 steps of 8 spans
 (one epoch), KD next to full cross-entropy. Splits (``benchmark_splits``): training = every play but the
 validation plays (Julius Caesar, Twelfth Night) and the test plays (Macbeth, The Tempest); each student is
-scored on the WHOLE validation and test plays (bits per byte, sliding windows). The KD weight of every KD
+scored on the WHOLE validation and test plays (bits per byte, sliding windows). Rows: ``ce``, ``shared_kl``,
+``mapped_kl``, ``projected_kl`` and ``gold`` (TRL GOLD's hybrid ULD baseline at 1:1 chunks against the top-64
+teacher, ``sakd/losses/cached.py::cached_gold_kd``). The KD weight of every KD
 method is chosen on validation from ``--weights`` with the first ``--grid-seeds`` seeds; the test table
 reports each method at kd_weight 1 and at its chosen weight over all ``--seeds``, with paired gains (same
 seed = same data order) over ``ce`` and over ``shared_kl`` (mean, std, standard error, 95 % t interval).
@@ -19,9 +21,10 @@ seed = same data order) over ``ce`` and over ``shared_kl`` (mean, std, standard 
     python benchmarks/quality_real.py --work-dir /tmp/qr                         # the table (quality_real.json)
     python benchmarks/quality_real.py --work-dir /tmp/qr --pilot                 # spread for sizing the seeds
     python benchmarks/quality_real.py --work-dir /tmp/qr --seeds 2 --methods ce shared_kl --weights 1 --out /tmp/q.json
-    # 15 seeds for the headline rows only (ce, shared_kl and projected_kl at their chosen weights):
+    # the published table: 15 seeds for the headline rows only (ce and the three sakd losses at their chosen
+    # weights), GOLD on the grid's 3 seeds:
     python benchmarks/quality_real.py --work-dir /tmp/qr --seeds 15 --weights 1 2 4 \
-        --grid-methods shared_kl mapped_kl projected_kl --later-seeds-only ce shared_kl projected_kl
+        --grid-methods shared_kl mapped_kl projected_kl gold --later-seeds-only ce shared_kl projected_kl mapped_kl
 """
 
 from __future__ import annotations
