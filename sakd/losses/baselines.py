@@ -92,31 +92,18 @@ def gold_weights(n_shared: int, vt: int, matched_weight: float | None = None,
     return w_m, 1.0 - w_m if unmatched_weight is None else float(unmatched_weight)
 
 
-def gold_hybrid_rows(log_q: torch.Tensor, log_p: torch.Tensor, shared_s: torch.Tensor, shared_t: torch.Tensor,
-                     *, beta: float, w_m: float, w_u: float) -> torch.Tensor:
-    """GOLD's hybrid ULD loss of N rows (TRL ``ULDLoss._compute_hybrid_uld_loss``), per row [N]:
-
-        matched   = generalized JSD(beta) between q[shared_s] and p[shared_t]   (not renormalised)
-        unmatched = Σ_i |sort↓(q[rest_s])_i - sort↓(p[rest_t])_i|  (zero-padded; rest = the other columns)
-        loss      = w_m · matched + w_u · unmatched
-
-    log_q [N, Vs], log_p [N, Vt]: the two sides' log-probabilities (log_softmax at T). log_p may hold -inf
-    (probability 0: a top-k-truncated teacher); the JSD then counts 0 · log 0 = 0 (beta = 1, KL(q‖p), is
-    +inf there). The live loss (``gold_hybrid_loss``) calls it; the cached one (``cached.cached_gold_kd``)
-    calls ``gold_hybrid_parts`` on the same parts, built without the [N, Vt] row."""
-    rest_s = torch.ones(log_q.shape[-1], dtype=torch.bool, device=log_q.device)
-    rest_s[shared_s] = False
-    rest_t = torch.ones(log_p.shape[-1], dtype=torch.bool, device=log_p.device)
-    rest_t[shared_t] = False
-    return gold_hybrid_parts(log_q[:, shared_s], log_p[:, shared_t], log_q[:, rest_s].exp(), log_p[:, rest_t].exp(),
-                             beta=beta, w_m=w_m, w_u=w_u)
-
-
 def gold_hybrid_parts(log_q_shared: torch.Tensor, log_p_shared: torch.Tensor, q_rest: torch.Tensor,
                       p_rest: torch.Tensor, *, beta: float, w_m: float, w_u: float) -> torch.Tensor:
-    """``gold_hybrid_rows`` from its parts, per row [N]: w_m · JSD_beta(log_q_shared [N, S], log_p_shared [N, S])
-    + w_u · sorted L1(q_rest [N, *], p_rest [N, *]). The rest vectors are probabilities in any column order and
-    of any width: the sorted L1 zero-pads the shorter, so columns of probability 0 may be left out."""
+    """GOLD's hybrid ULD loss of N rows (TRL ``ULDLoss._compute_hybrid_uld_loss``) from its parts, per row [N]:
+
+        matched   = generalized JSD(beta)(log_q_shared [N, S], log_p_shared [N, S])   (not renormalised)
+        unmatched = Σ_i |sort↓(q_rest)_i - sort↓(p_rest)_i|  (zero-padded)
+        loss      = w_m · matched + w_u · unmatched
+
+    The rest vectors are probabilities in any column order and of any width: the sorted L1 zero-pads the
+    shorter, so columns of probability 0 may be left out. log_p_shared may hold -inf (probability 0: a
+    top-k-truncated teacher); the JSD then counts 0 · log 0 = 0 (beta = 1, KL(q‖p), is +inf there). The live
+    loss (``gold_hybrid_loss``) and the cached one (``cached.cached_gold_kd``) both call it."""
     matched = _jsd_on_log_probs(log_q_shared, log_p_shared, beta)
     unmatched = _sorted_l1(q_rest, p_rest)
     return w_m * matched + w_u * unmatched
@@ -136,7 +123,7 @@ def gold_hybrid_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, shar
     that is not reproduced here).
 
     Per position, with q = softmax(s/T) over the student vocabulary and p = softmax(t/T)
-    over the teacher's (NOT renormalised on the shared part, as in TRL), ``gold_hybrid_rows``:
+    over the teacher's (NOT renormalised on the shared part, as in TRL), ``gold_hybrid_parts``:
         matched   = generalized JSD(beta) between q[shared_s] and p[shared_t]
         unmatched = Σ_i |sort↓(q[rest_s])_i - sort↓(p[rest_t])_i|  (zero-padded)
         loss      = w_m · matched + w_u · unmatched
@@ -146,13 +133,18 @@ def gold_hybrid_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, shar
     vt = t_logits.shape[-1] if t_vocab_size is None else int(t_vocab_size)
     w_m, w_u = gold_weights(shared_t.numel(), vt, matched_weight, unmatched_weight)
     shared_s, shared_t = shared_s.to(s_logits.device), shared_t.to(t_logits.device)
+    rest_s = torch.ones(s_logits.shape[-1], dtype=torch.bool, device=s_logits.device)
+    rest_s[shared_s] = False
+    rest_t = torch.ones(vt, dtype=torch.bool, device=t_logits.device)
+    rest_t[shared_t] = False
     dtype = compute_dtype(s_logits)
     total = s_logits.new_zeros((), dtype=dtype)
     for a in range(0, b.numel(), chunk_rows):
         i = slice(a, a + chunk_rows)
         log_q = torch.log_softmax(s_logits[b[i], s_pos[i]].to(dtype) / temperature, -1)
         log_p = torch.log_softmax(t_logits[b[i], t_pos[i], :vt].detach().to(dtype) / temperature, -1)
-        total = total + gold_hybrid_rows(log_q, log_p, shared_s, shared_t, beta=beta, w_m=w_m, w_u=w_u).sum()
+        total = total + gold_hybrid_parts(log_q[:, shared_s], log_p[:, shared_t], log_q[:, rest_s].exp(),
+                                          log_p[:, rest_t].exp(), beta=beta, w_m=w_m, w_u=w_u).sum()
     return total, _count(b.numel(), s_logits)
 
 

@@ -367,7 +367,7 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
 def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Config, weights: dict, counts: dict,
                      acc, mapping=None, classes=None, t_vocab: int | None = None):
     """Like ``micro_step_loss`` with the teacher read from a top-k cache (sakd.teacher_cache.reader): KD (shared_kl at 1:1
-    chunks, or mapped_kl at every position) and the chunk likelihood from the sparse teacher, never densified
+    chunks, or mapped_kl / projected_kl at every position) and the chunk likelihood from the sparse teacher, never densified
     to [rows, V]; the GOLD baseline against the top-k-truncated teacher, its weights from V_t = ``t_vocab`` (the
     teacher tokenizer's length, as on the live path). A KA cache holds several routings per
     position: the terms average over them, as over the live teacher passes. ``mapping``: the mapped_kl tables
