@@ -275,6 +275,36 @@ def format_table(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
+def parse_levers(specs: list[str]) -> dict[str, list[str]]:
+    """``NAME=KEY=VALUE[,KEY=VALUE...]`` -> {NAME: [KEY=VALUE, ...]} (one-line errors for a malformed one)."""
+    out = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        over = [o for o in rest.split(",") if o]
+        if not name or not over or any("=" not in o for o in over):
+            raise SystemExit(f"quality_real.py: --levers {spec!r}: write NAME=KEY=VALUE[,KEY=VALUE], e.g. "
+                             "chunk1=loss.chunk_weight=1")
+        out[name] = over
+    return out
+
+
+def lever_rows(runs: list[dict], lever_runs: dict[str, list[dict]], levers: dict[str, list[str]], method: str,
+               weight: float) -> dict:
+    """Validation bits/byte of each lever's runs, paired (same seed) against ``method`` at ``weight`` without it
+    and against ce."""
+    base = by_seed(runs, method, weight, "validation")
+    ce = by_seed(runs, "ce", 0.0, "validation")
+    rows = {}
+    for name, done in lever_runs.items():
+        vals = {r["seed"]: r["bpb_validation"] for r in done if "failed" not in r}
+        rows[name] = {"overrides": levers[name], "bpb_per_seed": [vals[s] for s in sorted(vals)],
+                      "bpb_mean": statistics.fmean(vals.values()) if vals else None,
+                      "gain_vs_without": paired(base, vals), "gain_vs_ce": paired(ce, vals)}
+    seeds = sorted({r["seed"] for done in lever_runs.values() for r in done})
+    return {"split": "validation", "method": method, "kd_weight": weight, "seeds": seeds,
+            "without_bpb_per_seed": [base.get(s) for s in seeds], "rows": rows}
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", help="data, the teacher cache and every run go here (reused)")
@@ -293,6 +323,10 @@ def parse(argv):
                    "spread of the paired differences and the seeds it asks for (quality_real_pilot.json)")
     p.add_argument("--temperature", type=float, default=1.0,
                    help="the KD temperature of every row (the cache is keyed on it: use its own --work-dir)")
+    p.add_argument("--levers", nargs="+", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
+                   help="validation only: the every-position method at its chosen kd_weight over the grid seeds with "
+                        "these overrides added (e.g. chunk1=loss.chunk_weight=1), paired against it without them; "
+                        "the test table never sees them (result key \"levers\")")
     p.add_argument("--target-se", type=float, default=0.4, help="percent: the paired standard error to size for")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/quality_real.json)")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -321,10 +355,12 @@ def main(argv=None) -> int:
     weights = [1.0] if a.pilot else sorted(set(a.weights) | {1.0})
     kd_methods = [m for m in methods if m != "ce"]
 
-    def task(method: str, weight: float, seed: int) -> dict:
+    levers = parse_levers(a.levers)
+
+    def task(method: str, weight: float, seed: int, lever: str | None = None) -> dict:
         o = [*over, f"model.teacher_cache={cache}", *METHODS[method], f"loss.kd_weight={weight}",
-             f"train.seed={seed}"]
-        name = f"{method}-kd{weight:g}-seed{seed}"
+             *(levers[lever] if lever else []), f"train.seed={seed}"]
+        name = f"{method}-kd{weight:g}-{lever + '-' if lever else ''}seed{seed}"
         return {"method": method, "kd_weight": weight, "seed": seed, "overrides": o, "threads": a.threads,
                 "out": str(work / "runs" / name), "paths": paths}
 
@@ -347,6 +383,11 @@ def main(argv=None) -> int:
         final = {("ce", 0.0)} | {(m, w) for m, w in selection["chosen"].items()}
         final = {(m, w) for m, w in final if m in a.later_seeds_only}
     runs += execute([task(m, w, s) for s in seeds if s not in grid_seeds for m, w in sorted(final)])
+    lever_result = None
+    if levers and EVERY_POSITION_METHOD in selection["chosen"]:
+        w = selection["chosen"][EVERY_POSITION_METHOD]
+        lever_runs = {name: execute([task(EVERY_POSITION_METHOD, w, s, name) for s in grid_seeds]) for name in levers}
+        lever_result = lever_rows(runs, lever_runs, levers, EVERY_POSITION_METHOD, w)
     rows = [("ce", 0.0, "ce (cross-entropy only)")]
     for m in kd_methods:
         w = selection["chosen"].get(m)
@@ -375,7 +416,7 @@ def main(argv=None) -> int:
                                                      "teacher_bpb_heldout") if k in manifest}},
               "every_position_method": EVERY_POSITION_METHOD, "selection": selection,
               "target_se_percent": a.target_se, "sizing": sizing, "rows": test, "validation_rows": val,
-              "chosen_vs_chosen": chosen_pairs,
+              "chosen_vs_chosen": chosen_pairs, **({"levers": lever_result} if lever_result else {}),
               "runs": runs, "failed_runs": [r for r in runs if "failed" in r],
               "wall_seconds": time.time() - t_start, "jobs": a.jobs, "threads": a.threads}
     name = "quality_real_pilot.json" if a.pilot else "quality_real.json"
@@ -388,6 +429,11 @@ def main(argv=None) -> int:
     print("\neach method at its chosen kd_weight against each other at theirs (test, paired):")
     for k, g in chosen_pairs.items():
         print(f"  {k:40} {_fmt(g)}")
+    if lever_result:
+        print(f"\nlevers (validation, {EVERY_POSITION_METHOD} kd {lever_result['kd_weight']:g}, seeds "
+              f"{lever_result['seeds']}; gain over the same run without the lever, paired):")
+        for k, v in lever_result["rows"].items():
+            print(f"  {k:16} {v['bpb_mean']:.4f}  {_fmt(v['gain_vs_without'])}   ({', '.join(v['overrides'])})")
     if sizing:
         print("\nseeds for a paired standard error <= %.1f %%: " % a.target_se
               + ", ".join(f"{k}: {v['seeds_for_target_se']}" for k, v in sizing.items()))
