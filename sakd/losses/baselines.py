@@ -13,7 +13,7 @@ import torch
 
 from sakd.errors import UserError
 from sakd.losses.batch import count as _count, one_to_one_positions
-from sakd.losses.divergences import kd_loss
+from sakd.losses.divergences import compute_dtype, kd_loss
 
 def _index_matched_positions(s_mask: torch.Tensor, t_mask: torch.Tensor):
     """ULD's position matching: the i-th predicting position of one side against the i-th
@@ -107,11 +107,6 @@ def gold_hybrid_parts(log_q_shared: torch.Tensor, log_p_shared: torch.Tensor, q_
     matched = _jsd_on_log_probs(log_q_shared, log_p_shared, beta)
     unmatched = _sorted_l1(q_rest, p_rest)
     return w_m * matched + w_u * unmatched
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float32 for 16- and 32-bit inputs, float64 stays float64 (the float64 reference tests)."""
-    return torch.promote_types(x.dtype, torch.float32)
 
 
 def gold_hybrid_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, shared_s: torch.Tensor,

@@ -19,11 +19,11 @@ import math
 import torch
 
 from sakd.errors import UserError
-from sakd.losses.baselines import compute_dtype, gold_hybrid_parts, gold_weights
+from sakd.losses.baselines import gold_hybrid_parts, gold_weights
 from sakd.losses.batch import count as _count, field as _field
 from sakd.losses.crosstok import (alm_from_chunk_logprobs, alm_selection, chunk_logprobs,
                                   one_to_one_positions)
-from sakd.losses.divergences import sparse_forward_kl
+from sakd.losses.divergences import compute_dtype, sparse_forward_kl
 
 
 def shared_positions(shared_t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:

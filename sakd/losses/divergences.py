@@ -62,6 +62,12 @@ def softmax32(x: torch.Tensor, temperature: float) -> torch.Tensor:
     return softmax_(z.div_(temperature) if temperature != 1.0 else z)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a loss computes in: float32 for 16- and 32-bit inputs; float64 stays float64 (the float64
+    reference tests)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def kl_rows(log_a: torch.Tensor, log_b: torch.Tensor, need_a: bool, need_b: bool, a: torch.Tensor | None = None):
     """KL(a || b) per row from log-probs (both consumed: overwritten in place to save memory); ``a``: the
     probabilities themselves when the caller has them (else exp(log_a)).
