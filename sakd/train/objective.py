@@ -28,7 +28,7 @@ from sakd.losses.attention import attention_transfer_loss
 from sakd.losses.contrastive import info_nce, mean_pool
 from sakd.losses.divergences import linear_cross_entropy_sum
 from sakd.losses.batch import one_to_one, one_to_one_positions
-from sakd.losses.baselines import gold_hybrid_loss, truncation_kd, uld_loss
+from sakd.losses.baselines import GOLD_CHUNK_ROWS, gold_hybrid_loss, truncation_kd, uld_loss
 from sakd.losses.crosstok import chunk_likelihood_loss, shared_vocab_kd, teacher_mass_outside
 from sakd.losses.hidden import HiddenProjector, hidden_state_loss, layer_map
 from sakd.losses.mapped import mapped_kd
@@ -138,7 +138,8 @@ def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc,
             mass_log["teacher_mass_outside_shared"] = float(out[2])
     elif name == "gold":
         out = gold_hybrid_loss(s_logits, t_logits.detach(), batch, shared_s, shared_t,
-                               temperature=lc.temperature, beta=lc.beta, chunk_rows=min(lc.chunk_rows, 256))
+                               temperature=lc.temperature, beta=lc.beta,
+                               chunk_rows=min(lc.chunk_rows, GOLD_CHUNK_ROWS))
     elif name == "uld":
         out = uld_loss(s_logits, t_logits.detach(), batch["s_mask"], batch["t_mask"], temperature=lc.temperature)
     elif name == "truncation":
@@ -388,7 +389,7 @@ def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Confi
     def kd(cb):
         if lc.method == "gold":  # the live path's arguments (logit_term_sum), the same KD normaliser and T^2
             return cached_gold_kd(s_logits, cb, batch, shared_s, shared_t, vt=t_vocab, temperature=lc.temperature,
-                                  beta=lc.beta, chunk_rows=min(lc.chunk_rows, 256))[0]
+                                  beta=lc.beta, chunk_rows=min(lc.chunk_rows, GOLD_CHUNK_ROWS))[0]
         if lc.logit == "projected_kl":
             tables = mapping if mapping is not None else cache_batch["mapping"]()
             return cached_projected_kd(s_logits, cb, batch, tables, classes, temperature=lc.temperature,
