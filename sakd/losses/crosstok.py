@@ -25,7 +25,7 @@ import torch
 
 from sakd.errors import UserError
 from sakd.losses.batch import count as _count, field as _field, one_to_one_positions  # noqa: F401 (re-exported)
-from sakd.losses.divergences import divergence_sum, kd_loss
+from sakd.losses.divergences import divergence_sum
 from sakd.losses.row_blocks import head_rows
 
 
