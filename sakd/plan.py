@@ -281,7 +281,7 @@ def _teacher_terms(z: _Step, c: dict) -> None:
 
 
 def _kd_terms(z: _Step, c: dict) -> None:
-    """KD (sakd.losses.divergences): the gradient is computed in the forward pass, one row block at a time,
+    """KD (sakd.losses.row_blocks): the gradient is computed in the forward pass, one row block at a time,
     and held until backward: one buffer of the student logits' shape per KA pass (fused: [N, H] + [S, H]
     fp32, and the [S, H] gathered head; a frozen head, LoRA's: no [S, H] gradient). Each row block holds
     `kernel` fp32 [rows, S] temporaries plus its gathered rows; the teacher-mass-outside log (forward, no

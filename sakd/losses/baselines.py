@@ -13,7 +13,7 @@ import torch
 
 from sakd.errors import UserError
 from sakd.losses.batch import count as _count, one_to_one_positions
-from sakd.losses.divergences import kd_loss
+from sakd.losses.divergences import compute_dtype, kd_loss
 
 def _index_matched_positions(s_mask: torch.Tensor, t_mask: torch.Tensor):
     """ULD's position matching: the i-th predicting position of one side against the i-th
@@ -109,15 +109,15 @@ def gold_hybrid_parts(log_q_shared: torch.Tensor, log_p_shared: torch.Tensor, q_
     return w_m * matched + w_u * unmatched
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """float32 for 16- and 32-bit inputs, float64 stays float64 (the float64 reference tests)."""
-    return torch.promote_types(x.dtype, torch.float32)
+# GOLD's row block, at most (loss.chunk_rows may only lower it): 256 rows was gold_hybrid_loss's own block when
+# the loop still ignored loss.chunk_rows, and stayed the ceiling when commit 8fc1a8a ("chunk_rows honoured") passed it.
+GOLD_CHUNK_ROWS = 256
 
 
 def gold_hybrid_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, shared_s: torch.Tensor,
                      shared_t: torch.Tensor, *, temperature: float = 1.0, beta: float = 0.5,
                      matched_weight: float | None = None, unmatched_weight: float | None = None,
-                     t_vocab_size: int | None = None, chunk_rows: int = 256):
+                     t_vocab_size: int | None = None, chunk_rows: int = GOLD_CHUNK_ROWS):
     """BASELINE — GOLD's hybrid ULD loss (TRL ``trl/experimental/gold``, ``ULDLoss._compute_hybrid_uld_loss``),
     at 1:1 chunk positions only (GOLD also merges multi-token groups into one distribution;
     that is not reproduced here).

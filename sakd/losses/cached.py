@@ -19,11 +19,11 @@ import math
 import torch
 
 from sakd.errors import UserError
-from sakd.losses.baselines import compute_dtype, gold_hybrid_parts, gold_weights
+from sakd.losses.baselines import GOLD_CHUNK_ROWS, gold_hybrid_parts, gold_weights
 from sakd.losses.batch import count as _count, field as _field
 from sakd.losses.crosstok import (alm_from_chunk_logprobs, alm_selection, chunk_logprobs,
                                   one_to_one_positions)
-from sakd.losses.divergences import sparse_forward_kl
+from sakd.losses.divergences import compute_dtype, sparse_forward_kl
 
 
 def shared_positions(shared_t: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -142,7 +142,8 @@ def cached_chunk_likelihood(s_logits: torch.Tensor, cache_batch: dict, batch, *,
 
 
 def cached_gold_kd(s_logits: torch.Tensor, cache_batch: dict, batch, shared_s: torch.Tensor, shared_t: torch.Tensor,
-                   *, vt: int, temperature: float = 1.0, beta: float = 0.5, chunk_rows: int = 256):
+                   *, vt: int, temperature: float = 1.0, beta: float = 0.5,
+                   chunk_rows: int = GOLD_CHUNK_ROWS):
     """BASELINE — GOLD's hybrid ULD loss at 1:1 chunks (``baselines.gold_hybrid_loss``) from a top-k cache.
 
     The teacher's row at each 1:1 position is its top-k log-probs (at T, as cached) and probability 0 on the

@@ -43,8 +43,9 @@ import torch
 import torch.nn.functional as F
 
 from sakd.align.mapping import MappingTables
-from sakd.losses.divergences import check_settings, RowBlockLoss, sparse_forward_kl_kernel
+from sakd.losses.divergences import sparse_forward_kl_kernel
 from sakd.losses.mapped import MappedPositions, mapped_positions
+from sakd.losses.row_blocks import check_settings, RowBlockLoss
 
 
 def cached_positions(s_logits: torch.Tensor, batch, tables: MappingTables, temperature: float, chunk_rows: int,

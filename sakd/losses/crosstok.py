@@ -25,7 +25,8 @@ import torch
 
 from sakd.errors import UserError
 from sakd.losses.batch import count as _count, field as _field, one_to_one_positions  # noqa: F401 (re-exported)
-from sakd.losses.divergences import divergence_sum, head_rows, kd_loss
+from sakd.losses.divergences import divergence_sum
+from sakd.losses.row_blocks import head_rows
 
 
 # ---------------------------------------------------------------------------------------------

@@ -43,8 +43,8 @@ import torch
 from sakd.align.mapping import MappingTables
 from sakd.errors import UserError
 from sakd.losses.batch import one_to_one
-from sakd.losses.divergences import (RowBlockLoss, check_settings, divergence_kernel, kl_rows, log_softmax32,
-                                     divergence_sum, head_rows, softmax_)
+from sakd.losses.divergences import divergence_kernel, divergence_sum, kl_rows, log_softmax32, softmax_
+from sakd.losses.row_blocks import RowBlockLoss, check_settings, head_rows
 
 _BIG = 1 << 32  # chunk index * _BIG + byte offset inside the chunk: one sortable key per token end
 

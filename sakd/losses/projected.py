@@ -61,8 +61,9 @@ from sakd.align.classes import ClassTables
 from sakd.align.mapping import MappingTables
 from sakd.losses.batch import field, one_to_one
 from sakd.losses.cached_mapped import cached_mapped_targets, cached_positions
-from sakd.losses.divergences import check_settings, overwrites_block, RowBlockLoss, softmax32
+from sakd.losses.divergences import softmax32
 from sakd.losses.mapped import MappedPositions, MappedTargets, mapped_kd, mapped_positions
+from sakd.losses.row_blocks import check_settings, overwrites_block, RowBlockLoss
 
 KINDS = ("one_to_one", "chunk_first", "inside")  # 1:1 chunk; k = 0 in a longer chunk; k > 0
 

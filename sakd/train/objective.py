@@ -10,6 +10,9 @@ Terms (each optional, weights from ``cfg.loss``):
   hidden      projected hidden states at chunk ends
   attention   chunk x chunk attention rows
   contrastive InfoNCE between pooled student and projected teacher states (per example)
+
+The same step with the teacher read from a cache is ``cached_step.cached_step_loss``; the pieces both share
+(the cross-entropy term, the KD term's split by position kind) are in ``terms.py``.
 """
 
 from __future__ import annotations
@@ -26,23 +29,18 @@ from sakd.config import TEACHER_TERMS, Config
 from sakd.errors import UserError
 from sakd.losses.attention import attention_transfer_loss
 from sakd.losses.contrastive import info_nce, mean_pool
-from sakd.losses.divergences import linear_cross_entropy_sum
 from sakd.losses.batch import one_to_one, one_to_one_positions
-from sakd.losses.baselines import gold_hybrid_loss, truncation_kd, uld_loss
+from sakd.losses.baselines import GOLD_CHUNK_ROWS, gold_hybrid_loss, truncation_kd, uld_loss
 from sakd.losses.crosstok import chunk_likelihood_loss, shared_vocab_kd, teacher_mass_outside
 from sakd.losses.hidden import HiddenProjector, hidden_state_loss, layer_map
 from sakd.losses.mapped import mapped_kd
-from sakd.losses.projected import KINDS, projected_kd
+from sakd.losses.projected import projected_kd
 from sakd.data.chat import model_inputs  # chat data: packed rows give position ids instead of a 2-D mask
 from sakd.models.load import experts_per_token, fp32_forward
+from sakd.train.cached_step import cached_step_loss
 from sakd.train.heads import fused_head_weight, teacher_head, teacher_head_use
 from sakd.train.schedule import ramp
-
-
-def ce_targets(batch: dict) -> torch.Tensor:
-    """[B, L-1] bool: the student's cross-entropy targets (token k+1 predicted at k). Chat data: the batch's
-    ``s_loss_mask`` (assistant content and the end-of-turn token, sakd/data/chat.py); text: every real token."""
-    return batch.get("s_loss_mask", batch["s_mask"])[:, 1:]
+from sakd.train.terms import add_kind_terms, ce_sum, ce_targets
 
 
 def hidden_pairs(cfg: Config, s_layers: int, t_layers: int) -> list[tuple[int, int]]:
@@ -138,7 +136,8 @@ def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc,
             mass_log["teacher_mass_outside_shared"] = float(out[2])
     elif name == "gold":
         out = gold_hybrid_loss(s_logits, t_logits.detach(), batch, shared_s, shared_t,
-                               temperature=lc.temperature, beta=lc.beta, chunk_rows=min(lc.chunk_rows, 256))
+                               temperature=lc.temperature, beta=lc.beta,
+                               chunk_rows=min(lc.chunk_rows, GOLD_CHUNK_ROWS))
     elif name == "uld":
         out = uld_loss(s_logits, t_logits.detach(), batch["s_mask"], batch["t_mask"], temperature=lc.temperature)
     elif name == "truncation":
@@ -279,14 +278,6 @@ def add_logit_terms(acc_terms: TermSum, s_logits, t_logits, t_out, batch, shared
         acc_terms.add("chunk", ch_sum / passes)
 
 
-def add_kind_terms(terms: dict, kinds: dict, count: float) -> None:
-    """The KD term split by position kind for the log (projected_kl): ``kd_one_to_one`` (1:1 chunks),
-    ``kd_chunk_first`` (the first student token of a longer chunk), ``kd_inside`` (inside a teacher token),
-    each on the KD term's normaliser, so that the three add up to ``kd``."""
-    for k in KINDS:  # tensors: read with the other terms, once per step (term_values)
-        terms[f"kd_{k}"] = terms.get(f"kd_{k}", 0.0) + kinds[k].double() / count  # sums on the loss's device
-
-
 def add_representation_terms(acc_terms: TermSum, s_out, t_out, batch, aux, cfg: Config) -> None:
     """The terms read from the two models' layers: ``hidden`` (projected hidden states), ``attention``
     (attention maps), ``contrastive`` (InfoNCE between the span embeddings)."""
@@ -358,77 +349,10 @@ def micro_step_loss(teacher, student, aux, batch, shared_s, shared_t, cfg: Confi
                         flags=None, use=use, head=head, mapping=mapping, t_head=t_head, t_vocab=t_vocab,
                         classes=classes)
     if "ce" in weights:
-        out.add("ce", _ce_sum(s_logits, batch, head, lc.chunk_rows))
+        out.add("ce", ce_sum(s_logits, batch, head, lc.chunk_rows))
     if t_out is not None:
         add_representation_terms(out, s_out, t_out, batch, aux, cfg)
     return out.total, out.terms, flags
-
-
-def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Config, weights: dict, counts: dict,
-                     acc, mapping=None, classes=None, t_vocab: int | None = None):
-    """Like ``micro_step_loss`` with the teacher read from a top-k cache (sakd.teacher_cache.reader): KD (shared_kl at 1:1
-    chunks, or mapped_kl / projected_kl at every position) and the chunk likelihood from the sparse teacher, never densified
-    to [rows, V]; the GOLD baseline against the top-k-truncated teacher, its weights from V_t = ``t_vocab`` (the
-    teacher tokenizer's length, as on the live path). A KA cache holds several routings per
-    position: the terms average over them, as over the live teacher passes. ``mapping``: the mapped_kl tables
-    (else the cache loads them)."""
-    from sakd.losses.cached import cached_chunk_likelihood, cached_gold_kd, cached_shared_kd
-    from sakd.losses.cached_mapped import cached_mapped_kd
-    from sakd.losses.projected import cached_projected_kd
-
-    lc = cfg.loss
-    with acc.autocast():
-        s_logits = student(input_ids=batch["s_ids"], **model_inputs(batch, "s"), use_cache=False).logits
-    total = s_logits.new_zeros((), dtype=torch.float32)
-    terms: dict[str, float] = {}
-    views = cache_batch.get("samples") or [cache_batch]
-
-    kinds = {} if lc.logit == "projected_kl" else None
-
-    def kd(cb):
-        if lc.method == "gold":  # the live path's arguments (logit_term_sum), the same KD normaliser and T^2
-            return cached_gold_kd(s_logits, cb, batch, shared_s, shared_t, vt=t_vocab, temperature=lc.temperature,
-                                  beta=lc.beta, chunk_rows=min(lc.chunk_rows, 256))[0]
-        if lc.logit == "projected_kl":
-            tables = mapping if mapping is not None else cache_batch["mapping"]()
-            return cached_projected_kd(s_logits, cb, batch, tables, classes, temperature=lc.temperature,
-                                       chunk_rows=lc.chunk_rows, log=kinds)[0]
-        if lc.logit == "mapped_kl":
-            tables = mapping if mapping is not None else cache_batch["mapping"]()
-            return cached_mapped_kd(s_logits, cb, batch, tables, temperature=lc.temperature,
-                                    chunk_rows=lc.chunk_rows, extend=lc.mapped_extend)[0]
-        return cached_shared_kd(s_logits, cb, batch, shared_s, shared_t, temperature=lc.temperature,
-                                chunk_rows=lc.chunk_rows)[0]
-
-    for name, value_sum, scale in (
-            ("kd", lambda: sum(kd(cb) for cb in views) / len(views), lc.temperature ** 2),
-            ("chunk", lambda: sum(cached_chunk_likelihood(s_logits, cb, batch, temperature=lc.chunk_temperature,
-                                                          chunk_rows=lc.chunk_rows)[0] for cb in views) / len(views),
-             1.0),
-            ("ce", lambda: _ce_sum(s_logits, batch), 1.0)):
-        if name in weights:
-            contrib = value_sum().float() / counts[name]
-            total = total + weights[name] * scale * contrib
-            terms[name] = contrib.detach().double()
-    if kinds and "kd" in weights:
-        add_kind_terms(terms, kinds, counts["kd"] * len(views))
-    return total, terms, {"nonfinite_teacher": 0}
-
-
-def _ce_sum(s_logits, batch, head_weight=None, chunk_rows: int = 1024) -> torch.Tensor:
-    """Cross-entropy of the student's own next tokens, summed over target tokens. With ``head_weight``,
-    ``s_logits`` is the final hidden state [B, L, H] and the output layer is fused into the loss,
-    ``chunk_rows`` (``loss.chunk_rows``) rows of logits at a time."""
-    if head_weight is not None:
-        keep = ce_targets(batch)
-        b, pos = keep.nonzero(as_tuple=True)
-        rows = b * s_logits.shape[1] + pos  # position pos predicts token pos + 1
-        return linear_cross_entropy_sum(s_logits.flatten(0, 1), head_weight, batch["s_ids"][b, pos + 1], rows,
-                                        chunk_rows=chunk_rows)
-    logits = s_logits[:, :-1].float()
-    targets = batch["s_ids"][:, 1:].masked_fill(~ce_targets(batch), -100)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100,
-                           reduction="sum")
 
 
 def sar_router_step(sar, teacher, student, batch, shared_s, shared_t, cfg: Config, acc, t_vocab: int) -> dict:

@@ -537,7 +537,8 @@ def test_row_block_loss_hands_a_kernel_only_blocks_it_may_overwrite(opt_in, inde
     the kernel may take it: the fused head's logits for every kernel, a block gathered through a row or column
     index for an ``overwrites_block`` kernel only (log_softmax32 in place rounds otherwise than torch's). The
     caller's tensors are never modified."""
-    from sakd.losses.divergences import RowBlockLoss, log_softmax32, overwrites_block
+    from sakd.losses.divergences import log_softmax32
+    from sakd.losses.row_blocks import RowBlockLoss, overwrites_block
 
     seen = []
 

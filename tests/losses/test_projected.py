@@ -364,7 +364,7 @@ def test_unsupported_tokens_counts_what_no_target_can_reach(pair):
 @pytest.mark.parametrize("cached", [False, True])
 def test_the_student_softmax_is_taken_in_place_in_each_gathered_block(pair, cached, monkeypatch):
     """The projected kernels take each row block's softmax in place (no second [rows, V] float32 buffer):
-    RowBlockLoss marks the block it gathered ``_owned`` for them (divergences.overwrites_block); the caller's
+    RowBlockLoss marks the block it gathered ``_owned`` for them (row_blocks.overwrites_block); the caller's
     logits are left as they were."""
     import sakd.losses.projected as projected
 

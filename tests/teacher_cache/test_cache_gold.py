@@ -65,6 +65,7 @@ def test_a_ka_cache_averages_gold_over_its_sampled_routings(tiny_assets, tmp_pat
     from sakd.losses.cached import cached_gold_kd
     from sakd.teacher_cache.reader import TeacherCache
     from sakd.train import objective
+    from sakd.train.cached_step import cached_step_loss
 
     cfg = _cfg(tiny_assets, tmp_path / "run", **{**GOLD, "moe.mode": "ka", "moe.ka_samples": 2,
                                                  "moe.sample_prob": 0.5})
@@ -78,8 +79,8 @@ def test_a_ka_cache_averages_gold_over_its_sampled_routings(tiny_assets, tmp_pat
     student = AutoModelForCausalLM.from_pretrained(str(cfg.model.student))
     counts = objective.count_targets([batch], cfg)
     vt = len(data.teacher_tok)
-    _, terms, _ = objective.cached_step_loss(student, cb, batch, vocab.shared_s, vocab.shared_t, cfg, {"kd": 1.0},
-                                             counts, Accelerator(cpu=True), t_vocab=vt)
+    _, terms, _ = cached_step_loss(student, cb, batch, vocab.shared_s, vocab.shared_t, cfg, {"kd": 1.0},
+                                   counts, Accelerator(cpu=True), t_vocab=vt)
     with torch.no_grad():
         s_logits = student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long()).logits
     per = [cached_gold_kd(s_logits, v, batch, vocab.shared_s, vocab.shared_t, vt=vt, temperature=cfg.loss.temperature,

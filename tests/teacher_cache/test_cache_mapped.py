@@ -79,12 +79,13 @@ def test_packed_top64_is_close_to_the_exact_top64(setup):
 
 
 def test_cached_step_loss_reads_mapped_kl_from_the_cache(setup):
-    """The loop's cached step (objective.cached_step_loss) with loss.logit=mapped_kl: its kd term is
+    """The loop's cached step (cached_step.cached_step_loss) with loss.logit=mapped_kl: its kd term is
     the live mapped_kd divided by the count, with the tables the cache loads itself."""
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM
 
     from sakd.train import objective
+    from sakd.train.cached_step import cached_step_loss
 
     cfg = setup["cfg"]
     idx = [9, 10]
@@ -92,8 +93,8 @@ def test_cached_step_loss_reads_mapped_kl_from_the_cache(setup):
     student = AutoModelForCausalLM.from_pretrained(str(cfg.model.student))
     cb = tc.TeacherCache(setup["dir"] / "full").batch(idx, batch["t_ids"].shape[1], check=batch)
     counts = objective.count_targets([batch], cfg, setup["tables"])
-    _, terms, _ = objective.cached_step_loss(student, cb, batch, None, None, cfg, {"kd": 1.0}, counts,
-                                             Accelerator(cpu=True))
+    _, terms, _ = cached_step_loss(student, cb, batch, None, None, cfg, {"kd": 1.0}, counts,
+                                   Accelerator(cpu=True))
     with torch.no_grad():
         s_logits = student(input_ids=batch["s_ids"], attention_mask=batch["s_mask"].long()).logits
     live, n = mapped_kd(s_logits, t_logits, batch, setup["tables"], temperature=T, extend=cfg.loss.mapped_extend)

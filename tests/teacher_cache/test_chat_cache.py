@@ -11,7 +11,8 @@ from sakd.teacher_cache.builder import build_cache
 from sakd.data.text import Collator, pad_id
 from sakd.train.distill import distill, setup, teacher_heldout_bpb
 from sakd.errors import UserError
-from sakd.train.objective import cached_step_loss, count_targets, micro_step_loss
+from sakd.train.cached_step import cached_step_loss
+from sakd.train.objective import count_targets, micro_step_loss
 from tests.train.test_chat_loop import _cfg, chat_file  # noqa: F401  (the fixture)
 
 QUIET = dict(log=lambda *_: None)

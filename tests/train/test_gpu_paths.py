@@ -33,6 +33,7 @@ def test_bf16_is_kept_from_sm80(monkeypatch):
 
 def test_chunk_rows_reaches_the_fused_cross_entropy(tiny_assets, tmp_path, monkeypatch):
     import sakd.train.objective as objective
+    import sakd.train.terms as terms
     from sakd.data.text import Collator, pad_id
     from sakd.train.distill import setup
     from sakd.train.heads import fused_head_weight
@@ -41,13 +42,13 @@ def test_chunk_rows_reaches_the_fused_cross_entropy(tiny_assets, tmp_path, monke
     run = setup(cfg, log=lambda *_: None)
     batch = Collator(pad_id(run.student_tok), pad_id(run.teacher_tok))([run.train[i] for i in range(2)])
     seen = []
-    real = objective.linear_cross_entropy_sum
+    real = terms.linear_cross_entropy_sum
 
     def spy(*a, **kw):
         seen.append(kw.get("chunk_rows"))
         return real(*a, **kw)
 
-    monkeypatch.setattr(objective, "linear_cross_entropy_sum", spy)
+    monkeypatch.setattr(terms, "linear_cross_entropy_sum", spy)
     weights = {"ce": 1.0}
     counts = objective.count_targets([batch], cfg, None)
     assert fused_head_weight(run.student, cfg, weights, run.accelerator) is not None

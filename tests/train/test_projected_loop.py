@@ -12,6 +12,7 @@ from sakd.errors import UserError
 from sakd.losses.projected import cached_projected_kd, projected_kd
 from sakd.teacher_cache.builder import mapped_fields
 from sakd.train import objective
+from sakd.train.cached_step import cached_step_loss
 from sakd.train.distill import distill, setup
 from tests.conftest import tiny_overrides
 
@@ -68,8 +69,8 @@ def test_cached_step_reads_projected_kl_from_the_cache_fields(tiny_assets, tmp_p
     vals, ids = lp.topk(vt, -1)
     cb = {"topk_ids": ids, "topk_logprobs": vals, "mapped_logz": logz, "mapped_path": path}
     counts = objective.count_targets([batch], cfg, run.vocab.mapping)
-    _, terms, _ = objective.cached_step_loss(run.student, cb, batch, None, None, cfg, {"kd": 1.0}, counts, CpuAcc,
-                                             mapping=run.vocab.mapping, classes=run.vocab.classes)
+    _, terms, _ = cached_step_loss(run.student, cb, batch, None, None, cfg, {"kd": 1.0}, counts, CpuAcc,
+                                   mapping=run.vocab.mapping, classes=run.vocab.classes)
     live, n = projected_kd(s, t, batch, run.vocab.mapping, run.vocab.classes)
     assert int(n) > 0.9 * counts["ce"]
     assert terms["kd"] == pytest.approx(float(live) / counts["ce"], rel=1e-4)
