@@ -334,7 +334,13 @@ def parse(argv):
     p.add_argument("--target-se", type=float, default=0.4, help="percent: the paired standard error to size for")
     p.add_argument("--out", default=None, help="result JSON (default benchmarks/results/quality_real.json)")
     p.add_argument("--one", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    # checked before the data and the cache are prepared: a bad --levers costs nothing
+    a.lever_overrides = parse_levers(a.levers)
+    if a.lever_overrides and EVERY_POSITION_METHOD not in a.grid_methods:
+        raise SystemExit(f"quality_real.py: --levers needs {EVERY_POSITION_METHOD} in --grid-methods (the levers run "
+                         f"it at the kd_weight the grid chooses): add it, or drop --levers")
+    return a
 
 
 def main(argv=None) -> int:
@@ -360,7 +366,7 @@ def main(argv=None) -> int:
     weights = [1.0] if a.pilot else sorted(set(a.weights) | {1.0})
     kd_methods = [m for m in methods if m != "ce"]
 
-    levers = parse_levers(a.levers)
+    levers = a.lever_overrides
 
     def task(method: str, weight: float, seed: int, lever: str | None = None) -> dict:
         o = [*over, f"model.teacher_cache={cache}", *METHODS[method], f"loss.kd_weight={weight}",

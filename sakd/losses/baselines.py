@@ -114,6 +114,11 @@ def gold_hybrid_parts(log_q_shared: torch.Tensor, log_p_shared: torch.Tensor, q_
 GOLD_CHUNK_ROWS = 256
 
 
+def gold_chunk_rows(chunk_rows: int) -> int:
+    """GOLD's row block for ``loss.chunk_rows``: that value, at most ``GOLD_CHUNK_ROWS``."""
+    return min(int(chunk_rows), GOLD_CHUNK_ROWS)
+
+
 def gold_hybrid_loss(s_logits: torch.Tensor, t_logits: torch.Tensor, batch, shared_s: torch.Tensor,
                      shared_t: torch.Tensor, *, temperature: float = 1.0, beta: float = 0.5,
                      matched_weight: float | None = None, unmatched_weight: float | None = None,

@@ -8,7 +8,7 @@ import torch
 
 from sakd.config import Config
 from sakd.data.chat import model_inputs  # chat data: packed rows give position ids instead of a 2-D mask
-from sakd.losses.baselines import GOLD_CHUNK_ROWS
+from sakd.losses.baselines import gold_chunk_rows
 from sakd.train.terms import add_kind_terms, ce_sum
 
 
@@ -31,17 +31,17 @@ def cached_step_loss(student, cache_batch, batch, shared_s, shared_t, cfg: Confi
     terms: dict[str, float] = {}
     views = cache_batch.get("samples") or [cache_batch]
 
-    kinds = {} if lc.logit == "projected_kl" else None
+    kinds = {} if lc.method == "projected_kl" else None
 
     def kd(cb):
         if lc.method == "gold":  # the live path's arguments (logit_term_sum), the same KD normaliser and T^2
             return cached_gold_kd(s_logits, cb, batch, shared_s, shared_t, vt=t_vocab, temperature=lc.temperature,
-                                  beta=lc.beta, chunk_rows=min(lc.chunk_rows, GOLD_CHUNK_ROWS))[0]
-        if lc.logit == "projected_kl":
+                                  beta=lc.beta, chunk_rows=gold_chunk_rows(lc.chunk_rows))[0]
+        if lc.method == "projected_kl":
             tables = mapping if mapping is not None else cache_batch["mapping"]()
             return cached_projected_kd(s_logits, cb, batch, tables, classes, temperature=lc.temperature,
                                        chunk_rows=lc.chunk_rows, log=kinds)[0]
-        if lc.logit == "mapped_kl":
+        if lc.method == "mapped_kl":
             tables = mapping if mapping is not None else cache_batch["mapping"]()
             return cached_mapped_kd(s_logits, cb, batch, tables, temperature=lc.temperature,
                                     chunk_rows=lc.chunk_rows, extend=lc.mapped_extend)[0]

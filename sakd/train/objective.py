@@ -30,7 +30,7 @@ from sakd.errors import UserError
 from sakd.losses.attention import attention_transfer_loss
 from sakd.losses.contrastive import info_nce, mean_pool
 from sakd.losses.batch import one_to_one, one_to_one_positions
-from sakd.losses.baselines import GOLD_CHUNK_ROWS, gold_hybrid_loss, truncation_kd, uld_loss
+from sakd.losses.baselines import gold_chunk_rows, gold_hybrid_loss, truncation_kd, uld_loss
 from sakd.losses.crosstok import chunk_likelihood_loss, shared_vocab_kd, teacher_mass_outside
 from sakd.losses.hidden import HiddenProjector, hidden_state_loss, layer_map
 from sakd.losses.mapped import mapped_kd
@@ -137,7 +137,7 @@ def logit_term_sum(name: str, s_logits, t_logits, batch, shared_s, shared_t, lc,
     elif name == "gold":
         out = gold_hybrid_loss(s_logits, t_logits.detach(), batch, shared_s, shared_t,
                                temperature=lc.temperature, beta=lc.beta,
-                               chunk_rows=min(lc.chunk_rows, GOLD_CHUNK_ROWS))
+                               chunk_rows=gold_chunk_rows(lc.chunk_rows))
     elif name == "uld":
         out = uld_loss(s_logits, t_logits.detach(), batch["s_mask"], batch["t_mask"], temperature=lc.temperature)
     elif name == "truncation":

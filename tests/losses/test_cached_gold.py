@@ -121,3 +121,10 @@ def test_sampled_cache_is_refused_and_no_one_to_one_chunk_is_an_attached_zero():
     t0 = torch.randn(1, none["t_ids"].shape[1], VT, dtype=torch.float64)
     got, n = cached_gold_kd(s0, _cache_batch(t0, 4), none, SHARED_S, SHARED_T, vt=VT, temperature=T)
     assert int(n) == 0 and got.item() == 0.0 and got.requires_grad
+
+
+def test_gold_row_block_follows_chunk_rows_up_to_its_ceiling():
+    from sakd.losses.baselines import GOLD_CHUNK_ROWS, gold_chunk_rows
+    assert GOLD_CHUNK_ROWS == 256
+    assert gold_chunk_rows(1024) == 256 and gold_chunk_rows(257) == 256
+    assert gold_chunk_rows(64) == 64 and gold_chunk_rows(256) == 256

@@ -153,7 +153,7 @@ def reference(s_logits, t_logits, texts, s_tok, t_tok, kinds=False):
                 w = Z if k > 0 else 1.0
                 total = total + w * kl
                 kind = "one_to_one" if (se - ss == 1 and te - ts == 1) else "chunk_first" if k == 0 else "inside"
-                by_kind[kind] += float(w * kl)
+                by_kind[kind] += float(torch.as_tensor(w * kl).detach())
                 n += 1
     return (total, n, by_kind) if kinds else (total, n)
 
