@@ -39,6 +39,18 @@ def paired(base: dict[int, float], other: dict[int, float]) -> dict:
     return {**out, "mean": mean, "std": std, "se": se, "ci95": [mean - half, mean + half]}
 
 
+def mean_interval(values: list[float]) -> dict:
+    """Mean, sample standard deviation, standard error and 95 % t interval of independent ``values`` (e.g. one
+    step-time ratio per alternating pair of runs); fewer than two values: the mean alone."""
+    out = {"n": len(values), "values": list(values)}
+    if len(values) < 2:
+        return {**out, "mean": values[0] if values else None, "std": None, "se": None, "ci95": None}
+    mean, std = statistics.fmean(values), statistics.stdev(values)
+    se = std / math.sqrt(len(values))
+    half = t975(len(values) - 1) * se
+    return {**out, "mean": mean, "std": std, "se": se, "ci95": [mean - half, mean + half]}
+
+
 def seeds_needed(std: float, target_se: float, minimum: int = 3) -> int:
     """Seeds for a paired standard error <= ``target_se`` when the per-seed paired differences spread by
     ``std`` (both in percent): ceil((std / target_se)^2), at least ``minimum``."""

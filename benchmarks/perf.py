@@ -493,13 +493,22 @@ def step_time_section(steps: int, pairs: int, threads: int, work: Path) -> dict:
     """configs/demo.yaml as shipped (KA with 2 teacher samples: the logit loss runs twice per micro-batch) with
     loss.logit=projected_kl and =shared_kl, ``pairs`` runs of each, alternating (shared first), each run's first
     STEP_TIME_WARMUP steps dropped; ratio of the medians over every timed step, wall and main-thread CPU."""
+    from paired import mean_interval
+
     demo, load = str(ROOT / "configs" / "demo.yaml"), list(os.getloadavg())
     timed: dict[str, list[dict]] = {"shared_kl": [], "projected_kl": []}
+    pair_ratios: dict[str, list[float]] = {"wall": [], "cpu": []}
     for n in range(pairs):
+        medians = {}
         for method in timed:
             r = run_child(sys.executable, "distill", {"threads": threads, "config": demo, "overrides": demo_overrides(
                 work / f"step-{method}-{n}", steps, [f"loss.logit={method}"])}, threads, fixed_mmap=False)
-            timed[method] += r["steps"][STEP_TIME_WARMUP:]
+            run_steps = r["steps"][STEP_TIME_WARMUP:]
+            timed[method] += run_steps
+            medians[method] = {k: statistics.median(x[f] for x in run_steps) for k, f in (("wall", "seconds"),
+                                                                                           ("cpu", "cpu_s"))}
+        for k in pair_ratios:  # one ratio per alternating pair: the pairs are the independent units
+            pair_ratios[k].append(medians["projected_kl"][k] / medians["shared_kl"][k])
     per = {m: {"ms_per_step": 1000 * statistics.median(x["seconds"] for x in s),
                "cpu_ms_per_step": 1000 * statistics.median(x["cpu_s"] for x in s),
                "ms_per_step_each": [round(1000 * x["seconds"], 1) for x in s],
@@ -509,13 +518,20 @@ def step_time_section(steps: int, pairs: int, threads: int, work: Path) -> dict:
     pk, sk = per["projected_kl"], per["shared_kl"]
     print(f"  projected_kl {pk['ms_per_step']:.0f} ms/step ({pk['cpu_ms_per_step']:.0f} CPU ms), shared_kl "
           f"{sk['ms_per_step']:.0f} ({sk['cpu_ms_per_step']:.0f}): {wall:.3f}x wall, {cpu:.3f}x CPU", flush=True)
+    by_pair = {k: mean_interval(v) for k, v in pair_ratios.items()}
+    for k, v in by_pair.items():
+        ci = f" [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]" if v["ci95"] else ""
+        print(f"  {k} ratio per pair of runs: {', '.join(f'{x:.3f}' for x in v['values'])}; mean {v['mean']:.3f}{ci}",
+              flush=True)
     return {"step_time_ratio": wall, "step_time_cpu_ratio": cpu,
             "step_time": {"config": "configs/demo.yaml (batch 8 x 256, moe.mode=ka, 2 teacher samples)",
                           "steps_per_run": steps, "warmup_steps_dropped": STEP_TIME_WARMUP, "runs_per_method": pairs,
                           "threads": threads, "load_average_at_start": load,
                           "measures": "median over the timed steps of every run: wall seconds of the optimizer "
-                                      "step (history.json) and CPU seconds of the training thread in train_step",
-                          **per}}
+                                      "step (history.json) and CPU seconds of the training thread in train_step; "
+                                      "ratio_by_pair: each alternating pair's ratio of its two runs' medians, their "
+                                      "mean and 95 % t interval (the pairs are the independent units)",
+                          "ratio_by_pair": by_pair, **per}}
 
 
 def _cache_pair(steps: int, threads: int, work: Path, name: str, extra: list[str], cache: Path) -> dict:
@@ -772,6 +788,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20, help="--device cuda: optimizer steps")
     ap.add_argument("--out", default=str(RESULTS), help="the JSON written (an --only rerun updates its sections there)")
     ap.add_argument("--peak-tflops", type=float, help="--device cuda: the card's dense 16-bit peak (default: by name)")
+    ap.add_argument("--step-time-pairs", type=int, help="step_time: alternating shared_kl/projected_kl pairs of runs "
+                    "(default 2; --quick 1); with 3 or more, the ratio's 95 %% interval over the pairs")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -804,8 +822,8 @@ def main() -> None:
                              ("cache_ka", lambda: cache_ka_section(10 if q else 60, 1 if q else 3, args.threads, work)),
                              ("cache_real", lambda: cache_real_section(8 if q else 64, work)),
                              ("align", lambda: alignment_section(3 if args.quick else 11, args.threads, work)),
-                             ("step_time", lambda: step_time_section(9 if q else 12, 1 if q else 2, args.threads,
-                                                                     work)),
+                             ("step_time", lambda: step_time_section(9 if q else 12, args.step_time_pairs or (
+                                 1 if q else 2), args.threads, work)),
                              ("cache_sampled", lambda: cache_sampled_section(10 if q else 60, 1 if q else 3,
                                                                              args.threads, work)),
                              ("cache_sampled_projected", lambda: cache_sampled_section(

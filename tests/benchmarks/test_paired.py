@@ -34,3 +34,14 @@ def test_seeds_for_a_target_standard_error():
     assert t975(40) == 1.96 and t975(1) == 12.706
     with pytest.raises(ValueError):
         t975(0)
+
+
+def test_mean_interval_of_independent_ratios_by_hand():
+    from paired import mean_interval
+    r = mean_interval([1.1, 1.2, 1.3])
+    assert r["mean"] == pytest.approx(1.2) and r["std"] == pytest.approx(0.1)
+    assert r["se"] == pytest.approx(0.1 / math.sqrt(3))
+    half = 4.303 * 0.1 / math.sqrt(3)
+    assert r["ci95"] == pytest.approx([1.2 - half, 1.2 + half])
+    one = mean_interval([1.25])
+    assert one["mean"] == 1.25 and one["ci95"] is None and one["n"] == 1
