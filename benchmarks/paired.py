@@ -30,13 +30,9 @@ def paired(base: dict[int, float], other: dict[int, float]) -> dict:
     the sample standard deviation, the standard error and the 95 % t interval of the mean, in percent."""
     seeds = sorted(set(base) & set(other))
     gains = [gain_percent(base[s], other[s]) for s in seeds]
-    out = {"seeds": seeds, "gain_percent_per_seed": gains, "n": len(gains)}
-    if len(gains) < 2:
-        return {**out, "mean": gains[0] if gains else None, "std": None, "se": None, "ci95": None}
-    mean, std = statistics.fmean(gains), statistics.stdev(gains)
-    se = std / math.sqrt(len(gains))
-    half = t975(len(gains) - 1) * se
-    return {**out, "mean": mean, "std": std, "se": se, "ci95": [mean - half, mean + half]}
+    stats = mean_interval(gains)
+    return {"seeds": seeds, "gain_percent_per_seed": gains, "n": len(gains),
+            **{k: stats[k] for k in ("mean", "std", "se", "ci95")}}
 
 
 def mean_interval(values: list[float]) -> dict:
