@@ -86,23 +86,20 @@ PEAK_TFLOPS = {"H200": 989, "H100": 989, "A100": 312, "L40": 181, "A10": 125, "V
 TRL_PATH: str | None = None  # --trl-path: a folder holding the trl package, for TRL children run by this Python
 
 
-# glibc's thresholds that keep freed memory in the heap for the next allocation (docs/performance.md: a large
-# temporary then costs no fresh page faults); step_time --keep-freed-memory
-KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "2147483647"}
+# glibc's allocator settings of a child, by name:
+# "fixed": every allocation over 64 KiB is its own mmap, so that RSS follows the live tensors (the memory
+#   sections); it also makes each large temporary cost page faults, so timings use "default" (glibc's own);
+# "kept": freed memory stays in the heap for the next allocation, so no large temporary costs fresh page faults
+#   (docs/performance.md; step_time --keep-freed-memory).
+HEAP = {"fixed": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "default": {},
+        "kept": {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "2147483647"}}
 
 
-def child_env(threads: int, trl: bool = False, fixed_mmap: bool = True, keep_freed: bool = False) -> dict:
-    """``fixed_mmap``: every allocation over 64 KiB is its own mmap, so that RSS follows the live tensors (the
-    memory sections); it also makes each large temporary cost page faults, so timings leave it at glibc's default.
-    ``keep_freed`` (timings only, without ``fixed_mmap``): ``KEEP_FREED_MEMORY``."""
+def child_env(threads: int, trl: bool = False, heap: str = "fixed") -> dict:
+    """The environment of a child run; ``heap``: its allocator settings (``HEAP``)."""
     path = str(ROOT) + (os.pathsep + TRL_PATH if trl and TRL_PATH else "")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads),
-               TRL_EXPERIMENTAL_SILENCE="1", PYTHONPATH=path)
-    if fixed_mmap:
-        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
-    elif keep_freed:
-        env.update(KEEP_FREED_MEMORY)
-    return env
+    return dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads),
+                TRL_EXPERIMENTAL_SILENCE="1", PYTHONPATH=path, **HEAP[heap])
 
 
 def trl_interpreter(trl_python: str) -> str | None:
@@ -112,11 +109,9 @@ def trl_interpreter(trl_python: str) -> str | None:
     return trl_python if Path(trl_python).exists() else None
 
 
-def run_child(python: str, mode: str, spec: dict, threads: int, timeout: int = 1800, fixed_mmap: bool = True,
-              keep_freed: bool = False) -> dict:
+def run_child(python: str, mode: str, spec: dict, threads: int, timeout: int = 1800, heap: str = "fixed") -> dict:
     proc = subprocess.run([python, __file__, "--child", mode, json.dumps(spec)], capture_output=True, text=True,
-                          env=child_env(threads, trl=mode in ("trl", "gold"), fixed_mmap=fixed_mmap,
-                                        keep_freed=keep_freed), cwd=ROOT, timeout=timeout)
+                          env=child_env(threads, trl=mode in ("trl", "gold"), heap=heap), cwd=ROOT, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"child {mode} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -498,7 +493,7 @@ def alignment_section(steps: int, threads: int, work: Path) -> dict:
                           "step_s": statistics.mean(x["seconds"] for x in s)}}
 
 
-def step_time_section(steps: int, pairs: int, threads: int, work: Path, keep_freed: bool = False) -> dict:
+def step_time_section(steps: int, pairs: int, threads: int, work: Path, heap: str = "default") -> dict:
     """configs/demo.yaml as shipped (KA with 2 teacher samples: the logit loss runs twice per micro-batch) with
     loss.logit=projected_kl and =shared_kl, ``pairs`` runs of each, alternating (shared first), each run's first
     STEP_TIME_WARMUP steps dropped; ratio of the medians over every timed step, wall and main-thread CPU."""
@@ -511,8 +506,7 @@ def step_time_section(steps: int, pairs: int, threads: int, work: Path, keep_fre
         medians = {}
         for method in timed:
             r = run_child(sys.executable, "distill", {"threads": threads, "config": demo, "overrides": demo_overrides(
-                work / f"step-{method}-{n}", steps, [f"loss.logit={method}"])}, threads, fixed_mmap=False,
-                keep_freed=keep_freed)
+                work / f"step-{method}-{n}", steps, [f"loss.logit={method}"])}, threads, heap=heap)
             run_steps = r["steps"][STEP_TIME_WARMUP:]
             timed[method] += run_steps
             medians[method] = {k: statistics.median(x[f] for x in run_steps) for k, f in (("wall", "seconds"),
@@ -537,7 +531,7 @@ def step_time_section(steps: int, pairs: int, threads: int, work: Path, keep_fre
             "step_time": {"config": "configs/demo.yaml (batch 8 x 256, moe.mode=ka, 2 teacher samples)",
                           "steps_per_run": steps, "warmup_steps_dropped": STEP_TIME_WARMUP, "runs_per_method": pairs,
                           "threads": threads, "load_average_at_start": load,
-                          "allocator": KEEP_FREED_MEMORY if keep_freed else "glibc defaults",
+                          "allocator": HEAP[heap] or "glibc defaults",
                           "measures": "median over the timed steps of every run: wall seconds of the optimizer "
                                       "step (history.json) and CPU seconds of the training thread in train_step; "
                                       "ratio_by_pair: each alternating pair's ratio of its two runs' medians, their "
@@ -726,7 +720,7 @@ def cached_kd_step_section(steps: int, rounds: int, threads: int, work: Path) ->
         for name, over in variants.items():
             out = run_child(sys.executable, "distill", {"threads": threads, "config": demo, "overrides":
                             demo_overrides(work / f"step-{name}-{r}", steps, extra + over)}, threads,
-                            fixed_mmap=False)  # a timing: glibc's default allocator (see child_env)
+                            heap="default")  # a timing: glibc's default allocator (HEAP)
             times[name].append(timed_rate(out["steps"])[1])
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = {k: med[k] / med["ce"] for k in ("top64", "sampled")}
@@ -802,7 +796,7 @@ def main() -> None:
     ap.add_argument("--step-time-pairs", type=int, help="step_time: alternating shared_kl/projected_kl pairs of runs "
                     "(default 2; --quick 1); with 3 or more, the ratio's 95 %% interval over the pairs")
     ap.add_argument("--keep-freed-memory", action="store_true", help="step_time: both losses with glibc's "
-                    "thresholds raised (KEEP_FREED_MEMORY), so that no large temporary costs fresh page faults")
+                    "thresholds raised (HEAP: kept), so that no large temporary costs fresh page faults")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -835,8 +829,9 @@ def main() -> None:
                              ("cache_ka", lambda: cache_ka_section(10 if q else 60, 1 if q else 3, args.threads, work)),
                              ("cache_real", lambda: cache_real_section(8 if q else 64, work)),
                              ("align", lambda: alignment_section(3 if args.quick else 11, args.threads, work)),
-                             ("step_time", lambda: step_time_section(9 if q else 12, args.step_time_pairs or (
-                                 1 if q else 2), args.threads, work, args.keep_freed_memory)),
+                             ("step_time", lambda: step_time_section(
+                                 9 if q else 12, args.step_time_pairs or (1 if q else 2), args.threads, work,
+                                 "kept" if args.keep_freed_memory else "default")),
                              ("cache_sampled", lambda: cache_sampled_section(10 if q else 60, 1 if q else 3,
                                                                              args.threads, work)),
                              ("cache_sampled_projected", lambda: cache_sampled_section(
