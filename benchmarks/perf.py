@@ -88,11 +88,10 @@ TRL_PATH: str | None = None  # --trl-path: a folder holding the trl package, for
 
 # glibc's allocator settings of a child, by name:
 # "fixed": every allocation over 64 KiB is its own mmap, so that RSS follows the live tensors (the memory
-#   sections); it also makes each large temporary cost page faults, so timings use "default" (glibc's own);
-# "kept": freed memory stays in the heap for the next allocation, so no large temporary costs fresh page faults
-#   (docs/performance.md; step_time --keep-freed-memory).
-HEAP = {"fixed": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "default": {},
-        "kept": {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "2147483647"}}
+#   sections); it also makes each large temporary cost page faults, so timings use "default";
+# "default": no setting in the environment, so a distill child sets train.cpu_heap as the sakd command does
+#   (sakd/train/heap.py: "keep" unless the run's overrides say "system", glibc's own defaults).
+HEAP = {"fixed": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "default": {}}
 
 
 def child_env(threads: int, trl: bool = False, heap: str = "fixed") -> dict:
@@ -135,6 +134,9 @@ def distill_child(spec: dict) -> dict:
     acc_data, per_step = [0.0], []
     sampler, mem = None, {}
     cuda = torch.cuda.is_available()
+    from sakd.train.heap import set_cpu_heap
+
+    heap = set_cpu_heap(cfg.train.cpu_heap, on_gpu=cuda)  # as the sakd command does for its process
 
     def timed(fn):
         def wrapper(*a, **kw):
@@ -192,7 +194,7 @@ def distill_child(spec: dict) -> dict:
     hist = json.loads((Path(cfg.train.output_dir) / "history.json").read_text())["history"]
     steps = [{"seconds": h["seconds"], "data_wait_s": h.get("data_wait_s", 0.0), "cpu_s": c, **p}
              for h, p, c in zip(hist, per_step, step_cpu)]
-    return {"steps": steps, "memory": mem, "student_bpb_final": result.get("student_bpb_final"),
+    return {"steps": steps, "memory": mem, "cpu_heap": heap, "student_bpb_final": result.get("student_bpb_final"),
             "teacher_bpb": result.get("teacher_bpb"), "student_parameters": result.get("student_parameters"),
             "teacher_parameters": result.get("teacher_parameters"), "device": result.get("device")}
 
@@ -493,20 +495,24 @@ def alignment_section(steps: int, threads: int, work: Path) -> dict:
                           "step_s": statistics.mean(x["seconds"] for x in s)}}
 
 
-def step_time_section(steps: int, pairs: int, threads: int, work: Path, heap: str = "default") -> dict:
+def step_time_section(steps: int, pairs: int, threads: int, work: Path, cpu_heap: str = "keep") -> dict:
     """configs/demo.yaml as shipped (KA with 2 teacher samples: the logit loss runs twice per micro-batch) with
     loss.logit=projected_kl and =shared_kl, ``pairs`` runs of each, alternating (shared first), each run's first
-    STEP_TIME_WARMUP steps dropped; ratio of the medians over every timed step, wall and main-thread CPU."""
+    STEP_TIME_WARMUP steps dropped; ratio of the medians over every timed step, wall and main-thread CPU.
+    ``cpu_heap``: train.cpu_heap of both (keep: as shipped; system: glibc's defaults)."""
     from paired import mean_interval
 
     demo, load = str(ROOT / "configs" / "demo.yaml"), list(os.getloadavg())
     timed: dict[str, list[dict]] = {"shared_kl": [], "projected_kl": []}
+    heaps = set()
     pair_ratios: dict[str, list[float]] = {"wall": [], "cpu": []}
     for n in range(pairs):
         medians = {}
         for method in timed:
             r = run_child(sys.executable, "distill", {"threads": threads, "config": demo, "overrides": demo_overrides(
-                work / f"step-{method}-{n}", steps, [f"loss.logit={method}"])}, threads, heap=heap)
+                work / f"step-{method}-{n}", steps, [f"loss.logit={method}", f"train.cpu_heap={cpu_heap}"])},
+                threads, heap="default")
+            heaps.add(r["cpu_heap"])
             run_steps = r["steps"][STEP_TIME_WARMUP:]
             timed[method] += run_steps
             medians[method] = {k: statistics.median(x[f] for x in run_steps) for k, f in (("wall", "seconds"),
@@ -531,7 +537,7 @@ def step_time_section(steps: int, pairs: int, threads: int, work: Path, heap: st
             "step_time": {"config": "configs/demo.yaml (batch 8 x 256, moe.mode=ka, 2 teacher samples)",
                           "steps_per_run": steps, "warmup_steps_dropped": STEP_TIME_WARMUP, "runs_per_method": pairs,
                           "threads": threads, "load_average_at_start": load,
-                          "allocator": HEAP[heap] or "glibc defaults",
+                          "cpu_heap": cpu_heap, "allocator": sorted(heaps),
                           "measures": "median over the timed steps of every run: wall seconds of the optimizer "
                                       "step (history.json) and CPU seconds of the training thread in train_step; "
                                       "ratio_by_pair: each alternating pair's ratio of its two runs' medians, their "
@@ -720,7 +726,7 @@ def cached_kd_step_section(steps: int, rounds: int, threads: int, work: Path) ->
         for name, over in variants.items():
             out = run_child(sys.executable, "distill", {"threads": threads, "config": demo, "overrides":
                             demo_overrides(work / f"step-{name}-{r}", steps, extra + over)}, threads,
-                            heap="default")  # a timing: glibc's default allocator (HEAP)
+                            heap="default")  # a timing: the allocator as the sakd command sets it (HEAP)
             times[name].append(timed_rate(out["steps"])[1])
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = {k: med[k] / med["ce"] for k in ("top64", "sampled")}
@@ -795,8 +801,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, help="--device cuda: the card's dense 16-bit peak (default: by name)")
     ap.add_argument("--step-time-pairs", type=int, help="step_time: alternating shared_kl/projected_kl pairs of runs "
                     "(default 2; --quick 1); with 3 or more, the ratio's 95 %% interval over the pairs")
-    ap.add_argument("--keep-freed-memory", action="store_true", help="step_time: both losses with glibc's "
-                    "thresholds raised (HEAP: kept), so that no large temporary costs fresh page faults")
+    ap.add_argument("--cpu-heap", choices=("keep", "system"), default="keep", help="step_time: train.cpu_heap of "
+                    "both losses (keep, as shipped: freed memory stays in the heap; system: glibc's defaults)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -831,7 +837,7 @@ def main() -> None:
                              ("align", lambda: alignment_section(3 if args.quick else 11, args.threads, work)),
                              ("step_time", lambda: step_time_section(
                                  9 if q else 12, args.step_time_pairs or (1 if q else 2), args.threads, work,
-                                 "kept" if args.keep_freed_memory else "default")),
+                                 args.cpu_heap)),
                              ("cache_sampled", lambda: cache_sampled_section(10 if q else 60, 1 if q else 3,
                                                                              args.threads, work)),
                              ("cache_sampled_projected", lambda: cache_sampled_section(

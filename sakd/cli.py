@@ -179,6 +179,7 @@ def cmd_distill(args) -> int:
 
     cfg = load_config(args.config, args.overrides)  # before importing torch: a typo fails in a fraction of a second
     args._log_dir = cfg.train.output_dir
+    _cpu_heap(cfg)
     from sakd.train.distill import distill
 
     # with the CE-only run, the push (train.push_to_hub) waits until its row is in the model card (publish)
@@ -203,12 +204,23 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def _cpu_heap(cfg) -> None:
+    """``train.cpu_heap`` for this process (the command owns it; sakd/train/heap.py)."""
+    import torch
+
+    from sakd.train.heap import set_cpu_heap
+
+    set_cpu_heap(cfg.train.cpu_heap, on_gpu=torch.cuda.is_available())
+
+
 def cmd_demo(args) -> int:
+    from sakd.config import load_config
     from sakd.demo.run import run_demo
 
     args._log_dir = args.out
     from sakd.demo.run import DEMO_CONFIG
 
+    _cpu_heap(load_config(args.config or DEMO_CONFIG, args.overrides))
     run_demo(args.out, steps=args.steps, compare=args.compare, overrides=args.overrides,
              config=args.config or DEMO_CONFIG)
     return 0
