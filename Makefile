@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/sakd demo --out runs/demo --compare
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n auto tests
 
 clean:
 	rm -rf runs .pytest_cache
