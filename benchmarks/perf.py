@@ -90,7 +90,7 @@ TRL_PATH: str | None = None  # --trl-path: a folder holding the trl package, for
 # "fixed": every allocation over 64 KiB is its own mmap, so that RSS follows the live tensors (the memory
 #   sections); it also makes each large temporary cost page faults, so timings use "default";
 # "default": no setting in the environment, so a distill child sets train.cpu_heap as the sakd command does
-#   (sakd/train/heap.py: "keep" unless the run's overrides say "system", glibc's own defaults).
+#   (sakd/train/heap.py: glibc's own defaults unless the run's overrides say "keep").
 HEAP = {"fixed": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "default": {}}
 
 
@@ -495,11 +495,11 @@ def alignment_section(steps: int, threads: int, work: Path) -> dict:
                           "step_s": statistics.mean(x["seconds"] for x in s)}}
 
 
-def step_time_section(steps: int, pairs: int, threads: int, work: Path, cpu_heap: str = "keep") -> dict:
+def step_time_section(steps: int, pairs: int, threads: int, work: Path, cpu_heap: str = "system") -> dict:
     """configs/demo.yaml as shipped (KA with 2 teacher samples: the logit loss runs twice per micro-batch) with
     loss.logit=projected_kl and =shared_kl, ``pairs`` runs of each, alternating (shared first), each run's first
     STEP_TIME_WARMUP steps dropped; ratio of the medians over every timed step, wall and main-thread CPU.
-    ``cpu_heap``: train.cpu_heap of both (keep: as shipped; system: glibc's defaults)."""
+    ``cpu_heap``: train.cpu_heap of both (system, as shipped: glibc's defaults; keep: freed memory kept)."""
     from paired import mean_interval
 
     demo, load = str(ROOT / "configs" / "demo.yaml"), list(os.getloadavg())
@@ -801,8 +801,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, help="--device cuda: the card's dense 16-bit peak (default: by name)")
     ap.add_argument("--step-time-pairs", type=int, help="step_time: alternating shared_kl/projected_kl pairs of runs "
                     "(default 2; --quick 1); with 3 or more, the ratio's 95 %% interval over the pairs")
-    ap.add_argument("--cpu-heap", choices=("keep", "system"), default="keep", help="step_time: train.cpu_heap of "
-                    "both losses (keep, as shipped: freed memory stays in the heap; system: glibc's defaults)")
+    ap.add_argument("--cpu-heap", choices=("system", "keep"), default="system", help="step_time: train.cpu_heap of "
+                    "both losses (system, as shipped: glibc's defaults; keep: freed memory stays in the heap)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("spec", nargs="?", help=argparse.SUPPRESS)
     args = ap.parse_args()

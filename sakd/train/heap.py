@@ -6,8 +6,10 @@ step (one row block of teacher logits: 1,024 x 8,192 float32 = 32 MiB) then pays
 row block of every step. ``keep`` raises both thresholds with mallopt(3), so freed memory stays in the heap for the
 next block, as CUDA's caching allocator keeps GPU memory and as the jemalloc / tcmalloc that CPU-training guides
 preload do. The resident set then stays near the step's peak, which a training loop reaches again at every step.
-On the demo step both losses got about 7 % faster (docs/performance.md). GPU runs are left alone: their host
-memory holds checkpoints and weights on their way to the card, which should go back to the system.
+It is not the default: on the demo step, 10 alternating pairs of runs gave keep 0.965x [0.891, 1.039] the step
+time of glibc's defaults (benchmarks/cpu_heap.py, docs/performance.md), a gain the machine's noise does not
+resolve. GPU runs are left alone: their host memory holds checkpoints and weights on their way to the card,
+which should go back to the system.
 
 Set by the ``sakd distill`` / ``sakd demo`` commands for their own process, not by the library's ``distill()``
 (the allocator belongs to whoever owns the process). glibc's own environment settings (``MALLOC_*_``,
