@@ -210,7 +210,9 @@ def _cpu_heap(cfg) -> None:
 
     from sakd.train.heap import set_cpu_heap
 
-    set_cpu_heap(cfg.train.cpu_heap, on_gpu=torch.cuda.is_available())
+    did = set_cpu_heap(cfg.train.cpu_heap, on_gpu=torch.cuda.is_available())
+    if cfg.train.cpu_heap != "system":
+        print(f"train.cpu_heap={cfg.train.cpu_heap}: {did}", flush=True)
 
 
 def cmd_demo(args) -> int:

@@ -219,9 +219,11 @@ class TrainConfig:
     deterministic: bool = F(False, "Deterministic algorithms (bit-exact resume on CPU).")
     cpu_heap: str = F("system", "CPU runs of the sakd command: system (glibc's defaults) or keep (glibc keeps "
                       "freed memory for the next allocation, so large temporaries cost no new page faults; the "
-                      "resident set stays near the step's peak; on the demo step 0.965x [0.891, 1.039] the time of "
-                      "system over 10 paired runs: not a resolved gain). GPU runs and an environment that sets "
-                      "MALLOC_*_ are left alone (sakd/train/heap.py, docs/performance.md).", choices=("system", "keep"))
+                      "resident set stays near the step's peak; on the demo step 0.965x [0.891, 1.039] the step "
+                      "time of system over 10 pairs of runs: not a resolved gain). GPU runs and an environment "
+                      "that sets glibc's thresholds itself (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, "
+                      "MALLOC_TOP_PAD_, MALLOC_MMAP_MAX_, glibc.malloc tunables) are left alone "
+                      "(sakd/train/heap.py, docs/performance.md).", choices=("system", "keep"))
     distributed: str = F("ddp", "Several processes: ddp (each holds the whole student) or fsdp (FSDP2 through "
                          "Accelerate: the student's parameters, gradients and AdamW states split over the processes; "
                          "the teacher replicated). See docs/distributed.md.", choices=("ddp", "fsdp"))

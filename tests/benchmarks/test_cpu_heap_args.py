@@ -1,4 +1,5 @@
-"""benchmarks/cpu_heap.py refuses runs too short to time before starting any (the warm-up steps are dropped)."""
+"""benchmarks/cpu_heap.py refuses, before starting any run, runs too short to time (the warm-up steps are dropped)
+and an allocator set in the environment (the runs would inherit it, and it wins over train.cpu_heap)."""
 
 import sys
 
@@ -10,8 +11,16 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import cpu_heap  # noqa: E402
 
 
-@pytest.mark.parametrize("args", [["--steps", str(cpu_heap.perf.STEP_TIME_WARMUP)], ["--pairs", "0"]])
+@pytest.mark.parametrize("args", [["--steps", str(cpu_heap.perf.STEP_TIME_WARMUP)], ["--pairs", "0"],
+                                  ["--threads", "0"]])
 def test_too_few_steps_or_pairs_is_a_one_line_error(args, monkeypatch):
     monkeypatch.setattr(cpu_heap, "measure", lambda *a: pytest.fail("a run started"))
-    with pytest.raises(SystemExit, match="--pairs must be >= 1 and --steps >"):
+    with pytest.raises(SystemExit, match="--pairs and --threads must be >= 1 and --steps >"):
         cpu_heap.main(args)
+
+
+def test_an_allocator_set_in_the_environment_is_refused(monkeypatch):
+    monkeypatch.setattr(cpu_heap, "measure", lambda *a: pytest.fail("a run started"))
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1")
+    with pytest.raises(SystemExit, match="the environment sets glibc's allocator"):
+        cpu_heap.main([])

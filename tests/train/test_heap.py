@@ -40,24 +40,47 @@ def _child(setting: str, **env) -> dict:
 
 @pytest.mark.skipif(_glibc() is None, reason="glibc's allocator only")
 def test_keep_reuses_freed_pages_and_system_faults_them_again():
-    pages = (48 << 20) // os.sysconf("SC_PAGE_SIZE")
     keep, system = _child("keep"), _child("system")
-    assert keep["did"] == "kept" and system["did"] == "system"
-    # the first buffer is new memory either way; after it, keep reuses it: (almost) no faults
-    assert keep["faults"][0] >= 0.9 * pages and max(keep["faults"][1:]) < 0.01 * pages, keep
-    # glibc's defaults: a fresh mmap per buffer, every page faults again
-    assert min(system["faults"]) >= 0.9 * pages, system
+    assert system["did"] == "system"
+    if keep["did"] != "kept":  # glibc before 2.35: at most 32 MiB, below the 48 MiB buffer
+        pytest.skip(f"train.cpu_heap=keep here: {keep['did']}")
+    # glibc's defaults: a fresh mmap per buffer, its pages fault again every time (one fault per page, or per
+    # huge page where transparent huge pages are always on: compared with each other, not with a page count)
+    assert min(system["faults"]) > 0, system
+    # keep: the first buffer is new memory; after it, the freed one comes back without faults
+    assert keep["faults"][0] >= 0.9 * min(system["faults"]), keep
+    assert max(keep["faults"][1:]) < 0.01 * min(system["faults"]), (keep, system)
 
 
 @pytest.mark.skipif(_glibc() is None, reason="glibc's allocator only")
 def test_environment_wins():
-    env = _child("keep", MALLOC_MMAP_THRESHOLD_="65536")
+    env, system = _child("keep", MALLOC_MMAP_THRESHOLD_="65536"), _child("system")
     assert env["did"] == "environment"
-    pages = (48 << 20) // os.sysconf("SC_PAGE_SIZE")
-    assert min(env["faults"]) >= 0.9 * pages, env  # the environment's threshold (64 KiB) stays: every buffer faults
+    assert min(env["faults"]) >= 0.9 * min(system["faults"]) > 0, env  # its 64 KiB threshold stays: all fault
     assert _child("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=1")["did"] == "environment"
+    assert _child("keep", GLIBC_TUNABLES="glibc.rtld.optional_static_tls=2048")["did"] in ("kept", "kept up to 32 MiB")
 
 
 def test_gpu_and_system_leave_the_allocator_alone():
     assert set_cpu_heap("keep", on_gpu=True, environ={}) == "gpu"
     assert set_cpu_heap("system", on_gpu=False, environ={}) == "system"
+
+
+@pytest.mark.parametrize("verb", ["distill", "demo"])
+def test_the_commands_apply_the_setting_of_their_config(verb, monkeypatch, tmp_path, capsys):
+    """sakd distill / sakd demo hand train.cpu_heap to set_cpu_heap (stubbed: the pytest process keeps its heap)."""
+    import sakd.demo.run
+    import sakd.train.distill
+    import sakd.train.heap
+    from sakd.cli import main
+
+    calls = []
+    monkeypatch.setattr(sakd.train.heap, "set_cpu_heap", lambda s, on_gpu: calls.append((s, on_gpu)) or "kept")
+    monkeypatch.setattr(sakd.train.distill, "distill", lambda cfg, **kw: {})
+    monkeypatch.setattr(sakd.demo.run, "run_demo", lambda *a, **kw: {})
+    args = ["--out", str(tmp_path)] if verb == "demo" else [f"train.output_dir={tmp_path}"]
+    assert main([verb, *args, "train.cpu_heap=keep"]) == 0
+    assert main([verb, *args]) == 0
+    gpu = __import__("torch").cuda.is_available()
+    assert calls == [("keep", gpu), ("system", gpu)]
+    assert "train.cpu_heap=keep: kept" in capsys.readouterr().out
