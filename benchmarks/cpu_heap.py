@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -42,25 +41,17 @@ def cpu_model() -> str | None:
 
 
 def measure(pairs: int, steps: int, threads: int, work: Path) -> dict:
-    demo = str(ROOT / "configs" / "demo.yaml")
-    runs: dict[str, list[dict]] = {k: [] for k in SETTINGS}
-    ratios: dict[str, list[float]] = {"wall": [], "cpu": []}
-    for n in range(pairs):
-        med = {}
-        for setting in SETTINGS:
-            r = perf.run_child(sys.executable, "distill", {"threads": threads, "config": demo, "overrides":
-                               perf.demo_overrides(work / f"{setting}-{n}", steps, [f"train.cpu_heap={setting}"])},
-                               threads, heap="default")
-            timed = r["steps"][perf.STEP_TIME_WARMUP:]
-            med[setting] = {"wall": statistics.median(x["seconds"] for x in timed),
-                            "cpu": statistics.median(x["cpu_s"] for x in timed)}
-            runs[setting].append({"applied": r["cpu_heap"], "ms_per_step": round(1000 * med[setting]["wall"], 1),
-                                  "cpu_ms_per_step": round(1000 * med[setting]["cpu"], 1)})
-            print(f"  pair {n + 1}/{pairs} {setting:>6}: {1000 * med[setting]['wall']:.0f} ms/step "
-                  f"({1000 * med[setting]['cpu']:.0f} CPU ms; allocator: {r['cpu_heap']})", flush=True)
-        for k in ratios:
-            ratios[k].append(med["keep"][k] / med["system"][k])
-    return {"runs": runs, "keep_over_system": {k: mean_interval(v) for k, v in ratios.items()}}
+    def progress(n, setting, med):
+        print(f"  pair {n + 1}/{pairs} {setting:>6}: {1000 * med['wall']:.0f} ms/step ({1000 * med['cpu']:.0f} "
+              "CPU ms)", flush=True)
+
+    _, rounds, applied = perf.alternating_pairs({s: [f"train.cpu_heap={s}"] for s in SETTINGS}, pairs, steps,
+                                                threads, work, progress)
+    runs = {s: [{"ms_per_step": round(1000 * r[s]["wall"], 1), "cpu_ms_per_step": round(1000 * r[s]["cpu"], 1)}
+                for r in rounds] for s in SETTINGS}
+    ratios = {k: [r["keep"][k] / r["system"][k] for r in rounds] for k in ("wall", "cpu")}
+    return {"runs": runs, "allocator": applied,
+            "keep_over_system": {k: mean_interval(v) for k, v in ratios.items()}}
 
 
 def main(argv=None) -> int:

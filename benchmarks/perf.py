@@ -495,6 +495,31 @@ def alignment_section(steps: int, threads: int, work: Path) -> dict:
                           "step_s": statistics.mean(x["seconds"] for x in s)}}
 
 
+def alternating_pairs(variants: dict[str, list[str]], pairs: int, steps: int, threads: int, work: Path,
+                      on_run=None) -> tuple[dict[str, list[dict]], list[dict[str, dict]], list[str]]:
+    """``pairs`` rounds of one distill run per variant of configs/demo.yaml (its overrides), in the order given,
+    each run's first STEP_TIME_WARMUP steps dropped: (every variant's timed steps, per round each variant's median
+    {"wall", "cpu"} seconds a step, the allocator settings the runs applied). ``on_run(round, name, median)``:
+    called after each run (progress)."""
+    demo = str(ROOT / "configs" / "demo.yaml")
+    timed: dict[str, list[dict]] = {name: [] for name in variants}
+    rounds, heaps = [], set()
+    for n in range(pairs):
+        medians = {}
+        for name, over in variants.items():
+            r = run_child(sys.executable, "distill", {"threads": threads, "config": demo, "overrides": demo_overrides(
+                work / f"step-{name}-{n}", steps, over)}, threads, heap="default")
+            heaps.add(r["cpu_heap"])
+            run_steps = r["steps"][STEP_TIME_WARMUP:]
+            timed[name] += run_steps
+            medians[name] = {k: statistics.median(x[f] for x in run_steps) for k, f in (("wall", "seconds"),
+                                                                                         ("cpu", "cpu_s"))}
+            if on_run:
+                on_run(n, name, medians[name])
+        rounds.append(medians)
+    return timed, rounds, sorted(heaps)
+
+
 def step_time_section(steps: int, pairs: int, threads: int, work: Path, cpu_heap: str = "system") -> dict:
     """configs/demo.yaml as shipped (KA with 2 teacher samples: the logit loss runs twice per micro-batch) with
     loss.logit=projected_kl and =shared_kl, ``pairs`` runs of each, alternating (shared first), each run's first
@@ -502,23 +527,12 @@ def step_time_section(steps: int, pairs: int, threads: int, work: Path, cpu_heap
     ``cpu_heap``: train.cpu_heap of both (system, as shipped: glibc's defaults; keep: freed memory kept)."""
     from paired import mean_interval
 
-    demo, load = str(ROOT / "configs" / "demo.yaml"), list(os.getloadavg())
-    timed: dict[str, list[dict]] = {"shared_kl": [], "projected_kl": []}
-    heaps = set()
-    pair_ratios: dict[str, list[float]] = {"wall": [], "cpu": []}
-    for n in range(pairs):
-        medians = {}
-        for method in timed:
-            r = run_child(sys.executable, "distill", {"threads": threads, "config": demo, "overrides": demo_overrides(
-                work / f"step-{method}-{n}", steps, [f"loss.logit={method}", f"train.cpu_heap={cpu_heap}"])},
-                threads, heap="default")
-            heaps.add(r["cpu_heap"])
-            run_steps = r["steps"][STEP_TIME_WARMUP:]
-            timed[method] += run_steps
-            medians[method] = {k: statistics.median(x[f] for x in run_steps) for k, f in (("wall", "seconds"),
-                                                                                           ("cpu", "cpu_s"))}
-        for k in pair_ratios:  # one ratio per alternating pair: the pairs are the independent units
-            pair_ratios[k].append(medians["projected_kl"][k] / medians["shared_kl"][k])
+    load = list(os.getloadavg())
+    timed, rounds, heaps = alternating_pairs(
+        {m: [f"loss.logit={m}", f"train.cpu_heap={cpu_heap}"] for m in ("shared_kl", "projected_kl")},
+        pairs, steps, threads, work)
+    # one ratio per alternating pair: the pairs are the independent units
+    pair_ratios = {k: [r["projected_kl"][k] / r["shared_kl"][k] for r in rounds] for k in ("wall", "cpu")}
     per = {m: {"ms_per_step": 1000 * statistics.median(x["seconds"] for x in s),
                "cpu_ms_per_step": 1000 * statistics.median(x["cpu_s"] for x in s),
                "ms_per_step_each": [round(1000 * x["seconds"], 1) for x in s],
@@ -537,7 +551,7 @@ def step_time_section(steps: int, pairs: int, threads: int, work: Path, cpu_heap
             "step_time": {"config": "configs/demo.yaml (batch 8 x 256, moe.mode=ka, 2 teacher samples)",
                           "steps_per_run": steps, "warmup_steps_dropped": STEP_TIME_WARMUP, "runs_per_method": pairs,
                           "threads": threads, "load_average_at_start": load,
-                          "cpu_heap": cpu_heap, "allocator": sorted(heaps),
+                          "cpu_heap": cpu_heap, "allocator": heaps,
                           "measures": "median over the timed steps of every run: wall seconds of the optimizer "
                                       "step (history.json) and CPU seconds of the training thread in train_step; "
                                       "ratio_by_pair: each alternating pair's ratio of its two runs' medians, their "
