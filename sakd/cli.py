@@ -266,6 +266,7 @@ def cmd_cache_teacher(args) -> int:
     from sakd.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    _cpu_heap(cfg)
     if args.k < 1:
         raise UserError(f"--k={args.k}: must be >= 1")
     for name in ("shard_spans", "batch_size"):

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from sakd.train.heap import set_cpu_heap, _glibc
+from tests.conftest import ROOT
 
 CHILD = r"""
 import ctypes, json, resource, sys
@@ -66,10 +67,12 @@ def test_gpu_and_system_leave_the_allocator_alone():
     assert set_cpu_heap("system", on_gpu=False, environ={}) == "system"
 
 
-@pytest.mark.parametrize("verb", ["distill", "demo"])
+@pytest.mark.parametrize("verb", ["distill", "demo", "cache-teacher"])
 def test_the_commands_apply_the_setting_of_their_config(verb, monkeypatch, tmp_path, capsys):
-    """sakd distill / sakd demo hand train.cpu_heap to set_cpu_heap (stubbed: the pytest process keeps its heap)."""
+    """sakd distill / demo / cache-teacher hand train.cpu_heap to set_cpu_heap (stubbed: the pytest process keeps
+    its heap)."""
     import sakd.demo.run
+    import sakd.teacher_cache.builder
     import sakd.train.distill
     import sakd.train.heap
     from sakd.cli import main
@@ -78,7 +81,10 @@ def test_the_commands_apply_the_setting_of_their_config(verb, monkeypatch, tmp_p
     monkeypatch.setattr(sakd.train.heap, "set_cpu_heap", lambda s, on_gpu: calls.append((s, on_gpu)) or "kept")
     monkeypatch.setattr(sakd.train.distill, "distill", lambda cfg, **kw: {})
     monkeypatch.setattr(sakd.demo.run, "run_demo", lambda *a, **kw: {})
-    args = ["--out", str(tmp_path)] if verb == "demo" else [f"train.output_dir={tmp_path}"]
+    monkeypatch.setattr(sakd.teacher_cache.builder, "build_cache", lambda cfg, out, **kw: {"bytes_per_token": 1.0})
+    args = {"demo": ["--out", str(tmp_path)], "cache-teacher": ["--config", str(ROOT / "configs" / "demo.yaml"), "--out",
+                                                                 str(tmp_path / "cache")]}.get(
+        verb, [f"train.output_dir={tmp_path}"])
     assert main([verb, *args, "train.cpu_heap=keep"]) == 0
     assert main([verb, *args]) == 0
     gpu = __import__("torch").cuda.is_available()
