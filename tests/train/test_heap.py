@@ -82,9 +82,8 @@ def test_the_commands_apply_the_setting_of_their_config(verb, monkeypatch, tmp_p
     monkeypatch.setattr(sakd.train.distill, "distill", lambda cfg, **kw: {})
     monkeypatch.setattr(sakd.demo.run, "run_demo", lambda *a, **kw: {})
     monkeypatch.setattr(sakd.teacher_cache.builder, "build_cache", lambda cfg, out, **kw: {"bytes_per_token": 1.0})
-    args = {"demo": ["--out", str(tmp_path)], "cache-teacher": ["--config", str(ROOT / "configs" / "demo.yaml"), "--out",
-                                                                 str(tmp_path / "cache")]}.get(
-        verb, [f"train.output_dir={tmp_path}"])
+    args = {"distill": [f"train.output_dir={tmp_path}"], "demo": ["--out", str(tmp_path)],
+            "cache-teacher": ["--config", str(ROOT / "configs" / "demo.yaml"), "--out", str(tmp_path / "cache")]}[verb]
     assert main([verb, *args, "train.cpu_heap=keep"]) == 0
     assert main([verb, *args]) == 0
     gpu = __import__("torch").cuda.is_available()
