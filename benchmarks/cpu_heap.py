@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -25,19 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import perf  # noqa: E402
 from paired import mean_interval  # noqa: E402
+from quality_summary import machine  # noqa: E402
 
 from sakd.train.heap import allocator_in_environment  # noqa: E402
 
 SETTINGS = ("system", "keep")
-
-
-def cpu_model() -> str | None:
-    """The CPU's model name (Linux /proc/cpuinfo), else None."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return None
-    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
 
 
 def measure(pairs: int, steps: int, threads: int, work: Path) -> dict:
@@ -67,7 +58,7 @@ def main(argv=None) -> int:
     if allocator_in_environment():  # the runs inherit it, and the environment wins over train.cpu_heap
         raise SystemExit("cpu_heap.py: the environment sets glibc's allocator (MALLOC_*_ or glibc.malloc tunables): "
                          "unset it, or both settings would run with it")
-    t0, load = time.time(), list(os.getloadavg())
+    t0, host = time.time(), machine(1, a.threads)  # one run at a time; the load average at the start
     with tempfile.TemporaryDirectory(prefix="sakd-heap-") as tmp:
         res = measure(a.pairs, a.steps, a.threads, Path(tmp))
     print("\nratio keep / system   mean    95 % interval   per pair")
@@ -75,10 +66,10 @@ def main(argv=None) -> int:
         ci = f"[{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}]" if v["ci95"] else "-"
         print(f"{k + ' seconds a step':<21} {v['mean']:.3f}   {ci:<15} {', '.join(f'{x:.3f}' for x in v['values'])}")
     out = {"benchmark": "cpu_heap", "config": "configs/demo.yaml as shipped (projected_kl, KA, 2 teacher passes)",
-           "machine": {"platform": platform.platform(), "cpu": cpu_model(), "cpu_count": os.cpu_count()},
+           "machine": host,
            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(t0)),
            "steps_per_run": a.steps, "warmup_steps_dropped": perf.STEP_TIME_WARMUP, "pairs": a.pairs,
-           "threads": a.threads, "load_average_at_start": load, "seconds": round(time.time() - t0, 1),
+           "threads": a.threads, "seconds": round(time.time() - t0, 1),
            "measures": "median over a run's timed steps of the optimizer step's wall seconds (history.json) and "
                        "the training thread's CPU seconds; keep_over_system: per alternating pair, keep's median "
                        "/ system's, their mean and 95 % t interval (< 1: keep is faster)", **res}

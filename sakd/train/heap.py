@@ -11,9 +11,10 @@ time of glibc's defaults (benchmarks/cpu_heap.py, docs/performance.md), a gain t
 resolve. GPU runs are left alone: their host memory holds checkpoints and weights on their way to the card,
 which should go back to the system.
 
-Set by the ``sakd distill`` / ``sakd demo`` commands for their own process, not by the library's ``distill()``
-(the allocator belongs to whoever owns the process). glibc's own settings of these thresholds in the environment
-(``ENV_KEYS``, or ``glibc.malloc`` tunables in ``GLIBC_TUNABLES``) win: with any of them set, nothing is changed.
+Set by the ``sakd distill`` / ``sakd demo`` / ``sakd cache-teacher`` commands for their own process, not by the
+library's ``distill()`` (the allocator belongs to whoever owns the process). glibc's own settings of these
+thresholds in the environment (``ENV_KEYS``, or ``glibc.malloc`` tunables in ``GLIBC_TUNABLES``) win: with any of
+them set, nothing is changed.
 """
 
 from __future__ import annotations
